@@ -1,0 +1,127 @@
+//go:build linux
+
+package ipcluster
+
+// The master's end of the control socket: one acceptor, one reader
+// goroutine per peer. Readers only decode and forward to the master's loop;
+// every decision is taken there.
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// writeTimeout bounds a write to a peer: a worker that stops reading (hung,
+// or SIGSTOPped) must not stall the master. Its socket buffer holds many
+// messages, so hitting this means the peer is truly stuck.
+const writeTimeout = time.Second
+
+// peer is one accepted connection.
+type peer struct {
+	conn     *net.UnixConn
+	pid, uid int   // from SO_PEERCRED, never from the peer's own words
+	role     string // set by the loop once the hello is accepted
+	proc     *proc  // for workers, set by the loop
+
+	mu     sync.Mutex // serialises writes
+	closed bool
+}
+
+func (pr *peer) send(typ string, body any) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.closed {
+		return
+	}
+	_ = pr.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if err := proto.Write(pr.conn, typ, body); err != nil {
+		pr.closed = true
+		pr.conn.Close()
+	}
+}
+
+func (pr *peer) refuse(reason string) {
+	pr.send(proto.TypeRefuse, &proto.Refuse{Reason: reason})
+	pr.close()
+}
+
+func (pr *peer) close() {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	pr.closed = true
+	pr.conn.Close()
+}
+
+// accept admits peers until the listener closes.
+func (m *master) accept() {
+	for {
+		conn, err := m.ln.AcceptUnix()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				m.log.Error("control socket accept failed; no new workers can connect", "err", err)
+			}
+			return
+		}
+		go m.serve(conn)
+	}
+}
+
+// serve checks a peer's credentials, reads its hello with a deadline, then
+// forwards every frame to the loop. A malformed or oversized frame closes
+// this connection and nothing else.
+func (m *master) serve(conn *net.UnixConn) {
+	pr := &peer{conn: conn}
+	cred, err := peerCred(conn)
+	if err != nil {
+		m.log.Warn("control connection without credentials; closing", "err", err)
+		conn.Close()
+		return
+	}
+	pr.pid, pr.uid = int(cred.Pid), int(cred.Uid)
+	if pr.uid != m.uid {
+		m.log.Warn("refused control connection from another user", "peer_pid", pr.pid, "peer_uid", pr.uid, "master_uid", m.uid)
+		pr.refuse("permission denied: uid is not the master's")
+		return
+	}
+	r := proto.NewReader(conn)
+	_ = conn.SetReadDeadline(time.Now().Add(m.cfg.ConnectTimeout))
+	msg, err := r.Read()
+	if err != nil || msg.Type != proto.TypeHello {
+		m.log.Warn("control connection sent no valid hello; closing", "peer_pid", pr.pid, "type", msg.Type, "err", err)
+		pr.close()
+		return
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	m.send(evHello{peer: pr, hello: msg.Body.(*proto.Hello)})
+	for {
+		msg, err := r.Read()
+		if err != nil {
+			pr.close()
+			m.send(evClosed{peer: pr, err: err})
+			return
+		}
+		m.send(evMsg{peer: pr, msg: msg})
+	}
+}
+
+func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	err = rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return cred, credErr
+}

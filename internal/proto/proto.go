@@ -1,0 +1,285 @@
+// Package proto is the control protocol spoken over the master's Unix socket
+// by workers and by control clients (ipclusterctl, tests).
+//
+// The wire format is documented in docs/protocol.md; keep the two in step.
+// A frame is a 4-byte big-endian length followed by that many bytes of one
+// JSON object, the envelope {"type": ..., "body": {...}}. Anything that does
+// not decode is an error, and the reader closes that connection: a peer can
+// never make the master guess.
+package proto
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Version is the protocol version this build speaks. A hello carrying any
+// other version is refused with a message naming both.
+const Version = 1
+
+// MaxFrame is the largest frame body accepted, in bytes. It bounds what a
+// peer can make the master allocate; heartbeats are a few hundred bytes.
+const MaxFrame = 256 << 10
+
+// Message types.
+const (
+	TypeHello     = "hello"     // peer → master: first frame of every connection
+	TypeWelcome   = "welcome"   // master → peer: hello accepted
+	TypeRefuse    = "refuse"    // master → peer: hello refused; the master closes
+	TypeReady     = "ready"     // worker → master: listening and able to serve
+	TypeHeartbeat = "heartbeat" // worker → master: liveness and stats
+	TypeRetire    = "retire"    // master → worker: you are retired; worker → master: please retire me
+	TypeDie       = "die"       // master → worker: finish and exit
+	TypeInfo      = "info"      // master → worker: send stats now; worker → master: the answer
+	TypeStatus    = "status"    // client → master: request; master → client: the answer
+	TypeError     = "error"     // master → client: a request failed
+)
+
+// Roles a peer declares in its hello.
+const (
+	RoleWorker = "worker"
+	RoleClient = "client"
+)
+
+// Errors returned by ReadFrame and Decode.
+var (
+	ErrFrameTooLarge = errors.New("proto: frame exceeds MaxFrame")
+	ErrEmptyFrame    = errors.New("proto: empty frame")
+	ErrUnknownType   = errors.New("proto: unknown message type")
+)
+
+// Hello opens every connection.
+type Hello struct {
+	Version int    `json:"version"`
+	Role    string `json:"role"`
+	Cluster string `json:"cluster"`
+	// PID is informational only: the master takes the peer's pid from the
+	// kernel (SO_PEERCRED) and refuses a hello whose PID disagrees.
+	PID        int    `json:"pid"`
+	Slot       int    `json:"slot"`
+	Generation int    `json:"generation"`
+	Ports      []Port `json:"ports,omitempty"`
+	// Retired is the worker's own view: true once it was told to retire
+	// (a reconnecting worker tells a new master).
+	Retired bool `json:"retired,omitempty"`
+}
+
+// Port maps a public port to the port a worker listens on.
+type Port struct {
+	Public uint16 `json:"public"`
+	Worker uint16 `json:"worker"`
+}
+
+// Welcome accepts a hello.
+type Welcome struct {
+	Version int `json:"version"`
+	// HeartbeatMillis is how often the master wants a heartbeat.
+	HeartbeatMillis int `json:"heartbeat_ms"`
+	// Retired tells a worker it was adopted as retired: it must not take new
+	// connections and should exit once drained.
+	Retired bool `json:"retired,omitempty"`
+}
+
+// Refuse rejects a hello; Reason is meant for a human.
+type Refuse struct {
+	Reason string `json:"reason"`
+}
+
+// Stats is what a worker reports about itself.
+type Stats struct {
+	HeapBytes   uint64  `json:"heap_bytes"`
+	Goroutines  int     `json:"goroutines"`
+	Connections int64   `json:"connections"`
+	Accepted    uint64  `json:"accepted"`
+	UptimeSec   float64 `json:"uptime_s"`
+	Retired     bool    `json:"retired,omitempty"`
+}
+
+// Heartbeat carries a worker's stats.
+type Heartbeat struct {
+	Stats Stats `json:"stats"`
+}
+
+// Reason travels with retire and die.
+type Reason struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+// Status is the master's answer to a status request.
+type Status struct {
+	Cluster    string         `json:"cluster"`
+	MasterPID  int            `json:"master_pid"`
+	Generation int            `json:"generation"`
+	Ready      bool           `json:"ready"`
+	Slots      []SlotStatus   `json:"slots"`
+	Workers    []WorkerStatus `json:"workers"`
+	// Rules is the rule text the master believes is installed, per family.
+	Rules map[string]string `json:"rules,omitempty"`
+}
+
+// SlotStatus is one slot.
+type SlotStatus struct {
+	Slot   int `json:"slot"`
+	Active int `json:"active_pid"` // 0 when the slot has no ready worker
+}
+
+// WorkerStatus is one worker process as the master sees it.
+type WorkerStatus struct {
+	PID        int     `json:"pid"`
+	Slot       int     `json:"slot"`
+	Generation int     `json:"generation"`
+	State      string  `json:"state"`
+	Ports      []Port  `json:"ports,omitempty"`
+	UptimeSec  float64 `json:"uptime_s"`
+	RSSBytes   uint64  `json:"rss_bytes"`
+	Stats      *Stats  `json:"stats,omitempty"`
+}
+
+// Msg is one decoded frame: Type and the body for that type (a pointer to
+// one of the structs above, or nil for types without a body).
+type Msg struct {
+	Type string
+	Body any
+}
+
+type envelope struct {
+	Type string          `json:"type"`
+	Body json.RawMessage `json:"body,omitempty"`
+}
+
+// newBody returns a fresh body value for a message type, or nil for types
+// that carry none.
+func newBody(typ string) (any, error) {
+	switch typ {
+	case TypeHello:
+		return new(Hello), nil
+	case TypeWelcome:
+		return new(Welcome), nil
+	case TypeRefuse, TypeError:
+		return new(Refuse), nil
+	case TypeHeartbeat, TypeInfo, TypeReady:
+		return new(Heartbeat), nil
+	case TypeRetire, TypeDie:
+		return new(Reason), nil
+	case TypeStatus:
+		return new(Status), nil
+	}
+	return nil, fmt.Errorf("%w %q", ErrUnknownType, typ)
+}
+
+// Encode returns the frame for a message: length prefix and JSON envelope.
+func Encode(typ string, body any) ([]byte, error) {
+	if _, err := newBody(typ); err != nil {
+		return nil, err
+	}
+	env := envelope{Type: typ}
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, fmt.Errorf("encode %s body: %w", typ, err)
+		}
+		env.Body = b
+	}
+	payload, err := json.Marshal(env)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s: %w", typ, err)
+	}
+	if len(payload) > MaxFrame {
+		return nil, fmt.Errorf("encode %s (%d bytes): %w", typ, len(payload), ErrFrameTooLarge)
+	}
+	frame := make([]byte, 4+len(payload))
+	binary.BigEndian.PutUint32(frame, uint32(len(payload)))
+	copy(frame[4:], payload)
+	return frame, nil
+}
+
+// Decode parses one frame body (without its length prefix). Unknown types,
+// unknown JSON shapes and trailing data are errors.
+func Decode(payload []byte) (Msg, error) {
+	if len(payload) == 0 {
+		return Msg{}, ErrEmptyFrame
+	}
+	var env envelope
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&env); err != nil {
+		return Msg{}, fmt.Errorf("proto: decode envelope: %w", err)
+	}
+	if dec.More() {
+		return Msg{}, errors.New("proto: trailing data after message")
+	}
+	body, err := newBody(env.Type)
+	if err != nil {
+		return Msg{}, err
+	}
+	if len(env.Body) > 0 && !bytes.Equal(env.Body, []byte("null")) {
+		// Bodies tolerate unknown fields: a newer peer of the same version
+		// may add informational fields.
+		if err := json.Unmarshal(env.Body, body); err != nil {
+			return Msg{}, fmt.Errorf("proto: decode %s body: %w", env.Type, err)
+		}
+	}
+	return Msg{Type: env.Type, Body: body}, nil
+}
+
+// Reader reads frames from a connection.
+type Reader struct {
+	r   *bufio.Reader
+	buf []byte
+}
+
+// NewReader wraps r.
+func NewReader(r io.Reader) *Reader { return &Reader{r: bufio.NewReader(r)} }
+
+// ReadFrame returns the next frame body. The returned slice is valid until
+// the next call. A length over MaxFrame is refused before anything is
+// allocated for it.
+func (r *Reader) ReadFrame() ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r.r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n == 0 {
+		return nil, ErrEmptyFrame
+	}
+	if n > MaxFrame {
+		return nil, fmt.Errorf("%w: %d bytes", ErrFrameTooLarge, n)
+	}
+	if cap(r.buf) < int(n) {
+		r.buf = make([]byte, n)
+	}
+	r.buf = r.buf[:n]
+	if _, err := io.ReadFull(r.r, r.buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return r.buf, nil
+}
+
+// Read reads and decodes the next message.
+func (r *Reader) Read() (Msg, error) {
+	b, err := r.ReadFrame()
+	if err != nil {
+		return Msg{}, err
+	}
+	return Decode(b)
+}
+
+// Write encodes a message and writes it with a single Write call, so
+// concurrent writers serialised by the caller never interleave frames.
+func Write(w io.Writer, typ string, body any) error {
+	frame, err := Encode(typ, body)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(frame)
+	return err
+}

@@ -1,0 +1,422 @@
+package ipcluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/bits"
+	"net/netip"
+	"os"
+	"os/exec"
+	"regexp"
+	"runtime"
+	"sync"
+	"time"
+)
+
+// Defaults for the zero fields of Config.
+const (
+	DefaultRunDir            = "/run/ipcluster"
+	DefaultConnectTimeout    = 3 * time.Second
+	DefaultHeartbeatInterval = 500 * time.Millisecond
+	DefaultStopTimeout       = 30 * time.Second
+	DefaultIPv4SlotPrefix    = 32 // the client address's own low bits
+	DefaultIPv6SlotPrefix    = 64 // the low bits of the client's /64 prefix
+	MaxWorkers               = 256
+	MaxNameLen               = 16
+)
+
+// Environment variables that mark a process as a worker. The master sets
+// them when it spawns a worker; nobody else should.
+const (
+	EnvWorker     = "IPCLUSTER_WORKER"     // the cluster name
+	EnvSlot       = "IPCLUSTER_SLOT"       // the worker's slot
+	EnvGeneration = "IPCLUSTER_GENERATION" // the master generation that spawned it
+	EnvSocket     = "IPCLUSTER_SOCKET"     // the master's control socket
+)
+
+// Errors. Each error returned by this package wraps one of these, so callers
+// can test with errors.Is.
+var (
+	// ErrNotSupported: the platform is not Linux.
+	ErrNotSupported = errors.New("ipcluster: only supported on Linux")
+	// ErrInvalidConfig: a Config field is out of range; see ConfigError.
+	ErrInvalidConfig = errors.New("ipcluster: invalid config")
+	// ErrNoPrivilege: the master lacks CAP_NET_ADMIN.
+	ErrNoPrivilege = errors.New("ipcluster: missing privilege")
+	// ErrMissingBinary: iptables, iptables-restore or iptables-save (or the
+	// ip6tables ones) is not on PATH.
+	ErrMissingBinary = errors.New("ipcluster: missing iptables binary")
+	// ErrAlreadyRunning: another master holds the cluster's lock.
+	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
+	// ErrNotStartedByMaster: the process carries the worker environment but
+	// no master accepts it.
+	ErrNotStartedByMaster = errors.New("ipcluster: worker not started by a master")
+)
+
+// ConfigError names the Config field at fault, what is wrong and the fix.
+type ConfigError struct {
+	Field   string
+	Problem string
+	Fix     string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("ipcluster: Config.%s: %s; %s", e.Field, e.Problem, e.Fix)
+}
+
+func (e *ConfigError) Unwrap() error { return ErrInvalidConfig }
+
+// Port is a public port served by the cluster.
+type Port struct {
+	// Public is the TCP port clients connect to, 1..65535.
+	Public uint16
+}
+
+// Config describes a cluster. The zero value of every field but Name and
+// Ports is usable.
+type Config struct {
+	// Name names the cluster: its nat chain is IPC-<Name>, its run
+	// directory RunDir/<Name>; logs carry it. Required: 1 to 16 of a-z,
+	// 0-9, '-' and '_', starting with a letter.
+	Name string
+
+	// Workers is the number of slots, each served by one worker process: a
+	// power of two from 1 to 256. Default: the largest power of two not
+	// above the number of CPUs.
+	Workers int
+
+	// Ports are the public TCP ports. Required, no duplicates.
+	Ports []Port
+
+	// Addr is the public destination address clients connect to. The zero
+	// value means any local address of both IPv4 and IPv6; 0.0.0.0 (or ::)
+	// means any local address of that family only.
+	Addr netip.Addr
+
+	// IPv4SlotPrefix picks the bits of an IPv4 client address that select
+	// its slot: the low log2(Workers) bits of its first IPv4SlotPrefix bits.
+	// Default 32 (the address's own low bits); 24 would keep a whole /24 on
+	// one worker.
+	IPv4SlotPrefix int
+
+	// IPv6SlotPrefix is the same for IPv6. Default 64: the low bits of the
+	// /64 prefix, so a client's rotating privacy addresses keep their slot.
+	// 128 selects the address's own low bits.
+	IPv6SlotPrefix int
+
+	// RunDir holds one directory per cluster with its control socket and
+	// lock. Default /run/ipcluster.
+	RunDir string
+
+	// ConnectTimeout is how long a new worker has to connect and report
+	// ready before it is killed and spawned again. Default 3s.
+	ConnectTimeout time.Duration
+
+	// HeartbeatInterval is how often workers report their stats.
+	// Default 500ms.
+	HeartbeatInterval time.Duration
+
+	// StopTimeout is how long workers get to finish their connections when
+	// the cluster stops before they are killed. Default 30s.
+	StopTimeout time.Duration
+
+	// Logger receives the library's logs. Default slog.Default().
+	Logger *slog.Logger
+
+	// WorkerStdout and WorkerStderr are handed to workers as their standard
+	// output and error. Default: the master's own. They are real files, not
+	// pipes the master reads: workers outlive the master and must never
+	// block on a reader that is gone.
+	WorkerStdout, WorkerStderr *os.File
+
+	// OnEvent, if set, receives the cluster's events in order, from one
+	// goroutine; a slow handler delays later events, never the master.
+	OnEvent func(Event)
+}
+
+var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
+
+// withDefaults returns a copy of c with zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	if c.Workers == 0 {
+		n := runtime.NumCPU()
+		if n > MaxWorkers {
+			n = MaxWorkers
+		}
+		c.Workers = 1 << (bits.Len(uint(n)) - 1)
+	}
+	if c.IPv4SlotPrefix == 0 {
+		c.IPv4SlotPrefix = DefaultIPv4SlotPrefix
+	}
+	if c.IPv6SlotPrefix == 0 {
+		c.IPv6SlotPrefix = DefaultIPv6SlotPrefix
+	}
+	if c.RunDir == "" {
+		c.RunDir = DefaultRunDir
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.WorkerStdout == nil {
+		c.WorkerStdout = os.Stdout
+	}
+	if c.WorkerStderr == nil {
+		c.WorkerStderr = os.Stderr
+	}
+	return c
+}
+
+// validate checks c (with defaults applied) without touching the system.
+// It reports every problem, each a *ConfigError.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(field, problem, fix string) {
+		errs = append(errs, &ConfigError{Field: field, Problem: problem, Fix: fix})
+	}
+	switch {
+	case c.Name == "":
+		bad("Name", "empty", "name the cluster: 1 to 16 of a-z, 0-9, '-', '_', starting with a letter")
+	case len(c.Name) > MaxNameLen:
+		bad("Name", fmt.Sprintf("%q is %d characters", c.Name, len(c.Name)),
+			fmt.Sprintf("use at most %d: it names the nat chain IPC-<Name>, and iptables limits chain names to 28 characters", MaxNameLen))
+	case !nameRE.MatchString(c.Name):
+		bad("Name", fmt.Sprintf("%q has characters unsafe in a chain name or path", c.Name),
+			"use only a-z, 0-9, '-' and '_', starting with a letter")
+	}
+	if c.Workers < 1 || c.Workers > MaxWorkers || c.Workers&(c.Workers-1) != 0 {
+		bad("Workers", fmt.Sprintf("%d is not a power of two from 1 to %d", c.Workers, MaxWorkers),
+			"use 1, 2, 4, ... 256: a client's slot is the low bits of its address")
+	}
+	if len(c.Ports) == 0 {
+		bad("Ports", "no ports", "list at least one public port, e.g. []ipcluster.Port{{Public: 8080}}")
+	}
+	seen := map[uint16]bool{}
+	for i, p := range c.Ports {
+		switch {
+		case p.Public == 0:
+			bad(fmt.Sprintf("Ports[%d].Public", i), "port 0 is out of range", "use a port from 1 to 65535")
+		case seen[p.Public]:
+			bad(fmt.Sprintf("Ports[%d].Public", i), fmt.Sprintf("port %d is listed twice", p.Public), "list each public port once")
+		}
+		seen[p.Public] = true
+	}
+	if c.Addr.IsValid() {
+		if c.Addr.Zone() != "" || c.Addr.Is4In6() || c.Addr.IsMulticast() {
+			bad("Addr", fmt.Sprintf("%s is not a unicast address clients can connect to", c.Addr),
+				"use a local unicast IPv4 or IPv6 address without a zone, or leave Addr unset for any local address")
+		}
+	}
+	k := bits.Len(uint(c.Workers)) - 1
+	if k < 0 {
+		k = 0
+	}
+	if c.IPv4SlotPrefix < k || c.IPv4SlotPrefix > 32 {
+		bad("IPv4SlotPrefix", fmt.Sprintf("%d is outside %d..32", c.IPv4SlotPrefix, k),
+			"slot bits are taken below this prefix length; use 32 for the address's own low bits")
+	}
+	if c.IPv6SlotPrefix < k || c.IPv6SlotPrefix > 128 {
+		bad("IPv6SlotPrefix", fmt.Sprintf("%d is outside %d..128", c.IPv6SlotPrefix, k),
+			"use 64 for the low bits of the /64 prefix or 128 for the address's own low bits")
+	}
+	if c.ConnectTimeout < 0 || c.HeartbeatInterval < 0 || c.StopTimeout < 0 {
+		bad("ConnectTimeout/HeartbeatInterval/StopTimeout", "negative duration", "use a positive duration or zero for the default")
+	}
+	if c.HeartbeatInterval > 0 && c.HeartbeatInterval < 10*time.Millisecond {
+		bad("HeartbeatInterval", fmt.Sprintf("%s is below 10ms", c.HeartbeatInterval), "use 10ms or more")
+	}
+	if c.RunDir != "" && c.RunDir[0] != '/' {
+		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")
+	}
+	return errors.Join(errs...)
+}
+
+// routing derives the rule generator's view of a valid config.
+func (c *Config) routing() *routing {
+	r := &routing{
+		name:    c.Name,
+		chain:   "IPC-" + c.Name,
+		addr:    c.Addr,
+		workers: c.Workers,
+		prefix:  map[*family]int{familyIPv4: c.IPv4SlotPrefix, familyIPv6: c.IPv6SlotPrefix},
+	}
+	switch {
+	case !c.Addr.IsValid():
+		r.families = []*family{familyIPv4, familyIPv6}
+	case c.Addr.Is4():
+		r.families = []*family{familyIPv4}
+	default:
+		r.families = []*family{familyIPv6}
+	}
+	for _, p := range c.Ports {
+		r.ports = append(r.ports, p.Public)
+	}
+	return r
+}
+
+// checkBinaries finds the iptables binaries each family needs.
+func checkBinaries(r *routing) error {
+	var errs []error
+	for _, f := range r.families {
+		for _, bin := range []string{f.cmd, f.restore, f.save} {
+			if _, err := exec.LookPath(bin); err != nil {
+				fix := "install the iptables package (apt-get install iptables)"
+				if f == familyIPv6 {
+					fix += ", or set Config.Addr to an IPv4 address to serve IPv4 only"
+				}
+				errs = append(errs, fmt.Errorf("%w: %s not found on PATH (%v); %s", ErrMissingBinary, bin, err, fix))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// listenNetwork returns the network and address a worker listens on: an
+// OS-chosen port on the public address, or on any address of the families
+// served. DNAT keeps the client's destination address, so this must accept
+// it.
+func (c *Config) listenNetwork() (network, addr string) {
+	switch {
+	case !c.Addr.IsValid():
+		return "tcp", ":0"
+	case c.Addr.Is4():
+		return "tcp4", netip.AddrPortFrom(c.Addr, 0).String()
+	default:
+		return "tcp6", netip.AddrPortFrom(c.Addr, 0).String()
+	}
+}
+
+// IsWorker reports whether this process was started by a master as a worker.
+func IsWorker() bool { return os.Getenv(EnvWorker) != "" }
+
+// Run runs the cluster. In the process started by hand it becomes the
+// master: it validates cfg, spawns the workers (this same binary, with the
+// same arguments), routes clients to them and blocks until ctx is done or
+// the process receives SIGTERM or SIGINT, then stops gracefully: rules
+// removed, workers told to finish, killed after StopTimeout.
+//
+// In a worker process, Run listens on an OS-chosen port for each public
+// port, reports to the master and calls work, then returns once the worker
+// is done: told to die, or retired with its connections drained.
+func Run(ctx context.Context, cfg Config, work func(*Worker) error) error {
+	if work == nil {
+		return &ConfigError{Field: "work (Run's argument)", Problem: "nil", Fix: "pass the function workers run"}
+	}
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	if IsWorker() {
+		return runWorker(ctx, &cfg, work)
+	}
+	return runMaster(ctx, &cfg)
+}
+
+// Event is something that happened in the cluster; see the Event* types.
+type Event interface{ eventName() string }
+
+// EventReady: every slot has a ready worker and the rules are installed.
+type EventReady struct {
+	Workers int
+	Elapsed time.Duration // since the master started
+}
+
+// EventWorkerReady: a worker connected, reported ready and now serves Slot.
+type EventWorkerReady struct {
+	PID, Slot, Generation int
+	Ports                 map[uint16]uint16 // public → worker port
+	Elapsed               time.Duration     // since it was spawned
+}
+
+// EventWorkerExited: a worker process ended.
+type EventWorkerExited struct {
+	PID, Slot, Generation int
+	State                 string // what it was: starting, active, retired, stopping
+	Status                string // exit status or signal
+}
+
+// EventRetired: a worker was retired; its slot now points at Replacement.
+type EventRetired struct {
+	PID, Slot, Replacement int
+	Reason                 string
+}
+
+// EventRulesFailed: the rules could not be written; the previous rules stay
+// in force and the master retries.
+type EventRulesFailed struct{ Err error }
+
+func (EventReady) eventName() string        { return "ready" }
+func (EventWorkerReady) eventName() string  { return "worker-ready" }
+func (EventWorkerExited) eventName() string { return "worker-exited" }
+func (EventRetired) eventName() string      { return "retired" }
+func (EventRulesFailed) eventName() string  { return "rules-failed" }
+
+// emitter delivers events to Config.OnEvent in order from its own goroutine,
+// queueing without bound so the master's loop never waits for the host
+// program.
+type emitter struct {
+	fn    func(Event)
+	mu    sync.Mutex
+	queue []Event
+	wake  chan struct{}
+	done  chan struct{}
+}
+
+func newEmitter(fn func(Event)) *emitter {
+	e := &emitter{fn: fn, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	if fn == nil {
+		close(e.done)
+		return e
+	}
+	go e.loop()
+	return e
+}
+
+func (e *emitter) send(ev Event) {
+	if e.fn == nil {
+		return
+	}
+	e.mu.Lock()
+	e.queue = append(e.queue, ev)
+	e.mu.Unlock()
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (e *emitter) loop() {
+	defer close(e.done)
+	for range e.wake {
+		for {
+			e.mu.Lock()
+			q := e.queue
+			e.queue = nil
+			e.mu.Unlock()
+			if len(q) == 0 {
+				break
+			}
+			for _, ev := range q {
+				e.fn(ev)
+			}
+		}
+	}
+}
+
+// close delivers what is queued and waits for the handler to return.
+func (e *emitter) close() {
+	if e.fn != nil {
+		close(e.wake)
+	}
+	<-e.done
+}

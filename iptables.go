@@ -1,0 +1,423 @@
+package ipcluster
+
+// The rule writer. The cluster owns one nat chain per address family, named
+// IPC-<name>, jumped to from PREROUTING (remote clients) and OUTPUT (clients
+// on this host). The chain holds one DNAT rule per slot and public port:
+//
+//	-A IPC-chat -s 0.0.0.1/0.0.0.3 -d 198.18.0.1/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination :40123
+//
+// The source mask is non-contiguous on purpose: it selects the low bits of
+// the client address (or of its /64 prefix for IPv6), which spread clients
+// evenly where network-prefix bits would not. Only a connection's first
+// packet traverses nat; conntrack keeps the translation for the rest, which
+// is why rewriting the chain never disturbs an established connection.
+//
+// The chain is always rewritten whole, in one iptables-restore --noflush
+// transaction: the chain declaration flushes it and the new rules replace the
+// old ones at once, so there is never a moment where a slot has no rule.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// family is one address family and the iptables binaries that manage it.
+type family struct {
+	name    string // "ipv4" or "ipv6", as in logs and status
+	bits    int    // address length in bits
+	cmd     string // iptables or ip6tables
+	restore string
+	save    string
+}
+
+var (
+	familyIPv4 = &family{name: "ipv4", bits: 32, cmd: "iptables", restore: "iptables-restore", save: "iptables-save"}
+	familyIPv6 = &family{name: "ipv6", bits: 128, cmd: "ip6tables", restore: "ip6tables-restore", save: "ip6tables-save"}
+)
+
+// hookChains are the built-in nat chains the cluster's chain is jumped from.
+var hookChains = []string{"PREROUTING", "OUTPUT"}
+
+// routing is everything the rule generator needs, derived once from Config.
+type routing struct {
+	name     string
+	chain    string // IPC-<name>
+	addr     netip.Addr
+	families []*family
+	workers  int
+	prefix   map[*family]int // slot bits are the low bits of the first prefix bits
+	ports    []uint16        // public ports, in Config order
+}
+
+// hookSpec is the rule, as iptables-save prints it, that jumps from a
+// built-in chain to the cluster's chain. addrtype LOCAL keeps forwarded
+// traffic that merely passes through this host out of the cluster.
+func (r *routing) hookSpec() string {
+	return fmt.Sprintf(`-m addrtype --dst-type LOCAL -m comment --comment "ipcluster:%s" -j %s`, r.name, r.chain)
+}
+
+// slotMatch returns the source match for a slot in a family, or "" when the
+// cluster has one worker (every address matches).
+func (r *routing) slotMatch(f *family, slot int) string {
+	if r.workers == 1 {
+		return ""
+	}
+	shift := uint(f.bits - r.prefix[f])
+	mask := shiftedAddr(f, uint64(r.workers-1), shift)
+	val := shiftedAddr(f, uint64(slot), shift)
+	return "-s " + val.String() + "/" + mask.String()
+}
+
+// shiftedAddr is the address whose only set bits are v << shift.
+func shiftedAddr(f *family, v uint64, shift uint) netip.Addr {
+	var b [16]byte
+	n := f.bits / 8
+	// v has at most 8 significant bits (256 workers), so it touches at most
+	// two bytes once shifted.
+	for i := 0; i < n; i++ {
+		bitPos := uint(n-1-i) * 8 // weight of byte i's lowest bit
+		if bitPos+8 <= shift || bitPos >= shift+16 {
+			continue
+		}
+		var x uint64
+		if bitPos >= shift {
+			x = v >> (bitPos - shift)
+		} else {
+			x = v << (shift - bitPos)
+		}
+		b[i] = byte(x)
+	}
+	if f.bits == 32 {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
+}
+
+// slotTarget is where a slot's traffic goes: public port → worker port. A
+// nil map means the slot has no ready worker and gets no rules.
+type slotTarget map[uint16]uint16
+
+// chainRules returns the rules of the cluster's chain for family f, each as
+// an iptables-restore line.
+func (r *routing) chainRules(f *family, targets []slotTarget) []string {
+	var dst string
+	if r.addr.IsValid() && !r.addr.IsUnspecified() {
+		dst = " -d " + netip.PrefixFrom(r.addr, r.addr.BitLen()).String()
+	}
+	lines := make([]string, 0, len(targets)*len(r.ports))
+	for slot, t := range targets {
+		if t == nil {
+			continue
+		}
+		src := r.slotMatch(f, slot)
+		if src != "" {
+			src = " " + src
+		}
+		for _, pub := range r.ports {
+			wport, ok := t[pub]
+			if !ok {
+				continue
+			}
+			lines = append(lines, fmt.Sprintf("-A %s%s%s -p tcp -m tcp --dport %d -j DNAT --to-destination :%d",
+				r.chain, src, dst, pub, wport))
+		}
+	}
+	return lines
+}
+
+// natTable is the part of an iptables-save dump of the nat table the rule
+// writer cares about.
+type natTable struct {
+	chains map[string]bool     // every chain declared
+	rules  map[string][]string // chain → rule specs, without "-A <chain> "
+}
+
+// parseSave parses `iptables-save -t nat` output. It is strict about the
+// structure it relies on and ignores what it does not need.
+func parseSave(out []byte) (*natTable, error) {
+	t := &natTable{chains: map[string]bool{}, rules: map[string][]string{}}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	inNat := false
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		switch {
+		case line == "" || line[0] == '#':
+		case line[0] == '*':
+			inNat = line == "*nat"
+		case line == "COMMIT":
+			inNat = false
+		case !inNat:
+		case line[0] == ':':
+			name, _, _ := strings.Cut(line[1:], " ")
+			if name == "" {
+				return nil, fmt.Errorf("iptables-save line %d: chain declaration without a name", n)
+			}
+			t.chains[name] = true
+		case strings.HasPrefix(line, "-A "):
+			chain, spec, ok := strings.Cut(line[3:], " ")
+			if !ok || chain == "" {
+				return nil, fmt.Errorf("iptables-save line %d: rule without a spec: %q", n, line)
+			}
+			if !t.chains[chain] {
+				return nil, fmt.Errorf("iptables-save line %d: rule in undeclared chain %q", n, chain)
+			}
+			t.rules[chain] = append(t.rules[chain], spec)
+		default:
+			return nil, fmt.Errorf("iptables-save line %d: unexpected %q", n, line)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read iptables-save output: %w", err)
+	}
+	return t, nil
+}
+
+// jumpsTo reports whether a rule spec's target is chain.
+func jumpsTo(spec, chain string) bool {
+	return strings.HasSuffix(spec, " -j "+chain) || spec == "-j "+chain
+}
+
+// installPayload returns the iptables-restore input that makes the kernel's
+// nat table hold exactly the given chain rules and one hook per built-in
+// chain, starting from the observed table. A stale chain left by a crashed
+// master is flushed by the declaration; stale or duplicate hooks are deleted.
+func (r *routing) installPayload(have *natTable, lines []string) string {
+	var b strings.Builder
+	b.WriteString("*nat\n")
+	fmt.Fprintf(&b, ":%s - [0:0]\n", r.chain)
+	for _, l := range lines {
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	want := r.hookSpec()
+	for _, hc := range hookChains {
+		kept := false
+		for _, spec := range have.rules[hc] {
+			if !jumpsTo(spec, r.chain) {
+				continue
+			}
+			if spec == want && !kept {
+				kept = true
+				continue
+			}
+			fmt.Fprintf(&b, "-D %s %s\n", hc, spec)
+		}
+		if !kept {
+			fmt.Fprintf(&b, "-I %s 1 %s\n", hc, want)
+		}
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// swapPayload rewrites only the cluster's chain; the hooks are known good.
+func (r *routing) swapPayload(lines []string) string {
+	var b strings.Builder
+	b.Grow(64 * (len(lines) + 3))
+	fmt.Fprintf(&b, "*nat\n:%s - [0:0]\n", r.chain)
+	for _, l := range lines {
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// removePayload deletes every hook to the cluster's chain and the chain
+// itself, or returns "" when there is nothing to remove.
+func (r *routing) removePayload(have *natTable) string {
+	var b strings.Builder
+	for _, hc := range hookChains {
+		for _, spec := range have.rules[hc] {
+			if jumpsTo(spec, r.chain) {
+				fmt.Fprintf(&b, "-D %s %s\n", hc, spec)
+			}
+		}
+	}
+	if have.chains[r.chain] {
+		// Declaring the chain flushes it, so -X finds it empty.
+		fmt.Fprintf(&b, ":%s - [0:0]\n-X %s\n", r.chain, r.chain)
+	}
+	if b.Len() == 0 {
+		return ""
+	}
+	return "*nat\n" + b.String() + "COMMIT\n"
+}
+
+// ruleRunner runs the iptables-save and iptables-restore of a family. The
+// real one execs the binaries; tests of the writer's logic use a fake.
+type ruleRunner interface {
+	save(ctx context.Context, f *family) ([]byte, error)
+	restore(ctx context.Context, f *family, payload string) error
+}
+
+// RuleError is a failed iptables command. It keeps the command's exit
+// status and standard error, which name the offending line.
+type RuleError struct {
+	Cmd        string // e.g. "iptables-restore --noflush --wait"
+	ExitStatus int    // -1 if the command did not run
+	Stderr     string
+	Err        error
+}
+
+func (e *RuleError) Error() string {
+	msg := strings.TrimSpace(e.Stderr)
+	if msg == "" {
+		msg = e.Err.Error()
+	}
+	return fmt.Sprintf("%s (exit status %d): %s", e.Cmd, e.ExitStatus, msg)
+}
+
+func (e *RuleError) Unwrap() error { return e.Err }
+
+// execRunner runs the real binaries.
+type execRunner struct{}
+
+func (execRunner) save(ctx context.Context, f *family) ([]byte, error) {
+	var out bytes.Buffer
+	err := runIptables(ctx, exec.CommandContext(ctx, f.save, "-t", "nat"), nil, &out)
+	return out.Bytes(), err
+}
+
+func (execRunner) restore(ctx context.Context, f *family, payload string) error {
+	// --wait: with the legacy backend another program may hold the xtables
+	// lock for a moment; waiting beats failing a slot swap.
+	return runIptables(ctx, exec.CommandContext(ctx, f.restore, "--noflush", "--wait"), strings.NewReader(payload), nil)
+}
+
+func runIptables(ctx context.Context, cmd *exec.Cmd, stdin *strings.Reader, stdout *bytes.Buffer) error {
+	var stderr bytes.Buffer
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
+	cmd.Stdout = stdout
+	cmd.Stderr = &stderr
+	cmd.WaitDelay = time.Second
+	err := cmd.Run()
+	if err == nil {
+		return nil
+	}
+	re := &RuleError{Cmd: strings.Join(cmd.Args, " "), ExitStatus: -1, Stderr: stderr.String(), Err: err}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		re.ExitStatus = ee.ExitCode()
+	}
+	if ctx.Err() != nil {
+		re.Err = fmt.Errorf("%w (%w)", err, ctx.Err())
+	}
+	return re
+}
+
+// ruleWriter keeps the kernel's rules equal to the master's view. It is used
+// only from the master's state goroutine.
+type ruleWriter struct {
+	r      *routing
+	run    ruleRunner
+	hooked map[*family]bool
+	// installed is, per family, the chain content the kernel holds: the
+	// rules the master believes in.
+	installed map[*family][]string
+	// Counters for status and benchmarks.
+	restores, saves int
+}
+
+func newRuleWriter(r *routing, run ruleRunner) *ruleWriter {
+	return &ruleWriter{r: r, run: run, hooked: map[*family]bool{}, installed: map[*family][]string{}}
+}
+
+// apply makes every family's chain route each slot to its target. The first
+// call per family reconciles with what the kernel holds (a crashed
+// master's chain, duplicate hooks); later calls rewrite only the chain, and
+// only when it changes. One iptables-restore per family that changes.
+func (w *ruleWriter) apply(ctx context.Context, targets []slotTarget) error {
+	for _, f := range w.r.families {
+		lines := w.r.chainRules(f, targets)
+		if w.hooked[f] {
+			if slices.Equal(lines, w.installed[f]) {
+				continue
+			}
+			w.restores++
+			if err := w.run.restore(ctx, f, w.r.swapPayload(lines)); err != nil {
+				return fmt.Errorf("rewrite %s chain %s: %w", f.name, w.r.chain, err)
+			}
+		} else {
+			have, err := w.read(ctx, f)
+			if err != nil {
+				return err
+			}
+			w.restores++
+			if err := w.run.restore(ctx, f, w.r.installPayload(have, lines)); err != nil {
+				return fmt.Errorf("install %s chain %s and its hooks: %w", f.name, w.r.chain, err)
+			}
+			w.hooked[f] = true
+		}
+		w.installed[f] = lines
+	}
+	return nil
+}
+
+// remove deletes the hooks and chains of every family. It is idempotent:
+// what is already gone is skipped. It tries every family even if one fails.
+func (w *ruleWriter) remove(ctx context.Context) error {
+	var errs []error
+	for _, f := range w.r.families {
+		have, err := w.read(ctx, f)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if p := w.r.removePayload(have); p != "" {
+			w.restores++
+			if err := w.run.restore(ctx, f, p); err != nil {
+				errs = append(errs, fmt.Errorf("remove %s chain %s and its hooks: %w", f.name, w.r.chain, err))
+				continue
+			}
+		}
+		delete(w.hooked, f)
+		delete(w.installed, f)
+	}
+	return errors.Join(errs...)
+}
+
+func (w *ruleWriter) read(ctx context.Context, f *family) (*natTable, error) {
+	w.saves++
+	out, err := w.run.save(ctx, f)
+	if err != nil {
+		return nil, fmt.Errorf("read %s nat table: %w", f.name, err)
+	}
+	t, err := parseSave(out)
+	if err != nil {
+		return nil, fmt.Errorf("read %s nat table: %w", f.name, err)
+	}
+	return t, nil
+}
+
+// rulesText renders the installed chain of each family for status output.
+func (w *ruleWriter) rulesText() map[string]string {
+	m := make(map[string]string, len(w.installed))
+	for f, lines := range w.installed {
+		m[f.name] = strings.Join(lines, "\n")
+	}
+	return m
+}
+
+// portsString is a compact public→worker port list for logs.
+func portsString(t slotTarget, order []uint16) string {
+	parts := make([]string, 0, len(order))
+	for _, p := range order {
+		if w, ok := t[p]; ok {
+			parts = append(parts, strconv.Itoa(int(p))+"→"+strconv.Itoa(int(w)))
+		}
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,786 @@
+//go:build linux
+
+package ipcluster
+
+// The master's state machine. One goroutine, loop(), owns every field of
+// master; the helpers (acceptor, one reader per peer, one waiter per worker
+// process, signals) only send it events. A newcomer reading the lifecycle
+// should start at handle().
+//
+// A worker goes through these states:
+//
+//	starting ──ready──▶ active ──replacement ready──▶ retired ──drained──▶ (exit)
+//	    │                  │
+//	    └──exit/timeout──▶ respawn (with backoff)     active ──exit──▶ respawn at once
+//
+// and, when the cluster stops, every worker becomes stopping.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/procfs"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+type procState int
+
+const (
+	stateStarting procState = iota // spawned, not yet ready
+	stateActive                    // serves its slot
+	stateRetired                   // replaced; drains its connections
+	stateStopping                  // told to die because the cluster stops
+)
+
+func (s procState) String() string {
+	return [...]string{"starting", "active", "retired", "stopping"}[s]
+}
+
+// proc is one worker process.
+type proc struct {
+	pid, slot, gen int
+	state          procState
+	spawned        time.Time
+	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
+	pidfd          *os.File  // adopted workers only: readable once it exits
+	peer           *peer     // nil until its hello
+	ports          slotTarget
+	lastBeat       time.Time
+	stats          proto.Stats
+	timer          *time.Timer // connect timeout while starting
+	// retirePending: replaced in its slot; told it is retired once the
+	// rules that point the slot away from it are written.
+	retirePending bool
+	retireReason  string
+}
+
+func (p *proc) logAttrs() []any {
+	return []any{"pid", p.pid, "slot", p.slot, "generation", p.gen}
+}
+
+// Events sent to the loop.
+type (
+	evExit struct {
+		p      *proc
+		status string
+	}
+	evHello struct {
+		peer  *peer
+		hello *proto.Hello
+	}
+	evMsg struct {
+		peer *peer
+		msg  proto.Msg
+	}
+	evClosed struct {
+		peer *peer
+		err  error
+	}
+	evConnectTimeout struct{ p *proc }
+	evRespawn        struct{ slot int }
+	evRetryRules     struct{}
+	evStopTimeout    struct{}
+)
+
+type master struct {
+	cfg   *Config
+	rt    *routing
+	rules *ruleWriter
+	log   *slog.Logger
+	emit  *emitter
+
+	dir, sock string
+	lock      *os.File
+	ln        *net.UnixListener
+	exe       string
+	args      []string
+	env       []string // the master's environment without worker variables
+	uid       int
+	gen       int
+	started   time.Time
+
+	events chan any
+
+	slots    []*proc       // the active worker of each slot, nil if none
+	pending  []*proc       // the worker starting for each slot, nil if none
+	failures []int         // consecutive failed starts per slot, for backoff
+	procs    map[int]*proc // every worker process, by pid
+	peers    map[*peer]bool
+
+	installed  bool // rules written at least once
+	installErr int  // failed first installs
+	rulesDirty bool
+	retrying   bool
+	ready      bool
+	stopping   bool
+	stopErr    error
+}
+
+func runMaster(ctx context.Context, cfg *Config) error {
+	m, err := newMaster(cfg)
+	if err != nil {
+		return err
+	}
+	return m.run(ctx)
+}
+
+// newMaster checks everything that can be checked before the system is
+// touched, then takes the cluster's lock and socket. On error nothing is
+// left behind.
+func newMaster(cfg *Config) (*master, error) {
+	st, err := procfs.ReadStatus(0)
+	if err != nil {
+		return nil, fmt.Errorf("read own capabilities: %w", err)
+	}
+	if !st.HasCap(procfs.CapNetAdmin) {
+		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules; run it as root, or grant it with "+
+			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
+	}
+	rt := cfg.routing()
+	if err := checkBinaries(rt); err != nil {
+		return nil, err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable to spawn workers: %w", err)
+	}
+	m := &master{
+		cfg:      cfg,
+		rt:       rt,
+		rules:    newRuleWriter(rt, execRunner{}),
+		log:      cfg.Logger.With("cluster", cfg.Name),
+		exe:      exe,
+		args:     os.Args[1:],
+		uid:      os.Geteuid(),
+		gen:      1,
+		started:  time.Now(),
+		events:   make(chan any, 64),
+		slots:    make([]*proc, cfg.Workers),
+		pending:  make([]*proc, cfg.Workers),
+		failures: make([]int, cfg.Workers),
+		procs:    map[int]*proc{},
+		peers:    map[*peer]bool{},
+		dir:      filepath.Join(cfg.RunDir, cfg.Name),
+	}
+	m.sock = filepath.Join(m.dir, "control.sock")
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		switch name {
+		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket:
+		default:
+			m.env = append(m.env, kv)
+		}
+	}
+	if err := m.openRunDir(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// openRunDir creates the run directory, takes the cluster lock and listens
+// on the control socket.
+func (m *master) openRunDir() (err error) {
+	if err := os.MkdirAll(m.cfg.RunDir, 0o755); err != nil {
+		return fmt.Errorf("create run directory %s: %w", m.cfg.RunDir, err)
+	}
+	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("create cluster directory %s: %w", m.dir, err)
+	}
+	if fi, err := os.Lstat(m.dir); err != nil || !fi.IsDir() {
+		return fmt.Errorf("cluster directory %s is not a directory (%v): remove it", m.dir, err)
+	}
+	defer func() {
+		if err != nil {
+			m.closeRunDir()
+		}
+	}()
+	lockPath := filepath.Join(m.dir, "lock")
+	m.lock, err = os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open lock %s: %w", lockPath, err)
+	}
+	if err := unix.Flock(int(m.lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		owner, _ := os.ReadFile(lockPath)
+		f := m.lock
+		m.lock = nil // not ours: closeRunDir must leave the directory alone
+		f.Close()
+		return fmt.Errorf("%w: cluster %q is locked by master pid %s (%s); stop it first",
+			ErrAlreadyRunning, m.cfg.Name, strings.TrimSpace(string(owner)), lockPath)
+	}
+	if err := m.lock.Truncate(0); err == nil {
+		_, _ = m.lock.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	// We hold the lock, so a socket file left here belongs to a master that
+	// died: replace it.
+	_ = os.Remove(m.sock)
+	m.ln, err = net.ListenUnix("unix", &net.UnixAddr{Name: m.sock, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("listen on control socket %s: %w", m.sock, err)
+	}
+	m.ln.SetUnlinkOnClose(false) // we remove it ourselves, after the workers are gone
+	if err := os.Chmod(m.sock, 0o600); err != nil {
+		return fmt.Errorf("restrict control socket %s: %w", m.sock, err)
+	}
+	return nil
+}
+
+// closeRunDir removes the socket, the lock and the directory, if ours.
+func (m *master) closeRunDir() {
+	if m.ln != nil {
+		m.ln.Close()
+		os.Remove(m.sock)
+	}
+	if m.lock != nil {
+		os.Remove(m.lock.Name())
+		m.lock.Close()
+		os.Remove(m.dir) // only if empty: never delete what we did not create
+	}
+}
+
+func (m *master) run(ctx context.Context) error {
+	m.emit = newEmitter(m.cfg.OnEvent)
+	defer m.emit.close()
+	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
+		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1)
+	defer signal.Stop(sigs)
+
+	go m.accept()
+	for slot := range m.slots {
+		m.spawn(slot)
+	}
+	// Until every slot is ready (or the connect timeout passes) the rules of
+	// a crashed predecessor, if any, keep serving: install once, at the end.
+	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evRetryRules{}) })
+	defer firstInstall.Stop()
+
+	ctxDone := ctx.Done()
+	for {
+		select {
+		case <-ctxDone:
+			ctxDone = nil
+			m.stop("context done")
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGUSR1:
+				m.killRetired()
+			default:
+				if m.stopping {
+					m.log.Warn("second stop signal: killing workers now", "signal", sig.String())
+					m.killAll()
+				} else {
+					m.stop(sig.String())
+				}
+			}
+		case ev := <-m.events:
+			m.handle(ev)
+			// Coalesce a burst (parallel start, several exits) into one
+			// rule write.
+			for drained := false; !drained; {
+				select {
+				case ev := <-m.events:
+					m.handle(ev)
+				default:
+					drained = true
+				}
+			}
+		}
+		m.syncRules(ctx)
+		if m.stopping && len(m.procs) == 0 {
+			m.closeRunDir()
+			m.log.Info("master stopped")
+			return m.stopErr
+		}
+	}
+}
+
+// send is how helper goroutines talk to the loop.
+func (m *master) send(ev any) { m.events <- ev }
+
+func (m *master) handle(ev any) {
+	switch ev := ev.(type) {
+	case evExit:
+		m.onExit(ev.p, ev.status)
+	case evHello:
+		m.onHello(ev.peer, ev.hello)
+	case evMsg:
+		m.onMsg(ev.peer, ev.msg)
+	case evClosed:
+		m.onClosed(ev.peer, ev.err)
+	case evConnectTimeout:
+		p := ev.p
+		if m.procs[p.pid] == p && p.state == stateStarting {
+			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.cfg.ConnectTimeout)...)
+			m.kill(p)
+		}
+	case evRespawn:
+		if !m.stopping && m.pending[ev.slot] == nil {
+			m.spawn(ev.slot)
+		}
+	case evRetryRules:
+		m.retrying = false
+		if !m.installed {
+			m.rulesDirty = true
+		}
+	case evStopTimeout:
+		if len(m.procs) > 0 {
+			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
+			m.killAll()
+		}
+	}
+}
+
+// spawn starts a worker for slot.
+func (m *master) spawn(slot int) {
+	cmd := exec.Command(m.exe, m.args...)
+	cmd.Env = append(slices.Clip(m.env),
+		EnvWorker+"="+m.cfg.Name,
+		EnvSlot+"="+strconv.Itoa(slot),
+		EnvGeneration+"="+strconv.Itoa(m.gen),
+		EnvSocket+"="+m.sock,
+	)
+	// Real files, never pipes: a worker outlives the master, and a pipe
+	// whose reader died would block or kill it (SIGPIPE) on its next log.
+	cmd.Stdout = m.cfg.WorkerStdout
+	cmd.Stderr = m.cfg.WorkerStderr
+	// Own session: a terminal's ^C or a dying master's process group must
+	// not take the workers down with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		m.log.Error("spawn worker", "slot", slot, "err", err)
+		m.failures[slot]++
+		m.respawnLater(slot)
+		return
+	}
+	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, state: stateStarting, spawned: time.Now(), cmd: cmd}
+	m.procs[p.pid] = p
+	m.pending[slot] = p
+	p.timer = time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evConnectTimeout{p}) })
+	go func() {
+		err := cmd.Wait()
+		status := cmd.ProcessState.String()
+		if cmd.ProcessState == nil {
+			status = err.Error()
+		}
+		m.send(evExit{p: p, status: status})
+	}()
+	m.log.Debug("worker spawned", p.logAttrs()...)
+}
+
+// respawnLater schedules a spawn for a slot whose last start failed, backing
+// off exponentially (capped) so a crash-looping worker does not spin.
+func (m *master) respawnLater(slot int) {
+	n := min(m.failures[slot], 7)
+	delay := time.Duration(1<<n) * 50 * time.Millisecond // 100ms .. 6.4s
+	if m.failures[slot] <= 1 {
+		delay = 0
+	}
+	m.log.Info("respawning worker", "slot", slot, "in", delay, "failures", m.failures[slot])
+	time.AfterFunc(delay, func() { m.send(evRespawn{slot}) })
+}
+
+func (m *master) onExit(p *proc, status string) {
+	if m.procs[p.pid] != p {
+		return
+	}
+	delete(m.procs, p.pid)
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	if p.pidfd != nil {
+		p.pidfd.Close()
+	}
+	if p.peer != nil {
+		p.peer.close()
+	}
+	lvl := slog.LevelInfo
+	if p.state == stateActive || p.state == stateStarting {
+		lvl = slog.LevelWarn
+	}
+	m.log.Log(context.Background(), lvl, "worker exited", append(p.logAttrs(), "state", p.state.String(), "status", status)...)
+	m.emit.send(EventWorkerExited{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Status: status})
+	if m.stopping {
+		return
+	}
+	switch p.state {
+	case stateStarting:
+		if m.pending[p.slot] == p {
+			m.pending[p.slot] = nil
+			m.failures[p.slot]++
+			m.respawnLater(p.slot)
+		}
+	case stateActive:
+		// Its slot keeps pointing at the dead port until the replacement
+		// is ready: clients of this slot are refused either way, and one
+		// rule write is quicker than two.
+		if m.slots[p.slot] == p {
+			m.slots[p.slot] = nil
+			if m.pending[p.slot] == nil {
+				m.spawn(p.slot)
+			}
+		}
+	}
+}
+
+func (m *master) onHello(pr *peer, h *proto.Hello) {
+	refuse := func(format string, args ...any) {
+		reason := fmt.Sprintf(format, args...)
+		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "reason", reason)
+		pr.refuse(reason)
+	}
+	switch {
+	case h.Version != proto.Version:
+		refuse("protocol version mismatch: peer speaks version %d, master speaks version %d; run the same ipcluster release on both sides", h.Version, proto.Version)
+		return
+	case h.Cluster != m.cfg.Name:
+		refuse("peer belongs to cluster %q, this master runs cluster %q", h.Cluster, m.cfg.Name)
+		return
+	case h.PID != pr.pid:
+		refuse("hello claims pid %d but the kernel says the peer is pid %d", h.PID, pr.pid)
+		return
+	}
+	if m.stopping {
+		refuse("master is stopping")
+		return
+	}
+	switch h.Role {
+	case proto.RoleClient:
+		pr.role = proto.RoleClient
+		m.peers[pr] = true
+		pr.send(proto.TypeWelcome, &proto.Welcome{Version: proto.Version})
+		return
+	case proto.RoleWorker:
+	default:
+		refuse("unknown role %q", h.Role)
+		return
+	}
+	if h.Slot < 0 || h.Slot >= m.cfg.Workers {
+		refuse("slot %d is outside 0..%d", h.Slot, m.cfg.Workers-1)
+		return
+	}
+	ports := slotTarget{}
+	for _, pp := range h.Ports {
+		ports[pp.Public] = pp.Worker
+	}
+	for _, pub := range m.rt.ports {
+		if ports[pub] == 0 {
+			refuse("worker reported no port for public port %d", pub)
+			return
+		}
+	}
+	p := m.procs[pr.pid]
+	if p == nil {
+		// A worker of an earlier master (which crashed) reconnecting. Its
+		// slot has been given to a fresh worker; let it drain as retired,
+		// and watch its exit through a pidfd since it is not our child.
+		fd, err := unix.PidfdOpen(pr.pid, unix.PIDFD_NONBLOCK)
+		if err != nil {
+			refuse("cannot watch pid %d: %v", pr.pid, err)
+			return
+		}
+		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, state: stateRetired, spawned: time.Now(),
+			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
+		m.procs[p.pid] = p
+		go watchPidfd(p, m.send)
+		m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
+	} else if p.peer != nil {
+		refuse("pid %d already has a control connection", pr.pid)
+		return
+	} else if h.Slot != p.slot || h.Generation != p.gen {
+		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
+		return
+	}
+	p.peer = pr
+	p.ports = ports
+	p.lastBeat = time.Now()
+	pr.role = proto.RoleWorker
+	pr.proc = p
+	m.peers[pr] = true
+	pr.send(proto.TypeWelcome, &proto.Welcome{
+		Version:         proto.Version,
+		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
+		Retired:         p.state == stateRetired,
+	})
+}
+
+func (m *master) onMsg(pr *peer, msg proto.Msg) {
+	if pr.role == proto.RoleClient {
+		switch msg.Type {
+		case proto.TypeStatus:
+			pr.send(proto.TypeStatus, m.status())
+		default:
+			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
+		}
+		return
+	}
+	p := pr.proc
+	if p == nil || m.procs[p.pid] != p {
+		return
+	}
+	switch msg.Type {
+	case proto.TypeReady:
+		p.lastBeat = time.Now()
+		p.stats = msg.Body.(*proto.Heartbeat).Stats
+		if p.state == stateStarting {
+			m.onReady(p)
+		}
+	case proto.TypeHeartbeat, proto.TypeInfo:
+		p.lastBeat = time.Now()
+		p.stats = msg.Body.(*proto.Heartbeat).Stats
+	case proto.TypeRetire:
+		reason := msg.Body.(*proto.Reason).Reason
+		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", reason)...)
+		m.retire(p, "requested: "+reason)
+	default:
+		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
+		pr.close()
+	}
+}
+
+// onReady moves a starting worker into its slot. The rule write happens in
+// syncRules, after this burst of events; the old worker is retired there,
+// once the kernel points the slot away from it.
+func (m *master) onReady(p *proc) {
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	if m.pending[p.slot] == p {
+		m.pending[p.slot] = nil
+	}
+	m.failures[p.slot] = 0
+	old := m.slots[p.slot]
+	p.state = stateActive
+	m.slots[p.slot] = p
+	m.rulesDirty = true
+	if old != nil {
+		old.state = stateRetired
+		old.retireReason = "replaced"
+		old.retirePending = true
+	}
+	elapsed := time.Since(p.spawned)
+	m.log.Info("worker ready", append(p.logAttrs(), "ports", portsString(p.ports, m.rt.ports), "elapsed", elapsed)...)
+	m.emit.send(EventWorkerReady{PID: p.pid, Slot: p.slot, Generation: p.gen, Ports: p.ports, Elapsed: elapsed})
+}
+
+// retire replaces an active worker: a new worker is spawned for its slot,
+// and once that one is ready the slot moves to it and this one is told.
+func (m *master) retire(p *proc, reason string) {
+	if m.stopping || p.state != stateActive || m.slots[p.slot] != p {
+		return
+	}
+	p.retireReason = reason
+	if m.pending[p.slot] == nil {
+		m.spawn(p.slot)
+	}
+}
+
+func (m *master) onClosed(pr *peer, err error) {
+	delete(m.peers, pr)
+	if p := pr.proc; p != nil && p.peer == pr {
+		p.peer = nil
+		if m.procs[p.pid] == p {
+			m.log.Debug("worker control connection closed", append(p.logAttrs(), "err", err)...)
+		}
+	}
+}
+
+// syncRules writes the rules if they changed, then tells replaced workers
+// they are retired: only once no new connection can reach them.
+func (m *master) syncRules(ctx context.Context) {
+	if !m.rulesDirty || m.stopping || m.retrying {
+		return
+	}
+	if !m.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
+		return
+	}
+	targets := make([]slotTarget, len(m.slots))
+	for i, p := range m.slots {
+		if p != nil {
+			targets[i] = p.ports
+		}
+	}
+	t0 := time.Now()
+	if err := m.rules.apply(ctx, targets); err != nil {
+		m.log.Error("writing rules failed; previous rules stay in force, retrying in 1s", "err", err)
+		m.emit.send(EventRulesFailed{Err: err})
+		if !m.installed {
+			m.installErr++
+		}
+		if !m.installed && m.installErr >= 3 {
+			m.stopErr = fmt.Errorf("install rules for cluster %s: %w", m.cfg.Name, err)
+			m.stop("rules could not be installed")
+			return
+		}
+		m.retrying = true
+		time.AfterFunc(time.Second, func() { m.send(evRetryRules{}) })
+		return
+	}
+	m.rulesDirty = false
+	m.installed = true
+	m.log.Debug("rules written", "elapsed", time.Since(t0))
+	for _, p := range m.procs {
+		if p.retirePending {
+			p.retirePending = false
+			if p.peer != nil {
+				p.peer.send(proto.TypeRetire, &proto.Reason{Reason: p.retireReason})
+			}
+			repl := m.slots[p.slot]
+			m.log.Info("worker retired", append(p.logAttrs(), "reason", p.retireReason, "replacement", repl.pid)...)
+			m.emit.send(EventRetired{PID: p.pid, Slot: p.slot, Replacement: repl.pid, Reason: p.retireReason})
+		}
+	}
+	if !m.ready && m.allSlotsReady() {
+		m.ready = true
+		elapsed := time.Since(m.started)
+		m.log.Info("all slots ready", "workers", m.cfg.Workers, "elapsed", elapsed)
+		m.emit.send(EventReady{Workers: m.cfg.Workers, Elapsed: elapsed})
+	}
+}
+
+func (m *master) allSlotsReady() bool {
+	for _, p := range m.slots {
+		if p == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// stop begins a graceful stop: rules out first, so no new connection reaches
+// a worker that is about to finish; then every worker is told to die, and
+// killed after StopTimeout.
+func (m *master) stop(why string) {
+	if m.stopping {
+		return
+	}
+	m.stopping = true
+	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	if err := m.rules.remove(ctx); err != nil {
+		m.log.Error("removing rules", "err", err)
+		m.stopErr = errors.Join(m.stopErr, fmt.Errorf("remove rules of cluster %s: %w", m.cfg.Name, err))
+	}
+	cancel()
+	m.ln.Close() // no new peers; accept() ends
+	for _, p := range m.procs {
+		p.state = stateStopping
+		if p.timer != nil {
+			p.timer.Stop()
+		}
+		if p.peer != nil {
+			p.peer.send(proto.TypeDie, &proto.Reason{Reason: "cluster stopping"})
+		} else {
+			m.signal(p, syscall.SIGTERM)
+		}
+	}
+	for pr := range m.peers {
+		if pr.role == proto.RoleClient {
+			pr.close()
+		}
+	}
+	time.AfterFunc(m.cfg.StopTimeout, func() { m.send(evStopTimeout{}) })
+}
+
+func (m *master) killRetired() {
+	n := 0
+	for _, p := range m.procs {
+		if p.state == stateRetired {
+			m.kill(p)
+			n++
+		}
+	}
+	m.log.Info("SIGUSR1: killed retired workers", "count", n)
+}
+
+func (m *master) killAll() {
+	for _, p := range m.procs {
+		m.kill(p)
+	}
+}
+
+func (m *master) kill(p *proc) { m.signal(p, syscall.SIGKILL) }
+
+func (m *master) signal(p *proc, sig syscall.Signal) {
+	var err error
+	switch {
+	case p.cmd != nil:
+		err = p.cmd.Process.Signal(sig)
+	case p.pidfd != nil:
+		// Through the pidfd, never the bare pid: the pid may have been
+		// reused by an unrelated process since the worker exited.
+		err = unix.PidfdSendSignal(int(p.pidfd.Fd()), sig, nil, 0)
+	}
+	if err != nil && !errors.Is(err, os.ErrProcessDone) && !errors.Is(err, unix.ESRCH) {
+		m.log.Warn("signal worker", append(p.logAttrs(), "signal", sig.String(), "err", err)...)
+	}
+}
+
+// watchPidfd reports the exit of a process that is not our child.
+func watchPidfd(p *proc, send func(any)) {
+	rc, err := p.pidfd.SyscallConn()
+	if err == nil {
+		err = rc.Read(func(fd uintptr) bool {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, _ := unix.Poll(fds, 0)
+			return n > 0
+		})
+	}
+	status := "exited"
+	if err != nil {
+		status = "unknown: " + err.Error()
+	}
+	send(evExit{p: p, status: status})
+}
+
+// status is the reply to a client's status request.
+func (m *master) status() *proto.Status {
+	st := &proto.Status{
+		Cluster:    m.cfg.Name,
+		MasterPID:  os.Getpid(),
+		Generation: m.gen,
+		Ready:      m.ready,
+		Rules:      m.rules.rulesText(),
+	}
+	for i, p := range m.slots {
+		s := proto.SlotStatus{Slot: i}
+		if p != nil {
+			s.Active = p.pid
+		}
+		st.Slots = append(st.Slots, s)
+	}
+	for _, p := range m.procs {
+		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(),
+			UptimeSec: time.Since(p.spawned).Seconds()}
+		for _, pub := range m.rt.ports {
+			if w, ok := p.ports[pub]; ok {
+				ws.Ports = append(ws.Ports, proto.Port{Public: pub, Worker: w})
+			}
+		}
+		if ps, err := procfs.ReadStatus(p.pid); err == nil {
+			ws.RSSBytes = ps.RSSBytes
+		}
+		if !p.lastBeat.IsZero() {
+			s := p.stats
+			ws.Stats = &s
+		}
+		st.Workers = append(st.Workers, ws)
+	}
+	slices.SortFunc(st.Workers, func(a, b proto.WorkerStatus) int { return a.PID - b.PID })
+	return st
+}

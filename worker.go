@@ -1,0 +1,447 @@
+//go:build linux
+
+package ipcluster
+
+// The worker side. A worker listens first (so the port exists before the
+// master can route to it), says hello, reports ready, then runs the
+// application's function. It keeps its control connection with heartbeats,
+// and if the master goes away it keeps serving and reconnects to whichever
+// master takes the socket next.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// Worker is the handle a worker process's function receives.
+type Worker struct {
+	cluster   string
+	slot, gen int
+	socket    string
+	cfg       *Config
+	log       *slog.Logger
+	started   time.Time
+	listeners map[uint16]*listener
+
+	ctx    context.Context // cancelled when the worker must finish
+	cancel context.CancelFunc
+
+	retired     chan struct{}
+	retireOnce  sync.Once
+	retireAsked chan string // requests to the master, from any goroutine
+
+	conns    atomic.Int64
+	accepted atomic.Uint64
+
+	mu   sync.Mutex // guards conn
+	conn net.Conn
+}
+
+// Slot is the slot this worker serves: the low bits of its clients'
+// addresses.
+func (w *Worker) Slot() int { return w.slot }
+
+// Generation is the master generation that spawned this worker.
+func (w *Worker) Generation() int { return w.gen }
+
+// Logger is the library's logger with the worker's cluster, slot, pid and
+// generation attached.
+func (w *Worker) Logger() *slog.Logger { return w.log }
+
+// Listener returns the listener for a public port: the socket the cluster's
+// rules route that port's clients of this slot to. It panics if public is
+// not one of Config.Ports, a programming error.
+func (w *Worker) Listener(public uint16) net.Listener {
+	l, ok := w.listeners[public]
+	if !ok {
+		panic(fmt.Sprintf("ipcluster: Worker.Listener(%d): not one of Config.Ports", public))
+	}
+	return l
+}
+
+// Context is cancelled when the worker must finish: the cluster is
+// stopping, or the worker was told to die. Shut servers down when it is.
+func (w *Worker) Context() context.Context { return w.ctx }
+
+// Retired is closed when the worker is retired: its slot points at another
+// worker, its listeners close once their accept queues are empty, and it
+// exits when its last connection closes.
+func (w *Worker) Retired() <-chan struct{} { return w.retired }
+
+// Connections is the number of open connections accepted through the
+// worker's listeners.
+func (w *Worker) Connections() int64 { return w.conns.Load() }
+
+// RequestRetire asks the master to replace this worker. The master starts a
+// replacement, points the slot at it once it is ready, and then retires this
+// worker. Safe to call more than once.
+func (w *Worker) RequestRetire(reason string) {
+	select {
+	case w.retireAsked <- reason:
+	default: // one request in flight is enough
+	}
+}
+
+// workerEnv reads the variables the master set.
+func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
+	name := os.Getenv(EnvWorker)
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s; workers are started by their master: run this binary without the IPCLUSTER_* variables to start a master",
+			ErrNotStartedByMaster, fmt.Sprintf(format, args...))
+	}
+	if name != cfg.Name {
+		return 0, 0, "", bad("%s=%q but Config.Name is %q", EnvWorker, name, cfg.Name)
+	}
+	slot, err = strconv.Atoi(os.Getenv(EnvSlot))
+	if err != nil || slot < 0 || slot >= cfg.Workers {
+		return 0, 0, "", bad("%s=%q is not a slot in 0..%d", EnvSlot, os.Getenv(EnvSlot), cfg.Workers-1)
+	}
+	gen, err = strconv.Atoi(os.Getenv(EnvGeneration))
+	if err != nil || gen < 1 {
+		return 0, 0, "", bad("%s=%q is not a generation", EnvGeneration, os.Getenv(EnvGeneration))
+	}
+	socket = os.Getenv(EnvSocket)
+	if socket == "" {
+		return 0, 0, "", bad("%s is not set", EnvSocket)
+	}
+	return slot, gen, socket, nil
+}
+
+func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error {
+	slot, gen, socket, err := workerEnv(cfg)
+	if err != nil {
+		return err
+	}
+	w := &Worker{
+		cluster:     cfg.Name,
+		slot:        slot,
+		gen:         gen,
+		socket:      socket,
+		cfg:         cfg,
+		started:     time.Now(),
+		listeners:   map[uint16]*listener{},
+		retired:     make(chan struct{}),
+		retireAsked: make(chan string, 1),
+	}
+	w.log = cfg.Logger.With("cluster", cfg.Name, "slot", slot, "pid", os.Getpid(), "generation", gen)
+	w.ctx, w.cancel = context.WithCancel(context.Background())
+	defer w.cancel()
+
+	network, addr := cfg.listenNetwork()
+	for _, p := range cfg.Ports {
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			w.closeListeners()
+			return fmt.Errorf("worker slot %d: listen for public port %d on %s: %w", slot, p.Public, addr, err)
+		}
+		w.listeners[p.Public] = &listener{Listener: ln, w: w}
+	}
+
+	// The first connection must succeed: a worker nobody accepts has no
+	// business serving.
+	conn, welcome, err := w.dial()
+	if err != nil {
+		w.closeListeners()
+		return err
+	}
+	if welcome.Retired {
+		w.retire("adopted as retired")
+	}
+	if err := proto.Write(conn, proto.TypeReady, &proto.Heartbeat{Stats: w.stats()}); err != nil {
+		w.closeListeners()
+		return fmt.Errorf("worker slot %d: report ready: %w", slot, err)
+	}
+	w.setConn(conn)
+	w.log.Debug("worker ready")
+
+	msgs := make(chan proto.Msg, 8)
+	lost := make(chan struct{}, 1)
+	go w.read(conn, msgs, lost)
+
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	workDone := make(chan error, 1)
+	go func() { workDone <- work(w) }()
+
+	beat := time.NewTicker(time.Duration(max(welcome.HeartbeatMillis, 10)) * time.Millisecond)
+	defer beat.Stop()
+	// Connections close on application goroutines; re-check the drain
+	// condition this often.
+	drainCheck := time.NewTicker(100 * time.Millisecond)
+	defer drainCheck.Stop()
+	var reconnect <-chan time.Time
+	var dieDeadline <-chan time.Time
+	worked, dying := false, false
+	ctxDone := ctx.Done()
+	die := func(why string) {
+		if dying {
+			return
+		}
+		dying = true
+		w.log.Info("worker finishing", "reason", why, "connections", w.conns.Load())
+		w.closeListeners()
+		w.cancel()
+		// The master kills us after StopTimeout; this bounds the wait if
+		// there is no master any more.
+		dieDeadline = time.After(cfg.StopTimeout)
+	}
+	for {
+		// Exit once the application is done and every connection closed.
+		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) {
+			w.log.Info("worker exiting: drained")
+			return nil
+		}
+		select {
+		case err := <-workDone:
+			worked = true
+			if !dying && !w.isRetired() {
+				// The function returned while still serving its slot:
+				// have the master move the slot before this worker goes.
+				w.log.Warn("worker function returned while active; asking to be retired", "err", err)
+				w.RequestRetire(fmt.Sprintf("worker function returned: %v", err))
+			}
+		case reason := <-w.retireAsked:
+			w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason})
+		case m := <-msgs:
+			switch m.Type {
+			case proto.TypeRetire:
+				w.retire(m.Body.(*proto.Reason).Reason)
+			case proto.TypeDie:
+				die(m.Body.(*proto.Reason).Reason)
+			case proto.TypeInfo:
+				w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
+			}
+		case <-lost:
+			w.setConn(nil)
+			w.log.Warn("lost the master; serving on and reconnecting")
+			reconnect = time.After(0)
+		case <-reconnect:
+			reconnect = nil
+			conn, welcome, err := w.dial()
+			if err != nil {
+				if errors.Is(err, proto.ErrRefused) {
+					// A master that refuses us wants us gone: finish
+					// what we serve, then leave.
+					w.log.Warn("new master refused this worker; draining", "err", err)
+					w.retire("refused by master")
+					break
+				}
+				reconnect = time.After(time.Second)
+				break
+			}
+			if welcome.Retired {
+				w.retire("adopted as retired")
+			}
+			w.setConn(conn)
+			go w.read(conn, msgs, lost)
+			w.log.Info("reconnected to master")
+		case <-beat.C:
+			w.sendMsg(proto.TypeHeartbeat, &proto.Heartbeat{Stats: w.stats()})
+		case sig := <-sigs:
+			switch sig {
+			case syscall.SIGUSR1:
+				w.RequestRetire("SIGUSR1")
+			default:
+				die(sig.String())
+			}
+		case <-ctxDone:
+			ctxDone = nil
+			die("context done")
+		case <-dieDeadline:
+			w.log.Warn("worker exiting with connections still open", "connections", w.conns.Load(), "timeout", cfg.StopTimeout)
+			return nil
+		case <-drainCheck.C:
+		}
+	}
+}
+
+// dial connects to the master and completes the hello.
+func (w *Worker) dial() (net.Conn, *proto.Welcome, error) {
+	conn, err := net.DialTimeout("unix", w.socket, w.cfg.ConnectTimeout)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: no master answers at %s (%v); workers are started by their master: "+
+			"run this binary without the IPCLUSTER_* variables to start a master", ErrNotStartedByMaster, w.socket, err)
+	}
+	hello := &proto.Hello{
+		Version:    proto.Version,
+		Role:       proto.RoleWorker,
+		Cluster:    w.cluster,
+		PID:        os.Getpid(),
+		Slot:       w.slot,
+		Generation: w.gen,
+		Retired:    w.isRetired(),
+	}
+	for _, p := range w.cfg.Ports {
+		hello.Ports = append(hello.Ports, proto.Port{Public: p.Public, Worker: w.listeners[p.Public].port()})
+	}
+	_ = conn.SetDeadline(time.Now().Add(w.cfg.ConnectTimeout))
+	if err := proto.Write(conn, proto.TypeHello, hello); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("send hello to master at %s: %w", w.socket, err)
+	}
+	m, err := proto.NewReader(conn).Read()
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("read master's answer to hello at %s: %w", w.socket, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	switch b := m.Body.(type) {
+	case *proto.Welcome:
+		return conn, b, nil
+	case *proto.Refuse:
+		conn.Close()
+		return nil, nil, fmt.Errorf("%w: %w: %s", ErrNotStartedByMaster, proto.ErrRefused, b.Reason)
+	}
+	conn.Close()
+	return nil, nil, fmt.Errorf("master answered hello with %q", m.Type)
+}
+
+// read forwards the master's messages until the connection fails.
+func (w *Worker) read(conn net.Conn, msgs chan<- proto.Msg, lost chan<- struct{}) {
+	r := proto.NewReader(conn)
+	for {
+		m, err := r.Read()
+		if err != nil {
+			conn.Close()
+			select {
+			case lost <- struct{}{}:
+			default:
+			}
+			return
+		}
+		msgs <- m
+	}
+}
+
+func (w *Worker) setConn(c net.Conn) {
+	w.mu.Lock()
+	w.conn = c
+	w.mu.Unlock()
+}
+
+func (w *Worker) sendMsg(typ string, body any) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.conn == nil {
+		return
+	}
+	_ = w.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if err := proto.Write(w.conn, typ, body); err != nil {
+		w.conn.Close() // the reader notices and reconnects
+	}
+}
+
+func (w *Worker) isRetired() bool {
+	select {
+	case <-w.retired:
+		return true
+	default:
+		return false
+	}
+}
+
+// retire marks the worker retired and closes its listeners once their
+// accept queues are empty.
+func (w *Worker) retire(reason string) {
+	w.retireOnce.Do(func() {
+		w.log.Info("worker retired", "reason", reason, "connections", w.conns.Load())
+		close(w.retired)
+		go w.closeWhenQueuesEmpty()
+	})
+}
+
+// closeWhenQueuesEmpty closes the listeners once no accepted-but-unserved
+// connection waits in their queues. The slot no longer points here, but a
+// handshake that began before the rule swap may still complete: give it a
+// moment, then close only when the kernel's accept queue is empty, so no
+// client that reached us is reset.
+func (w *Worker) closeWhenQueuesEmpty() {
+	const grace = 200 * time.Millisecond
+	time.Sleep(grace)
+	deadline := time.Now().Add(5 * time.Second)
+	for _, l := range w.listeners {
+		for time.Now().Before(deadline) && l.queued() > 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	w.closeListeners()
+}
+
+func (w *Worker) closeListeners() {
+	for _, l := range w.listeners {
+		l.Listener.Close()
+	}
+}
+
+// listener counts the connections it hands out.
+type listener struct {
+	net.Listener
+	w *Worker
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.w.conns.Add(1)
+	l.w.accepted.Add(1)
+	if tc, ok := c.(*net.TCPConn); ok {
+		return &trackedConn{TCPConn: tc, w: l.w}, nil
+	}
+	return c, nil
+}
+
+func (l *listener) port() uint16 {
+	return uint16(l.Listener.Addr().(*net.TCPAddr).Port)
+}
+
+// queued returns the length of the listener's accept queue (for a
+// listening socket, TCP_INFO's unacked field holds it).
+func (l *listener) queued() int {
+	tl, ok := l.Listener.(*net.TCPListener)
+	if !ok {
+		return 0
+	}
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n = int(info.Unacked)
+		}
+	})
+	return n
+}
+
+// trackedConn decrements the worker's count once, on the first Close. It
+// embeds *net.TCPConn so servers keep every TCP method (ReadFrom for
+// sendfile, SetKeepAlive, CloseWrite).
+type trackedConn struct {
+	*net.TCPConn
+	w    *Worker
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() { c.w.conns.Add(-1) })
+	return c.TCPConn.Close()
+}
