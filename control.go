@@ -25,7 +25,7 @@ const writeTimeout = time.Second
 // peer is one accepted connection.
 type peer struct {
 	conn     *net.UnixConn
-	pid, uid int   // from SO_PEERCRED, never from the peer's own words
+	pid, uid int    // from SO_PEERCRED, never from the peer's own words
 	role     string // set by the loop once the hello is accepted
 	proc     *proc  // for workers, set by the loop
 

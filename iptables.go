@@ -281,21 +281,25 @@ func (e *RuleError) Error() string {
 func (e *RuleError) Unwrap() error { return e.Err }
 
 // execRunner runs the real binaries.
-type execRunner struct{}
+type execRunner struct {
+	// start starts a command; nil means cmd.Start. Tests and benchmarks
+	// set it to start the command inside their network namespace.
+	start func(*exec.Cmd) error
+}
 
-func (execRunner) save(ctx context.Context, f *family) ([]byte, error) {
+func (e execRunner) save(ctx context.Context, f *family) ([]byte, error) {
 	var out bytes.Buffer
-	err := runIptables(ctx, exec.CommandContext(ctx, f.save, "-t", "nat"), nil, &out)
+	err := e.run(ctx, exec.CommandContext(ctx, f.save, "-t", "nat"), nil, &out)
 	return out.Bytes(), err
 }
 
-func (execRunner) restore(ctx context.Context, f *family, payload string) error {
+func (e execRunner) restore(ctx context.Context, f *family, payload string) error {
 	// --wait: with the legacy backend another program may hold the xtables
 	// lock for a moment; waiting beats failing a slot swap.
-	return runIptables(ctx, exec.CommandContext(ctx, f.restore, "--noflush", "--wait"), strings.NewReader(payload), nil)
+	return e.run(ctx, exec.CommandContext(ctx, f.restore, "--noflush", "--wait"), strings.NewReader(payload), nil)
 }
 
-func runIptables(ctx context.Context, cmd *exec.Cmd, stdin *strings.Reader, stdout *bytes.Buffer) error {
+func (e execRunner) run(ctx context.Context, cmd *exec.Cmd, stdin *strings.Reader, stdout *bytes.Buffer) error {
 	var stderr bytes.Buffer
 	if stdin != nil {
 		cmd.Stdin = stdin
@@ -303,7 +307,14 @@ func runIptables(ctx context.Context, cmd *exec.Cmd, stdin *strings.Reader, stdo
 	cmd.Stdout = stdout
 	cmd.Stderr = &stderr
 	cmd.WaitDelay = time.Second
-	err := cmd.Run()
+	var err error
+	if e.start != nil {
+		if err = e.start(cmd); err == nil {
+			err = cmd.Wait()
+		}
+	} else {
+		err = cmd.Run()
+	}
 	if err == nil {
 		return nil
 	}

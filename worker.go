@@ -73,6 +73,15 @@ func (w *Worker) Listener(public uint16) net.Listener {
 	return l
 }
 
+// Ports returns the public ports, in Config order.
+func (w *Worker) Ports() []uint16 {
+	ports := make([]uint16, len(w.cfg.Ports))
+	for i, p := range w.cfg.Ports {
+		ports[i] = p.Public
+	}
+	return ports
+}
+
 // Context is cancelled when the worker must finish: the cluster is
 // stopping, or the worker was told to die. Shut servers down when it is.
 func (w *Worker) Context() context.Context { return w.ctx }
@@ -153,7 +162,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 
 	// The first connection must succeed: a worker nobody accepts has no
 	// business serving.
-	conn, welcome, err := w.dial()
+	conn, r, welcome, err := w.dial()
 	if err != nil {
 		w.closeListeners()
 		return err
@@ -170,7 +179,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 
 	msgs := make(chan proto.Msg, 8)
 	lost := make(chan struct{}, 1)
-	go w.read(conn, msgs, lost)
+	go w.read(r, conn, msgs, lost)
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
@@ -233,7 +242,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			reconnect = time.After(0)
 		case <-reconnect:
 			reconnect = nil
-			conn, welcome, err := w.dial()
+			conn, r, welcome, err := w.dial()
 			if err != nil {
 				if errors.Is(err, proto.ErrRefused) {
 					// A master that refuses us wants us gone: finish
@@ -249,7 +258,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 				w.retire("adopted as retired")
 			}
 			w.setConn(conn)
-			go w.read(conn, msgs, lost)
+			go w.read(r, conn, msgs, lost)
 			w.log.Info("reconnected to master")
 		case <-beat.C:
 			w.sendMsg(proto.TypeHeartbeat, &proto.Heartbeat{Stats: w.stats()})
@@ -271,11 +280,13 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	}
 }
 
-// dial connects to the master and completes the hello.
-func (w *Worker) dial() (net.Conn, *proto.Welcome, error) {
+// dial connects to the master and completes the hello. The reader it
+// returns must be used for the rest of the connection: it may already hold
+// the master's next frames.
+func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 	conn, err := net.DialTimeout("unix", w.socket, w.cfg.ConnectTimeout)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: no master answers at %s (%v); workers are started by their master: "+
+		return nil, nil, nil, fmt.Errorf("%w: no master answers at %s (%v); workers are started by their master: "+
 			"run this binary without the IPCLUSTER_* variables to start a master", ErrNotStartedByMaster, w.socket, err)
 	}
 	hello := &proto.Hello{
@@ -293,28 +304,28 @@ func (w *Worker) dial() (net.Conn, *proto.Welcome, error) {
 	_ = conn.SetDeadline(time.Now().Add(w.cfg.ConnectTimeout))
 	if err := proto.Write(conn, proto.TypeHello, hello); err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("send hello to master at %s: %w", w.socket, err)
+		return nil, nil, nil, fmt.Errorf("send hello to master at %s: %w", w.socket, err)
 	}
-	m, err := proto.NewReader(conn).Read()
+	r := proto.NewReader(conn)
+	m, err := r.Read()
 	if err != nil {
 		conn.Close()
-		return nil, nil, fmt.Errorf("read master's answer to hello at %s: %w", w.socket, err)
+		return nil, nil, nil, fmt.Errorf("read master's answer to hello at %s: %w", w.socket, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
 	switch b := m.Body.(type) {
 	case *proto.Welcome:
-		return conn, b, nil
+		return conn, r, b, nil
 	case *proto.Refuse:
 		conn.Close()
-		return nil, nil, fmt.Errorf("%w: %w: %s", ErrNotStartedByMaster, proto.ErrRefused, b.Reason)
+		return nil, nil, nil, fmt.Errorf("%w: %w: %s", ErrNotStartedByMaster, proto.ErrRefused, b.Reason)
 	}
 	conn.Close()
-	return nil, nil, fmt.Errorf("master answered hello with %q", m.Type)
+	return nil, nil, nil, fmt.Errorf("master answered hello with %q", m.Type)
 }
 
 // read forwards the master's messages until the connection fails.
-func (w *Worker) read(conn net.Conn, msgs chan<- proto.Msg, lost chan<- struct{}) {
-	r := proto.NewReader(conn)
+func (w *Worker) read(r *proto.Reader, conn net.Conn, msgs chan<- proto.Msg, lost chan<- struct{}) {
 	for {
 		m, err := r.Read()
 		if err != nil {

@@ -1,0 +1,337 @@
+package ipcluster_test
+
+import (
+	"net/netip"
+	"os"
+	osexec "os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// expectSlot is the slot the rules must pick for a client address: the low
+// bits of its first prefix bits.
+func expectSlot(a netip.Addr, workers, prefix int) int {
+	b := a.As16()
+	if a.Is4() {
+		prefix += 96
+	}
+	// bits [prefix-k, prefix) of the 128-bit address, k = log2(workers)
+	slot := 0
+	for i := 0; (1 << i) < workers; i++ {
+		bit := prefix - 1 - i
+		if b[bit/8]&(0x80>>(bit%8)) != 0 {
+			slot |= 1 << i
+		}
+	}
+	return slot
+}
+
+// checkSticky connects from every address `rounds` times on every port and
+// checks the answering worker is always the one the address's bits select,
+// that the worker sees the real client address, and that every slot is hit.
+func checkSticky(t *testing.T, ns *netlab.NS, srcs []netip.Addr, dst netip.Addr, ports []uint16, workers, prefix, rounds int) {
+	t.Helper()
+	owner := map[netip.Addr]int{} // address → pid
+	hits := make([]int, workers)
+	for _, port := range ports {
+		for r := 0; r < rounds; r++ {
+			for _, src := range srcs {
+				rep, err := ask(ns, src, netip.AddrPortFrom(dst, port))
+				if err != nil {
+					t.Fatalf("from %s to port %d: %v", src, port, err)
+				}
+				if want := expectSlot(src, workers, prefix); rep.Slot != want {
+					t.Fatalf("client %s reached slot %d, its bits select slot %d", src, rep.Slot, want)
+				}
+				if rep.Remote.Addr() != src {
+					t.Fatalf("worker saw client address %s, want %s", rep.Remote.Addr(), src)
+				}
+				if pid, ok := owner[src]; ok && pid != rep.PID {
+					t.Fatalf("client %s reached pid %d, earlier pid %d", src, rep.PID, pid)
+				}
+				owner[src] = rep.PID
+				hits[rep.Slot]++
+			}
+		}
+	}
+	for slot, n := range hits {
+		if n == 0 {
+			t.Errorf("slot %d received no traffic", slot)
+		}
+	}
+}
+
+func TestRoutesIPv4BySourceBits(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080, 8443}, 4, 32, 10)
+
+	// The kernel holds exactly the rules the master believes in, hooked
+	// once from each built-in chain.
+	got := clusterRules(nat(t, lab, false), "IPC-t")
+	want := []string{
+		":IPC-t - [0:0]",
+		`-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "ipcluster:t" -j IPC-t`,
+		`-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "ipcluster:t" -j IPC-t`,
+	}
+	want = append(want, strings.Split(c.statusRules(t, "ipv4"), "\n")...)
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("kernel rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if n := len(st.Workers); n != 4 {
+		t.Errorf("%d workers, want 4", n)
+	}
+	if strings.Contains(nat(t, lab, true), "IPC-t") {
+		t.Error("an IPv4-only cluster wrote IPv6 rules")
+	}
+}
+
+func (c *cluster) statusRules(t *testing.T, fam string) string {
+	t.Helper()
+	st, err := c.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Rules[fam]
+}
+
+func TestRoutesIPv6ByPrefixBits(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{})
+	// Addr unset: both families, any local address.
+	c := startCluster(t, lab, specConfig{Workers: 8, Ports: []uint16{8080}})
+	c.waitReady()
+	// Each client sits in its own /64: by default the slot comes from the
+	// low bits of the prefix.
+	checkSticky(t, lab.Client, lab.ClientAddrs6, lab.ServerAddr6, []uint16{8080}, 8, 64, 3)
+	// A client's other addresses in the same /64 (privacy addresses) keep
+	// its worker.
+	base := lab.ClientAddrs6[5]
+	extra := addAddrs(t, lab.Client, base, 4)
+	first, err := ask(lab.Client, base, netip.AddrPortFrom(lab.ServerAddr6, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range extra {
+		rep, err := ask(lab.Client, a, netip.AddrPortFrom(lab.ServerAddr6, 8080))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.PID != first.PID {
+			t.Errorf("address %s in the /64 of %s reached pid %d, not %d", a, base, rep.PID, first.PID)
+		}
+	}
+	// The same cluster serves IPv4 too.
+	checkSticky(t, lab.Client, lab.ClientAddrs4[:16], lab.ServerAddr4, []uint16{8080}, 8, 32, 1)
+}
+
+func TestRoutesIPv6ByOwnLowBits(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr6.String(), IPv6SlotPrefix: 128})
+	c.waitReady()
+	// 16 addresses in one /64 whose own low bits differ.
+	srcs := addAddrs(t, lab.Client, lab.ClientAddrs6[0], 16)
+	checkSticky(t, lab.Client, srcs, lab.ServerAddr6, []uint16{8080}, 4, 128, 3)
+}
+
+// addAddrs adds n addresses to the client veth in the /64 of base, whose
+// last byte counts from 0x40.
+func addAddrs(t *testing.T, ns *netlab.NS, base netip.Addr, n int) []netip.Addr {
+	t.Helper()
+	var out []netip.Addr
+	err := ns.Do(func() error {
+		link, err := netlink.LinkByName("ipcc0")
+		if err != nil {
+			return err
+		}
+		for i := 0; i < n; i++ {
+			b := base.As16()
+			b[14], b[15] = 0x10, byte(0x40+i)
+			a := netip.AddrFrom16(b)
+			addr, _ := netlink.ParseAddr(a.String() + "/32")
+			addr.Flags = unix.IFA_F_NODAD
+			if err := netlink.AddrAdd(link, addr); err != nil {
+				return err
+			}
+			out = append(out, a)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Clients on the host itself go through OUTPUT.
+func TestRoutesSameHostClients(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}})
+	c.waitReady()
+	checkSticky(t, lab.Server, lab.LocalAddrs4, lab.ServerAddr4, []uint16{8080}, 4, 32, 5)
+	checkSticky(t, lab.Server, lab.LocalAddrs6, lab.ServerAddr6, []uint16{8080}, 4, 64, 2)
+}
+
+// holdOne opens one long-lived connection per slot.
+func holdOne(t *testing.T, c *cluster, dst netip.AddrPort, workers int) map[int]*echoConn {
+	t.Helper()
+	held := map[int]*echoConn{}
+	for _, src := range c.lab.ClientAddrs4 {
+		if len(held) == workers {
+			break
+		}
+		if _, ok := held[expectSlot(src, workers, 32)]; ok {
+			continue
+		}
+		conn, err := c.dial(src, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		held[conn.first.Slot] = conn
+	}
+	return held
+}
+
+func TestKilledWorkerIsReplaced(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 16})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	held := holdOne(t, c, dst, 4)
+
+	victim := activePID(st, 2)
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	st = c.waitStatus("slot 2 replaced", func(st *ipStatus) bool {
+		p := activePID(st, 2)
+		return p != 0 && p != victim
+	})
+	// The replacement serves the slot's clients...
+	src := held[2].first.Remote.Addr()
+	rep, err := ask(lab.Client, src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.PID != activePID(st, 2) || rep.Slot != 2 {
+		t.Errorf("client of slot 2 reached pid %d slot %d, want replacement %d", rep.PID, rep.Slot, activePID(st, 2))
+	}
+	// ...and every other slot's established connection is untouched.
+	for slot, conn := range held {
+		if slot == 2 {
+			continue
+		}
+		rep, err := conn.probe()
+		if err != nil || rep.PID != conn.first.PID {
+			t.Errorf("slot %d's established connection broke after slot 2's worker was killed: %v %+v", slot, err, rep)
+		}
+		if activePID(st, slot) != conn.first.PID {
+			t.Errorf("slot %d changed worker", slot)
+		}
+	}
+}
+
+func TestSlotMoveKeepsEstablishedConnections(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 8})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	src := lab.ClientAddrs4[1] // slot 1
+	old, err := c.dial(src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	oldPID := activePID(st, 1)
+	if old.first.PID != oldPID {
+		t.Fatalf("connected to pid %d, slot 1 is pid %d", old.first.PID, oldPID)
+	}
+	// The worker asks to be retired (SIGUSR1): the master starts a
+	// replacement, points the slot at it, and retires the old one.
+	if err := syscall.Kill(oldPID, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	st = c.waitStatus("slot 1 moved", func(st *ipStatus) bool {
+		p := activePID(st, 1)
+		return p != 0 && p != oldPID
+	})
+	newPID := activePID(st, 1)
+	rep, err := ask(lab.Client, src, dst)
+	if err != nil || rep.PID != newPID {
+		t.Fatalf("new connection from %s reached pid %d (%v), want the new worker %d", src, rep.PID, err, newPID)
+	}
+	for i := 0; i < 3; i++ {
+		rep, err := old.probe()
+		if err != nil || rep.PID != oldPID {
+			t.Fatalf("established connection after the slot moved: pid %d, err %v; want the old worker %d", rep.PID, err, oldPID)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The retired worker leaves once its last connection closes.
+	old.Close()
+	waitGone(t, []int{oldPID}, 5*time.Second)
+}
+
+func TestGracefulStopLeavesNothing(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}})
+	st := c.waitReady()
+	pids := workerPIDs(st)
+	if err := c.stop(); err != nil {
+		t.Fatalf("master exit: %v\n%s", err, c.log())
+	}
+	for _, v6 := range []bool{false, true} {
+		if out := nat(t, lab, v6); strings.Contains(out, "IPC-t") {
+			t.Errorf("rules left after stop (v6=%v):\n%s", v6, out)
+		}
+	}
+	waitGone(t, pids, 5*time.Second)
+	dir := strings.TrimSuffix(c.socket, "/control.sock")
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		entries, _ := os.ReadDir(dir)
+		t.Errorf("run directory %s left behind (%v): %v", dir, err, entries)
+	}
+}
+
+// A crashed master leaves its chain with stale targets and a duplicate
+// hook; the next master reconciles: one hook, only live targets.
+func TestStaleChainsAreReconciled(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	stale := "*nat\n:IPC-t - [0:0]\n" +
+		"-A IPC-t -s 0.0.0.1/0.0.0.1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination :1\n" +
+		"-A PREROUTING -j IPC-t\n" +
+		"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\n" +
+		"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\nCOMMIT\n"
+	restore := osexec.Command("iptables-restore", "--noflush")
+	restore.Stdin = strings.NewReader(stale)
+	if err := lab.Server.Start(restore); err != nil {
+		t.Fatal(err)
+	}
+	if err := restore.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c.waitReady()
+	out := nat(t, lab, false)
+	if n := strings.Count(out, "-A PREROUTING"); n != 1 {
+		t.Errorf("%d PREROUTING hooks after reconcile, want 1:\n%s", n, out)
+	}
+	if strings.Contains(out, "--to-destination :1\n") {
+		t.Errorf("stale target survived:\n%s", out)
+	}
+	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
+}
+
+type ipStatus = proto.Status

@@ -1,0 +1,71 @@
+package ipcluster
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Every bad field is named in its error, and validation touches nothing.
+func TestValidateNamesTheField(t *testing.T) {
+	ok := Config{Name: "chat", Workers: 4, Ports: []Port{{Public: 8080}}}
+	for _, tc := range []struct {
+		field string
+		edit  func(*Config)
+	}{
+		{"Name", func(c *Config) { c.Name = "" }},
+		{"Name", func(c *Config) { c.Name = "a-name-far-too-long" }},
+		{"Name", func(c *Config) { c.Name = "Chat" }},
+		{"Name", func(c *Config) { c.Name = "chat;rm" }},
+		{"Name", func(c *Config) { c.Name = "../etc" }},
+		{"Workers", func(c *Config) { c.Workers = 3 }},
+		{"Workers", func(c *Config) { c.Workers = 512 }},
+		{"Workers", func(c *Config) { c.Workers = -2 }},
+		{"Ports", func(c *Config) { c.Ports = nil }},
+		{"Ports[1].Public", func(c *Config) { c.Ports = []Port{{Public: 80}, {Public: 80}} }},
+		{"Ports[0].Public", func(c *Config) { c.Ports = []Port{{Public: 0}} }},
+		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("fe80::1%eth0") }},
+		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("224.0.0.1") }},
+		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("::ffff:198.18.0.1") }},
+		{"IPv4SlotPrefix", func(c *Config) { c.IPv4SlotPrefix = 33 }},
+		{"IPv4SlotPrefix", func(c *Config) { c.Workers, c.IPv4SlotPrefix = 256, 4 }},
+		{"IPv6SlotPrefix", func(c *Config) { c.IPv6SlotPrefix = 129 }},
+		{"RunDir", func(c *Config) { c.RunDir = "run/x" }},
+		{"HeartbeatInterval", func(c *Config) { c.HeartbeatInterval = time.Microsecond }},
+	} {
+		c := ok
+		tc.edit(&c)
+		c = c.withDefaults()
+		err := c.validate()
+		var ce *ConfigError
+		if !errors.As(err, &ce) || !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%s: got %v, want a *ConfigError", tc.field, err)
+			continue
+		}
+		if ce.Field != tc.field || !strings.Contains(err.Error(), "Config."+tc.field) {
+			t.Errorf("error %q names field %q, want %q", err, ce.Field, tc.field)
+		}
+		if ce.Fix == "" {
+			t.Errorf("%s: error %q gives no fix", tc.field, err)
+		}
+	}
+	c := ok.withDefaults()
+	if err := c.validate(); err != nil {
+		t.Errorf("valid config rejected: %v", err)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	c := Config{Name: "x", Ports: []Port{{Public: 1}}}.withDefaults()
+	if c.Workers < 1 || c.Workers&(c.Workers-1) != 0 {
+		t.Errorf("default Workers %d is not a power of two", c.Workers)
+	}
+	if c.RunDir != DefaultRunDir || c.ConnectTimeout != DefaultConnectTimeout || c.IPv6SlotPrefix != 64 || c.IPv4SlotPrefix != 32 {
+		t.Errorf("defaults not applied: %+v", c)
+	}
+	if err := c.validate(); err != nil {
+		t.Error(err)
+	}
+}

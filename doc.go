@@ -1,0 +1,38 @@
+// Package ipcluster runs a Go server as a master and 2^k worker processes on
+// one Linux host, and has the kernel route every client to a fixed worker by
+// the low bits of its source address: IP-sticky clustering with no proxy hop.
+//
+// # Process model
+//
+// The program calls Run from its main. Started by hand, the process becomes
+// the master: it validates the Config, takes the cluster's lock and control
+// socket under RunDir/<Name>, and re-executes its own binary once per slot
+// with the IPCLUSTER_* environment variables set. In those worker
+// processes Run listens on an OS-chosen port for each public port, connects
+// back to the master over the Unix socket, and calls the application's
+// function with a *Worker, which hands out the listeners and names the
+// slot. Workers run in their own session and outlive the master: a master
+// crash drops no connection, and the next master adopts them.
+//
+// # Routing
+//
+// For each slot and public port the master writes one nat rule that matches
+// the slot's bits of the client address with a non-contiguous mask and
+// DNATs the connection to that slot's worker port. Only a connection's
+// first packet is matched; conntrack keeps the translation for the rest of
+// it. So the master can point a slot at a new worker while the old one
+// keeps every connection it has: that is how crashed workers are replaced
+// and workers retired without dropping a connection. The owned chains are
+// rewritten atomically with iptables-restore --noflush, one process per
+// address family and change.
+//
+// # Privileges
+//
+// The master needs CAP_NET_ADMIN and the iptables, iptables-restore and
+// iptables-save binaries (and the ip6tables ones to serve IPv6). Workers need
+// no privilege.
+//
+// # Platforms
+//
+// Linux only. Elsewhere the package builds and Run returns ErrNotSupported.
+package ipcluster

@@ -1,0 +1,254 @@
+package ipcluster_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// cluster is a master process running in a lab's server namespace.
+type cluster struct {
+	t      *testing.T
+	lab    *netlab.Lab
+	spec   spec
+	cmd    *exec.Cmd
+	logf   string
+	done   chan struct{}
+	err    error // the master's exit, once done is closed
+	socket string
+}
+
+// startCluster starts a master for cfg in the lab and registers its cleanup:
+// the master is stopped (and its log shown if the test failed).
+func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
+	t.Helper()
+	if cfg.Name == "" {
+		cfg.Name = "t"
+	}
+	if cfg.RunDir == "" {
+		cfg.RunDir = t.TempDir()
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = 5 * time.Second
+	}
+	c := &cluster{t: t, lab: lab, done: make(chan struct{}),
+		socket: filepath.Join(cfg.RunDir, cfg.Name, "control.sock")}
+	c.spec = spec{Config: cfg, Scenario: "echo"}
+	ino, err := lab.Server.Inode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.spec.Netns = ino
+	c.start(nil)
+	t.Cleanup(func() {
+		c.stop()
+		if t.Failed() {
+			b, _ := os.ReadFile(c.logf)
+			t.Logf("master log:\n%s", b)
+		}
+	})
+	return c
+}
+
+// start runs the master process; prepare, if set, adjusts its command.
+func (c *cluster) start(prepare func(*exec.Cmd)) {
+	c.t.Helper()
+	raw, _ := json.Marshal(c.spec)
+	c.logf = filepath.Join(c.t.TempDir(), "master.log")
+	logFile, err := os.Create(c.logf)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer logFile.Close()
+	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
+	c.cmd.Env = append(os.Environ(), envSpec+"="+string(raw))
+	// A file, not a pipe: workers outlive the master and keep it open.
+	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
+	if prepare != nil {
+		prepare(c.cmd)
+	}
+	if err := c.lab.Server.Start(c.cmd); err != nil {
+		c.t.Fatal(err)
+	}
+	go func() {
+		c.err = c.cmd.Wait()
+		close(c.done)
+	}()
+}
+
+// stop sends SIGTERM and waits for the master to exit.
+func (c *cluster) stop() error {
+	select {
+	case <-c.done:
+		return c.err
+	default:
+	}
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.done
+		c.t.Errorf("master did not stop within 20s of SIGTERM")
+	}
+	return c.err
+}
+
+// wait waits for the master to exit by itself.
+func (c *cluster) wait(timeout time.Duration) error {
+	select {
+	case <-c.done:
+		return c.err
+	case <-time.After(timeout):
+		return fmt.Errorf("master still running after %s", timeout)
+	}
+}
+
+func (c *cluster) log() string {
+	b, _ := os.ReadFile(c.logf)
+	return string(b)
+}
+
+// status asks the master for its status.
+func (c *cluster) status() (*proto.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, c.socket, c.spec.Config.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	return cl.Status(ctx)
+}
+
+// waitStatus polls the status until ok accepts it.
+func (c *cluster) waitStatus(what string, ok func(*proto.Status) bool) *proto.Status {
+	c.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	var last error
+	for time.Now().Before(deadline) {
+		select {
+		case <-c.done:
+			c.t.Fatalf("master exited while waiting for %s: %v\n%s", what, c.err, c.log())
+		default:
+		}
+		st, err := c.status()
+		if err == nil && ok(st) {
+			return st
+		}
+		last = err
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.t.Fatalf("timed out waiting for %s (last error %v)", what, last)
+	return nil
+}
+
+func (c *cluster) waitReady() *proto.Status {
+	c.t.Helper()
+	return c.waitStatus("all slots ready", func(st *proto.Status) bool { return st.Ready })
+}
+
+// dial connects from the client namespace with source address src.
+func (c *cluster) dial(src netip.Addr, dst netip.AddrPort) (*echoConn, error) {
+	return dialFrom(c.lab.Client, src, dst)
+}
+
+func dialFrom(ns *netlab.NS, src netip.Addr, dst netip.AddrPort) (*echoConn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := ns.Dial(ctx, "tcp", src, dst)
+	if err != nil {
+		return nil, err
+	}
+	return readFirst(conn)
+}
+
+// ask opens a connection, reads the worker's line and closes.
+func ask(ns *netlab.NS, src netip.Addr, dst netip.AddrPort) (reply, error) {
+	c, err := dialFrom(ns, src, dst)
+	if err != nil {
+		return reply{}, err
+	}
+	c.Close()
+	return c.first, nil
+}
+
+// nat returns the server namespace's nat table for a family.
+func nat(t *testing.T, lab *netlab.Lab, v6 bool) string {
+	t.Helper()
+	bin := "iptables-save"
+	if v6 {
+		bin = "ip6tables-save"
+	}
+	return runIn(t, lab.Server, bin, "-t", "nat")
+}
+
+// runIn runs a command inside ns and returns its output.
+func runIn(t *testing.T, ns *netlab.NS, name string, args ...string) string {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := ns.Start(cmd); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, errb.String())
+	}
+	return out.String()
+}
+
+// clusterRules returns the lines of nat that mention the cluster's chain.
+func clusterRules(natOut, chain string) []string {
+	var lines []string
+	for _, l := range strings.Split(natOut, "\n") {
+		if strings.Contains(l, chain) {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
+// alive reports whether a process exists (zombies included).
+func alive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// waitGone waits for pids to disappear.
+func waitGone(t *testing.T, pids []int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for _, pid := range pids {
+		for alive(pid) {
+			if time.Now().After(deadline) {
+				t.Errorf("process %d still exists after %s", pid, timeout)
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+func workerPIDs(st *proto.Status) []int {
+	var pids []int
+	for _, w := range st.Workers {
+		pids = append(pids, w.PID)
+	}
+	return pids
+}
+
+func activePID(st *proto.Status, slot int) int { return st.Slots[slot].Active }

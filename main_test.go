@@ -1,0 +1,212 @@
+package ipcluster_test
+
+// The test binary doubles as master and worker: TestMain runs a cluster
+// instead of the tests when IPCLUSTER_TEST_CLUSTER carries a spec. The
+// master is started inside a lab's server namespace, and its workers (the
+// same binary, re-executed by the master) inherit both the namespace and the
+// spec.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster"
+)
+
+const envSpec = "IPCLUSTER_TEST_CLUSTER"
+
+// spec is what a test asks the helper process to run.
+type spec struct {
+	Config   specConfig
+	Scenario string // worker behaviour: "echo"
+	// Netns is the inode of the namespace the helper must find itself in.
+	// It refuses to run anywhere else, so a broken lab can never write
+	// rules into the machine's own namespace.
+	Netns uint64
+}
+
+// specConfig is the JSON-able part of ipcluster.Config.
+type specConfig struct {
+	Name           string
+	Workers        int
+	Ports          []uint16
+	Addr           string
+	IPv4SlotPrefix int
+	IPv6SlotPrefix int
+	RunDir         string
+	StopTimeout    time.Duration
+	ConnectTimeout time.Duration
+}
+
+func (s specConfig) config() ipcluster.Config {
+	c := ipcluster.Config{
+		Name:           s.Name,
+		Workers:        s.Workers,
+		IPv4SlotPrefix: s.IPv4SlotPrefix,
+		IPv6SlotPrefix: s.IPv6SlotPrefix,
+		RunDir:         s.RunDir,
+		StopTimeout:    s.StopTimeout,
+		ConnectTimeout: s.ConnectTimeout,
+		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	for _, p := range s.Ports {
+		c.Ports = append(c.Ports, ipcluster.Port{Public: p})
+	}
+	if s.Addr != "" {
+		c.Addr = netip.MustParseAddr(s.Addr)
+	}
+	return c
+}
+
+func TestMain(m *testing.M) {
+	if s := os.Getenv(envSpec); s != "" {
+		os.Exit(helperMain(s))
+	}
+	os.Exit(m.Run())
+}
+
+func helperMain(raw string) int {
+	var s spec
+	if err := json.Unmarshal([]byte(raw), &s); err != nil {
+		fmt.Fprintf(os.Stderr, "helper: bad %s: %v\n", envSpec, err)
+		return 2
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat("/proc/self/ns/net", &st); err != nil || st.Ino != s.Netns {
+		fmt.Fprintf(os.Stderr, "helper: refusing to run outside the test namespace (inode %d, want %d, err %v)\n", st.Ino, s.Netns, err)
+		return 3
+	}
+	work := map[string]func(*ipcluster.Worker) error{
+		"echo": echoWorker,
+	}[s.Scenario]
+	if work == nil {
+		fmt.Fprintf(os.Stderr, "helper: unknown scenario %q\n", s.Scenario)
+		return 2
+	}
+	if err := ipcluster.Run(context.Background(), s.Config.config(), work); err != nil {
+		fmt.Fprintf(os.Stderr, "helper: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// echoWorker answers each connection with one line naming the worker and the
+// client address it sees, and every line it reads with the same line.
+func echoWorker(w *ipcluster.Worker) error {
+	errs := make(chan error, len(w.Ports()))
+	for _, pub := range w.Ports() {
+		ln := w.Listener(pub)
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					errs <- err
+					return
+				}
+				go serveEcho(w, c)
+			}
+		}()
+	}
+	select {
+	case <-w.Context().Done():
+		return nil
+	case <-w.Retired():
+		return nil
+	case err := <-errs:
+		if w.Context().Err() != nil {
+			return nil
+		}
+		return err
+	}
+}
+
+func serveEcho(w *ipcluster.Worker, c net.Conn) {
+	defer c.Close()
+	line := fmt.Sprintf("slot=%d pid=%d gen=%d remote=%s\n", w.Slot(), os.Getpid(), w.Generation(), c.RemoteAddr())
+	go func() {
+		<-w.Context().Done()
+		c.Close()
+	}()
+	if _, err := io.WriteString(c, line); err != nil {
+		return
+	}
+	sc := bufio.NewScanner(c)
+	for sc.Scan() {
+		if _, err := io.WriteString(c, line); err != nil {
+			return
+		}
+	}
+}
+
+// reply is an echo worker's line.
+type reply struct {
+	Slot, PID, Gen int
+	Remote         netip.AddrPort
+}
+
+func parseReply(line string) (reply, error) {
+	var r reply
+	var remote string
+	if _, err := fmt.Sscanf(strings.TrimSpace(line), "slot=%d pid=%d gen=%d remote=%s", &r.Slot, &r.PID, &r.Gen, &remote); err != nil {
+		return r, fmt.Errorf("parse worker reply %q: %w", line, err)
+	}
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return r, fmt.Errorf("parse worker reply %q: %w", line, err)
+	}
+	r.Remote = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return r, nil
+}
+
+// echoConn is an open client connection to the cluster.
+type echoConn struct {
+	net.Conn
+	r     *bufio.Reader
+	first reply
+}
+
+// probe sends a line on an established connection and reads the answer.
+func (c *echoConn) probe() (reply, error) {
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return reply{}, err
+	}
+	line, err := c.r.ReadString('\n')
+	if err != nil {
+		return reply{}, err
+	}
+	return parseReply(line)
+}
+
+var errNoReply = errors.New("no reply")
+
+func readFirst(conn net.Conn) (*echoConn, error) {
+	c := &echoConn{Conn: conn, r: bufio.NewReader(conn)}
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	line, err := c.r.ReadString('\n')
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("%w: %w", errNoReply, err)
+	}
+	c.first, err = parseReply(line)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
