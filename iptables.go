@@ -301,10 +301,14 @@ func (e execRunner) restore(ctx context.Context, f *family, payload string) erro
 
 func (e execRunner) run(ctx context.Context, cmd *exec.Cmd, stdin *strings.Reader, stdout *bytes.Buffer) error {
 	var stderr bytes.Buffer
+	// Assign only non-nil values: a nil *T in the interface field would
+	// look like a real reader or writer to os/exec.
 	if stdin != nil {
 		cmd.Stdin = stdin
 	}
-	cmd.Stdout = stdout
+	if stdout != nil {
+		cmd.Stdout = stdout
+	}
 	cmd.Stderr = &stderr
 	cmd.WaitDelay = time.Second
 	var err error
