@@ -14,19 +14,31 @@ import (
 //	sudo go test -run '^$' -bench 'Rule' -count 5 .
 //
 // procs/op is the number of iptables processes per operation.
-func benchWriter(b *testing.B, workers int) (*ruleWriter, []slotTarget) {
+func benchWriter(b *testing.B, workers, families int) (*ruleWriter, []slotTarget) {
 	lab := netlab.NewT(b, netlab.Options{Clients: 1})
-	cfg := Config{Name: "bench", Workers: workers, Ports: []Port{{Public: 8080}, {Public: 8443}}}.withDefaults()
+	cfg := Config{Name: "bench", Workers: workers, Ports: []Port{{Public: 8080}, {Public: 8443}}}
+	if families == 1 {
+		cfg.Addr = lab.ServerAddr4
+	}
+	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		b.Fatal(err)
 	}
 	return newRuleWriter(cfg.routing(), execRunner{start: lab.Server.Start}), targetsFor(workers)
 }
 
+type benchCase struct{ workers, families int }
+
+func (c benchCase) String() string {
+	return fmt.Sprintf("slots=%d/ports=2/families=%d", c.workers, c.families)
+}
+
+var benchCases = []benchCase{{4, 1}, {4, 2}, {256, 2}}
+
 func BenchmarkRuleInstall(b *testing.B) {
-	for _, workers := range []int{4, 256} {
-		b.Run(fmt.Sprintf("slots=%d/ports=2/families=2", workers), func(b *testing.B) {
-			w, ts := benchWriter(b, workers)
+	for _, c := range benchCases {
+		b.Run(c.String(), func(b *testing.B) {
+			w, ts := benchWriter(b, c.workers, c.families)
 			ctx := context.Background()
 			procs := 0
 			for i := 0; i < b.N; i++ {
@@ -47,9 +59,9 @@ func BenchmarkRuleInstall(b *testing.B) {
 }
 
 func BenchmarkRuleSwapOneSlot(b *testing.B) {
-	for _, workers := range []int{4, 256} {
-		b.Run(fmt.Sprintf("slots=%d/ports=2/families=2", workers), func(b *testing.B) {
-			w, ts := benchWriter(b, workers)
+	for _, c := range benchCases {
+		b.Run(c.String(), func(b *testing.B) {
+			w, ts := benchWriter(b, c.workers, c.families)
 			ctx := context.Background()
 			if err := w.apply(ctx, ts); err != nil {
 				b.Fatal(err)
@@ -69,7 +81,7 @@ func BenchmarkRuleSwapOneSlot(b *testing.B) {
 }
 
 func BenchmarkRuleRemove(b *testing.B) {
-	w, ts := benchWriter(b, 4)
+	w, ts := benchWriter(b, 4, 2)
 	ctx := context.Background()
 	procs := 0
 	for i := 0; i < b.N; i++ {
