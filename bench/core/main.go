@@ -41,7 +41,7 @@ const (
 
 func main() {
 	runs := flag.Int("runs", 7, "measured runs")
-	idle := flag.Duration("idle", 5*time.Second, "how long to sample the idle master's CPU")
+	idle := flag.Duration("idle", 10*time.Second, "how long to sample the idle master's CPU")
 	flag.Parse()
 	log.SetFlags(0)
 	if err := run(*runs, *idle); err != nil {
@@ -169,8 +169,7 @@ func once(lab *netlab.Lab, bin, tmp string, idle time.Duration) (sample, error) 
 	if err != nil {
 		return s, err
 	}
-	// USER_HZ is 100 on every Linux ABI Go supports.
-	s.cpu = float64(c1-c0) / 100 / time.Since(w0).Seconds()
+	s.cpu = float64(c1-c0) / float64(time.Since(w0).Nanoseconds())
 	st, err := procfs.ReadStatus(cmd.Process.Pid)
 	if err != nil {
 		return s, err
@@ -216,19 +215,29 @@ func askPID(lab *netlab.Lab, src netip.Addr, dst netip.AddrPort) (int, error) {
 	return 0, errors.New("no pid in reply " + strconv.Quote(line))
 }
 
-// cpuTicks returns utime+stime of a process, in clock ticks.
+// cpuTicks returns the CPU time of all of a process's threads, in
+// nanoseconds, from schedstat: utime/stime count 10 ms ticks, too coarse
+// for an idle process.
 func cpuTicks(pid int) (uint64, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, err
+	tasks, err := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/schedstat")
+	if err != nil || len(tasks) == 0 {
+		return 0, fmt.Errorf("read threads of %d: %v", pid, err)
 	}
-	// The command name may hold spaces; fields resume after the last ')'.
-	i := strings.LastIndexByte(string(b), ')')
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+	var total uint64
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread exited
+		}
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			continue
+		}
+		v, err := strconv.ParseUint(f[0], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse %s: %w", t, err)
+		}
+		total += v
 	}
-	u, _ := strconv.ParseUint(f[11], 10, 64)
-	st, _ := strconv.ParseUint(f[12], 10, 64)
-	return u + st, nil
+	return total, nil
 }
