@@ -2,11 +2,26 @@
 
 package ipcluster
 
-import "context"
+import (
+	"context"
+	"log/slog"
+	"net"
+)
 
 // Worker is the handle a worker process's function receives. On platforms
-// other than Linux no worker ever runs.
+// other than Linux no worker ever runs: Run returns ErrNotSupported. The
+// methods exist so programs build on a laptop.
 type Worker struct{}
+
+func (w *Worker) Slot() int                           { return 0 }
+func (w *Worker) Generation() int                     { return 0 }
+func (w *Worker) Logger() *slog.Logger                { return slog.Default() }
+func (w *Worker) Listener(public uint16) net.Listener { return nil }
+func (w *Worker) Ports() []uint16                     { return nil }
+func (w *Worker) Context() context.Context            { return context.Background() }
+func (w *Worker) Retired() <-chan struct{}            { return nil }
+func (w *Worker) Connections() int64                  { return 0 }
+func (w *Worker) RequestRetire(reason string)         {}
 
 func runWorker(context.Context, *Config, func(*Worker) error) error { return ErrNotSupported }
 func runMaster(context.Context, *Config) error                      { return ErrNotSupported }

@@ -1,3 +1,5 @@
+//go:build linux
+
 package ipcluster_test
 
 // The test binary doubles as master and worker: TestMain runs a cluster

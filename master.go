@@ -200,30 +200,21 @@ func (m *master) openRunDir() (err error) {
 	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("create cluster directory %s: %w", m.dir, err)
 	}
-	if fi, err := os.Lstat(m.dir); err != nil || !fi.IsDir() {
-		return fmt.Errorf("cluster directory %s is not a directory (%v): remove it", m.dir, err)
+	if err := checkPrivateDir(m.dir, m.uid); err != nil {
+		return err
 	}
 	defer func() {
 		if err != nil {
 			m.closeRunDir()
 		}
 	}()
-	lockPath := filepath.Join(m.dir, "lock")
-	m.lock, err = os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return fmt.Errorf("open lock %s: %w", lockPath, err)
+	if m.lock, err = lockFile(filepath.Join(m.dir, "lock")); err != nil {
+		if errors.Is(err, ErrAlreadyRunning) {
+			err = fmt.Errorf("cluster %q: %w", m.cfg.Name, err)
+		}
+		return err
 	}
-	if err := unix.Flock(int(m.lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		owner, _ := os.ReadFile(lockPath)
-		f := m.lock
-		m.lock = nil // not ours: closeRunDir must leave the directory alone
-		f.Close()
-		return fmt.Errorf("%w: cluster %q is locked by master pid %s (%s); stop it first",
-			ErrAlreadyRunning, m.cfg.Name, strings.TrimSpace(string(owner)), lockPath)
-	}
-	if err := m.lock.Truncate(0); err == nil {
-		_, _ = m.lock.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	}
+	m.gen = nextGeneration(filepath.Join(m.dir, "generation"))
 	// We hold the lock, so a socket file left here belongs to a master that
 	// died: replace it.
 	_ = os.Remove(m.sock)
@@ -245,10 +236,75 @@ func (m *master) closeRunDir() {
 		os.Remove(m.sock)
 	}
 	if m.lock != nil {
+		os.Remove(filepath.Join(m.dir, "generation"))
+		// Unlink before unlocking: a master waiting on this inode then
+		// finds it gone and retries (see lockFile).
 		os.Remove(m.lock.Name())
 		m.lock.Close()
 		os.Remove(m.dir) // only if empty: never delete what we did not create
 	}
+}
+
+// checkPrivateDir makes sure dir is a real directory owned by uid and
+// closed to others: the control socket inside it admits workers.
+func checkPrivateDir(dir string, uid int) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return fmt.Errorf("cluster directory %s is not a directory (a symlink or file?): remove it", dir)
+	}
+	if int(st.Uid) != uid {
+		return fmt.Errorf("cluster directory %s is owned by uid %d, not the master's uid %d: remove it or fix its owner", dir, st.Uid, uid)
+	}
+	if st.Mode&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("restrict cluster directory %s to its owner: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// lockFile takes an exclusive lock on path and writes our pid in it. The
+// lock belongs to an inode; a master that stops unlinks the file while
+// holding it, so after locking we check the path still names our inode and
+// otherwise start again on the new file.
+func lockFile(path string) (*os.File, error) {
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("open lock %s: %w", path, err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			owner, _ := os.ReadFile(path)
+			f.Close()
+			return nil, fmt.Errorf("%w: locked by master pid %s (%s); stop it first",
+				ErrAlreadyRunning, strings.TrimSpace(string(owner)), path)
+		}
+		var held, named unix.Stat_t
+		if unix.Fstat(int(f.Fd()), &held) == nil && unix.Stat(path, &named) == nil && held.Ino == named.Ino {
+			if err := f.Truncate(0); err == nil {
+				_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+			}
+			return f, nil
+		}
+		f.Close() // unlinked under us by a stopping master
+	}
+}
+
+// nextGeneration numbers this master one above the last one of the cluster
+// (which, if it crashed, left its number behind), so workers adopted from
+// it are told apart from ours.
+func nextGeneration(path string) int {
+	gen := 1
+	if b, err := os.ReadFile(path); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
+			gen = n + 1
+		}
+	}
+	_ = os.WriteFile(path, []byte(strconv.Itoa(gen)+"\n"), 0o600)
+	return gen
 }
 
 func (m *master) run(ctx context.Context) error {
@@ -495,16 +551,22 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 			return
 		}
 		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, state: stateRetired, spawned: time.Now(),
-			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
+			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid)), retireReason: "adopted from an earlier master"}
+		// Until this master has written its rules, the crashed master's
+		// rules may still route clients to this worker: it is told it is
+		// retired only once they no longer do.
+		p.retirePending = !m.installed
 		m.procs[p.pid] = p
 		go watchPidfd(p, m.send)
 		m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
-	} else if p.peer != nil {
-		refuse("pid %d already has a control connection", pr.pid)
-		return
 	} else if h.Slot != p.slot || h.Generation != p.gen {
 		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
 		return
+	}
+	if p.peer != nil {
+		// The same process (the kernel vouches for the pid) reconnected
+		// before its old connection's close reached us: the new one wins.
+		p.peer.close()
 	}
 	p.peer = pr
 	p.ports = ports
@@ -515,7 +577,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	pr.send(proto.TypeWelcome, &proto.Welcome{
 		Version:         proto.Version,
 		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
-		Retired:         p.state == stateRetired,
+		Retired:         p.state == stateRetired && !p.retirePending,
 	})
 }
 
@@ -570,7 +632,9 @@ func (m *master) onReady(p *proc) {
 	m.rulesDirty = true
 	if old != nil {
 		old.state = stateRetired
-		old.retireReason = "replaced"
+		if old.retireReason == "" {
+			old.retireReason = "replaced"
+		}
 		old.retirePending = true
 	}
 	elapsed := time.Since(p.spawned)
@@ -640,9 +704,12 @@ func (m *master) syncRules(ctx context.Context) {
 			if p.peer != nil {
 				p.peer.send(proto.TypeRetire, &proto.Reason{Reason: p.retireReason})
 			}
-			repl := m.slots[p.slot]
-			m.log.Info("worker retired", append(p.logAttrs(), "reason", p.retireReason, "replacement", repl.pid)...)
-			m.emit.send(EventRetired{PID: p.pid, Slot: p.slot, Replacement: repl.pid, Reason: p.retireReason})
+			replacement := 0
+			if repl := m.slots[p.slot]; repl != nil {
+				replacement = repl.pid
+			}
+			m.log.Info("worker retired", append(p.logAttrs(), "reason", p.retireReason, "replacement", replacement)...)
+			m.emit.send(EventRetired{PID: p.pid, Slot: p.slot, Replacement: replacement, Reason: p.retireReason})
 		}
 	}
 	if !m.ready && m.allSlotsReady() {

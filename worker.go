@@ -170,6 +170,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	if welcome.Retired {
 		w.retire("adopted as retired")
 	}
+	_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	if err := proto.Write(conn, proto.TypeReady, &proto.Heartbeat{Stats: w.stats()}); err != nil {
 		w.closeListeners()
 		return fmt.Errorf("worker slot %d: report ready: %w", slot, err)
@@ -188,7 +189,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	workDone := make(chan error, 1)
 	go func() { workDone <- work(w) }()
 
-	beat := time.NewTicker(time.Duration(max(welcome.HeartbeatMillis, 10)) * time.Millisecond)
+	beat := time.NewTicker(heartbeatEvery(welcome))
 	defer beat.Stop()
 	// Connections close on application goroutines; re-check the drain
 	// condition this often.
@@ -196,7 +197,9 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	defer drainCheck.Stop()
 	var reconnect <-chan time.Time
 	var dieDeadline <-chan time.Time
-	worked, dying := false, false
+	var dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
+	var unsentRetire string             // a retirement request made while no master listened
+	worked, dying, connected := false, false, true
 	ctxDone := ctx.Done()
 	die := func(why string) {
 		if dying {
@@ -226,17 +229,25 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 				w.RequestRetire(fmt.Sprintf("worker function returned: %v", err))
 			}
 		case reason := <-w.retireAsked:
+			if !connected {
+				unsentRetire = reason
+				break
+			}
 			w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason})
 		case m := <-msgs:
 			switch m.Type {
 			case proto.TypeRetire:
 				w.retire(m.Body.(*proto.Reason).Reason)
+				if dieAfterRetire != nil {
+					die("signalled, and replaced")
+				}
 			case proto.TypeDie:
 				die(m.Body.(*proto.Reason).Reason)
 			case proto.TypeInfo:
 				w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
 			}
 		case <-lost:
+			connected = false
 			w.setConn(nil)
 			w.log.Warn("lost the master; serving on and reconnecting")
 			reconnect = time.After(0)
@@ -258,17 +269,32 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 				w.retire("adopted as retired")
 			}
 			w.setConn(conn)
+			connected = true
+			beat.Reset(heartbeatEvery(welcome))
 			go w.read(r, conn, msgs, lost)
 			w.log.Info("reconnected to master")
+			if unsentRetire != "" {
+				w.RequestRetire(unsentRetire)
+				unsentRetire = ""
+			}
 		case <-beat.C:
 			w.sendMsg(proto.TypeHeartbeat, &proto.Heartbeat{Stats: w.stats()})
 		case sig := <-sigs:
-			switch sig {
-			case syscall.SIGUSR1:
+			switch {
+			case sig == syscall.SIGUSR1:
 				w.RequestRetire("SIGUSR1")
+			case connected && !dying && !w.isRetired() && dieAfterRetire == nil:
+				// Have the master move the slot first, so its clients
+				// are never refused; finish once replaced, or after
+				// a bounded wait if the master cannot replace us.
+				w.log.Info("signalled to finish; asking the master for a replacement first", "signal", sig.String())
+				w.RequestRetire(sig.String())
+				dieAfterRetire = time.After(2*cfg.ConnectTimeout + time.Second)
 			default:
 				die(sig.String())
 			}
+		case <-dieAfterRetire:
+			die("signalled; no replacement in time")
 		case <-ctxDone:
 			ctxDone = nil
 			die("context done")
@@ -315,6 +341,10 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 	_ = conn.SetDeadline(time.Time{})
 	switch b := m.Body.(type) {
 	case *proto.Welcome:
+		if b.Version != proto.Version {
+			conn.Close()
+			return nil, nil, nil, fmt.Errorf("master at %s speaks protocol version %d, this worker speaks version %d", w.socket, b.Version, proto.Version)
+		}
 		return conn, r, b, nil
 	case *proto.Refuse:
 		conn.Close()
@@ -322,6 +352,11 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 	}
 	conn.Close()
 	return nil, nil, nil, fmt.Errorf("master answered hello with %q", m.Type)
+}
+
+// heartbeatEvery is the heartbeat period a master asked for.
+func heartbeatEvery(wel *proto.Welcome) time.Duration {
+	return time.Duration(max(wel.HeartbeatMillis, 10)) * time.Millisecond
 }
 
 // read forwards the master's messages until the connection fails.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command core measures the cluster's core figures end to end, inside a
 // throwaway pair of network namespaces, and prints medians beside the
 // figures measured for the Node.js original:

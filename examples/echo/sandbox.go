@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The -sandbox mode: run the example in a throwaway pair of network

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package netlab builds throwaway network namespaces for tests, benchmarks
 // and the example sandbox: a server namespace and a client namespace joined
 // by a veth pair, addressed from the benchmarking ranges 198.18.0.0/15 and

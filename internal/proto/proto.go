@@ -1,5 +1,5 @@
 // Package proto is the control protocol spoken over the master's Unix socket
-// by workers and by control clients (ipclusterctl, tests).
+// by workers and by control clients (tests today; a CLI later).
 //
 // The wire format is documented in docs/protocol.md; keep the two in step.
 // A frame is a 4-byte big-endian length followed by that many bytes of one
