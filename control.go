@@ -31,6 +31,34 @@ type peer struct {
 
 	mu     sync.Mutex // serialises writes
 	closed bool
+
+	beat heartbeat // written by the reader goroutine
+}
+
+// heartbeat is a worker's last report. Heartbeats are the one frequent
+// message, so the peer's reader records them itself instead of waking the
+// master's loop for each: an idle master with many workers stays idle.
+type heartbeat struct {
+	mu   sync.Mutex
+	last beatReport
+}
+
+// beatReport is one heartbeat and when it arrived.
+type beatReport struct {
+	at    time.Time
+	stats proto.Stats
+}
+
+func (h *heartbeat) set(st proto.Stats) {
+	h.mu.Lock()
+	h.last = beatReport{at: time.Now(), stats: st}
+	h.mu.Unlock()
+}
+
+func (h *heartbeat) get() beatReport {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.last
 }
 
 func (pr *peer) send(typ string, body any) {
@@ -105,6 +133,13 @@ func (m *master) serve(conn *net.UnixConn) {
 			pr.close()
 			m.send(evClosed{peer: pr, err: err})
 			return
+		}
+		switch msg.Type {
+		case proto.TypeHeartbeat, proto.TypeInfo:
+			pr.beat.set(msg.Body.(*proto.Heartbeat).Stats)
+			continue
+		case proto.TypeReady:
+			pr.beat.set(msg.Body.(*proto.Heartbeat).Stats)
 		}
 		m.send(evMsg{peer: pr, msg: msg})
 	}

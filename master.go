@@ -59,8 +59,9 @@ type proc struct {
 	pidfd          *os.File  // adopted workers only: readable once it exits
 	peer           *peer     // nil until its hello
 	ports          slotTarget
-	lastBeat       time.Time
-	stats          proto.Stats
+	// beat is the last heartbeat while connected; after a disconnect,
+	// the last one received.
+	beat beatReport
 	timer          *time.Timer // connect timeout while starting
 	// retirePending: replaced in its slot; told it is retired once the
 	// rules that point the slot away from it are written.
@@ -570,7 +571,6 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	}
 	p.peer = pr
 	p.ports = ports
-	p.lastBeat = time.Now()
 	pr.role = proto.RoleWorker
 	pr.proc = p
 	m.peers[pr] = true
@@ -597,14 +597,9 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 	}
 	switch msg.Type {
 	case proto.TypeReady:
-		p.lastBeat = time.Now()
-		p.stats = msg.Body.(*proto.Heartbeat).Stats
 		if p.state == stateStarting {
 			m.onReady(p)
 		}
-	case proto.TypeHeartbeat, proto.TypeInfo:
-		p.lastBeat = time.Now()
-		p.stats = msg.Body.(*proto.Heartbeat).Stats
 	case proto.TypeRetire:
 		reason := msg.Body.(*proto.Reason).Reason
 		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", reason)...)
@@ -657,6 +652,7 @@ func (m *master) retire(p *proc, reason string) {
 func (m *master) onClosed(pr *peer, err error) {
 	delete(m.peers, pr)
 	if p := pr.proc; p != nil && p.peer == pr {
+		p.beat = pr.beat.get()
 		p.peer = nil
 		if m.procs[p.pid] == p {
 			m.log.Debug("worker control connection closed", append(p.logAttrs(), "err", err)...)
@@ -842,8 +838,12 @@ func (m *master) status() *proto.Status {
 		if ps, err := procfs.ReadStatus(p.pid); err == nil {
 			ws.RSSBytes = ps.RSSBytes
 		}
-		if !p.lastBeat.IsZero() {
-			s := p.stats
+		beat := p.beat
+		if p.peer != nil {
+			beat = p.peer.beat.get()
+		}
+		if !beat.at.IsZero() {
+			s := beat.stats
 			ws.Stats = &s
 		}
 		st.Workers = append(st.Workers, ws)
