@@ -61,8 +61,8 @@ type proc struct {
 	ports          slotTarget
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
-	beat beatReport
-	timer          *time.Timer // connect timeout while starting
+	beat  beatReport
+	timer *time.Timer // connect timeout while starting
 	// retirePending: replaced in its slot; told it is retired once the
 	// rules that point the slot away from it are written.
 	retirePending bool
