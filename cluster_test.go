@@ -395,3 +395,36 @@ func TestMasterCrashWorkersSurviveAndAreAdopted(t *testing.T) {
 	held.Close()
 	waitGone(t, oldPIDs, 5*time.Second)
 }
+
+// SIGTERM to a worker hands its slot over first: its clients are never
+// refused while it leaves.
+func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	old := activePID(st, 1)
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	if err := syscall.Kill(old, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	attempts := 0
+	for alive(old) && time.Now().Before(deadline) {
+		attempts++
+		rep, err := ask(lab.Client, lab.ClientAddrs4[1], dst)
+		if err != nil {
+			t.Fatalf("attempt %d refused while slot 1's worker was leaving: %v", attempts, err)
+		}
+		if rep.Slot != 1 {
+			t.Fatalf("reached slot %d", rep.Slot)
+		}
+	}
+	if alive(old) {
+		t.Fatalf("signalled worker %d still running", old)
+	}
+	rep, err := ask(lab.Client, lab.ClientAddrs4[1], dst)
+	if err != nil || rep.PID == old {
+		t.Fatalf("after the handover: %+v %v", rep, err)
+	}
+	t.Logf("%d connection attempts during the handover, none refused", attempts)
+}

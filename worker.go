@@ -191,10 +191,13 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 
 	beat := time.NewTicker(heartbeatEvery(welcome))
 	defer beat.Stop()
-	// Connections close on application goroutines; re-check the drain
-	// condition this often.
+	// Connections close on application goroutines; once the worker is
+	// winding down, re-check the drain condition this often. An active
+	// worker never polls.
 	drainCheck := time.NewTicker(100 * time.Millisecond)
+	drainCheck.Stop()
 	defer drainCheck.Stop()
+	draining := false
 	var reconnect <-chan time.Time
 	var dieDeadline <-chan time.Time
 	var dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
@@ -218,6 +221,10 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) {
 			w.log.Info("worker exiting: drained")
 			return nil
+		}
+		if !draining && (worked || dying || w.isRetired()) {
+			draining = true
+			drainCheck.Reset(100 * time.Millisecond)
 		}
 		select {
 		case err := <-workDone:
