@@ -319,7 +319,7 @@ func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, pids map[
 	srv, cli := lab.Server.Name, lab.Client.Name
 	src := lab.ClientAddrs4[min(5, len(lab.ClientAddrs4)-1)]
 	port := strconv.Itoa(int(dst.Port()))
-	fmt.Printf("\nPoke at it, as root in another terminal:\n\n")
+	fmt.Printf("\nPoke at it, as root in another terminal (nc is in Debian's netcat-openbsd package):\n\n")
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 3, ' ', 0)
 	fmt.Fprintf(tw, "  ip netns exec %s nc -s %s %s %s\t# a client; type lines to ask which worker holds it\n", cli, src, dst.Addr(), port)
 	fmt.Fprintf(tw, "  ip netns exec %s iptables-save -t nat\t# the cluster's rules\n", srv)
