@@ -115,6 +115,7 @@ type master struct {
 	started   time.Time
 
 	events chan any
+	done   chan struct{} // closed when run returns: late events are dropped
 
 	slots    []*proc       // the active worker of each slot, nil if none
 	pending  []*proc       // the worker starting for each slot, nil if none
@@ -170,6 +171,7 @@ func newMaster(cfg *Config) (*master, error) {
 		gen:      1,
 		started:  time.Now(),
 		events:   make(chan any, 64),
+		done:     make(chan struct{}),
 		slots:    make([]*proc, cfg.Workers),
 		pending:  make([]*proc, cfg.Workers),
 		failures: make([]int, cfg.Workers),
@@ -311,6 +313,7 @@ func nextGeneration(path string) int {
 func (m *master) run(ctx context.Context) error {
 	m.emit = newEmitter(m.cfg.OnEvent)
 	defer m.emit.close()
+	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
 		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
 
@@ -367,8 +370,14 @@ func (m *master) run(ctx context.Context) error {
 	}
 }
 
-// send is how helper goroutines talk to the loop.
-func (m *master) send(ev any) { m.events <- ev }
+// send is how helper goroutines talk to the loop. Once the loop has
+// returned, events are dropped rather than left blocking their goroutine.
+func (m *master) send(ev any) {
+	select {
+	case m.events <- ev:
+	case <-m.done:
+	}
+}
 
 func (m *master) handle(ev any) {
 	switch ev := ev.(type) {
