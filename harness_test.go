@@ -195,7 +195,15 @@ func nat(t *testing.T, lab *netlab.Lab, v6 bool) string {
 	if v6 {
 		bin = "ip6tables-save"
 	}
-	return runIn(t, lab.Server, bin, "-t", "nat")
+	var rules []string
+	// Drop the "# Generated ... on <time>" comments: they change every
+	// second and are not rules.
+	for _, l := range strings.Split(runIn(t, lab.Server, bin, "-t", "nat"), "\n") {
+		if !strings.HasPrefix(l, "#") {
+			rules = append(rules, l)
+		}
+	}
+	return strings.Join(rules, "\n")
 }
 
 // runIn runs a command inside ns and returns its output.
