@@ -45,12 +45,23 @@ type NS struct {
 }
 
 // Do runs fn on an OS thread switched into ns, then switches back.
+func (ns *NS) Do(fn func() error) error {
+	return onThread(func() error {
+		if err := netns.Set(ns.h); err != nil {
+			return fmt.Errorf("enter namespace %s: %w", ns.Name, err)
+		}
+		return fn()
+	})
+}
+
+// onThread runs fn on a locked OS thread and puts the thread back in its
+// original namespace afterwards, whatever fn switched it to.
 //
 // The thread stays locked for the whole call so the Go scheduler cannot move
 // the goroutine (or run another one) on a thread in the wrong namespace. If
 // switching back fails the thread is left locked: the runtime then destroys
 // it when the goroutine ends instead of reusing a thread stuck in the lab.
-func (ns *NS) Do(fn func() error) error {
+func onThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -61,15 +72,10 @@ func (ns *NS) Do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := netns.Set(ns.h); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter namespace %s: %w", ns.Name, err)
-			return
-		}
 		ferr := fn()
 		if err := netns.Set(orig); err != nil {
 			// Never unlock: this thread must die with the goroutine.
-			errc <- errors.Join(ferr, fmt.Errorf("leave namespace %s: %w", ns.Name, err))
+			errc <- errors.Join(ferr, fmt.Errorf("return to original namespace: %w", err))
 			return
 		}
 		runtime.UnlockOSThread()
@@ -274,27 +280,14 @@ func newNS() (*NS, error) {
 		return nil, err
 	}
 	name := "ipct-" + hex.EncodeToString(b[:])
-	var h netns.NsHandle
-	errc := make(chan error, 1)
-	go func() {
-		// NewNamed switches the calling thread into the new namespace.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
+	h := netns.None() // not 0: that is a valid fd, and IsOpen would say so
+	// NewNamed switches the calling thread into the new namespace.
+	err := onThread(func() error {
+		var err error
 		h, err = netns.NewNamed(name)
-		if serr := netns.Set(orig); serr != nil {
-			errc <- errors.Join(err, fmt.Errorf("return to original namespace: %w", serr))
-			return // thread stays locked and dies
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
+		return err
+	})
+	if err != nil {
 		if h.IsOpen() {
 			h.Close()
 			_ = netns.DeleteNamed(name)
