@@ -78,9 +78,20 @@ func TestRoutesIPv4BySourceBits(t *testing.T) {
 	st := c.waitReady()
 	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080, 8443}, 4, 32, 10)
 
-	// The kernel holds exactly the rules the master believes in, hooked
-	// once from each built-in chain.
-	got := clusterRules(nat(t, lab, false), "IPC-t")
+	c.checkKernelRules(t)
+	if n := len(st.Workers); n != 4 {
+		t.Errorf("%d workers, want 4", n)
+	}
+	if strings.Contains(nat(t, lab, true), "IPC-t") {
+		t.Error("an IPv4-only cluster wrote IPv6 rules")
+	}
+}
+
+// checkKernelRules checks the kernel holds exactly the IPv4 rules the
+// master believes in, hooked once from each built-in chain.
+func (c *cluster) checkKernelRules(t *testing.T) {
+	t.Helper()
+	got := clusterRules(nat(t, c.lab, false), "IPC-t")
 	want := []string{
 		":IPC-t - [0:0]",
 		`-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "ipcluster:t" -j IPC-t`,
@@ -91,12 +102,6 @@ func TestRoutesIPv4BySourceBits(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Errorf("kernel rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
-	}
-	if n := len(st.Workers); n != 4 {
-		t.Errorf("%d workers, want 4", n)
-	}
-	if strings.Contains(nat(t, lab, true), "IPC-t") {
-		t.Error("an IPv4-only cluster wrote IPv6 rules")
 	}
 }
 
@@ -270,6 +275,7 @@ func TestSlotMoveKeepsEstablishedConnections(t *testing.T) {
 		return p != 0 && p != oldPID
 	})
 	newPID := activePID(st, 1)
+	c.checkKernelRules(t) // the slot's rules were replaced in place
 	rep, err := ask(lab.Client, src, dst)
 	if err != nil || rep.PID != newPID {
 		t.Fatalf("new connection from %s reached pid %d (%v), want the new worker %d", src, rep.PID, err, newPID)

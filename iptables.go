@@ -233,6 +233,27 @@ func (r *routing) swapPayload(lines []string) string {
 	return b.String()
 }
 
+// replacePayload rewrites, in place, only the rules that differ between two
+// chain contents of the same length: a slot swap touches a slot's few rules,
+// not the whole chain, so its cost does not grow with the number of slots.
+// It is still one transaction. It returns "" if the lengths differ (a slot
+// gained or lost its rules, shifting positions): rewrite the chain then.
+func (r *routing) replacePayload(old, lines []string) string {
+	if len(old) != len(lines) {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteString("*nat\n")
+	prefix := "-A " + r.chain + " "
+	for i, l := range lines {
+		if l != old[i] {
+			fmt.Fprintf(&b, "-R %s %d %s\n", r.chain, i+1, strings.TrimPrefix(l, prefix))
+		}
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
 // removePayload deletes every hook to the cluster's chain and the chain
 // itself, or returns "" when there is nothing to remove.
 func (r *routing) removePayload(have *natTable) string {
@@ -361,8 +382,12 @@ func (w *ruleWriter) apply(ctx context.Context, targets []slotTarget) error {
 			if slices.Equal(lines, w.installed[f]) {
 				continue
 			}
+			payload := w.r.replacePayload(w.installed[f], lines)
+			if payload == "" {
+				payload = w.r.swapPayload(lines)
+			}
 			w.restores++
-			if err := w.run.restore(ctx, f, w.r.swapPayload(lines)); err != nil {
+			if err := w.run.restore(ctx, f, payload); err != nil {
 				return fmt.Errorf("rewrite %s chain %s: %w", f.name, w.r.chain, err)
 			}
 		} else {

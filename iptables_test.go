@@ -144,7 +144,8 @@ COMMIT
 	if err := w.apply(ctx, targetsFor(2)[:2]); err != nil {
 		t.Fatal(err)
 	}
-	// A swap rewrites the chain only; an unchanged target writes nothing.
+	// A swap replaces the slot's rules in place; an unchanged target writes
+	// nothing.
 	ts := targetsFor(2)
 	ts[1] = slotTarget{8080: 41000}
 	if err := w.apply(ctx, ts); err != nil {
@@ -153,8 +154,14 @@ COMMIT
 	if err := w.apply(ctx, ts); err != nil {
 		t.Fatal(err)
 	}
-	if w.restores != 2 || w.saves != 1 {
-		t.Errorf("processes: %d restores, %d saves; want 2 and 1", w.restores, w.saves)
+	// A slot losing its worker shifts rule positions: the chain is
+	// rewritten whole instead of replaced in place.
+	ts[0] = nil
+	if err := w.apply(ctx, ts); err != nil {
+		t.Fatal(err)
+	}
+	if w.restores != 3 || w.saves != 1 {
+		t.Errorf("processes: %d restores, %d saves; want 3 and 1", w.restores, w.saves)
 	}
 	// Removal reads the table again and deletes hooks and chain.
 	run.saveOut[familyIPv4] = stale
