@@ -12,9 +12,10 @@ package ipcluster
 // packet traverses nat; conntrack keeps the translation for the rest, which
 // is why rewriting the chain never disturbs an established connection.
 //
-// The chain is always rewritten whole, in one iptables-restore --noflush
-// transaction: the chain declaration flushes it and the new rules replace the
-// old ones at once, so there is never a moment where a slot has no rule.
+// Every change is one iptables-restore --noflush transaction per family, so
+// there is never a moment where a slot has no rule: a slot swap replaces
+// that slot's rules in place (-R); any other change declares the chain,
+// which flushes it, and refills it in the same transaction.
 
 import (
 	"bufio"
