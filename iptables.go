@@ -193,13 +193,7 @@ func jumpsTo(spec, chain string) bool {
 // chain, starting from the observed table. A stale chain left by a crashed
 // master is flushed by the declaration; stale or duplicate hooks are deleted.
 func (r *routing) installPayload(have *natTable, lines []string) string {
-	var b strings.Builder
-	b.WriteString("*nat\n")
-	fmt.Fprintf(&b, ":%s - [0:0]\n", r.chain)
-	for _, l := range lines {
-		b.WriteString(l)
-		b.WriteByte('\n')
-	}
+	var hooks strings.Builder
 	want := r.hookSpec()
 	for _, hc := range hookChains {
 		kept := false
@@ -211,25 +205,26 @@ func (r *routing) installPayload(have *natTable, lines []string) string {
 				kept = true
 				continue
 			}
-			fmt.Fprintf(&b, "-D %s %s\n", hc, spec)
+			fmt.Fprintf(&hooks, "-D %s %s\n", hc, spec)
 		}
 		if !kept {
-			fmt.Fprintf(&b, "-I %s 1 %s\n", hc, want)
+			fmt.Fprintf(&hooks, "-I %s 1 %s\n", hc, want)
 		}
 	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	return r.chainPayload(lines, hooks.String())
 }
 
-// swapPayload rewrites only the cluster's chain; the hooks are known good.
-func (r *routing) swapPayload(lines []string) string {
+// chainPayload declares the cluster's chain, which flushes it, refills it
+// with lines and applies extra (hook fixes), all in one transaction.
+func (r *routing) chainPayload(lines []string, extra string) string {
 	var b strings.Builder
-	b.Grow(64 * (len(lines) + 3))
+	b.Grow(64*(len(lines)+3) + len(extra))
 	fmt.Fprintf(&b, "*nat\n:%s - [0:0]\n", r.chain)
 	for _, l := range lines {
 		b.WriteString(l)
 		b.WriteByte('\n')
 	}
+	b.WriteString(extra)
 	b.WriteString("COMMIT\n")
 	return b.String()
 }
@@ -385,7 +380,7 @@ func (w *ruleWriter) apply(ctx context.Context, targets []slotTarget) error {
 			}
 			payload := w.r.replacePayload(w.installed[f], lines)
 			if payload == "" {
-				payload = w.r.swapPayload(lines)
+				payload = w.r.chainPayload(lines, "")
 			}
 			w.restores++
 			if err := w.run.restore(ctx, f, payload); err != nil {
