@@ -91,10 +91,11 @@ type (
 		peer *peer
 		err  error
 	}
-	evConnectTimeout struct{ p *proc }
-	evRespawn        struct{ slot int }
-	evRetryRules     struct{}
-	evStopTimeout    struct{}
+	evConnectTimeout  struct{ p *proc }
+	evRespawn         struct{ slot int }
+	evRetryRules      struct{}
+	evInstallDeadline struct{} // ConnectTimeout after start: install with the slots that are ready
+	evStopTimeout     struct{}
 )
 
 type master struct {
@@ -327,7 +328,7 @@ func (m *master) run(ctx context.Context) error {
 	}
 	// Until every slot is ready (or the connect timeout passes) the rules of
 	// a crashed predecessor, if any, keep serving: install once, at the end.
-	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evRetryRules{}) })
+	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evInstallDeadline{}) })
 	defer firstInstall.Stop()
 
 	ctxDone := ctx.Done()
@@ -401,6 +402,8 @@ func (m *master) handle(ev any) {
 		}
 	case evRetryRules:
 		m.retrying = false
+		m.rulesDirty = true
+	case evInstallDeadline:
 		if !m.installed {
 			m.rulesDirty = true
 		}
