@@ -72,30 +72,47 @@ func checkSticky(t *testing.T, ns *netlab.NS, srcs []netip.Addr, dst netip.Addr,
 	}
 }
 
-func TestRoutesIPv4BySourceBits(t *testing.T) {
-	lab := netlab.NewT(t, netlab.Options{})
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}, Addr: lab.ServerAddr4.String()})
-	st := c.waitReady()
-	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080, 8443}, 4, 32, 10)
+// backends are the rule backends the routing tests run against.
+var backends = []string{"iptables", "nftables"}
 
-	c.checkKernelRules(t)
-	if n := len(st.Workers); n != 4 {
-		t.Errorf("%d workers, want 4", n)
-	}
-	if strings.Contains(nat(t, lab, true), "IPC-t") {
-		t.Error("an IPv4-only cluster wrote IPv6 rules")
+func TestRoutesIPv4BySourceBits(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{})
+			c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			st := c.waitReady()
+			checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080, 8443}, 4, 32, 10)
+
+			c.checkKernelRules(t)
+			if n := len(st.Workers); n != 4 {
+				t.Errorf("%d workers, want 4", n)
+			}
+			if strings.Contains(nat(t, lab, true), "IPC-t") || strings.Contains(nftRoutes(t, lab, "slots6"), ":") {
+				t.Error("an IPv4-only cluster wrote IPv6 rules")
+			}
+		})
 	}
 }
 
 // checkKernelRules checks the kernel holds exactly the IPv4 rules the
-// master believes in, hooked once from each built-in chain.
+// master believes in: for iptables, the chain hooked once from each
+// built-in chain; for nftables, the map's elements.
 func (c *cluster) checkKernelRules(t *testing.T) {
 	t.Helper()
+	if c.spec.Config.Backend == "nftables" {
+		if got, want := nftRoutes(t, c.lab, "slots4"), c.statusRules(t, "ipv4"); got != want {
+			t.Errorf("kernel routes:\n%s\nwant:\n%s", got, want)
+		}
+		if strings.Contains(nat(t, c.lab, false), "IPC-t") {
+			t.Error("the nftables backend wrote iptables rules")
+		}
+		return
+	}
 	got := clusterRules(nat(t, c.lab, false), "IPC-t")
 	want := []string{
 		":IPC-t - [0:0]",
-		`-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "ipcluster:t" -j IPC-t`,
-		`-A OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "ipcluster:t" -j IPC-t`,
+		`-A PREROUTING -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW -m comment --comment "ipcluster:t" -j IPC-t`,
+		`-A OUTPUT -m addrtype --dst-type LOCAL -m conntrack --ctstate NEW -m comment --comment "ipcluster:t" -j IPC-t`,
 	}
 	want = append(want, strings.Split(c.statusRules(t, "ipv4"), "\n")...)
 	slices.Sort(got)
@@ -251,45 +268,49 @@ func TestKilledWorkerIsReplaced(t *testing.T) {
 }
 
 func TestSlotMoveKeepsEstablishedConnections(t *testing.T) {
-	lab := netlab.NewT(t, netlab.Options{Clients: 8})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
-	st := c.waitReady()
-	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
-	src := lab.ClientAddrs4[1] // slot 1
-	old, err := c.dial(src, dst)
-	if err != nil {
-		t.Fatal(err)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{Clients: 8})
+			c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			st := c.waitReady()
+			dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+			src := lab.ClientAddrs4[1] // slot 1
+			old, err := c.dial(src, dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer old.Close()
+			oldPID := activePID(st, 1)
+			if old.first.PID != oldPID {
+				t.Fatalf("connected to pid %d, slot 1 is pid %d", old.first.PID, oldPID)
+			}
+			// The worker asks to be retired (SIGUSR1): the master starts a
+			// replacement, points the slot at it, and retires the old one.
+			if err := syscall.Kill(oldPID, syscall.SIGUSR1); err != nil {
+				t.Fatal(err)
+			}
+			st = c.waitStatus("slot 1 moved", func(st *ipStatus) bool {
+				p := activePID(st, 1)
+				return p != 0 && p != oldPID
+			})
+			newPID := activePID(st, 1)
+			c.checkKernelRules(t) // the slot's rules were replaced in place
+			rep, err := ask(lab.Client, src, dst)
+			if err != nil || rep.PID != newPID {
+				t.Fatalf("new connection from %s reached pid %d (%v), want the new worker %d", src, rep.PID, err, newPID)
+			}
+			for i := 0; i < 3; i++ {
+				rep, err := old.probe()
+				if err != nil || rep.PID != oldPID {
+					t.Fatalf("established connection after the slot moved: pid %d, err %v; want the old worker %d", rep.PID, err, oldPID)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			// The retired worker leaves once its last connection closes.
+			old.Close()
+			waitGone(t, []int{oldPID}, 5*time.Second)
+		})
 	}
-	defer old.Close()
-	oldPID := activePID(st, 1)
-	if old.first.PID != oldPID {
-		t.Fatalf("connected to pid %d, slot 1 is pid %d", old.first.PID, oldPID)
-	}
-	// The worker asks to be retired (SIGUSR1): the master starts a
-	// replacement, points the slot at it, and retires the old one.
-	if err := syscall.Kill(oldPID, syscall.SIGUSR1); err != nil {
-		t.Fatal(err)
-	}
-	st = c.waitStatus("slot 1 moved", func(st *ipStatus) bool {
-		p := activePID(st, 1)
-		return p != 0 && p != oldPID
-	})
-	newPID := activePID(st, 1)
-	c.checkKernelRules(t) // the slot's rules were replaced in place
-	rep, err := ask(lab.Client, src, dst)
-	if err != nil || rep.PID != newPID {
-		t.Fatalf("new connection from %s reached pid %d (%v), want the new worker %d", src, rep.PID, err, newPID)
-	}
-	for i := 0; i < 3; i++ {
-		rep, err := old.probe()
-		if err != nil || rep.PID != oldPID {
-			t.Fatalf("established connection after the slot moved: pid %d, err %v; want the old worker %d", rep.PID, err, oldPID)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	// The retired worker leaves once its last connection closes.
-	old.Close()
-	waitGone(t, []int{oldPID}, 5*time.Second)
 }
 
 func TestGracefulStopLeavesNothing(t *testing.T) {
@@ -300,16 +321,60 @@ func TestGracefulStopLeavesNothing(t *testing.T) {
 	if err := c.stop(); err != nil {
 		t.Fatalf("master exit: %v\n%s", err, c.log())
 	}
-	for _, v6 := range []bool{false, true} {
-		if out := nat(t, lab, v6); strings.Contains(out, "IPC-t") {
-			t.Errorf("rules left after stop (v6=%v):\n%s", v6, out)
-		}
-	}
+	checkNoRules(t, lab)
 	waitGone(t, pids, 5*time.Second)
 	dir := strings.TrimSuffix(c.socket, "/control.sock")
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		entries, _ := os.ReadDir(dir)
 		t.Errorf("run directory %s left behind (%v): %v", dir, err, entries)
+	}
+}
+
+// A graceful stop withdraws the routes at once, but a finishing worker's
+// established connections keep working until they close: the rules that
+// translate them stay until the last worker is gone. (With nftables, the
+// cluster's table may hold the namespace's only nat hooks; deleting it
+// first would cut every open connection.)
+func TestGracefulStopDrainsEstablishedConnections(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{Clients: 4})
+			c := startScenario(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+				Backend: backend, StopTimeout: 10 * time.Second}, "linger")
+			c.waitReady()
+			dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+			held, err := c.dial(lab.ClientAddrs4[0], dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer held.Close()
+			if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			// New connections find no route once the master has withdrawn
+			// them; poll, since the signal is handled asynchronously.
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				if _, err := ask(lab.Client, lab.ClientAddrs4[1], dst); err != nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("new connections still reach the cluster 5s after SIGTERM")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			for range 3 {
+				if rep, err := held.probe(); err != nil || rep.PID != held.first.PID {
+					t.Fatalf("established connection during the stop: pid %d, err %v; want %d", rep.PID, err, held.first.PID)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			held.Close()
+			if err := c.wait(5 * time.Second); err != nil {
+				t.Fatalf("master after its last connection closed: %v", err)
+			}
+			checkNoRules(t, lab)
+		})
 	}
 }
 
@@ -330,7 +395,7 @@ func TestStaleChainsAreReconciled(t *testing.T) {
 	if err := restore.Wait(); err != nil {
 		t.Fatal(err)
 	}
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"})
 	c.waitReady()
 	out := nat(t, lab, false)
 	if n := strings.Count(out, "-A PREROUTING"); n != 1 {

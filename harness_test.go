@@ -5,17 +5,21 @@ package ipcluster_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/nftables"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -37,6 +41,13 @@ type cluster struct {
 // the master is stopped (and its log shown if the test failed).
 func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
 	t.Helper()
+	return startScenario(t, lab, cfg, "echo")
+}
+
+// startScenario is startCluster with workers running the named scenario
+// (see helperMain).
+func startScenario(t *testing.T, lab *netlab.Lab, cfg specConfig, scenario string) *cluster {
+	t.Helper()
 	if cfg.Name == "" {
 		cfg.Name = "t"
 	}
@@ -48,7 +59,7 @@ func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
 	}
 	c := &cluster{t: t, lab: lab, done: make(chan struct{}),
 		socket: filepath.Join(cfg.RunDir, cfg.Name, "control.sock")}
-	c.spec = spec{Config: cfg, Scenario: "echo"}
+	c.spec = spec{Config: cfg, Scenario: scenario}
 	ino, err := lab.Server.Inode()
 	if err != nil {
 		t.Fatal(err)
@@ -268,3 +279,65 @@ func workerPIDs(st *proto.Status) []int {
 }
 
 func activePID(st *proto.Status, slot int) int { return st.Slots[slot].Active }
+
+// nftRoutes renders the elements of a map of the cluster's nf_tables table
+// in the server namespace, in key order, as the master's status does: "" if
+// there is no such map. It decodes the kernel's bytes itself rather than
+// trusting the writer's encoder.
+func nftRoutes(t *testing.T, lab *netlab.Lab, mapName string) string {
+	t.Helper()
+	conn := nftConn(t, lab)
+	tbl := &nftables.Table{Name: "ipcluster-t", Family: nftables.TableFamilyINet}
+	set, err := conn.GetSetByName(tbl, mapName)
+	if err != nil {
+		return ""
+	}
+	elems, err := conn.GetSetElements(set)
+	if err != nil {
+		t.Fatalf("read map %s: %v", mapName, err)
+	}
+	slices.SortFunc(elems, func(a, b nftables.SetElement) int { return bytes.Compare(a.Key, b.Key) })
+	var lines []string
+	for _, e := range elems {
+		n := len(e.Key) - 8 // address, then protocol and port, each in a 4-byte register
+		addr, _ := netip.AddrFromSlice(e.Key[:n])
+		proto := map[byte]string{6: "tcp", 17: "udp"}[e.Key[n]]
+		port := binary.BigEndian.Uint16(e.Key[n+4:])
+		lines = append(lines, fmt.Sprintf("%s . %s . %d : %d", addr, proto, port, binary.BigEndian.Uint16(e.Val)))
+	}
+	return strings.Join(lines, "\n")
+}
+
+// nftConn is a netlink connection to nf_tables in the lab's server
+// namespace.
+func nftConn(t *testing.T, lab *netlab.Lab) *nftables.Conn {
+	t.Helper()
+	var conn *nftables.Conn
+	if err := lab.Server.Do(func() (err error) {
+		conn, err = nftables.New(nftables.AsLasting())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.CloseLasting() })
+	return conn
+}
+
+// checkNoRules checks the cluster left no rules of either backend.
+func checkNoRules(t *testing.T, lab *netlab.Lab) {
+	t.Helper()
+	for _, v6 := range []bool{false, true} {
+		if out := nat(t, lab, v6); strings.Contains(out, "IPC-t") {
+			t.Errorf("iptables rules left (v6=%v):\n%s", v6, out)
+		}
+	}
+	tables, err := nftConn(t, lab).ListTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range tables {
+		if tb.Name == "ipcluster-t" {
+			t.Errorf("nf_tables table inet %s left", tb.Name)
+		}
+	}
+}

@@ -48,6 +48,9 @@ var (
 	// ErrMissingBinary: iptables, iptables-restore or iptables-save (or the
 	// ip6tables ones) is not on PATH.
 	ErrMissingBinary = errors.New("ipcluster: missing iptables binary")
+	// ErrNoNFTables: Config.Backend is BackendNFTables but the kernel does
+	// not answer nf_tables requests.
+	ErrNoNFTables = errors.New("ipcluster: nf_tables unavailable")
 	// ErrAlreadyRunning: another master holds the cluster's lock.
 	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
 	// ErrNotStartedByMaster: the process carries the worker environment but
@@ -67,6 +70,29 @@ func (e *ConfigError) Error() string {
 }
 
 func (e *ConfigError) Unwrap() error { return ErrInvalidConfig }
+
+// Backend selects how the master writes its nat rules. Both route the same
+// way and change atomically; they differ in cost and in the tools that show
+// the rules.
+type Backend string
+
+const (
+	// BackendAuto, the zero value, picks BackendNFTables when the kernel
+	// answers nf_tables requests, and BackendIPTables otherwise.
+	BackendAuto Backend = ""
+	// BackendNFTables keeps the routes in an nf_tables inet table,
+	// ipcluster-<Name>, written over netlink (see `nft list table inet
+	// ipcluster-<Name>`): a new connection costs one hash lookup whatever
+	// the number of slots, and a change is one transaction for both
+	// families, with no helper process. Needs nf_tables with nat and fib
+	// (Linux 5.2 or later).
+	BackendNFTables Backend = "nftables"
+	// BackendIPTables keeps the routes in a nat chain per family,
+	// IPC-<Name>, written with iptables-restore (see `iptables-save -t
+	// nat`): a new connection walks the chain, one rule per slot and port,
+	// and a change is one process per family. Needs the iptables binaries.
+	BackendIPTables Backend = "iptables"
+)
 
 // Port is a public port served by the cluster.
 type Port struct {
@@ -105,6 +131,10 @@ type Config struct {
 	// /64 prefix, so a client's rotating privacy addresses keep their slot.
 	// 128 selects the address's own low bits.
 	IPv6SlotPrefix int
+
+	// Backend selects the rule writer. Default BackendAuto: nftables where
+	// the kernel has it, else iptables.
+	Backend Backend
 
 	// RunDir holds one directory per cluster with its control socket and
 	// lock. Default /run/ipcluster.
@@ -238,6 +268,12 @@ func (c *Config) validate() error {
 	}
 	if c.HeartbeatInterval > 0 && c.HeartbeatInterval < 10*time.Millisecond {
 		bad("HeartbeatInterval", fmt.Sprintf("%s is below 10ms", c.HeartbeatInterval), "use 10ms or more")
+	}
+	switch c.Backend {
+	case BackendAuto, BackendNFTables, BackendIPTables:
+	default:
+		bad("Backend", fmt.Sprintf("%q is not a rule backend", c.Backend),
+			`use ipcluster.BackendNFTables ("nftables"), ipcluster.BackendIPTables ("iptables"), or leave it empty to pick one`)
 	}
 	if c.RunDir != "" && c.RunDir[0] != '/' {
 		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")

@@ -45,6 +45,25 @@ var (
 	familyIPv6 = &family{name: "ipv6", bits: 128, cmd: "ip6tables", restore: "ip6tables-restore", save: "ip6tables-save"}
 )
 
+// ruleBackend keeps the kernel's nat rules equal to the master's view of
+// which worker serves each slot. Two implement it: nftWriter (nftables.go,
+// nf_tables over netlink, the default where the kernel has it) and
+// ruleWriter below (iptables-restore). Both are used only from the
+// master's state goroutine.
+type ruleBackend interface {
+	// apply routes each slot to its target (nil: no rules for that slot)
+	// in one atomic change per kernel interface; the first call replaces
+	// whatever a crashed master left.
+	apply(ctx context.Context, targets []slotTarget) error
+	// remove deletes everything the cluster owns; idempotent.
+	remove(ctx context.Context) error
+	// rulesText renders the rules the master believes in, per family.
+	rulesText() map[string]string
+	// changes counts the kernel operations so far: iptables processes, or
+	// nf_tables netlink transactions.
+	changes() int
+}
+
 // hookChains are the built-in nat chains the cluster's chain is jumped from.
 var hookChains = []string{"PREROUTING", "OUTPUT"}
 
@@ -62,8 +81,18 @@ type routing struct {
 // hookSpec is the rule, as iptables-save prints it, that jumps from a
 // built-in chain to the cluster's chain. addrtype LOCAL keeps forwarded
 // traffic that merely passes through this host out of the cluster.
+//
+// The conntrack match is there for its side effect as much as its test:
+// while a rule that uses conntrack exists, the namespace's conntrack hooks
+// stay registered. Without any (the cluster's chain emptied, no other nat
+// or conntrack rule in the namespace), the kernel stops looking packets up
+// in the conntrack table, and every established connection that was
+// translated loses its translation: the next packet reaches the public
+// port itself and is reset. Measured on Linux 6.18 with iptables-nft: a
+// keep-alive connection is reset once the last DNAT rule is gone. The hooks
+// live until the cluster's rules are removed, after its last worker exits.
 func (r *routing) hookSpec() string {
-	return fmt.Sprintf(`-m addrtype --dst-type LOCAL -m comment --comment "ipcluster:%s" -j %s`, r.name, r.chain)
+	return fmt.Sprintf(`-m addrtype --dst-type LOCAL -m conntrack --ctstate NEW -m comment --comment "ipcluster:%s" -j %s`, r.name, r.chain)
 }
 
 // slotMatch returns the source match for a slot in a family, or "" when the
@@ -437,6 +466,8 @@ func (w *ruleWriter) read(ctx context.Context, f *family) (*natTable, error) {
 	}
 	return t, nil
 }
+
+func (w *ruleWriter) changes() int { return w.restores + w.saves }
 
 // rulesText renders the installed chain of each family for status output.
 func (w *ruleWriter) rulesText() map[string]string {

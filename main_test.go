@@ -51,6 +51,7 @@ type specConfig struct {
 	RunDir         string
 	StopTimeout    time.Duration
 	ConnectTimeout time.Duration
+	Backend        string
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -62,6 +63,7 @@ func (s specConfig) config() ipcluster.Config {
 		RunDir:         s.RunDir,
 		StopTimeout:    s.StopTimeout,
 		ConnectTimeout: s.ConnectTimeout,
+		Backend:        ipcluster.Backend(s.Backend),
 		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
@@ -93,6 +95,9 @@ func helperMain(raw string) int {
 	}
 	work := map[string]func(*ipcluster.Worker) error{
 		"echo": echoWorker,
+		// linger: like echo, but a connection outlives the worker's
+		// context, as a server finishing its clients' sessions would.
+		"linger": func(w *ipcluster.Worker) error { return serveListeners(w, serveLingering) },
 	}[s.Scenario]
 	if work == nil {
 		fmt.Fprintf(os.Stderr, "helper: unknown scenario %q\n", s.Scenario)
@@ -107,7 +112,11 @@ func helperMain(raw string) int {
 
 // echoWorker answers each connection with one line naming the worker and the
 // client address it sees, and every line it reads with the same line.
-func echoWorker(w *ipcluster.Worker) error {
+func echoWorker(w *ipcluster.Worker) error { return serveListeners(w, serveEcho) }
+
+// serveListeners accepts on every listener of w, serving each connection
+// with serve, until the worker must finish.
+func serveListeners(w *ipcluster.Worker, serve func(*ipcluster.Worker, net.Conn)) error {
 	errs := make(chan error, len(w.Ports()))
 	for _, pub := range w.Ports() {
 		ln := w.Listener(pub)
@@ -118,7 +127,7 @@ func echoWorker(w *ipcluster.Worker) error {
 					errs <- err
 					return
 				}
-				go serveEcho(w, c)
+				go serve(w, c)
 			}
 		}()
 	}
@@ -136,12 +145,16 @@ func echoWorker(w *ipcluster.Worker) error {
 }
 
 func serveEcho(w *ipcluster.Worker, c net.Conn) {
-	defer c.Close()
-	line := fmt.Sprintf("slot=%d pid=%d gen=%d remote=%s\n", w.Slot(), os.Getpid(), w.Generation(), c.RemoteAddr())
 	go func() {
 		<-w.Context().Done()
 		c.Close()
 	}()
+	serveLingering(w, c)
+}
+
+func serveLingering(w *ipcluster.Worker, c net.Conn) {
+	defer c.Close()
+	line := fmt.Sprintf("slot=%d pid=%d gen=%d remote=%s\n", w.Slot(), os.Getpid(), w.Generation(), c.RemoteAddr())
 	if _, err := io.WriteString(c, line); err != nil {
 		return
 	}

@@ -101,7 +101,7 @@ type (
 type master struct {
 	cfg   *Config
 	rt    *routing
-	rules *ruleWriter
+	rules ruleBackend
 	log   *slog.Logger
 	emit  *emitter
 
@@ -154,7 +154,8 @@ func newMaster(cfg *Config) (*master, error) {
 			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
 	}
 	rt := cfg.routing()
-	if err := checkBinaries(rt); err != nil {
+	rules, err := newRuleBackend(cfg, rt, cfg.Logger)
+	if err != nil {
 		return nil, err
 	}
 	exe, err := os.Executable()
@@ -164,7 +165,7 @@ func newMaster(cfg *Config) (*master, error) {
 	m := &master{
 		cfg:      cfg,
 		rt:       rt,
-		rules:    newRuleWriter(rt, execRunner{}),
+		rules:    rules,
 		log:      cfg.Logger.With("cluster", cfg.Name),
 		exe:      exe,
 		args:     os.Args[1:],
@@ -364,6 +365,7 @@ func (m *master) run(ctx context.Context) error {
 		}
 		m.syncRules(ctx)
 		if m.stopping && len(m.procs) == 0 {
+			m.removeRules()
 			m.closeRunDir()
 			m.log.Info("master stopped")
 			return m.stopErr
@@ -746,12 +748,19 @@ func (m *master) stop(why string) {
 	}
 	m.stopping = true
 	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	if err := m.rules.remove(ctx); err != nil {
-		m.log.Error("removing rules", "err", err)
-		m.stopErr = errors.Join(m.stopErr, fmt.Errorf("remove rules of cluster %s: %w", m.cfg.Name, err))
+	// Routes out first, so no new connection reaches a finishing worker.
+	// The rules themselves (the nat chains) stay until the workers are
+	// gone: once the last nat hook of a namespace is unregistered, the
+	// kernel stops translating established connections too, and the
+	// finishing workers' clients would be cut mid-connection.
+	if m.installed {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := m.rules.apply(ctx, make([]slotTarget, len(m.slots))); err != nil {
+			m.log.Error("withdrawing routes; removing the rules instead", "err", err)
+			m.removeRules()
+		}
+		cancel()
 	}
-	cancel()
 	m.ln.Close() // no new peers; accept() ends
 	for _, p := range m.procs {
 		p.state = stateStopping
@@ -770,6 +779,17 @@ func (m *master) stop(why string) {
 		}
 	}
 	time.AfterFunc(m.cfg.StopTimeout, func() { m.send(evStopTimeout{}) })
+}
+
+// removeRules deletes everything the cluster wrote; safe to call more than
+// once.
+func (m *master) removeRules() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.rules.remove(ctx); err != nil {
+		m.log.Error("removing rules", "err", err)
+		m.stopErr = errors.Join(m.stopErr, fmt.Errorf("remove rules of cluster %s: %w", m.cfg.Name, err))
+	}
 }
 
 func (m *master) killRetired() {

@@ -53,7 +53,8 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		{name: "name", want: "Config.Name", edit: func(c *specConfig) { c.Name = "name-that-is-too-long" }},
 		{name: "addr", want: "Config.Addr", edit: func(c *specConfig) { c.Addr = "224.1.1.1" }},
 		{name: "prefix", want: "Config.IPv6SlotPrefix", edit: func(c *specConfig) { c.IPv6SlotPrefix = 200 }},
-		{name: "no binaries", want: "iptables-restore not found", prepare: func(cmd *exec.Cmd) {
+		{name: "backend", want: "Config.Backend", edit: func(c *specConfig) { c.Backend = "ipfw" }},
+		{name: "no binaries", want: "iptables-restore not found", edit: func(c *specConfig) { c.Backend = "iptables" }, prepare: func(cmd *exec.Cmd) {
 			cmd.Env = append(cmd.Env, "PATH="+t.TempDir())
 		}},
 		{name: "no privilege", want: "CAP_NET_ADMIN", prepare: func(cmd *exec.Cmd) {

@@ -1,0 +1,389 @@
+//go:build linux
+
+package ipcluster
+
+// The nftables rule writer, spoken over netlink with no helper process.
+// The cluster owns one inet table, ipcluster-<name>, holding per family
+// one map from (client address & slot mask, protocol, public port) to the
+// worker port, and a rule per family in a nat prerouting chain (remote
+// clients) and a nat output chain (clients on this host):
+//
+//	table inet ipcluster-chat {
+//		map slots4 {
+//			type ipv4_addr . inet_proto . inet_service : inet_service
+//			elements = { 0.0.0.1 . tcp . 8080 : 40123, ... }
+//		}
+//		chain prerouting {
+//			type nat hook prerouting priority dstnat;
+//			meta nfproto ipv4 [ip daddr 198.18.0.1] fib daddr type local
+//				dnat ip to ip saddr & 0.0.0.3 . meta l4proto . th dport map @slots4
+//		}
+//		chain output { type nat hook output priority dstnat; ... the same }
+//	}
+//
+// Why a map rather than a rule per slot: a new connection's first packet
+// costs one hash lookup whatever the number of slots, where the iptables
+// chain is walked rule by rule (512 rules for 256 slots and 2 ports). And
+// why netlink: a change is one nf_tables transaction for both families
+// (pointing a slot at a new worker deletes and adds that slot's map
+// elements), where iptables-nft-restore is a process per family that first
+// reads the whole nat table. Every transaction is atomic: a slot never has
+// no route, and a crashed master's table is replaced, not patched.
+//
+// Only a connection's first packet traverses nat; conntrack keeps its
+// translation, so rewriting the map never moves an established connection.
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// nftKey is one map element's key: a slot's masked source address, the
+// protocol and the public port.
+type nftKey struct {
+	slot  int
+	proto byte
+	port  uint16
+}
+
+// nftWriter implements ruleBackend with nf_tables over netlink. It is used
+// only from the master's state goroutine.
+type nftWriter struct {
+	r    *routing
+	conn *nftables.Conn
+	tbl  *nftables.Table
+	// installed is the content of every family's map in the kernel: the
+	// routes the master believes in. nil until the first install.
+	installed map[nftKey]uint16
+	txns      int // netlink transactions sent, for status and benchmarks
+}
+
+// nftNewConn opens the netlink connection the writer uses; tests and
+// benchmarks open one inside their namespace instead.
+func nftNewConn() (*nftables.Conn, error) {
+	c, err := nftables.New(nftables.AsLasting())
+	if err != nil {
+		return nil, fmt.Errorf("open nf_tables netlink socket: %w", err)
+	}
+	return c, nil
+}
+
+func newNFTWriter(r *routing, conn *nftables.Conn) *nftWriter {
+	return &nftWriter{
+		r:    r,
+		conn: conn,
+		tbl:  &nftables.Table{Name: nftTableName(r.name), Family: nftables.TableFamilyINet},
+	}
+}
+
+func nftTableName(cluster string) string { return "ipcluster-" + cluster }
+
+// nftProbe reports whether the kernel answers nf_tables requests in the
+// caller's network namespace: the test for choosing the backend.
+func nftProbe(conn *nftables.Conn) error {
+	if _, err := conn.ListTablesOfFamily(nftables.TableFamilyINet); err != nil {
+		return fmt.Errorf("list nf_tables tables: %w", err)
+	}
+	return nil
+}
+
+func (f *family) nfproto() byte {
+	if f.bits == 32 {
+		return unix.NFPROTO_IPV4
+	}
+	return unix.NFPROTO_IPV6
+}
+
+func (f *family) mapName() string {
+	if f.bits == 32 {
+		return "slots4"
+	}
+	return "slots6"
+}
+
+func (w *nftWriter) set(f *family) *nftables.Set {
+	addrType := nftables.TypeIPAddr
+	if f.bits == 128 {
+		addrType = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{
+		Table:    w.tbl,
+		Name:     f.mapName(),
+		IsMap:    true,
+		KeyType:  nftables.MustConcatSetType(addrType, nftables.TypeInetProto, nftables.TypeInetService),
+		DataType: nftables.TypeInetService,
+	}
+}
+
+// slotMask is the source mask of family f as bytes: the slot bits (none for
+// one worker: every address is slot 0).
+func (r *routing) slotMask(f *family) []byte {
+	shift := uint(f.bits - r.prefix[f])
+	return shiftedAddr(f, uint64(r.workers-1), shift).AsSlice()
+}
+
+// keyBytes encodes k the way the rule builds its lookup key: each part of a
+// concatenation fills whole 32-bit registers, zero-padded.
+func (w *nftWriter) keyBytes(f *family, k nftKey) []byte {
+	addr := shiftedAddr(f, uint64(k.slot), uint(f.bits-w.r.prefix[f])).AsSlice()
+	b := make([]byte, 0, len(addr)+8)
+	b = append(b, addr...)
+	b = append(b, k.proto, 0, 0, 0)
+	b = binary.BigEndian.AppendUint16(b, k.port)
+	return append(b, 0, 0)
+}
+
+// want returns the map content that routes each slot to its target.
+func (w *nftWriter) want(targets []slotTarget) map[nftKey]uint16 {
+	m := map[nftKey]uint16{}
+	for slot, t := range targets {
+		for _, pub := range w.r.ports {
+			if wport, ok := t[pub]; ok {
+				m[nftKey{slot: slot, proto: unix.IPPROTO_TCP, port: pub}] = wport
+			}
+		}
+	}
+	return m
+}
+
+func (w *nftWriter) elems(f *family, m map[nftKey]uint16, keys []nftKey) []nftables.SetElement {
+	out := make([]nftables.SetElement, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, nftables.SetElement{Key: w.keyBytes(f, k), Val: binaryutil.BigEndian.PutUint16(m[k])})
+	}
+	return out
+}
+
+// rule returns the expressions of family f's rule: build the key from the
+// packet, look it up in the map, and DNAT to the port found, keeping the
+// destination address (like iptables' DNAT --to-destination :port).
+func (w *nftWriter) rule(f *family, chain *nftables.Chain, set *nftables.Set) *nftables.Rule {
+	// Registers: a concatenation starts at the first 32-bit register and
+	// each part takes whole registers, matching keyBytes.
+	const keyReg = 8 // NFT_REG32_00
+	addrLen := uint32(f.bits / 8)
+	saddrOff, daddrOff := uint32(12), uint32(16)
+	if f.bits == 128 {
+		saddrOff, daddrOff = 8, 24
+	}
+	protoReg := keyReg + addrLen/4
+	ex := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto()}},
+	}
+	if w.r.addr.IsValid() && !w.r.addr.IsUnspecified() {
+		ex = append(ex,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: daddrOff, Len: addrLen},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: w.r.addr.AsSlice()})
+	}
+	ex = append(ex,
+		&expr.Payload{DestRegister: keyReg, Base: expr.PayloadBaseNetworkHeader, Offset: saddrOff, Len: addrLen},
+		&expr.Bitwise{SourceRegister: keyReg, DestRegister: keyReg, Len: addrLen,
+			Mask: w.r.slotMask(f), Xor: make([]byte, addrLen)},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: protoReg},
+		&expr.Payload{DestRegister: protoReg + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Lookup{SourceRegister: keyReg, DestRegister: 1, IsDestRegSet: true, SetName: set.Name, SetID: set.ID},
+		// Only traffic to a local address, as the iptables backend's
+		// addrtype match: forwarded traffic passing through is not ours.
+		// After the lookup, so other traffic pays no FIB lookup.
+		&expr.Fib{Register: 2, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(f.nfproto()), RegProtoMin: 1, RegProtoMax: 1, Specified: true},
+	)
+	return &nftables.Rule{Table: w.tbl, Chain: chain, Exprs: ex}
+}
+
+// apply makes the kernel's maps route each slot to its target: the first
+// call replaces whatever table a crashed master left with a complete new
+// one; later calls send only the elements that changed. One transaction.
+func (w *nftWriter) apply(ctx context.Context, targets []slotTarget) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	want := w.want(targets)
+	if w.installed == nil {
+		return w.install(want)
+	}
+	changed := false
+	have := w.installed
+	for _, f := range w.r.families {
+		var del, add []nftKey
+		for k, v := range have {
+			if nv, ok := want[k]; !ok || nv != v {
+				del = append(del, k)
+			}
+		}
+		for k, v := range want {
+			if ov, ok := have[k]; !ok || ov != v {
+				add = append(add, k)
+			}
+		}
+		if len(del)+len(add) == 0 {
+			continue
+		}
+		changed = true
+		set := w.set(f)
+		// Deleting and re-adding a key in one transaction swaps it
+		// atomically: no packet sees the map without it.
+		if len(del) > 0 {
+			if err := w.conn.SetDeleteElements(set, w.elems(f, have, del)); err != nil {
+				return fmt.Errorf("update %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
+			}
+		}
+		if len(add) > 0 {
+			if err := w.conn.SetAddElements(set, w.elems(f, want, add)); err != nil {
+				return fmt.Errorf("update %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
+			}
+		}
+	}
+	if !changed {
+		return nil
+	}
+	w.txns++
+	if err := w.conn.Flush(); err != nil {
+		return fmt.Errorf("update routes in nf_tables table inet %s: %w", w.tbl.Name, err)
+	}
+	w.installed = want
+	return nil
+}
+
+func (w *nftWriter) install(want map[nftKey]uint16) error {
+	exists, err := w.exists()
+	if err != nil {
+		return err
+	}
+	if exists {
+		// A crashed master's table: replaced in the same transaction, so
+		// its routes stay in force until the new ones are.
+		w.conn.DelTable(w.tbl)
+	}
+	w.conn.AddTable(w.tbl)
+	chains := []*nftables.Chain{
+		w.conn.AddChain(&nftables.Chain{Name: "prerouting", Table: w.tbl, Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest}),
+		w.conn.AddChain(&nftables.Chain{Name: "output", Table: w.tbl, Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest}),
+	}
+	keys := slices.Collect(maps.Keys(want))
+	for _, f := range w.r.families {
+		set := w.set(f)
+		if err := w.conn.AddSet(set, w.elems(f, want, keys)); err != nil {
+			return fmt.Errorf("install %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
+		}
+		for _, c := range chains {
+			w.conn.AddRule(w.rule(f, c, set))
+		}
+	}
+	w.txns++
+	if err := w.conn.Flush(); err != nil {
+		return fmt.Errorf("install nf_tables table inet %s: %w", w.tbl.Name, err)
+	}
+	w.installed = want
+	return nil
+}
+
+func (w *nftWriter) exists() (bool, error) {
+	tables, err := w.conn.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("list nf_tables tables to find inet %s: %w", w.tbl.Name, err)
+	}
+	return slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == w.tbl.Name }), nil
+}
+
+// remove deletes the cluster's table, and with it every route. It is
+// idempotent.
+func (w *nftWriter) remove(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	exists, err := w.exists()
+	if err != nil {
+		return err
+	}
+	if exists {
+		w.conn.DelTable(w.tbl)
+		w.txns++
+		if err := w.conn.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("delete nf_tables table inet %s: %w", w.tbl.Name, err)
+		}
+	}
+	w.installed = nil
+	return nil
+}
+
+// rulesText renders each family's map as nft would list its elements, in
+// slot order, for status output.
+func (w *nftWriter) rulesText() map[string]string {
+	if w.installed == nil {
+		return nil
+	}
+	keys := slices.SortedFunc(maps.Keys(w.installed), func(a, b nftKey) int {
+		if a.slot != b.slot {
+			return a.slot - b.slot
+		}
+		if a.proto != b.proto {
+			return int(a.proto) - int(b.proto)
+		}
+		return int(a.port) - int(b.port)
+	})
+	m := make(map[string]string, len(w.r.families))
+	for _, f := range w.r.families {
+		lines := make([]string, 0, len(keys))
+		for _, k := range keys {
+			lines = append(lines, w.elemText(f, k, w.installed[k]))
+		}
+		m[f.name] = strings.Join(lines, "\n")
+	}
+	return m
+}
+
+func (w *nftWriter) elemText(f *family, k nftKey, wport uint16) string {
+	key := w.keyBytes(f, k)
+	addr, _ := netip.AddrFromSlice(key[:f.bits/8])
+	proto := "tcp"
+	if k.proto == unix.IPPROTO_UDP {
+		proto = "udp"
+	}
+	return fmt.Sprintf("%s . %s . %d : %d", addr, proto, k.port, wport)
+}
+
+func (w *nftWriter) changes() int { return w.txns }
+
+// newRuleBackend picks the rule writer Config.Backend asks for, checking
+// before anything is touched that it can work here.
+func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, error) {
+	if cfg.Backend == BackendIPTables {
+		if err := checkBinaries(rt); err != nil {
+			return nil, err
+		}
+		return newRuleWriter(rt, execRunner{}), nil
+	}
+	conn, err := nftNewConn()
+	if err == nil {
+		err = nftProbe(conn)
+	}
+	if err == nil {
+		return newNFTWriter(rt, conn), nil
+	}
+	if cfg.Backend == BackendNFTables {
+		return nil, fmt.Errorf("%w: %w; load the nf_tables modules (nf_tables, nft_nat, nft_fib_inet), "+
+			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, err)
+	}
+	if berr := checkBinaries(rt); berr != nil {
+		return nil, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", err, berr)
+	}
+	log.Info("nf_tables unavailable; writing rules with iptables", "err", err)
+	return newRuleWriter(rt, execRunner{}), nil
+}
