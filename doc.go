@@ -16,21 +16,27 @@
 //
 // # Routing
 //
-// For each slot and public port the master writes one nat rule that matches
-// the slot's bits of the client address with a non-contiguous mask and
-// DNATs the connection to that slot's worker port. Only a connection's
-// first packet is matched; conntrack keeps the translation for the rest of
-// it. So the master can point a slot at a new worker while the old one
-// keeps every connection it has: that is how crashed workers are replaced
-// and workers retired without dropping a connection. The owned chains are
-// rewritten atomically with iptables-restore --noflush, one process per
-// address family and change.
+// For each slot and public port the master routes the clients whose
+// address has the slot's bits (taken with a non-contiguous mask) to that
+// slot's worker port, with DNAT. Only a connection's first packet is
+// matched; conntrack keeps the translation for the rest of it. So the master
+// can point a slot at a new worker while the old one keeps every connection
+// it has: that is how crashed workers are replaced and workers retired
+// without dropping a connection.
+//
+// Two backends write the routes (Config.Backend). The default, nftables,
+// keeps them in maps of an nf_tables inet table written over netlink: a new
+// connection costs one hash lookup whatever the number of slots, and each
+// change is one atomic transaction for both families, with no helper
+// process. The iptables backend keeps one DNAT rule per slot and port in an
+// owned nat chain, rewritten atomically with iptables-restore --noflush,
+// one process per address family and change.
 //
 // # Privileges
 //
-// The master needs CAP_NET_ADMIN and the iptables, iptables-restore and
-// iptables-save binaries (and the ip6tables ones to serve IPv6). Workers need
-// no privilege.
+// The master needs CAP_NET_ADMIN, and for the iptables backend the
+// iptables, iptables-restore and iptables-save binaries (and the ip6tables
+// ones to serve IPv6). Workers need no privilege.
 //
 // # Platforms
 //
