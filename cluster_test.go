@@ -379,32 +379,44 @@ func TestGracefulStopDrainsEstablishedConnections(t *testing.T) {
 }
 
 // A crashed master leaves its chain with stale targets and a duplicate
-// hook; the next master reconciles: one hook, only live targets.
+// hook; the next master reconciles: with iptables, one hook and only live
+// targets; with nftables, its own table in force and the chain gone.
 func TestStaleChainsAreReconciled(t *testing.T) {
-	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	stale := "*nat\n:IPC-t - [0:0]\n" +
-		"-A IPC-t -s 0.0.0.1/0.0.0.1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination :1\n" +
-		"-A PREROUTING -j IPC-t\n" +
-		"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\n" +
-		"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\nCOMMIT\n"
-	restore := osexec.Command("iptables-restore", "--noflush")
-	restore.Stdin = strings.NewReader(stale)
-	if err := lab.Server.Start(restore); err != nil {
-		t.Fatal(err)
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{Clients: 4})
+			stale := "*nat\n:IPC-t - [0:0]\n" +
+				"-A IPC-t -s 0.0.0.1/0.0.0.1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination :1\n" +
+				"-A PREROUTING -j IPC-t\n" +
+				"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\n" +
+				"-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"ipcluster:t\" -j IPC-t\nCOMMIT\n"
+			restore := osexec.Command("iptables-restore", "--noflush")
+			restore.Stdin = strings.NewReader(stale)
+			if err := lab.Server.Start(restore); err != nil {
+				t.Fatal(err)
+			}
+			if err := restore.Wait(); err != nil {
+				t.Fatal(err)
+			}
+			c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			c.waitReady()
+			out := nat(t, lab, false)
+			if backend == "nftables" {
+				if strings.Contains(out, "IPC-t") {
+					t.Errorf("the iptables chain of a crashed master survived an nftables master:\n%s", out)
+				}
+			} else {
+				if n := strings.Count(out, "-A PREROUTING"); n != 1 {
+					t.Errorf("%d PREROUTING hooks after reconcile, want 1:\n%s", n, out)
+				}
+				if strings.Contains(out, "--to-destination :1\n") {
+					t.Errorf("stale target survived:\n%s", out)
+				}
+			}
+			c.checkKernelRules(t)
+			checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
+		})
 	}
-	if err := restore.Wait(); err != nil {
-		t.Fatal(err)
-	}
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"})
-	c.waitReady()
-	out := nat(t, lab, false)
-	if n := strings.Count(out, "-A PREROUTING"); n != 1 {
-		t.Errorf("%d PREROUTING hooks after reconcile, want 1:\n%s", n, out)
-	}
-	if strings.Contains(out, "--to-destination :1\n") {
-		t.Errorf("stale target survived:\n%s", out)
-	}
-	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
 }
 
 type ipStatus = proto.Status

@@ -362,28 +362,67 @@ func (w *nftWriter) elemText(f *family, k nftKey, wport uint16) string {
 func (w *nftWriter) changes() int { return w.txns }
 
 // newRuleBackend picks the rule writer Config.Backend asks for, checking
-// before anything is touched that it can work here.
+// before anything is touched that it can work here. The writer also clears,
+// once its own rules are in force, what the other backend may have left for
+// this cluster: a crashed master of an earlier release, or one configured
+// with the other backend.
 func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, error) {
-	if cfg.Backend == BackendIPTables {
-		if err := checkBinaries(rt); err != nil {
-			return nil, err
-		}
-		return newRuleWriter(rt, execRunner{}), nil
-	}
 	conn, err := nftNewConn()
 	if err == nil {
-		err = nftProbe(conn)
+		if err = nftProbe(conn); err != nil {
+			_ = conn.CloseLasting()
+		}
 	}
-	if err == nil {
-		return newNFTWriter(rt, conn), nil
+	nftErr := err
+	var nft ruleBackend
+	if nftErr == nil {
+		nft = newNFTWriter(rt, conn)
 	}
-	if cfg.Backend == BackendNFTables {
+	var ipt ruleBackend
+	iptErr := checkBinaries(rt)
+	if iptErr == nil {
+		ipt = newRuleWriter(rt, execRunner{})
+	}
+	switch {
+	case cfg.Backend == BackendIPTables && iptErr != nil:
+		return nil, iptErr
+	case cfg.Backend == BackendIPTables:
+		return &clearsOther{ruleBackend: ipt, other: nft, log: log}, nil
+	case nftErr == nil:
+		return &clearsOther{ruleBackend: nft, other: ipt, log: log}, nil
+	case cfg.Backend == BackendNFTables:
 		return nil, fmt.Errorf("%w: %w; load the nf_tables modules (nf_tables, nft_nat, nft_fib_inet), "+
-			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, err)
+			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, nftErr)
+	case iptErr != nil:
+		return nil, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", nftErr, iptErr)
 	}
-	if berr := checkBinaries(rt); berr != nil {
-		return nil, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", err, berr)
+	log.Info("nf_tables unavailable; writing rules with iptables", "err", nftErr)
+	return ipt, nil
+}
+
+// clearsOther is a rule backend that, after its first successful apply,
+// removes the cluster's rules written by the other backend. Removing them
+// only once the new rules are in force means a slot is never without a
+// route; until then both route, and the master's rules are consulted
+// first or second depending on registration order, both to live workers.
+type clearsOther struct {
+	ruleBackend
+	other   ruleBackend // nil when the other backend is unavailable here
+	cleared bool
+	log     *slog.Logger
+}
+
+func (c *clearsOther) apply(ctx context.Context, targets []slotTarget) error {
+	if err := c.ruleBackend.apply(ctx, targets); err != nil {
+		return err
 	}
-	log.Info("nf_tables unavailable; writing rules with iptables", "err", err)
-	return newRuleWriter(rt, execRunner{}), nil
+	if !c.cleared && c.other != nil {
+		c.cleared = true
+		// A failure here leaves stale rules that only shadow ours for the
+		// connections they match first: worth a warning, not a stop.
+		if err := c.other.remove(ctx); err != nil {
+			c.log.Warn("removing this cluster's rules left by the other rule backend", "err", err)
+		}
+	}
+	return nil
 }
