@@ -90,11 +90,20 @@ func newNFTWriter(r *routing, conn *nftables.Conn) *nftWriter {
 
 func nftTableName(cluster string) string { return "ipcluster-" + cluster }
 
-// nftProbe reports whether the kernel answers nf_tables requests in the
-// caller's network namespace: the test for choosing the backend.
-func nftProbe(conn *nftables.Conn) error {
-	if _, err := conn.ListTablesOfFamily(nftables.TableFamilyINet); err != nil {
-		return fmt.Errorf("list nf_tables tables: %w", err)
+// nftProbe reports whether the kernel can hold the cluster's table in the
+// caller's network namespace, the test for choosing the backend: it sends
+// a transaction that creates the whole table under another name and
+// deletes it again, so the kernel checks (and loads the modules of) every
+// expression the real table uses, and nothing is left behind.
+func nftProbe(conn *nftables.Conn, r *routing) error {
+	w := newNFTWriter(r, conn)
+	w.tbl.Name = "ipcluster-probe-" + r.name
+	if err := w.queueTable(nil); err != nil {
+		return err
+	}
+	conn.DelTable(w.tbl)
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("create and delete a test table inet %s: %w", w.tbl.Name, err)
 	}
 	return nil
 }
@@ -269,6 +278,19 @@ func (w *nftWriter) install(want map[nftKey]uint16) error {
 		// its routes stay in force until the new ones are.
 		w.conn.DelTable(w.tbl)
 	}
+	if err := w.queueTable(want); err != nil {
+		return err
+	}
+	w.txns++
+	if err := w.conn.Flush(); err != nil {
+		return fmt.Errorf("install nf_tables table inet %s: %w", w.tbl.Name, err)
+	}
+	w.installed = want
+	return nil
+}
+
+// queueTable queues the creation of the whole table, routing as want says.
+func (w *nftWriter) queueTable(want map[nftKey]uint16) error {
 	w.conn.AddTable(w.tbl)
 	chains := []*nftables.Chain{
 		w.conn.AddChain(&nftables.Chain{Name: "prerouting", Table: w.tbl, Type: nftables.ChainTypeNAT,
@@ -286,11 +308,6 @@ func (w *nftWriter) install(want map[nftKey]uint16) error {
 			w.conn.AddRule(w.rule(f, c, set))
 		}
 	}
-	w.txns++
-	if err := w.conn.Flush(); err != nil {
-		return fmt.Errorf("install nf_tables table inet %s: %w", w.tbl.Name, err)
-	}
-	w.installed = want
 	return nil
 }
 
@@ -369,7 +386,7 @@ func (w *nftWriter) changes() int { return w.txns }
 func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, error) {
 	conn, err := nftNewConn()
 	if err == nil {
-		if err = nftProbe(conn); err != nil {
+		if err = nftProbe(conn, rt); err != nil {
 			_ = conn.CloseLasting()
 		}
 	}

@@ -273,3 +273,20 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 		t.Errorf("after a failed update the writer believes in %v, want the old route to 1000", w.installed)
 	}
 }
+
+// The probe that picks the backend checks the whole table with the kernel
+// and leaves nothing behind.
+func TestNFTProbeLeavesNothing(t *testing.T) {
+	_, conn := nftLab(t, 1)
+	r := testRouting(t, Config{Name: "nft", Workers: 256, Ports: []Port{{Public: 8080}, {Public: 8443}}})
+	if err := nftProbe(conn, r); err != nil {
+		t.Fatal(err)
+	}
+	tables, err := conn.ListTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range tables {
+		t.Errorf("table %s left by the probe", tb.Name)
+	}
+}
