@@ -37,6 +37,12 @@ type cluster struct {
 // the master is stopped (and its log shown if the test failed).
 func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
 	t.Helper()
+	return startClusterSpec(t, lab, cfg, nil)
+}
+
+// startClusterSpec is startCluster with a chance to edit the helper's spec.
+func startClusterSpec(t *testing.T, lab *netlab.Lab, cfg specConfig, edit func(*spec)) *cluster {
+	t.Helper()
 	if cfg.Name == "" {
 		cfg.Name = "t"
 	}
@@ -54,6 +60,9 @@ func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
 		t.Fatal(err)
 	}
 	c.spec.Netns = ino
+	if edit != nil {
+		edit(&c.spec)
+	}
 	c.start(nil)
 	t.Cleanup(func() {
 		c.stop()
