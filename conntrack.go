@@ -107,8 +107,12 @@ func netlinkConntrackDelete(f *family, filter netlink.CustomConntrackFilter) (ui
 }
 
 // noteMovedUDP records, after a successful rule write from old to now, the
-// worker ports that a slot's UDP port no longer points at. A slot that had
-// no rule has no entries to move: its flows were never DNATed.
+// worker ports that a slot's UDP port no longer points at.
+//
+// A slot that had no rule has no DNATed entries to move. Its flows reached
+// the public port untranslated; where nothing listens there, the kernel
+// answers with ICMP port unreachable and (6.18, as tested) drops the
+// unreplied entry, so they do not stick either.
 func (m *master) noteMovedUDP(old, now []slotTarget) {
 	for slot, t := range old {
 		for pub, wport := range t {
@@ -126,9 +130,9 @@ func (m *master) noteMovedUDP(old, now []slotTarget) {
 	}
 }
 
-// noteAdoptedUDP records the UDP ports of a worker adopted from an earlier
-// master: that master's rules may have pinned flows to it, and this
-// master's rules never point at it.
+// noteAdoptedUDP records the UDP ports of a worker the rules will never
+// point at: adopted from an earlier master, whose rules may have pinned
+// flows to it, or stopping.
 func (m *master) noteAdoptedUDP(ports slotTarget) {
 	for pub, wport := range ports {
 		if pub.Proto == UDP {
@@ -137,12 +141,23 @@ func (m *master) noteAdoptedUDP(ports slotTarget) {
 	}
 }
 
+// noteStoppingUDP records, once the rules are removed for a graceful stop,
+// the UDP flows of every worker: told to finish, they close their UDP
+// sockets at once. Kept, those entries would pin the flows to dead ports
+// across a restart, for as long as the clients keep sending; deleted, the
+// flows reach the public port and, once a master runs again, its rules.
+func (m *master) noteStoppingUDP() {
+	for _, p := range m.procs {
+		m.noteAdoptedUDP(p.ports)
+	}
+}
+
 // cleanConntrack deletes the conntrack entries of the UDP flows whose worker
 // port the installed rules no longer point at, in every family served. A
 // failure is logged, not fatal: those flows stay on their old port until
 // they go idle, which is what they would do without this cleanup.
 func (m *master) cleanConntrack() {
-	if len(m.udpMoved) == 0 || !m.installed || m.stopping {
+	if len(m.udpMoved) == 0 || !m.installed {
 		return
 	}
 	filter := udpFlowFilter(m.udpMoved)

@@ -770,6 +770,9 @@ func (m *master) stop(why string) {
 	if err := m.rules.remove(ctx); err != nil {
 		m.log.Error("removing rules", "err", err)
 		m.stopErr = errors.Join(m.stopErr, fmt.Errorf("remove rules of cluster %s: %w", m.cfg.Name, err))
+	} else {
+		m.noteStoppingUDP()
+		m.cleanConntrack()
 	}
 	cancel()
 	m.ln.Close() // no new peers; accept() ends

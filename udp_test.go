@@ -230,3 +230,32 @@ func TestUDPFlowFollowsRetiredWorker(t *testing.T) {
 	held.Close()
 	waitGone(t, []int{old}, 5*time.Second)
 }
+
+// A cluster stopped and started again while a client keeps sending from one
+// socket: the flow reaches the new cluster's worker. The stopping master
+// deletes its workers' UDP entries (their sockets close); without that the
+// flow stays pinned to a dead port.
+func TestUDPFlowSurvivesClusterRestart(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	cfg := specConfig{Workers: 2, UDPPorts: []uint16{5353}, Addr: lab.ServerAddr4.String()}
+	c := startCluster(t, lab, cfg)
+	st := c.waitReady()
+	flow := dialUDP(t, lab.Client, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, 5353))
+	old := activePID(st, 1)
+	flow.check(t, 1, old)
+	if err := c.stop(); err != nil {
+		t.Fatalf("master exit: %v\n%s", err, c.log())
+	}
+	// Between the two clusters the flow keeps sending: nothing answers.
+	for i := 0; i < 5; i++ {
+		if rep, err := flow.probe(50 * time.Millisecond); err == nil {
+			t.Fatalf("answered by pid %d with no cluster running", rep.PID)
+		}
+	}
+	c2 := startCluster(t, lab, cfg)
+	st = c2.waitReady()
+	rep, _ := flow.untilAnswered(t, old, 5*time.Second)
+	if rep.PID != activePID(st, 1) {
+		t.Fatalf("flow answered by pid %d, slot 1 is pid %d", rep.PID, activePID(st, 1))
+	}
+}
