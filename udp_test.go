@@ -218,6 +218,7 @@ func TestUDPFlowFollowsRetiredWorker(t *testing.T) {
 	if rep.PID != activePID(st, 1) {
 		t.Fatalf("flow answered by pid %d, slot 1 is now pid %d", rep.PID, activePID(st, 1))
 	}
+	c.checkKernelRules(t) // the slot's udp rule replaced in place
 	// Past the retired worker's UDP idle close: the TCP connection must
 	// still be there, untouched by the cleanup.
 	for i := 0; i < 8; i++ {

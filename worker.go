@@ -606,7 +606,8 @@ func (c *packetConn) queued() bool {
 	}
 	n := 0
 	_ = rc.Control(func(fd uintptr) {
-		// SIOCINQ on a UDP socket: the size of the next datagram, 0 if none.
+		// SIOCINQ on a UDP socket: the size of the next datagram, 0 if
+		// none (or if it is empty: such a datagram may be lost on close).
 		n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
 	})
 	return n > 0
