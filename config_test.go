@@ -26,6 +26,9 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"Ports", func(c *Config) { c.Ports = nil }},
 		{"Ports[1].Public", func(c *Config) { c.Ports = []Port{{Public: 80}, {Public: 80}} }},
 		{"Ports[0].Public", func(c *Config) { c.Ports = []Port{{Public: 0}} }},
+		{"Ports[2].Public", func(c *Config) { c.Ports = []Port{{Public: 53, Proto: UDP}, {Public: 53}, {Public: 53, Proto: UDP}} }},
+		{"Ports[0].Proto", func(c *Config) { c.Ports = []Port{{Public: 53, Proto: 7}} }},
+		{"Ports[1].Proto", func(c *Config) { c.Ports = []Port{{Public: 53}, {Public: 0, Proto: 2}} }},
 		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("fe80::1%eth0") }},
 		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("224.0.0.1") }},
 		{"Addr", func(c *Config) { c.Addr = netip.MustParseAddr("::ffff:198.18.0.1") }},
@@ -54,6 +57,29 @@ func TestValidateNamesTheField(t *testing.T) {
 	c := ok.withDefaults()
 	if err := c.validate(); err != nil {
 		t.Errorf("valid config rejected: %v", err)
+	}
+	// One number, both protocols: two ports.
+	c.Ports = []Port{{Public: 443}, {Public: 443, Proto: UDP}}
+	if err := c.validate(); err != nil {
+		t.Errorf("TCP 443 and UDP 443 rejected: %v", err)
+	}
+}
+
+func TestProtocolString(t *testing.T) {
+	for p, want := range map[Protocol]string{TCP: "tcp", UDP: "udp", 9: "Protocol(9)"} {
+		if got := p.String(); got != want {
+			t.Errorf("Protocol(%d).String() = %q, want %q", p, got, want)
+		}
+		if back, ok := parseProtocol(want); ok != (p <= UDP) || ok && back != p {
+			t.Errorf("parseProtocol(%q) = %v, %v", want, back, ok)
+		}
+	}
+	if got := (Port{Public: 443, Proto: UDP}).String(); got != "443/udp" {
+		t.Errorf("Port.String() = %q", got)
+	}
+	var zero Port
+	if zero.Proto != TCP {
+		t.Error("the zero Port is not TCP")
 	}
 }
 

@@ -8,10 +8,10 @@
 // the master: it validates the Config, takes the cluster's lock and control
 // socket under RunDir/<Name>, and re-executes its own binary once per slot
 // with the IPCLUSTER_* environment variables set. In those worker
-// processes Run listens on an OS-chosen port for each public port, connects
-// back to the master over the Unix socket, and calls the application's
-// function with a *Worker, which hands out the listeners and names the
-// slot. Workers run in their own session and outlive the master: a master
+// processes Run listens on an OS-chosen port for each public port, TCP or
+// UDP, connects back to the master over the Unix socket, and calls the
+// application's function with a *Worker, which hands out the listeners
+// (TCP) and packet conns (UDP) and names the slot. Workers run in their own session and outlive the master: a master
 // crash drops no connection, and the next master adopts them.
 //
 // # Routing
@@ -31,6 +31,13 @@
 // process. The iptables backend keeps one DNAT rule per slot and port in an
 // owned nat chain, rewritten atomically with iptables-restore --noflush,
 // one process per address family and change.
+//
+// UDP ports are routed the same way, but conntrack would also keep a UDP
+// flow (one client address and port) on its first worker for as long as it
+// keeps sending, and a UDP flow has no connection worth keeping. So once a
+// rule write moves a slot away from a worker, the master deletes the UDP
+// conntrack entries that still point at that worker's UDP port (never a
+// TCP one), and the flow's next datagram reaches the slot's new worker.
 //
 // # Privileges
 //

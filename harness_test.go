@@ -41,12 +41,18 @@ type cluster struct {
 // the master is stopped (and its log shown if the test failed).
 func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
 	t.Helper()
-	return startScenario(t, lab, cfg, "echo")
+	return startClusterSpec(t, lab, cfg, nil)
 }
 
 // startScenario is startCluster with workers running the named scenario
 // (see helperMain).
 func startScenario(t *testing.T, lab *netlab.Lab, cfg specConfig, scenario string) *cluster {
+	t.Helper()
+	return startClusterSpec(t, lab, cfg, func(s *spec) { s.Scenario = scenario })
+}
+
+// startClusterSpec is startCluster with a chance to edit the helper's spec.
+func startClusterSpec(t *testing.T, lab *netlab.Lab, cfg specConfig, edit func(*spec)) *cluster {
 	t.Helper()
 	if cfg.Name == "" {
 		cfg.Name = "t"
@@ -59,12 +65,15 @@ func startScenario(t *testing.T, lab *netlab.Lab, cfg specConfig, scenario strin
 	}
 	c := &cluster{t: t, lab: lab, done: make(chan struct{}),
 		socket: filepath.Join(cfg.RunDir, cfg.Name, "control.sock")}
-	c.spec = spec{Config: cfg, Scenario: scenario}
+	c.spec = spec{Config: cfg, Scenario: "echo"}
 	ino, err := lab.Server.Inode()
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.spec.Netns = ino
+	if edit != nil {
+		edit(&c.spec)
+	}
 	c.start(nil)
 	t.Cleanup(func() {
 		c.stop()

@@ -11,6 +11,8 @@ import (
 	"os/exec"
 	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -94,11 +96,51 @@ const (
 	BackendIPTables Backend = "iptables"
 )
 
-// Port is a public port served by the cluster.
-type Port struct {
-	// Public is the TCP port clients connect to, 1..65535.
-	Public uint16
+// Protocol is the transport protocol of a public port. The zero value is
+// TCP.
+type Protocol uint8
+
+// Protocols.
+const (
+	TCP Protocol = iota // the zero value
+	UDP
+)
+
+// String returns "tcp" or "udp", as in iptables rules and the control
+// protocol, or "Protocol(n)" for a value that is neither.
+func (p Protocol) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	}
+	return "Protocol(" + strconv.Itoa(int(p)) + ")"
 }
+
+// parseProtocol is the inverse of String for the valid protocols.
+func parseProtocol(s string) (Protocol, bool) {
+	switch s {
+	case "tcp":
+		return TCP, true
+	case "udp":
+		return UDP, true
+	}
+	return 0, false
+}
+
+// Port is a public port served by the cluster. It is comparable and names
+// one port unambiguously: TCP 443 and UDP 443 are two Ports.
+type Port struct {
+	// Public is the port clients send to, 1..65535.
+	Public uint16
+	// Proto is the port's protocol. Default TCP. A TCP port is served
+	// through Worker.Listener, a UDP port through Worker.PacketConn.
+	Proto Protocol
+}
+
+// String returns e.g. "443/udp".
+func (p Port) String() string { return strconv.Itoa(int(p.Public)) + "/" + p.Proto.String() }
 
 // Config describes a cluster. The zero value of every field but Name and
 // Ports is usable.
@@ -113,7 +155,8 @@ type Config struct {
 	// above the number of CPUs.
 	Workers int
 
-	// Ports are the public TCP ports. Required, no duplicates.
+	// Ports are the public ports, TCP or UDP. Required; a port number may
+	// be listed once per protocol (TCP 443 and UDP 443 may both be).
 	Ports []Port
 
 	// Addr is the public destination address clients connect to. The zero
@@ -235,15 +278,19 @@ func (c *Config) validate() error {
 	if len(c.Ports) == 0 {
 		bad("Ports", "no ports", "list at least one public port, e.g. []ipcluster.Port{{Public: 8080}}")
 	}
-	seen := map[uint16]bool{}
+	seen := map[Port]bool{}
 	for i, p := range c.Ports {
 		switch {
+		case p.Proto != TCP && p.Proto != UDP:
+			bad(fmt.Sprintf("Ports[%d].Proto", i), fmt.Sprintf("%s is not a protocol the cluster routes", p.Proto),
+				"use ipcluster.TCP (the zero value) or ipcluster.UDP")
 		case p.Public == 0:
 			bad(fmt.Sprintf("Ports[%d].Public", i), "port 0 is out of range", "use a port from 1 to 65535")
-		case seen[p.Public]:
-			bad(fmt.Sprintf("Ports[%d].Public", i), fmt.Sprintf("port %d is listed twice", p.Public), "list each public port once")
+		case seen[p]:
+			bad(fmt.Sprintf("Ports[%d].Public", i), fmt.Sprintf("%s port %d is listed twice", p.Proto, p.Public),
+				"list each public port once per protocol")
 		}
-		seen[p.Public] = true
+		seen[p] = true
 	}
 	if c.Addr.IsValid() {
 		if c.Addr.Zone() != "" || c.Addr.Is4In6() || c.Addr.IsMulticast() {
@@ -298,9 +345,7 @@ func (c *Config) routing() *routing {
 	default:
 		r.families = []*family{familyIPv6}
 	}
-	for _, p := range c.Ports {
-		r.ports = append(r.ports, p.Public)
-	}
+	r.ports = slices.Clone(c.Ports)
 	return r
 }
 
@@ -321,18 +366,19 @@ func checkBinaries(r *routing) error {
 	return errors.Join(errs...)
 }
 
-// listenNetwork returns the network and address a worker listens on: an
-// OS-chosen port on the public address, or on any address of the families
-// served. DNAT keeps the client's destination address, so this must accept
-// it.
-func (c *Config) listenNetwork() (network, addr string) {
+// listenNetwork returns the network and address a worker listens on for a
+// protocol: an OS-chosen port on the public address, or on any address of
+// the families served. DNAT keeps the client's destination address, so this
+// must accept it.
+func (c *Config) listenNetwork(p Protocol) (network, addr string) {
+	network = p.String() // "tcp" or "udp"
 	switch {
 	case !c.Addr.IsValid():
-		return "tcp", ":0"
+		return network, ":0"
 	case c.Addr.Is4():
-		return "tcp4", netip.AddrPortFrom(c.Addr, 0).String()
+		return network + "4", netip.AddrPortFrom(c.Addr, 0).String()
 	default:
-		return "tcp6", netip.AddrPortFrom(c.Addr, 0).String()
+		return network + "6", netip.AddrPortFrom(c.Addr, 0).String()
 	}
 }
 
@@ -374,8 +420,8 @@ type EventReady struct {
 // EventWorkerReady: a worker connected, reported ready and now serves Slot.
 type EventWorkerReady struct {
 	PID, Slot, Generation int
-	Ports                 map[uint16]uint16 // public → worker port
-	Elapsed               time.Duration     // since it was spawned
+	Ports                 map[Port]uint16 // public port → the worker's port
+	Elapsed               time.Duration   // since it was spawned
 }
 
 // EventWorkerExited: a worker process ended.

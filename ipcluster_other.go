@@ -13,15 +13,16 @@ import (
 // methods exist so programs build on a laptop.
 type Worker struct{}
 
-func (w *Worker) Slot() int                           { return 0 }
-func (w *Worker) Generation() int                     { return 0 }
-func (w *Worker) Logger() *slog.Logger                { return slog.Default() }
-func (w *Worker) Listener(public uint16) net.Listener { return nil }
-func (w *Worker) Ports() []uint16                     { return nil }
-func (w *Worker) Context() context.Context            { return context.Background() }
-func (w *Worker) Retired() <-chan struct{}            { return nil }
-func (w *Worker) Connections() int64                  { return 0 }
-func (w *Worker) RequestRetire(reason string)         {}
+func (w *Worker) Slot() int                               { return 0 }
+func (w *Worker) Generation() int                         { return 0 }
+func (w *Worker) Logger() *slog.Logger                    { return slog.Default() }
+func (w *Worker) Listener(public uint16) net.Listener     { return nil }
+func (w *Worker) PacketConn(public uint16) net.PacketConn { return nil }
+func (w *Worker) Ports() []Port                           { return nil }
+func (w *Worker) Context() context.Context                { return context.Background() }
+func (w *Worker) Retired() <-chan struct{}                { return nil }
+func (w *Worker) Connections() int64                      { return 0 }
+func (w *Worker) RequestRetire(reason string)             {}
 
 func runWorker(context.Context, *Config, func(*Worker) error) error { return ErrNotSupported }
 func runMaster(context.Context, *Config) error                      { return ErrNotSupported }

@@ -75,7 +75,7 @@ type routing struct {
 	families []*family
 	workers  int
 	prefix   map[*family]int // slot bits are the low bits of the first prefix bits
-	ports    []uint16        // public ports, in Config order
+	ports    []Port          // public ports, in Config order
 }
 
 // hookSpec is the rule, as iptables-save prints it, that jumps from a
@@ -134,7 +134,7 @@ func shiftedAddr(f *family, v uint64, shift uint) netip.Addr {
 
 // slotTarget is where a slot's traffic goes: public port → worker port. A
 // nil map means the slot has no ready worker and gets no rules.
-type slotTarget map[uint16]uint16
+type slotTarget map[Port]uint16
 
 // chainRules returns the rules of the cluster's chain for family f, each as
 // an iptables-restore line.
@@ -157,8 +157,8 @@ func (r *routing) chainRules(f *family, targets []slotTarget) []string {
 			if !ok {
 				continue
 			}
-			lines = append(lines, fmt.Sprintf("-A %s%s%s -p tcp -m tcp --dport %d -j DNAT --to-destination :%d",
-				r.chain, src, dst, pub, wport))
+			lines = append(lines, fmt.Sprintf("-A %s%s%s -p %s -m %s --dport %d -j DNAT --to-destination :%d",
+				r.chain, src, dst, pub.Proto, pub.Proto, pub.Public, wport))
 		}
 	}
 	return lines
@@ -479,11 +479,11 @@ func (w *ruleWriter) rulesText() map[string]string {
 }
 
 // portsString is a compact public→worker port list for logs.
-func portsString(t slotTarget, order []uint16) string {
+func portsString(t slotTarget, order []Port) string {
 	parts := make([]string, 0, len(order))
 	for _, p := range order {
 		if w, ok := t[p]; ok {
-			parts = append(parts, strconv.Itoa(int(p))+"→"+strconv.Itoa(int(w)))
+			parts = append(parts, p.String()+"→"+strconv.Itoa(int(w)))
 		}
 	}
 	return strings.Join(parts, ",")

@@ -41,12 +41,27 @@ func testRouting(t *testing.T, cfg Config) *routing {
 	return cfg.routing()
 }
 
-// targets4x2 points slot s at worker ports 40000+10s (public 8080) and
+var (
+	tcp8080 = Port{Public: 8080}
+	tcp8443 = Port{Public: 8443}
+	udp8080 = Port{Public: 8080, Proto: UDP}
+	udp8443 = Port{Public: 8443, Proto: UDP}
+)
+
+// targetsFor points slot s at worker ports 40000+10s (public 8080) and
 // 40001+10s (public 8443).
 func targetsFor(workers int) []slotTarget {
+	return targetsForPorts(workers, []Port{tcp8080, tcp8443})
+}
+
+// targetsForPorts points slot s at worker port 40000+10s+i for ports[i].
+func targetsForPorts(workers int, ports []Port) []slotTarget {
 	ts := make([]slotTarget, workers)
 	for s := range ts {
-		ts[s] = slotTarget{8080: uint16(40000 + 10*s), 8443: uint16(40001 + 10*s)}
+		ts[s] = slotTarget{}
+		for i, p := range ports {
+			ts[s][p] = uint16(40000 + 10*s + i)
+		}
 	}
 	return ts
 }
@@ -62,14 +77,20 @@ func TestChainRulesGolden(t *testing.T) {
 		{"rules_4x2_prefix.golden", Config{Name: "chat", Workers: 4, IPv4SlotPrefix: 24, IPv6SlotPrefix: 128}},
 		{"rules_1x2_any.golden", Config{Name: "chat", Workers: 1}},
 		{"rules_256x2_ipv6.golden", Config{Name: "chat", Workers: 256, Addr: netip.MustParseAddr("fd00::1")}},
+		// The same number for TCP and UDP, and a UDP-only port.
+		{"rules_4x3_mixed.golden", Config{Name: "chat", Workers: 4, Addr: netip.MustParseAddr("198.18.0.1"),
+			Ports: []Port{tcp8080, udp8080, udp8443}}},
+		{"rules_2x3_mixed_any.golden", Config{Name: "chat", Workers: 2, Ports: []Port{udp8443, tcp8080, udp8080}}},
 	} {
 		t.Run(tc.golden, func(t *testing.T) {
-			tc.cfg.Ports = []Port{{Public: 8080}, {Public: 8443}}
+			if tc.cfg.Ports == nil {
+				tc.cfg.Ports = []Port{tcp8080, tcp8443}
+			}
 			r := testRouting(t, tc.cfg)
 			var b strings.Builder
 			for _, f := range r.families {
 				fmt.Fprintf(&b, "# %s\n", f.name)
-				b.WriteString(r.installPayload(&natTable{}, r.chainRules(f, targetsFor(r.workers))))
+				b.WriteString(r.installPayload(&natTable{}, r.chainRules(f, targetsForPorts(r.workers, tc.cfg.Ports))))
 			}
 			golden(t, tc.golden, b.String())
 		})
@@ -147,7 +168,7 @@ COMMIT
 	// A swap replaces the slot's rules in place; an unchanged target writes
 	// nothing.
 	ts := targetsFor(2)
-	ts[1] = slotTarget{8080: 41000}
+	ts[1] = slotTarget{tcp8080: 41000}
 	if err := w.apply(ctx, ts); err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +203,7 @@ func TestApplyFailureKeepsState(t *testing.T) {
 	before := w.rulesText()["ipv4"]
 	run.failNext = &RuleError{Cmd: "iptables-restore --noflush --wait", ExitStatus: 4, Stderr: "iptables-restore: line 3 failed"}
 	ts := targetsFor(2)
-	ts[0] = slotTarget{8080: 1}
+	ts[0] = slotTarget{tcp8080: 1}
 	err := w.apply(ctx, ts)
 	var re *RuleError
 	if err == nil || !strings.Contains(err.Error(), "line 3 failed") || !strings.Contains(err.Error(), "exit status 4") {

@@ -34,6 +34,9 @@ const envSpec = "IPCLUSTER_TEST_CLUSTER"
 type spec struct {
 	Config   specConfig
 	Scenario string // worker behaviour: "echo"
+	// SkipConntrackCleanup makes the master leave conntrack alone, for the
+	// test that shows what the cleanup is for.
+	SkipConntrackCleanup bool
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -44,7 +47,8 @@ type spec struct {
 type specConfig struct {
 	Name           string
 	Workers        int
-	Ports          []uint16
+	Ports          []uint16 // TCP
+	UDPPorts       []uint16
 	Addr           string
 	IPv4SlotPrefix int
 	IPv6SlotPrefix int
@@ -68,6 +72,9 @@ func (s specConfig) config() ipcluster.Config {
 	}
 	for _, p := range s.Ports {
 		c.Ports = append(c.Ports, ipcluster.Port{Public: p})
+	}
+	for _, p := range s.UDPPorts {
+		c.Ports = append(c.Ports, ipcluster.Port{Public: p, Proto: ipcluster.UDP})
 	}
 	if s.Addr != "" {
 		c.Addr = netip.MustParseAddr(s.Addr)
@@ -103,6 +110,9 @@ func helperMain(raw string) int {
 		fmt.Fprintf(os.Stderr, "helper: unknown scenario %q\n", s.Scenario)
 		return 2
 	}
+	if s.SkipConntrackCleanup {
+		ipcluster.SkipConntrackCleanup()
+	}
 	if err := ipcluster.Run(context.Background(), s.Config.config(), work); err != nil {
 		fmt.Fprintf(os.Stderr, "helper: %v\n", err)
 		return 1
@@ -111,15 +121,21 @@ func helperMain(raw string) int {
 }
 
 // echoWorker answers each connection with one line naming the worker and the
-// client address it sees, and every line it reads with the same line.
+// client address it sees, and every line it reads with the same line. On a
+// UDP port it answers each datagram with that line followed by " seq=" and
+// the datagram's text.
 func echoWorker(w *ipcluster.Worker) error { return serveListeners(w, serveEcho) }
 
-// serveListeners accepts on every listener of w, serving each connection
-// with serve, until the worker must finish.
+// serveListeners serves every port of w, each TCP connection with serve,
+// until the worker must finish.
 func serveListeners(w *ipcluster.Worker, serve func(*ipcluster.Worker, net.Conn)) error {
 	errs := make(chan error, len(w.Ports()))
-	for _, pub := range w.Ports() {
-		ln := w.Listener(pub)
+	for _, p := range w.Ports() {
+		if p.Proto == ipcluster.UDP {
+			go func() { errs <- serveEchoUDP(w, w.PacketConn(p.Public)) }()
+			continue
+		}
+		ln := w.Listener(p.Public)
 		go func() {
 			for {
 				c, err := ln.Accept()
@@ -141,6 +157,23 @@ func serveListeners(w *ipcluster.Worker, serve func(*ipcluster.Worker, net.Conn)
 			return nil
 		}
 		return err
+	}
+}
+
+// serveEchoUDP answers datagrams until the socket closes: when the worker,
+// retired, has had no datagram for a while, or is told to finish.
+func serveEchoUDP(w *ipcluster.Worker, pc net.PacketConn) error {
+	buf := make([]byte, 512)
+	for {
+		n, addr, err := pc.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		line := fmt.Sprintf("slot=%d pid=%d gen=%d remote=%s seq=%s\n", w.Slot(), os.Getpid(), w.Generation(), addr,
+			strings.TrimSpace(string(buf[:n])))
+		if _, err := pc.WriteTo([]byte(line), addr); err != nil {
+			return err
+		}
 	}
 }
 

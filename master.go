@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -124,6 +125,13 @@ type master struct {
 	procs    map[int]*proc // every worker process, by pid
 	peers    map[*peer]bool
 
+	// routed is what the installed rules point each slot at; udpMoved
+	// the UDP flows whose conntrack entries are to be deleted, because the
+	// rules moved them away from a worker port (see conntrack.go).
+	routed    []slotTarget
+	udpMoved  map[movedFlow]bool
+	conntrack conntrackDeleter
+
 	installed  bool // rules written at least once
 	installErr int  // failed first installs
 	rulesDirty bool
@@ -180,6 +188,9 @@ func newMaster(cfg *Config) (*master, error) {
 		procs:    map[int]*proc{},
 		peers:    map[*peer]bool{},
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
+
+		udpMoved:  map[movedFlow]bool{},
+		conntrack: deleteConntrack,
 	}
 	m.sock = filepath.Join(m.dir, "control.sock")
 	for _, kv := range os.Environ() {
@@ -364,6 +375,7 @@ func (m *master) run(ctx context.Context) error {
 			}
 		}
 		m.syncRules(ctx)
+		m.cleanConntrack()
 		if m.stopping && len(m.procs) == 0 {
 			m.removeRules()
 			m.closeRunDir()
@@ -547,11 +559,16 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	}
 	ports := slotTarget{}
 	for _, pp := range h.Ports {
-		ports[pp.Public] = pp.Worker
+		prot, ok := parseProtocol(pp.Proto)
+		if !ok {
+			refuse("worker reported public port %d with protocol %q; want \"tcp\" or \"udp\"", pp.Public, pp.Proto)
+			return
+		}
+		ports[Port{Public: pp.Public, Proto: prot}] = pp.Worker
 	}
 	for _, pub := range m.rt.ports {
 		if ports[pub] == 0 {
-			refuse("worker reported no port for public port %d", pub)
+			refuse("worker reported no port for public port %s", pub)
 			return
 		}
 	}
@@ -571,6 +588,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		// rules may still route clients to this worker: it is told it is
 		// retired only once they no longer do.
 		p.retirePending = !m.installed
+		m.noteAdoptedUDP(ports)
 		m.procs[p.pid] = p
 		go watchPidfd(p, m.send)
 		m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
@@ -648,7 +666,7 @@ func (m *master) onReady(p *proc) {
 	}
 	elapsed := time.Since(p.spawned)
 	m.log.Info("worker ready", append(p.logAttrs(), "ports", portsString(p.ports, m.rt.ports), "elapsed", elapsed)...)
-	m.emit.send(EventWorkerReady{PID: p.pid, Slot: p.slot, Generation: p.gen, Ports: p.ports, Elapsed: elapsed})
+	m.emit.send(EventWorkerReady{PID: p.pid, Slot: p.slot, Generation: p.gen, Ports: maps.Clone(p.ports), Elapsed: elapsed})
 }
 
 // retire replaces an active worker: a new worker is spawned for its slot,
@@ -707,6 +725,8 @@ func (m *master) syncRules(ctx context.Context) {
 	}
 	m.rulesDirty = false
 	m.installed = true
+	m.noteMovedUDP(m.routed, targets)
+	m.routed = targets
 	m.log.Debug("rules written", "elapsed", time.Since(t0))
 	for _, p := range m.procs {
 		if p.retirePending {
@@ -758,6 +778,9 @@ func (m *master) stop(why string) {
 		if err := m.rules.apply(ctx, make([]slotTarget, len(m.slots))); err != nil {
 			m.log.Error("withdrawing routes; removing the rules instead", "err", err)
 			m.removeRules()
+		} else {
+			m.noteStoppingUDP()
+			m.cleanConntrack()
 		}
 		cancel()
 	}
@@ -864,7 +887,7 @@ func (m *master) status() *proto.Status {
 			UptimeSec: time.Since(p.spawned).Seconds()}
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {
-				ws.Ports = append(ws.Ports, proto.Port{Public: pub, Worker: w})
+				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})
 			}
 		}
 		if ps, err := procfs.ReadStatus(p.pid); err == nil {

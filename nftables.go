@@ -108,6 +108,14 @@ func nftProbe(conn *nftables.Conn, r *routing) error {
 	return nil
 }
 
+// ipproto is the IP protocol number, as meta l4proto loads it.
+func (p Protocol) ipproto() byte {
+	if p == UDP {
+		return unix.IPPROTO_UDP
+	}
+	return unix.IPPROTO_TCP
+}
+
 func (f *family) nfproto() byte {
 	if f.bits == 32 {
 		return unix.NFPROTO_IPV4
@@ -160,7 +168,7 @@ func (w *nftWriter) want(targets []slotTarget) map[nftKey]uint16 {
 	for slot, t := range targets {
 		for _, pub := range w.r.ports {
 			if wport, ok := t[pub]; ok {
-				m[nftKey{slot: slot, proto: unix.IPPROTO_TCP, port: pub}] = wport
+				m[nftKey{slot: slot, proto: pub.Proto.ipproto(), port: pub.Public}] = wport
 			}
 		}
 	}

@@ -101,7 +101,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 	lns := listenN(t, lab.Server, 5)
 	ts := make([]slotTarget, 4)
 	for s := range ts {
-		ts[s] = slotTarget{8080: lns.port[s], 8443: lns.port[s]}
+		ts[s] = slotTarget{tcp8080: lns.port[s], tcp8443: lns.port[s]}
 	}
 	ctx := context.Background()
 	if err := w.apply(ctx, ts); err != nil {
@@ -130,7 +130,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 	// Slot 1 moves to listener 4; a connection made before keeps working.
 	_, oldClient, oldServer := reaches(t, lab, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, 8080), lns)
 	before := w.changes()
-	ts[1] = slotTarget{8080: lns.port[4], 8443: lns.port[4]}
+	ts[1] = slotTarget{tcp8080: lns.port[4], tcp8443: lns.port[4]}
 	if err := w.apply(ctx, ts); err != nil {
 		t.Fatal(err)
 	}
@@ -230,12 +230,12 @@ func TestNFTWriterReplacesStaleTable(t *testing.T) {
 	lns := listenN(t, lab.Server, 3)
 	ctx := context.Background()
 	crashed := newNFTWriter(r, conn)
-	if err := crashed.apply(ctx, []slotTarget{{8080: lns.port[0]}, {8080: lns.port[1]}}); err != nil {
+	if err := crashed.apply(ctx, []slotTarget{{tcp8080: lns.port[0]}, {tcp8080: lns.port[1]}}); err != nil {
 		t.Fatal(err)
 	}
 	w := newNFTWriter(r, conn)
 	t.Cleanup(func() { _ = w.remove(ctx) })
-	if err := w.apply(ctx, []slotTarget{{8080: lns.port[2]}, {8080: lns.port[2]}}); err != nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: lns.port[2]}, {tcp8080: lns.port[2]}}); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 2 {
@@ -257,7 +257,7 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 	r := testRouting(t, Config{Name: "nft", Workers: 2, Ports: []Port{{Public: 8080}}})
 	w := newNFTWriter(r, conn)
 	ctx := context.Background()
-	if err := w.apply(ctx, []slotTarget{{8080: 1000}, {8080: 1001}}); err != nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}); err != nil {
 		t.Fatal(err)
 	}
 	// The table vanishes behind the writer's back (an operator's nft
@@ -266,7 +266,7 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.installed = map[nftKey]uint16{{slot: 0, proto: 6, port: 8080}: 1000}
-	if err := w.apply(ctx, []slotTarget{{8080: 2000}, nil}); err == nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}); err == nil {
 		t.Fatal("updating a table that does not exist succeeded")
 	}
 	if got := w.installed[nftKey{slot: 0, proto: 6, port: 8080}]; got != 1000 || len(w.installed) != 1 {

@@ -95,7 +95,7 @@ func BenchmarkRuleSwapOneSlot(b *testing.B) {
 			before := w.changes()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				ts[1] = slotTarget{8080: uint16(20000 + i%2), 8443: uint16(30000 + i%2)}
+				ts[1] = slotTarget{tcp8080: uint16(20000 + i%2), tcp8443: uint16(30000 + i%2)}
 				if err := w.apply(ctx, ts); err != nil {
 					b.Fatal(err)
 				}

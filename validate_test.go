@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -177,13 +178,29 @@ func TestControlSocketRejectsBadPeers(t *testing.T) {
 	}
 	t.Run("version mismatch", func(t *testing.T) {
 		reason := refusal(t, proto.Hello{Version: 99, Role: proto.RoleClient, Cluster: "t", PID: os.Getpid()})
-		if !strings.Contains(reason, "version 99") || !strings.Contains(reason, "version 1") {
+		if !strings.Contains(reason, "version 99") || !strings.Contains(reason, "version "+strconv.Itoa(proto.Version)) {
 			t.Errorf("refusal %q does not name both versions", reason)
 		}
 	})
 	t.Run("forged pid", func(t *testing.T) {
 		reason := refusal(t, proto.Hello{Version: proto.Version, Role: proto.RoleWorker, Cluster: "t", PID: 1})
 		if !strings.Contains(reason, "kernel says") {
+			t.Errorf("refusal %q", reason)
+		}
+	})
+	t.Run("unknown protocol", func(t *testing.T) {
+		reason := refusal(t, proto.Hello{Version: proto.Version, Role: proto.RoleWorker, Cluster: "t", PID: os.Getpid(),
+			Ports: []proto.Port{{Public: 8080, Proto: "sctp", Worker: 40000}}})
+		if !strings.Contains(reason, `protocol "sctp"`) {
+			t.Errorf("refusal %q", reason)
+		}
+	})
+	t.Run("no protocol", func(t *testing.T) {
+		// A version 1 port map: no protocol, so TCP and UDP ports of one
+		// number cannot be told apart.
+		reason := refusal(t, proto.Hello{Version: proto.Version, Role: proto.RoleWorker, Cluster: "t", PID: os.Getpid(),
+			Ports: []proto.Port{{Public: 8080, Worker: 40000}}})
+		if !strings.Contains(reason, `protocol ""`) {
 			t.Errorf("refusal %q", reason)
 		}
 	})

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -35,7 +36,9 @@ type Worker struct {
 	cfg       *Config
 	log       *slog.Logger
 	started   time.Time
-	listeners map[uint16]*listener
+	listeners map[uint16]*listener   // TCP ports
+	packets   map[uint16]*packetConn // UDP ports
+	retiredAt time.Time              // set by retire, on the loop goroutine
 
 	ctx    context.Context // cancelled when the worker must finish
 	cancel context.CancelFunc
@@ -62,24 +65,52 @@ func (w *Worker) Generation() int { return w.gen }
 // generation attached.
 func (w *Worker) Logger() *slog.Logger { return w.log }
 
-// Listener returns the listener for a public port: the socket the cluster's
-// rules route that port's clients of this slot to. It panics if public is
-// not one of Config.Ports, a programming error.
+// Listener returns the listener for a public TCP port: the socket the
+// cluster's rules route that port's clients of this slot to. It returns nil
+// if public is listed in Config.Ports only as a UDP port (use PacketConn),
+// and panics if it is not listed at all, a programming error.
+//
+// The listener closes when the worker is retired (once its accept queue is
+// empty) or told to finish; connections it accepted stay open.
 func (w *Worker) Listener(public uint16) net.Listener {
-	l, ok := w.listeners[public]
-	if !ok {
-		panic(fmt.Sprintf("ipcluster: Worker.Listener(%d): not one of Config.Ports", public))
+	if l, ok := w.listeners[public]; ok {
+		return l
 	}
-	return l
+	if _, ok := w.packets[public]; ok {
+		return nil
+	}
+	panic(fmt.Sprintf("ipcluster: Worker.Listener(%d): not one of Config.Ports", public))
 }
 
-// Ports returns the public ports, in Config order.
-func (w *Worker) Ports() []uint16 {
-	ports := make([]uint16, len(w.cfg.Ports))
-	for i, p := range w.cfg.Ports {
-		ports[i] = p.Public
+// PacketConn returns the socket for a public UDP port: the rules route that
+// port's datagrams from this slot's clients to it, and what the worker
+// writes to a client goes back through the same translation, so the client
+// sees the public port answer. It returns nil if public is listed in
+// Config.Ports only as a TCP port (use Listener), and panics if it is not
+// listed at all.
+//
+// A UDP socket is both listener and connection, so it outlives retirement:
+// when the worker is retired the master moves the slot's flows to the new
+// worker (see the README), and this socket stays open to answer the
+// datagrams that still reach it. It is closed once none has arrived for a
+// second and its receive queue is empty, or at once when the worker is told
+// to finish (Context is cancelled). A reply written after that fails with
+// net.ErrClosed. Return from the worker function when ReadFrom fails, as
+// with a closed Listener.
+func (w *Worker) PacketConn(public uint16) net.PacketConn {
+	if c, ok := w.packets[public]; ok {
+		return c
 	}
-	return ports
+	if _, ok := w.listeners[public]; ok {
+		return nil
+	}
+	panic(fmt.Sprintf("ipcluster: Worker.PacketConn(%d): not one of Config.Ports", public))
+}
+
+// Ports returns the public ports, in Config order. A number listed for
+// both protocols appears twice, once with each Proto.
+func (w *Worker) Ports() []Port {
+	return slices.Clone(w.cfg.Ports)
 }
 
 // Context is cancelled when the worker must finish: the cluster is
@@ -87,8 +118,9 @@ func (w *Worker) Ports() []uint16 {
 func (w *Worker) Context() context.Context { return w.ctx }
 
 // Retired is closed when the worker is retired: its slot points at another
-// worker, its listeners close once their accept queues are empty, and it
-// exits when its last connection closes.
+// worker, its listeners close once their accept queues are empty, its
+// packet conns once idle (see PacketConn), and it exits when its last
+// connection closes.
 func (w *Worker) Retired() <-chan struct{} { return w.retired }
 
 // Connections is the number of open connections accepted through the
@@ -143,6 +175,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		cfg:         cfg,
 		started:     time.Now(),
 		listeners:   map[uint16]*listener{},
+		packets:     map[uint16]*packetConn{},
 		retired:     make(chan struct{}),
 		retireAsked: make(chan string, 1),
 	}
@@ -150,14 +183,27 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
 
-	network, addr := cfg.listenNetwork()
+	// Whatever way Run returns, the UDP sockets close with it: they are
+	// not closed by retirement alone.
+	defer w.closePacketConns()
 	for _, p := range cfg.Ports {
-		ln, err := net.Listen(network, addr)
+		network, addr := cfg.listenNetwork(p.Proto)
+		var err error
+		if p.Proto == UDP {
+			var pc net.PacketConn
+			if pc, err = net.ListenPacket(network, addr); err == nil {
+				w.packets[p.Public] = &packetConn{UDPConn: pc.(*net.UDPConn)}
+			}
+		} else {
+			var ln net.Listener
+			if ln, err = net.Listen(network, addr); err == nil {
+				w.listeners[p.Public] = &listener{Listener: ln, w: w}
+			}
+		}
 		if err != nil {
 			w.closeListeners()
-			return fmt.Errorf("worker slot %d: listen for public port %d on %s: %w", slot, p.Public, addr, err)
+			return fmt.Errorf("worker slot %d: listen for public port %s on %s: %w", slot, p, addr, err)
 		}
-		w.listeners[p.Public] = &listener{Listener: ln, w: w}
 	}
 
 	// The first connection must succeed: a worker nobody accepts has no
@@ -211,14 +257,20 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		dying = true
 		w.log.Info("worker finishing", "reason", why, "connections", w.conns.Load())
 		w.closeListeners()
+		w.closePacketConns()
 		w.cancel()
 		// The master kills us after StopTimeout; this bounds the wait if
 		// there is no master any more.
 		dieDeadline = time.After(cfg.StopTimeout)
 	}
 	for {
-		// Exit once the application is done and every connection closed.
-		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) {
+		if w.isRetired() && !dying && w.packetsIdle(udpDrainIdle) {
+			w.log.Info("closing UDP sockets: retired, and no datagram for a while", "idle", udpDrainIdle)
+			w.closePacketConns()
+		}
+		// Exit once the application is done, every connection closed and
+		// the UDP sockets too.
+		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) && w.packetsClosed() {
 			w.log.Info("worker exiting: drained")
 			return nil
 		}
@@ -332,7 +384,13 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		Retired:    w.isRetired(),
 	}
 	for _, p := range w.cfg.Ports {
-		hello.Ports = append(hello.Ports, proto.Port{Public: p.Public, Worker: w.listeners[p.Public].port()})
+		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}
+		if p.Proto == UDP {
+			pp.Worker = w.packets[p.Public].port()
+		} else {
+			pp.Worker = w.listeners[p.Public].port()
+		}
+		hello.Ports = append(hello.Ports, pp)
 	}
 	_ = conn.SetDeadline(time.Now().Add(w.cfg.ConnectTimeout))
 	if err := proto.Write(conn, proto.TypeHello, hello); err != nil {
@@ -414,6 +472,7 @@ func (w *Worker) isRetired() bool {
 func (w *Worker) retire(reason string) {
 	w.retireOnce.Do(func() {
 		w.log.Info("worker retired", "reason", reason, "connections", w.conns.Load())
+		w.retiredAt = time.Now()
 		close(w.retired)
 		go w.closeWhenQueuesEmpty()
 	})
@@ -422,16 +481,32 @@ func (w *Worker) retire(reason string) {
 // closeWhenQueuesEmpty closes the listeners once no accepted-but-unserved
 // connection waits in their queues. The slot no longer points here, but a
 // handshake that began before the rule swap may still complete: give it a
-// moment, then close only when the kernel's accept queue is empty, so no
-// client that reached us is reset.
+// moment, then close only when the kernel's accept queues are empty and no
+// connection has arrived for a quiet period, so no client that reached us
+// is reset. (A handshake completes in the kernel, but on a starved machine
+// the softirq that finishes it may run late; the quiet period covers those
+// stragglers, the grace the common case.)
 func (w *Worker) closeWhenQueuesEmpty() {
-	const grace = 200 * time.Millisecond
+	const (
+		grace = 200 * time.Millisecond
+		quiet = 100 * time.Millisecond
+		limit = 5 * time.Second
+	)
 	time.Sleep(grace)
-	deadline := time.Now().Add(5 * time.Second)
-	for _, l := range w.listeners {
-		for time.Now().Before(deadline) && l.queued() > 0 {
-			time.Sleep(10 * time.Millisecond)
+	deadline := time.Now().Add(limit)
+	last, since := w.accepted.Load(), time.Now()
+	for time.Now().Before(deadline) {
+		if n := w.accepted.Load(); n != last {
+			last, since = n, time.Now()
 		}
+		queued := 0
+		for _, l := range w.listeners {
+			queued += l.queued()
+		}
+		if queued == 0 && time.Since(since) >= quiet {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	w.closeListeners()
 }
@@ -497,4 +572,98 @@ type trackedConn struct {
 func (c *trackedConn) Close() error {
 	c.once.Do(func() { c.w.conns.Add(-1) })
 	return c.TCPConn.Close()
+}
+
+// udpDrainIdle is how long a retired worker's UDP sockets must go without a
+// datagram before they close. The master moves the slot's flows away when it
+// retires the worker, so this normally only lets the datagrams already
+// queued, and the application's replies to them, go through.
+const udpDrainIdle = time.Second
+
+// packetConn is a worker's UDP socket for one public port. It records when
+// a datagram last arrived, so a retired worker can tell when no flow reaches
+// it any more. It embeds *net.UDPConn for its other methods, but only
+// ReadFrom counts: reads through ReadFromUDP or ReadMsgUDP are not seen, and
+// then the socket closes udpDrainIdle after retirement whatever arrives.
+type packetConn struct {
+	*net.UDPConn
+	last   atomic.Int64 // UnixNano of the last datagram read
+	once   sync.Once
+	closed atomic.Bool
+}
+
+func (c *packetConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, addr, err := c.UDPConn.ReadFrom(b)
+	if err == nil {
+		c.last.Store(time.Now().UnixNano())
+	}
+	return n, addr, err
+}
+
+// Close closes the socket; safe to call more than once.
+func (c *packetConn) Close() error {
+	err := net.ErrClosed
+	c.once.Do(func() {
+		c.closed.Store(true)
+		err = c.UDPConn.Close()
+	})
+	return err
+}
+
+func (c *packetConn) port() uint16 {
+	return uint16(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+// queued reports whether a datagram waits in the socket's receive queue.
+func (c *packetConn) queued() bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		// SIOCINQ on a UDP socket: the size of the next datagram, 0 if
+		// none (or if it is empty: such a datagram may be lost on close).
+		n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	})
+	return n > 0
+}
+
+// packetsIdle reports whether the worker has open UDP sockets and none has
+// received a datagram for d, counting from retirement, nor holds one
+// unread.
+func (w *Worker) packetsIdle(d time.Duration) bool {
+	if w.packetsClosed() {
+		return false
+	}
+	since := w.retiredAt
+	for _, c := range w.packets {
+		if last := time.Unix(0, c.last.Load()); last.After(since) {
+			since = last
+		}
+	}
+	if time.Since(since) < d {
+		return false
+	}
+	for _, c := range w.packets {
+		if !c.closed.Load() && c.queued() {
+			return false
+		}
+	}
+	return true
+}
+
+func (w *Worker) packetsClosed() bool {
+	for _, c := range w.packets {
+		if !c.closed.Load() {
+			return false
+		}
+	}
+	return true
+}
+
+func (w *Worker) closePacketConns() {
+	for _, c := range w.packets {
+		c.Close()
+	}
 }

@@ -20,7 +20,11 @@ import (
 
 // Version is the protocol version this build speaks. A hello carrying any
 // other version is refused with a message naming both.
-const Version = 1
+//
+// Version 2 added Port.Proto. A version 1 peer would ignore that field and
+// read TCP 443 and UDP 443 as one port, routing one protocol's clients to
+// the other's socket: an incompatible change, hence the bump.
+const Version = 2
 
 // MaxFrame is the largest frame body accepted, in bytes. It bounds what a
 // peer can make the master allocate; heartbeats are a few hundred bytes.
@@ -69,9 +73,13 @@ type Hello struct {
 	Retired bool `json:"retired,omitempty"`
 }
 
-// Port maps a public port to the port a worker listens on.
+// Port maps a public port to the port a worker listens on. The same
+// number may appear twice, once per protocol.
 type Port struct {
 	Public uint16 `json:"public"`
+	// Proto is "tcp" or "udp"; required. The master refuses a hello with
+	// any other value.
+	Proto  string `json:"proto"`
 	Worker uint16 `json:"worker"`
 }
 

@@ -11,7 +11,7 @@ import (
 func TestRoundTrip(t *testing.T) {
 	var buf bytes.Buffer
 	hello := &Hello{Version: Version, Role: RoleWorker, Cluster: "c", PID: 42, Slot: 3, Generation: 2,
-		Ports: []Port{{Public: 8080, Worker: 40000}}}
+		Ports: []Port{{Public: 8080, Proto: "tcp", Worker: 40000}, {Public: 8080, Proto: "udp", Worker: 40001}}}
 	if err := Write(&buf, TypeHello, hello); err != nil {
 		t.Fatal(err)
 	}
@@ -27,7 +27,8 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, ok := m.Body.(*Hello)
-	if !ok || got.Slot != 3 || got.Ports[0].Worker != 40000 || got.PID != 42 {
+	if !ok || got.Slot != 3 || got.Ports[0].Worker != 40000 || got.PID != 42 ||
+		len(got.Ports) != 2 || got.Ports[1] != (Port{Public: 8080, Proto: "udp", Worker: 40001}) {
 		t.Errorf("hello round trip: %+v", m.Body)
 	}
 	if m, err = r.Read(); err != nil || m.Body.(*Reason).Reason != "stop" {
@@ -84,11 +85,11 @@ func TestEncodeRefusesOversized(t *testing.T) {
 // encodes back to a frame it accepts again.
 func FuzzDecode(f *testing.F) {
 	for _, s := range []string{
-		`{"type":"hello","body":{"version":1,"role":"worker","cluster":"c","pid":1,"slot":0,"generation":1,"ports":[{"public":80,"worker":4000}]}}`,
+		`{"type":"hello","body":{"version":2,"role":"worker","cluster":"c","pid":1,"slot":0,"generation":1,"ports":[{"public":80,"proto":"tcp","worker":4000},{"public":80,"proto":"udp","worker":4001}]}}`,
 		`{"type":"heartbeat","body":{"stats":{"heap_bytes":1,"goroutines":2,"connections":3}}}`,
 		`{"type":"retire","body":{"reason":"x"}}`,
 		`{"type":"status"}`,
-		`{"type":"welcome","body":{"version":1,"heartbeat_ms":500}}`,
+		`{"type":"welcome","body":{"version":2,"heartbeat_ms":500}}`,
 	} {
 		f.Add([]byte(s))
 	}
