@@ -1,0 +1,396 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// cellRow is one cell aggregated over rounds.
+type cellRow struct {
+	mode      mode
+	source    string
+	path      path
+	rate      float64 // medians over rounds
+	p50, p99  time.Duration
+	vsDirect  float64 // rate / direct's rate, 0 if direct was not measured
+	errs      int     // sums over rounds
+	slow      int
+	ctPeak    int // max over rounds
+	firstErr  error
+	perRound  []float64
+	rounds    int
+	hasDirect bool
+}
+
+type scaleRow struct {
+	slots              int
+	natRate, dirRate   float64
+	ratio, vsOne       float64
+	natErrs, natSlow   int
+	dirErrs, dirSlow   int
+	natFirst, dirFirst error
+}
+
+func aggregate(rs []cellResult) cellRow {
+	var row cellRow
+	var rates, p50s, p99s []float64
+	for _, r := range rs {
+		rates = append(rates, r.rate)
+		p50s = append(p50s, float64(r.p50))
+		p99s = append(p99s, float64(r.p99))
+		row.errs += r.errs
+		row.slow += r.slow
+		row.ctPeak = max(row.ctPeak, r.ctPeak)
+		if row.firstErr == nil {
+			row.firstErr = r.firstErr
+		}
+	}
+	row.perRound = slices.Clone(rates)
+	row.rate = median(rates)
+	row.p50 = time.Duration(median(p50s))
+	row.p99 = time.Duration(median(p99s))
+	row.rounds = len(rs)
+	return row
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// applyServerSysctls sets -server-sysctl once conntrack is active in the
+// server namespace (its sysctls appear only then).
+func (b *bench) applyServerSysctls() error {
+	if b.sysctlsSet {
+		return nil
+	}
+	for _, kv := range b.o.serverSysctl {
+		if err := b.lab.Server.Sysctl(kv[0], kv[1]); err != nil {
+			return fmt.Errorf("-server-sysctl %s=%s: %w", kv[0], kv[1], err)
+		}
+	}
+	b.sysctlsSet = true
+	return nil
+}
+
+// cell flushes conntrack and runs one cell.
+func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, flows []flow, dur time.Duration) (cellResult, error) {
+	if err := ct.flush(); err != nil {
+		return cellResult{}, err
+	}
+	r := runCell(ctx, b.lab.Client, m, flows, b.o.conc, dur, ct)
+	if err := ctx.Err(); err != nil {
+		return r, fmt.Errorf("interrupted: %w", err)
+	}
+	return r, nil
+}
+
+// comparePaths is the first part: every mode × source set × path, in
+// interleaved rounds, against one cluster of -workers workers.
+func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
+	o := b.o
+	fmt.Fprintf(os.Stderr, "starting a %d-worker cluster ...\n", o.workers)
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, o.workers)
+	defer func() {
+		if serr := c.stop(); serr != nil {
+			err = errors.Join(err, serr)
+		}
+	}()
+	if err != nil {
+		return nil, err
+	}
+	if err := b.applyServerSysctls(); err != nil {
+		return nil, err
+	}
+	ct, err := openConntrack(b.lab.Server)
+	if err != nil {
+		return nil, err
+	}
+	defer ct.close()
+	b.ctMax = ct.max
+	sources := map[string][]netip.Addr{
+		"many":   b.lab.ClientAddrs4[:o.many],
+		"single": b.lab.ClientAddrs4[:1],
+	}
+	if err := b.verify(ctx, c, sources["many"]); err != nil {
+		return nil, fmt.Errorf("check that nat and direct reach the same worker: %w", err)
+	}
+	if slices.Contains(o.paths, haproxyPath) {
+		hp, err := startHAProxy(ctx, b.lab, b.tmp, c.ports)
+		defer hp.stop()
+		if err != nil {
+			return nil, err
+		}
+	}
+	type key struct {
+		m   mode
+		src string
+		p   path
+	}
+	flows := map[key][]flow{}
+	for _, m := range o.modes {
+		for _, src := range o.sources {
+			for _, p := range o.paths {
+				flows[key{m, src, p}] = flowsFor(p, sources[src], c.ports)
+			}
+		}
+	}
+	// Warm-up, not recorded: first connections fault in code and fill
+	// caches in every process on every path.
+	for _, p := range o.paths {
+		if _, err := b.cell(ctx, ct, keepalive, flowsFor(p, sources["many"], c.ports), 300*time.Millisecond); err != nil {
+			return nil, err
+		}
+	}
+	results := map[key][]cellResult{}
+	for r := range o.rounds {
+		t0 := time.Now()
+		var line []string
+		for _, m := range o.modes {
+			for _, src := range o.sources {
+				for _, p := range o.paths {
+					k := key{m, src, p}
+					res, err := b.cell(ctx, ct, m, flows[k], o.duration)
+					if err != nil {
+						return nil, err
+					}
+					results[k] = append(results[k], res)
+					if o.verbose {
+						fmt.Fprintf(os.Stderr, "  round %d %-12s %-6s %-7s %8.0f/s p50 %s p99 %s errors %d slow %d ct %d\n",
+							r+1, m, src, p, res.rate, fmtDur(res.p50), fmtDur(res.p99), res.errs, res.slow, res.ctPeak)
+					}
+					if res.slow > 0 || res.errs > 0 {
+						line = append(line, fmt.Sprintf("%s/%s/%s: %d slow, %d errors", m, src, p, res.slow, res.errs))
+					}
+				}
+			}
+		}
+		fmt.Fprintf(os.Stderr, "round %d/%d done in %s", r+1, o.rounds, time.Since(t0).Round(100*time.Millisecond))
+		if len(line) > 0 {
+			fmt.Fprintf(os.Stderr, " (%s)", strings.Join(line, "; "))
+		}
+		fmt.Fprintln(os.Stderr)
+	}
+	for _, m := range o.modes {
+		for _, src := range o.sources {
+			var dirRate float64
+			hasDirect := slices.Contains(o.paths, direct)
+			if hasDirect {
+				dirRate = median(rates(results[key{m, src, direct}]))
+			}
+			for _, p := range o.paths {
+				row := aggregate(results[key{m, src, p}])
+				row.mode, row.source, row.path, row.hasDirect = m, src, p, hasDirect
+				if hasDirect && dirRate > 0 {
+					row.vsDirect = row.rate / dirRate
+				}
+				rows = append(rows, row)
+			}
+		}
+	}
+	return rows, nil
+}
+
+func rates(rs []cellResult) []float64 {
+	var v []float64
+	for _, r := range rs {
+		v = append(v, r.rate)
+	}
+	return v
+}
+
+// lookupScaling is the second part: for each slot count a cluster of that
+// many workers, client-close from every lab address through nat and
+// direct, interleaved in rounds.
+func (b *bench) lookupScaling(ctx context.Context) ([]scaleRow, error) {
+	srcs := b.lab.ClientAddrs4 // the same addresses for every slot count
+	var rows []scaleRow
+	for _, n := range b.o.slots {
+		row, err := b.scaleOne(ctx, n, srcs)
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows, row)
+	}
+	for i := range rows {
+		if rows[0].slots == 1 && rows[0].natRate > 0 {
+			rows[i].vsOne = rows[i].natRate / rows[0].natRate
+		}
+	}
+	return rows, nil
+}
+
+func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr) (row scaleRow, err error) {
+	fmt.Fprintf(os.Stderr, "lookup scaling: starting a %d-worker cluster ...\n", n)
+	t0 := time.Now()
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, n)
+	defer func() {
+		if serr := c.stop(); serr != nil {
+			err = errors.Join(err, serr)
+		}
+	}()
+	if err != nil {
+		return row, err
+	}
+	fmt.Fprintf(os.Stderr, "  ready in %s\n", time.Since(t0).Round(100*time.Millisecond))
+	if err := b.applyServerSysctls(); err != nil {
+		return row, err
+	}
+	ct, err := openConntrack(b.lab.Server)
+	if err != nil {
+		return row, err
+	}
+	defer ct.close()
+	b.ctMax = ct.max
+	if err := b.verify(ctx, c, srcs); err != nil {
+		return row, fmt.Errorf("check that nat and direct reach the same worker: %w", err)
+	}
+	paths := []path{direct, nat}
+	results := map[path][]cellResult{}
+	if _, err := b.cell(ctx, ct, clientClose, flowsFor(nat, srcs, c.ports), 300*time.Millisecond); err != nil {
+		return row, err
+	}
+	for range b.o.rounds {
+		for _, p := range paths {
+			res, err := b.cell(ctx, ct, clientClose, flowsFor(p, srcs, c.ports), b.o.duration)
+			if err != nil {
+				return row, err
+			}
+			results[p] = append(results[p], res)
+		}
+	}
+	natRow, dirRow := aggregate(results[nat]), aggregate(results[direct])
+	row = scaleRow{
+		slots: n, natRate: natRow.rate, dirRate: dirRow.rate,
+		natErrs: natRow.errs, natSlow: natRow.slow, dirErrs: dirRow.errs, dirSlow: dirRow.slow,
+		natFirst: natRow.firstErr, dirFirst: dirRow.firstErr,
+	}
+	if row.dirRate > 0 {
+		row.ratio = row.natRate / row.dirRate
+	}
+	return row, nil
+}
+
+func fmtDur(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "-"
+	case d < 10*time.Millisecond:
+		return fmt.Sprintf("%.0fµs", float64(d)/1e3)
+	default:
+		return fmt.Sprintf("%.1fms", float64(d)/1e6)
+	}
+}
+
+func fmtRatio(r float64, ok bool) string {
+	if !ok || r == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", r)
+}
+
+// printResults prints the tables, as aligned text or as Markdown.
+func printResults(w io.Writer, o options, facts []string, rows []cellRow, scale []scaleRow, md bool) {
+	if md {
+		fmt.Fprintln(w, "\n<!-- bench/datapath -->")
+		for _, f := range facts {
+			fmt.Fprintf(w, "- %s\n", f)
+		}
+		fmt.Fprintln(w)
+	} else {
+		fmt.Fprintln(w)
+		for _, f := range facts {
+			fmt.Fprintln(w, f)
+		}
+		fmt.Fprintln(w)
+	}
+	unit := func(m mode) string {
+		if m == keepalive {
+			return "req/s"
+		}
+		return "conn/s"
+	}
+	if len(rows) > 0 {
+		fmt.Fprintf(w, "Paths: medians of %d rounds; rate per cell, latency of a request (keepalive) or connect+request+response; errors and slow connects (≥900ms) summed over rounds; conntrack peak = max entries seen.\n\n", o.rounds)
+		hdr := []string{"mode", "sources", "path", "rate", "vs direct", "p50", "p99", "errors", "slow connects", "conntrack peak"}
+		var lines [][]string
+		for _, r := range rows {
+			lines = append(lines, []string{
+				r.mode.String(), r.source, r.path.String(),
+				fmt.Sprintf("%.0f %s", r.rate, unit(r.mode)), fmtRatio(r.vsDirect, r.hasDirect),
+				fmtDur(r.p50), fmtDur(r.p99),
+				fmt.Sprint(r.errs), fmt.Sprint(r.slow), fmt.Sprint(r.ctPeak),
+			})
+		}
+		table(w, hdr, lines, md)
+		var errLines []string
+		for _, r := range rows {
+			if r.firstErr != nil {
+				errLines = append(errLines, fmt.Sprintf("%s/%s/%s first error: %v", r.mode, r.source, r.path, r.firstErr))
+			}
+		}
+		if len(errLines) > 0 {
+			fmt.Fprintln(w)
+			for _, l := range errLines {
+				fmt.Fprintln(w, l)
+			}
+		}
+		fmt.Fprintln(w)
+	}
+	if len(scale) > 0 {
+		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate.\n\n", max(o.many, slices.Max(o.slots)), o.rounds)
+		hdr := []string{"slots", "nat rules", "direct", "nat", "nat/direct", "nat/1-slot", "errors d/n", "slow d/n"}
+		var lines [][]string
+		for _, s := range scale {
+			lines = append(lines, []string{
+				fmt.Sprint(s.slots), fmt.Sprint(s.slots), // one rule per slot and public port
+				fmt.Sprintf("%.0f conn/s", s.dirRate), fmt.Sprintf("%.0f conn/s", s.natRate),
+				fmtRatio(s.ratio, true), fmtRatio(s.vsOne, s.vsOne > 0),
+				fmt.Sprintf("%d/%d", s.dirErrs, s.natErrs), fmt.Sprintf("%d/%d", s.dirSlow, s.natSlow),
+			})
+		}
+		table(w, hdr, lines, md)
+		for _, s := range scale {
+			for _, e := range []error{s.dirFirst, s.natFirst} {
+				if e != nil {
+					fmt.Fprintf(w, "%d slots first error: %v\n", s.slots, e)
+				}
+			}
+		}
+		fmt.Fprintln(w)
+	}
+}
+
+func table(w io.Writer, hdr []string, lines [][]string, md bool) {
+	if md {
+		fmt.Fprintf(w, "| %s |\n", strings.Join(hdr, " | "))
+		fmt.Fprintf(w, "|%s\n", strings.Repeat("---|", len(hdr)))
+		for _, l := range lines {
+			fmt.Fprintf(w, "| %s |\n", strings.Join(l, " | "))
+		}
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.Join(hdr, "\t"))
+	for _, l := range lines {
+		fmt.Fprintln(tw, strings.Join(l, "\t"))
+	}
+	tw.Flush()
+}
