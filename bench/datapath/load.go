@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -166,7 +167,7 @@ func dialer(src *net.TCPAddr) *net.Dialer {
 		Control: func(_, _ string, c syscall.RawConn) error {
 			var serr error
 			if err := c.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+				if os.Getenv("EARLY") == "" { serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1) }
 			}); err != nil {
 				return err
 			}
@@ -240,7 +241,7 @@ func loadLoop(ctx context.Context, m mode, flows []flow, g, conc int, end time.T
 		_ = c.SetDeadline(t0.Add(opTimeout))
 		br.Reset(c)
 		err = roundTrip(c, br, req)
-		if err == nil && m == serverClose {
+		if err == nil && m == serverClose && os.Getenv("NOEOF") == "" {
 			// Wait for the server's FIN, so the server is the one that
 			// closed first and holds the TIME_WAIT.
 			err = expectEOF(br)

@@ -94,6 +94,7 @@ type options struct {
 	serverSysctl [][2]string
 	markdown     bool
 	verbose      bool
+	noFlush      bool
 }
 
 func main() {
@@ -106,12 +107,13 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 1500*time.Millisecond, "duration of each cell")
 	flag.IntVar(&o.rounds, "rounds", 5, "rounds: every cell runs once per round")
 	flag.IntVar(&o.many, "many", 64, "client addresses of the 'many' source set")
-	modes := flag.String("modes", "keepalive,client-close,server-close", "load modes to run")
+	modes := flag.String("modes", "keepalive,client-close,server-close", "load modes to run, or none (lookup scaling only)")
 	paths := flag.String("paths", "direct,nat,haproxy", "paths to measure")
 	sources := flag.String("sources", "many,single", "source sets: many, single")
 	slots := flag.String("slots", "1,16,256", "slot counts for the lookup-scaling part, or none")
 	sysctls := flag.String("server-sysctl", "", "key=value[,key=value] sysctls set in the server namespace before measuring, e.g. net.netfilter.nf_conntrack_tcp_be_liberal=1")
 	flag.BoolVar(&o.markdown, "markdown", false, "also print the results as Markdown tables")
+	flag.BoolVar(&o.noFlush, "no-flush", false, "do not flush conntrack between cells (cells then inherit each other's TIME_WAIT entries)")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
 	flag.Parse()
 	log.SetFlags(0)
@@ -158,6 +160,9 @@ func isPow2(n int) bool { return n > 0 && n&(n-1) == 0 }
 
 func parseList[T any](s string, names []string, mk func(int) T) ([]T, error) {
 	var out []T
+	if s == "" || s == "none" {
+		return nil, nil
+	}
 	for _, f := range strings.Split(s, ",") {
 		i := slices.Index(names, strings.TrimSpace(f))
 		if i < 0 {

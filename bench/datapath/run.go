@@ -92,8 +92,10 @@ func (b *bench) applyServerSysctls() error {
 
 // cell flushes conntrack and runs one cell.
 func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, flows []flow, dur time.Duration) (cellResult, error) {
-	if err := ct.flush(); err != nil {
-		return cellResult{}, err
+	if !b.o.noFlush {
+		if err := ct.flush(); err != nil {
+			return cellResult{}, err
+		}
 	}
 	r := runCell(ctx, b.lab.Client, m, flows, b.o.conc, dur, ct)
 	if err := ctx.Err(); err != nil {
