@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -167,7 +166,7 @@ func dialer(src *net.TCPAddr) *net.Dialer {
 		Control: func(_, _ string, c syscall.RawConn) error {
 			var serr error
 			if err := c.Control(func(fd uintptr) {
-				if os.Getenv("EARLY") == "" { serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1) }
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 			}); err != nil {
 				return err
 			}
@@ -241,7 +240,7 @@ func loadLoop(ctx context.Context, m mode, flows []flow, g, conc int, end time.T
 		_ = c.SetDeadline(t0.Add(opTimeout))
 		br.Reset(c)
 		err = roundTrip(c, br, req)
-		if err == nil && m == serverClose && os.Getenv("NOEOF") == "" {
+		if err == nil && m == serverClose {
 			// Wait for the server's FIN, so the server is the one that
 			// closed first and holds the TIME_WAIT.
 			err = expectEOF(br)

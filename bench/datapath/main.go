@@ -95,6 +95,7 @@ type options struct {
 	markdown     bool
 	verbose      bool
 	noFlush      bool
+	trap         bool
 }
 
 func main() {
@@ -114,6 +115,7 @@ func main() {
 	sysctls := flag.String("server-sysctl", "", "key=value[,key=value] sysctls set in the server namespace before measuring, e.g. net.netfilter.nf_conntrack_tcp_be_liberal=1")
 	flag.BoolVar(&o.markdown, "markdown", false, "also print the results as Markdown tables")
 	flag.BoolVar(&o.noFlush, "no-flush", false, "do not flush conntrack between cells (cells then inherit each other's TIME_WAIT entries)")
+	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them, with be_liberal 0 and 1")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
 	flag.Parse()
 	log.SetFlags(0)
@@ -227,8 +229,9 @@ type bench struct {
 	exe string
 	tmp string
 
-	ctMax      int  // nf_conntrack_max in the server namespace
-	sysctlsSet bool // -server-sysctl applied
+	ctMax      int       // nf_conntrack_max in the server namespace
+	trap       []trapRow // the trap section's results
+	sysctlsSet bool      // -server-sysctl applied
 }
 
 func run(ctx context.Context, o options, args []string) (err error) {
@@ -279,9 +282,9 @@ func run(ctx context.Context, o options, args []string) (err error) {
 		}
 	}
 	facts = append(facts, fmt.Sprintf("nf_conntrack_max %d (server namespace)", b.ctMax))
-	printResults(os.Stdout, o, facts, rows, scale, false)
+	printResults(os.Stdout, o, facts, rows, b.trap, scale, false)
 	if o.markdown {
-		printResults(os.Stdout, o, facts, rows, scale, true)
+		printResults(os.Stdout, o, facts, rows, b.trap, scale, true)
 	}
 	return nil
 }

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
 )
 
 // cellRow is one cell aggregated over rounds.
@@ -190,6 +192,11 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 		}
 		fmt.Fprintln(os.Stderr)
 	}
+	if o.trap {
+		if b.trap, err = b.trapSection(ctx, ct, c, sources["single"]); err != nil {
+			return nil, err
+		}
+	}
 	for _, m := range o.modes {
 		for _, src := range o.sources {
 			var dirRate float64
@@ -309,7 +316,7 @@ func fmtRatio(r float64, ok bool) string {
 }
 
 // printResults prints the tables, as aligned text or as Markdown.
-func printResults(w io.Writer, o options, facts []string, rows []cellRow, scale []scaleRow, md bool) {
+func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap []trapRow, scale []scaleRow, md bool) {
 	if md {
 		fmt.Fprintln(w, "\n<!-- bench/datapath -->")
 		for _, f := range facts {
@@ -356,6 +363,20 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, scale 
 		}
 		fmt.Fprintln(w)
 	}
+	if len(trap) > 0 {
+		fmt.Fprintf(w, "Trap: server-close from one address, direct and nat cells alternating with conntrack NOT flushed between them (medians of %d rounds; slow/errors summed).\n\n", o.rounds)
+		hdr := []string{"be_liberal", "direct", "nat", "nat/direct", "slow d/n", "errors d/n", "conntrack peak"}
+		var lines [][]string
+		for _, t := range trap {
+			lines = append(lines, []string{
+				t.liberal, fmt.Sprintf("%.0f conn/s", t.dirRate), fmt.Sprintf("%.0f conn/s", t.natRate),
+				fmtRatio(t.natRate/max(t.dirRate, 1), true),
+				fmt.Sprintf("%d/%d", t.dirSlow, t.natSlow), fmt.Sprintf("%d/%d", t.dirErrs, t.natErrs), fmt.Sprint(t.ctPeak),
+			})
+		}
+		table(w, hdr, lines, md)
+		fmt.Fprintln(w)
+	}
 	if len(scale) > 0 {
 		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate.\n\n", max(o.many, slices.Max(o.slots)), o.rounds)
 		hdr := []string{"slots", "nat rules", "direct", "nat", "nat/direct", "nat/1-slot", "errors d/n", "slow d/n"}
@@ -395,4 +416,87 @@ func table(w io.Writer, hdr []string, lines [][]string, md bool) {
 		fmt.Fprintln(tw, strings.Join(l, "\t"))
 	}
 	tw.Flush()
+}
+
+// trapRow is one variant of the trap section.
+type trapRow struct {
+	liberal          string // nf_conntrack_tcp_be_liberal during the variant
+	dirRate, natRate float64
+	dirSlow, natSlow int
+	dirErrs, natErrs int
+	ctPeak           int
+}
+
+const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
+
+// trapSection reproduces the single-source server-close trap: server-close
+// from one address, direct and nat cells alternating as in the main part,
+// but conntrack is flushed only once, before the first cell, so the nat
+// cells meet the TIME_WAIT entries of the direct cells (and the other way
+// round). Run once with the namespace's nf_conntrack_tcp_be_liberal and
+// once with 1 (unless it is 1 already); the setting is restored afterwards.
+//
+// The mechanism (see the report in the commit that added this): a nat SYN
+// from c:p, DNATed to the worker port w, has the reply tuple w→c:p, which
+// the TIME_WAIT entry of an earlier direct connection c:p→w still holds.
+// NAT resolves the clash by rewriting the client's source port to a
+// random free one, c:p'. The worker's own TIME_WAIT socket for c:p' (from
+// some earlier connection of another client 4-tuple, hence with unrelated
+// ISN and timestamp) rejects the SYN with an ACK, the client resets, and
+// the retried SYN is remapped again: the connect ends up waiting for the
+// 1s SYN retransmission.
+func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, single []netip.Addr) ([]trapRow, error) {
+	orig, err := readSysctl(b.lab.Server, liberalSysctl)
+	if err != nil {
+		return nil, err
+	}
+	variants := []string{orig}
+	if orig != "1" {
+		variants = append(variants, "1")
+	}
+	defer func() {
+		_ = b.lab.Server.Sysctl(liberalSysctl, orig)
+	}()
+	var rows []trapRow
+	for _, v := range variants {
+		if err := b.lab.Server.Sysctl(liberalSysctl, v); err != nil {
+			return nil, fmt.Errorf("set %s=%s: %w", liberalSysctl, v, err)
+		}
+		if err := ct.flush(); err != nil {
+			return nil, err
+		}
+		res := map[path][]cellResult{}
+		for r := range b.o.rounds {
+			for _, p := range []path{direct, nat} {
+				cr := runCell(ctx, b.lab.Client, serverClose, flowsFor(p, single, c.ports), b.o.conc, b.o.duration, ct)
+				if err := ctx.Err(); err != nil {
+					return nil, fmt.Errorf("interrupted: %w", err)
+				}
+				res[p] = append(res[p], cr)
+				if b.o.verbose {
+					fmt.Fprintf(os.Stderr, "  trap be_liberal=%s round %d %-6s %8.0f/s errors %d slow %d ct %d\n", v, r+1, p, cr.rate, cr.errs, cr.slow, cr.ctPeak)
+				}
+			}
+		}
+		d, n := aggregate(res[direct]), aggregate(res[nat])
+		rows = append(rows, trapRow{liberal: v, dirRate: d.rate, natRate: n.rate,
+			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak)})
+		fmt.Fprintf(os.Stderr, "trap section, be_liberal=%s: direct %.0f/s (%d slow), nat %.0f/s (%d slow)\n", v, d.rate, d.slow, n.rate, n.slow)
+	}
+	return rows, nil
+}
+
+// readSysctl reads a network sysctl of ns (see conntrack for why it is
+// opened inside the namespace).
+func readSysctl(ns *netlab.NS, name string) (string, error) {
+	var v string
+	err := ns.Do(func() error {
+		b, err := os.ReadFile("/proc/sys/" + name)
+		v = strings.TrimSpace(string(b))
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("read %s in %s: %w", name, ns.Name, err)
+	}
+	return v, nil
 }
