@@ -64,6 +64,7 @@ type cellResult struct {
 	p50, p99   time.Duration
 	errs, slow int
 	ctPeak     int
+	remapped   int // conntrack entries with a NAT-rewritten client port, after the cell
 	firstErr   error
 }
 

@@ -281,7 +281,9 @@ func run(ctx context.Context, o options, args []string) (err error) {
 			return err
 		}
 	}
-	facts = append(facts, fmt.Sprintf("nf_conntrack_max %d (server namespace)", b.ctMax))
+	if b.ctMax > 0 {
+		facts = append(facts, fmt.Sprintf("nf_conntrack_max %d (server namespace)", b.ctMax))
+	}
 	printResults(os.Stdout, o, facts, rows, b.trap, scale, false)
 	if o.markdown {
 		printResults(os.Stdout, o, facts, rows, b.trap, scale, true)

@@ -324,6 +324,24 @@ func (ct *conntrack) flush() error {
 	return nil
 }
 
+// remapped counts the entries whose client source port NAT rewrote (the
+// reply goes to another port than the client sent from): the implicit
+// source-port remapping the kernel does when a connection's reply tuple is
+// already held by another entry.
+func (ct *conntrack) remapped() (int, error) {
+	flows, err := ct.nl.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+	if err != nil {
+		return 0, fmt.Errorf("list conntrack: %w", err)
+	}
+	n := 0
+	for _, f := range flows {
+		if f.Forward.Protocol == unix.IPPROTO_TCP && f.Forward.SrcPort != f.Reverse.DstPort {
+			n++
+		}
+	}
+	return n, nil
+}
+
 func (ct *conntrack) close() {
 	if ct == nil {
 		return

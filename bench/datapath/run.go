@@ -28,6 +28,7 @@ type cellRow struct {
 	errs      int     // sums over rounds
 	slow      int
 	ctPeak    int // max over rounds
+	remapped  int // max over rounds
 	firstErr  error
 	perRound  []float64
 	rounds    int
@@ -53,6 +54,7 @@ func aggregate(rs []cellResult) cellRow {
 		row.errs += r.errs
 		row.slow += r.slow
 		row.ctPeak = max(row.ctPeak, r.ctPeak)
+		row.remapped = max(row.remapped, r.remapped)
 		if row.firstErr == nil {
 			row.firstErr = r.firstErr
 		}
@@ -103,7 +105,9 @@ func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, flows []flow, d
 	if err := ctx.Err(); err != nil {
 		return r, fmt.Errorf("interrupted: %w", err)
 	}
-	return r, nil
+	var err error
+	r.remapped, err = ct.remapped()
+	return r, err
 }
 
 // comparePaths is the first part: every mode × source set × path, in
@@ -337,15 +341,15 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		return "conn/s"
 	}
 	if len(rows) > 0 {
-		fmt.Fprintf(w, "Paths: medians of %d rounds; rate per cell, latency of a request (keepalive) or connect+request+response; errors and slow connects (≥900ms) summed over rounds; conntrack peak = max entries seen.\n\n", o.rounds)
-		hdr := []string{"mode", "sources", "path", "rate", "vs direct", "p50", "p99", "errors", "slow connects", "conntrack peak"}
+		fmt.Fprintf(w, "Paths: medians of %d rounds; rate per cell, latency of a request (keepalive) or connect+request+response; errors and slow connects (≥900ms) summed over rounds; conntrack peak = max entries seen; port-remapped = max conntrack entries after a cell whose client port NAT rewrote.\n\n", o.rounds)
+		hdr := []string{"mode", "sources", "path", "rate", "vs direct", "p50", "p99", "errors", "slow connects", "conntrack peak", "port-remapped"}
 		var lines [][]string
 		for _, r := range rows {
 			lines = append(lines, []string{
 				r.mode.String(), r.source, r.path.String(),
 				fmt.Sprintf("%.0f %s", r.rate, unit(r.mode)), fmtRatio(r.vsDirect, r.hasDirect),
 				fmtDur(r.p50), fmtDur(r.p99),
-				fmt.Sprint(r.errs), fmt.Sprint(r.slow), fmt.Sprint(r.ctPeak),
+				fmt.Sprint(r.errs), fmt.Sprint(r.slow), fmt.Sprint(r.ctPeak), fmt.Sprint(r.remapped),
 			})
 		}
 		table(w, hdr, lines, md)
@@ -364,14 +368,14 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		fmt.Fprintln(w)
 	}
 	if len(trap) > 0 {
-		fmt.Fprintf(w, "Trap: server-close from one address, direct and nat cells alternating with conntrack NOT flushed between them (medians of %d rounds; slow/errors summed).\n\n", o.rounds)
-		hdr := []string{"be_liberal", "direct", "nat", "nat/direct", "slow d/n", "errors d/n", "conntrack peak"}
+		fmt.Fprintf(w, "Trap: server-close from one address, direct and nat cells alternating with conntrack NOT flushed between them (medians of %d rounds; slow/errors summed; port-remapped = most conntrack entries seen after a cell whose client port NAT rewrote).\n\n", o.rounds)
+		hdr := []string{"be_liberal", "direct", "nat", "nat/direct", "slow d/n", "errors d/n", "conntrack peak", "port-remapped entries"}
 		var lines [][]string
 		for _, t := range trap {
 			lines = append(lines, []string{
 				t.liberal, fmt.Sprintf("%.0f conn/s", t.dirRate), fmt.Sprintf("%.0f conn/s", t.natRate),
 				fmtRatio(t.natRate/max(t.dirRate, 1), true),
-				fmt.Sprintf("%d/%d", t.dirSlow, t.natSlow), fmt.Sprintf("%d/%d", t.dirErrs, t.natErrs), fmt.Sprint(t.ctPeak),
+				fmt.Sprintf("%d/%d", t.dirSlow, t.natSlow), fmt.Sprintf("%d/%d", t.dirErrs, t.natErrs), fmt.Sprint(t.ctPeak), fmt.Sprint(t.remapped),
 			})
 		}
 		table(w, hdr, lines, md)
@@ -425,6 +429,7 @@ type trapRow struct {
 	dirSlow, natSlow int
 	dirErrs, natErrs int
 	ctPeak           int
+	remapped         int // max over rounds, after a nat cell
 }
 
 const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
@@ -466,6 +471,7 @@ func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, sing
 			return nil, err
 		}
 		res := map[path][]cellResult{}
+		remapped := 0
 		for r := range b.o.rounds {
 			for _, p := range []path{direct, nat} {
 				cr := runCell(ctx, b.lab.Client, serverClose, flowsFor(p, single, c.ports), b.o.conc, b.o.duration, ct)
@@ -473,14 +479,19 @@ func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, sing
 					return nil, fmt.Errorf("interrupted: %w", err)
 				}
 				res[p] = append(res[p], cr)
+				rm, err := ct.remapped()
+				if err != nil {
+					return nil, err
+				}
+				remapped = max(remapped, rm)
 				if b.o.verbose {
-					fmt.Fprintf(os.Stderr, "  trap be_liberal=%s round %d %-6s %8.0f/s errors %d slow %d ct %d\n", v, r+1, p, cr.rate, cr.errs, cr.slow, cr.ctPeak)
+					fmt.Fprintf(os.Stderr, "  trap be_liberal=%s round %d %-6s %8.0f/s errors %d slow %d ct %d remapped %d\n", v, r+1, p, cr.rate, cr.errs, cr.slow, cr.ctPeak, rm)
 				}
 			}
 		}
 		d, n := aggregate(res[direct]), aggregate(res[nat])
 		rows = append(rows, trapRow{liberal: v, dirRate: d.rate, natRate: n.rate,
-			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak)})
+			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak), remapped: remapped})
 		fmt.Fprintf(os.Stderr, "trap section, be_liberal=%s: direct %.0f/s (%d slow), nat %.0f/s (%d slow)\n", v, d.rate, d.slow, n.rate, n.slow)
 	}
 	return rows, nil
