@@ -96,6 +96,7 @@ type options struct {
 	verbose      bool
 	noFlush      bool
 	trap         bool
+	splitPorts   bool
 }
 
 func main() {
@@ -116,6 +117,7 @@ func main() {
 	flag.BoolVar(&o.markdown, "markdown", false, "also print the results as Markdown tables")
 	flag.BoolVar(&o.noFlush, "no-flush", false, "do not flush conntrack between cells (cells then inherit each other's TIME_WAIT entries)")
 	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them, with be_liberal 0 and 1")
+	flag.BoolVar(&o.splitPorts, "split-ports", true, "give each path its own third of the client's ephemeral ports (see portRange)")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
 	flag.Parse()
 	log.SetFlags(0)
@@ -156,6 +158,16 @@ func main() {
 		stop()
 		log.Fatal(err)
 	}
+}
+
+// nClients is the lab's client address count: -many, or for the lookup
+// scaling edgeAddrs per slot of the largest cluster, up to netlab's 1024.
+func nClients(o options) int {
+	n := o.many
+	for _, s := range o.slots {
+		n = max(n, min(1024, s*edgeAddrs))
+	}
+	return n
 }
 
 func isPow2(n int) bool { return n > 0 && n&(n-1) == 0 }
@@ -218,7 +230,7 @@ func parseSysctls(s string) ([][2]string, error) {
 //     seconds. The server namespace needs them too: HAProxy's connections
 //     to the workers all come from 198.18.0.1.
 var labSysctls = [][2]string{
-	{"net/ipv4/ip_local_port_range", "1024 65535"},
+	{"net/ipv4/ip_local_port_range", fullRange},
 	{"net/ipv4/tcp_tw_reuse", "1"},
 }
 
@@ -232,6 +244,7 @@ type bench struct {
 	ctMax      int       // nf_conntrack_max in the server namespace
 	trap       []trapRow // the trap section's results
 	sysctlsSet bool      // -server-sysctl applied
+	curRange   string    // the client namespace's ip_local_port_range
 }
 
 func run(ctx context.Context, o options, args []string) (err error) {
@@ -244,11 +257,7 @@ func run(ctx context.Context, o options, args []string) (err error) {
 		return fmt.Errorf("create temp dir: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	clients := o.many
-	for _, n := range o.slots {
-		clients = max(clients, n)
-	}
-	lab, err := netlab.New(netlab.Options{Clients: clients})
+	lab, err := netlab.New(netlab.Options{Clients: nClients(o)})
 	if err != nil {
 		return fmt.Errorf("create lab: %w", err)
 	}
@@ -264,13 +273,18 @@ func run(ctx context.Context, o options, args []string) (err error) {
 			}
 		}
 	}
-	b := &bench{o: o, lab: lab, exe: exe, tmp: tmp}
+	b := &bench{o: o, lab: lab, exe: exe, tmp: tmp, curRange: labSysctls[0][1]}
 	facts := machineFacts(o, args)
 
 	var rows []cellRow
 	if len(o.modes) > 0 && len(o.paths) > 0 && len(o.sources) > 0 {
 		rows, err = b.comparePaths(ctx)
 		if err != nil {
+			return err
+		}
+	}
+	if o.trap {
+		if b.trap, err = b.trapSection(ctx); err != nil {
 			return err
 		}
 	}

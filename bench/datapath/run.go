@@ -37,6 +37,8 @@ type cellRow struct {
 
 type scaleRow struct {
 	slots              int
+	firstRate          float64 // nat from slot 0's addresses (first rule)
+	lastRate           float64 // nat from slot n-1's addresses (last rule)
 	natRate, dirRate   float64
 	ratio, vsOne       float64
 	natErrs, natSlow   int
@@ -95,7 +97,10 @@ func (b *bench) applyServerSysctls() error {
 }
 
 // cell flushes conntrack and runs one cell.
-func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, flows []flow, dur time.Duration) (cellResult, error) {
+func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, p path, flows []flow, dur time.Duration) (cellResult, error) {
+	if err := b.portRange(p); err != nil {
+		return cellResult{}, err
+	}
 	if !b.o.noFlush {
 		if err := ct.flush(); err != nil {
 			return cellResult{}, err
@@ -108,6 +113,40 @@ func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, flows []flow, d
 	var err error
 	r.remapped, err = ct.remapped()
 	return r, err
+}
+
+// portRange gives the client's connections of path p their own third of
+// the ephemeral port range (with -split-ports), the whole range otherwise.
+//
+// The worker holds a TIME_WAIT socket for every connection it closed
+// first, keyed by the client address and port it saw. The client chooses
+// the ISN and timestamp of its next SYN from the 4-tuple it dials, and
+// direct (dialing the worker port) and nat (dialing the public port) are
+// different 4-tuples reaching the same worker socket. A port that one path
+// used and another path reuses within 60s meets a TIME_WAIT whose sequence
+// numbers are unrelated, and about half of the time the worker answers the
+// SYN with a stale ACK, the client resets, and retries: one path's cells
+// would slow the other's. Real clients reach a worker through one path
+// only, so each path gets ports of its own.
+func (b *bench) portRange(p path) error {
+	r := fullRange
+	if b.o.splitPorts {
+		r = [...]string{"1024 22527", "22528 44031", "44032 65535"}[p]
+	}
+	return b.setRange(r)
+}
+
+const fullRange = "1024 65535"
+
+func (b *bench) setRange(r string) error {
+	if r == b.curRange {
+		return nil
+	}
+	if err := b.lab.Client.Sysctl("net/ipv4/ip_local_port_range", r); err != nil {
+		return fmt.Errorf("set the client port range to %s: %w", r, err)
+	}
+	b.curRange = r
+	return nil
 }
 
 // comparePaths is the first part: every mode × source set × path, in
@@ -163,7 +202,7 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 	// Warm-up, not recorded: first connections fault in code and fill
 	// caches in every process on every path.
 	for _, p := range o.paths {
-		if _, err := b.cell(ctx, ct, keepalive, flowsFor(p, sources["many"], c.ports), 300*time.Millisecond); err != nil {
+		if _, err := b.cell(ctx, ct, keepalive, p, flowsFor(p, sources["many"], c.ports), 300*time.Millisecond); err != nil {
 			return nil, err
 		}
 	}
@@ -175,7 +214,7 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 			for _, src := range o.sources {
 				for _, p := range o.paths {
 					k := key{m, src, p}
-					res, err := b.cell(ctx, ct, m, flows[k], o.duration)
+					res, err := b.cell(ctx, ct, m, p, flows[k], o.duration)
 					if err != nil {
 						return nil, err
 					}
@@ -195,11 +234,6 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 			fmt.Fprintf(os.Stderr, " (%s)", strings.Join(line, "; "))
 		}
 		fmt.Fprintln(os.Stderr)
-	}
-	if o.trap {
-		if b.trap, err = b.trapSection(ctx, ct, c, sources["single"]); err != nil {
-			return nil, err
-		}
 	}
 	for _, m := range o.modes {
 		for _, src := range o.sources {
@@ -277,20 +311,40 @@ func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr) (row sca
 	}
 	paths := []path{direct, nat}
 	results := map[path][]cellResult{}
-	if _, err := b.cell(ctx, ct, clientClose, flowsFor(nat, srcs, c.ports), 300*time.Millisecond); err != nil {
+	if _, err := b.cell(ctx, ct, clientClose, nat, flowsFor(nat, srcs, c.ports), 300*time.Millisecond); err != nil {
 		return row, err
 	}
+	// The walk itself, apart from everything else that grows with the
+	// worker count: nat from a few addresses of slot 0 (the chain's first
+	// rule) against as many of slot n-1 (its last), one worker each.
+	first, last := slotAddrs(srcs, n, 0, edgeAddrs), slotAddrs(srcs, n, n-1, edgeAddrs)
+	var firstRes, lastRes []cellResult
 	for range b.o.rounds {
 		for _, p := range paths {
-			res, err := b.cell(ctx, ct, clientClose, flowsFor(p, srcs, c.ports), b.o.duration)
+			res, err := b.cell(ctx, ct, clientClose, p, flowsFor(p, srcs, c.ports), b.o.duration)
 			if err != nil {
 				return row, err
 			}
 			results[p] = append(results[p], res)
 		}
+		if n == 1 {
+			continue
+		}
+		for _, e := range []struct {
+			addrs []netip.Addr
+			res   *[]cellResult
+		}{{first, &firstRes}, {last, &lastRes}} {
+			res, err := b.cell(ctx, ct, clientClose, nat, flowsFor(nat, e.addrs, c.ports), b.o.duration)
+			if err != nil {
+				return row, err
+			}
+			*e.res = append(*e.res, res)
+		}
 	}
 	natRow, dirRow := aggregate(results[nat]), aggregate(results[direct])
+	row.firstRate, row.lastRate = median(rates(firstRes)), median(rates(lastRes))
 	row = scaleRow{
+		firstRate: row.firstRate, lastRate: row.lastRate,
 		slots: n, natRate: natRow.rate, dirRate: dirRow.rate,
 		natErrs: natRow.errs, natSlow: natRow.slow, dirErrs: dirRow.errs, dirSlow: dirRow.slow,
 		natFirst: natRow.firstErr, dirFirst: dirRow.firstErr,
@@ -299,6 +353,20 @@ func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr) (row sca
 		row.ratio = row.natRate / row.dirRate
 	}
 	return row, nil
+}
+
+// edgeAddrs is how many addresses of one slot the first/last-rule cells use.
+const edgeAddrs = 4
+
+// slotAddrs returns up to k addresses of srcs that map to slot.
+func slotAddrs(srcs []netip.Addr, n, slot, k int) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range srcs {
+		if slotOf(a, n) == slot && len(out) < k {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 func fmtDur(d time.Duration) string {
@@ -310,6 +378,13 @@ func fmtDur(d time.Duration) string {
 	default:
 		return fmt.Sprintf("%.1fms", float64(d)/1e6)
 	}
+}
+
+func fmtRate(r float64) string {
+	if r == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f conn/s", r)
 }
 
 func fmtRatio(r float64, ok bool) string {
@@ -382,14 +457,15 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		fmt.Fprintln(w)
 	}
 	if len(scale) > 0 {
-		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate.\n\n", max(o.many, slices.Max(o.slots)), o.rounds)
-		hdr := []string{"slots", "nat rules", "direct", "nat", "nat/direct", "nat/1-slot", "errors d/n", "slow d/n"}
+		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate; nat first/last rule = nat from %d addresses of slot 0 / slot n-1 only (one worker), which isolates the rule walk.\n\n", nClients(o), o.rounds, edgeAddrs)
+		hdr := []string{"slots", "nat rules", "direct", "nat", "nat/direct", "nat/1-slot", "nat first rule", "nat last rule", "last/first", "errors d/n", "slow d/n"}
 		var lines [][]string
 		for _, s := range scale {
 			lines = append(lines, []string{
 				fmt.Sprint(s.slots), fmt.Sprint(s.slots), // one rule per slot and public port
 				fmt.Sprintf("%.0f conn/s", s.dirRate), fmt.Sprintf("%.0f conn/s", s.natRate),
 				fmtRatio(s.ratio, true), fmtRatio(s.vsOne, s.vsOne > 0),
+				fmtRate(s.firstRate), fmtRate(s.lastRate), fmtRatio(s.lastRate/max(s.firstRate, 1), s.firstRate > 0),
 				fmt.Sprintf("%d/%d", s.dirErrs, s.natErrs), fmt.Sprintf("%d/%d", s.dirSlow, s.natSlow),
 			})
 		}
@@ -440,6 +516,9 @@ const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
 // cells meet the TIME_WAIT entries of the direct cells (and the other way
 // round). Run once with the namespace's nf_conntrack_tcp_be_liberal and
 // once with 1 (unless it is 1 already); the setting is restored afterwards.
+// Each variant gets a fresh cluster, so the worker ports are new and the
+// previous variant's TIME_WAIT sockets cannot reach it; the client uses its
+// whole port range for both paths, as the original measurement did.
 //
 // The mechanism (see the report in the commit that added this): a nat SYN
 // from c:p, DNATed to the worker port w, has the reply tuple w→c:p, which
@@ -450,7 +529,10 @@ const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
 // ISN and timestamp) rejects the SYN with an ACK, the client resets, and
 // the retried SYN is remapped again: the connect ends up waiting for the
 // 1s SYN retransmission.
-func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, single []netip.Addr) ([]trapRow, error) {
+func (b *bench) trapSection(ctx context.Context) ([]trapRow, error) {
+	if err := b.setRange(fullRange); err != nil {
+		return nil, err
+	}
 	orig, err := readSysctl(b.lab.Server, liberalSysctl)
 	if err != nil {
 		return nil, err
@@ -464,24 +546,55 @@ func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, sing
 	}()
 	var rows []trapRow
 	for _, v := range variants {
-		if err := b.lab.Server.Sysctl(liberalSysctl, v); err != nil {
-			return nil, fmt.Errorf("set %s=%s: %w", liberalSysctl, v, err)
-		}
-		if err := ct.flush(); err != nil {
+		row, err := b.trapVariant(ctx, v)
+		if err != nil {
 			return nil, err
 		}
+		rows = append(rows, row)
+	}
+	return rows, nil
+}
+
+func (b *bench) trapVariant(ctx context.Context, v string) (row trapRow, err error) {
+	fmt.Fprintf(os.Stderr, "trap section, be_liberal=%s: starting a %d-worker cluster ...\n", v, b.o.workers)
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, b.o.workers)
+	defer func() {
+		if serr := c.stop(); serr != nil {
+			err = errors.Join(err, serr)
+		}
+	}()
+	if err != nil {
+		return row, err
+	}
+	if err := b.applyServerSysctls(); err != nil {
+		return row, err
+	}
+	if err := b.lab.Server.Sysctl(liberalSysctl, v); err != nil {
+		return row, fmt.Errorf("set %s=%s: %w", liberalSysctl, v, err)
+	}
+	ct, err := openConntrack(b.lab.Server)
+	if err != nil {
+		return row, err
+	}
+	defer ct.close()
+	b.ctMax = ct.max
+	single := b.lab.ClientAddrs4[:1]
+	if err := ct.flush(); err != nil {
+		return row, err
+	}
+	{
 		res := map[path][]cellResult{}
 		remapped := 0
 		for r := range b.o.rounds {
 			for _, p := range []path{direct, nat} {
 				cr := runCell(ctx, b.lab.Client, serverClose, flowsFor(p, single, c.ports), b.o.conc, b.o.duration, ct)
 				if err := ctx.Err(); err != nil {
-					return nil, fmt.Errorf("interrupted: %w", err)
+					return row, fmt.Errorf("interrupted: %w", err)
 				}
 				res[p] = append(res[p], cr)
 				rm, err := ct.remapped()
 				if err != nil {
-					return nil, err
+					return row, err
 				}
 				remapped = max(remapped, rm)
 				if b.o.verbose {
@@ -490,11 +603,11 @@ func (b *bench) trapSection(ctx context.Context, ct *conntrack, c *cluster, sing
 			}
 		}
 		d, n := aggregate(res[direct]), aggregate(res[nat])
-		rows = append(rows, trapRow{liberal: v, dirRate: d.rate, natRate: n.rate,
-			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak), remapped: remapped})
-		fmt.Fprintf(os.Stderr, "trap section, be_liberal=%s: direct %.0f/s (%d slow), nat %.0f/s (%d slow)\n", v, d.rate, d.slow, n.rate, n.slow)
+		row = trapRow{liberal: v, dirRate: d.rate, natRate: n.rate,
+			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak), remapped: remapped}
+		fmt.Fprintf(os.Stderr, "  direct %.0f/s (%d slow), nat %.0f/s (%d slow)\n", d.rate, d.slow, n.rate, n.slow)
 	}
-	return rows, nil
+	return row, nil
 }
 
 // readSysctl reads a network sysctl of ns (see conntrack for why it is
