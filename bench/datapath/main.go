@@ -24,9 +24,24 @@
 // cell also counts errors and slow connects (≥900ms: a SYN retransmission)
 // and the peak conntrack count in the server namespace.
 //
-// A second part, lookup scaling, starts clusters of 1, 16 and 256 workers
+// Cells are isolated: conntrack in the server namespace is flushed before
+// each, and each path dials from its own third of the client's ephemeral
+// ports (-split-ports), so no path meets the other's TIME_WAIT state.
+//
+// A trap section (-trap) then shows what happens without that isolation:
+// server-close from one address, direct and nat alternating with
+// conntrack not flushed, on a fresh cluster, with
+// nf_conntrack_tcp_be_liberal 0 and 1. A nat connection whose reply tuple
+// is still held by a direct connection's TIME_WAIT entry gets its client
+// port rewritten by NAT, lands on an unrelated TIME_WAIT socket in the
+// worker and waits for a 1s SYN retransmission (counted as slow connects;
+// port-remapped counts the rewritten entries).
+//
+// A last part, lookup scaling, starts clusters of 1, 16 and 256 workers
 // (-slots) and measures the client-close connection rate through nat and
-// direct, to see what the linear walk of the nat chain costs.
+// direct from every lab address, and through nat from a few addresses of
+// the chain's first and of its last slot only, which isolates the cost of
+// the linear rule walk from everything else that grows with the workers.
 //
 // Run as root from the repository root:
 //

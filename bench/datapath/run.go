@@ -520,7 +520,7 @@ const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
 // previous variant's TIME_WAIT sockets cannot reach it; the client uses its
 // whole port range for both paths, as the original measurement did.
 //
-// The mechanism (see the report in the commit that added this): a nat SYN
+// The mechanism, as conntrack -E and tcpdump in the lab show it: a nat SYN
 // from c:p, DNATed to the worker port w, has the reply tuple w→c:p, which
 // the TIME_WAIT entry of an earlier direct connection c:p→w still holds.
 // NAT resolves the clash by rewriting the client's source port to a
