@@ -179,6 +179,18 @@ type Config struct {
 	// the kernel has it, else iptables.
 	Backend Backend
 
+	// AllowDirect lets clients connect to a worker's own port, bypassing
+	// the routes. By default (false) the nftables backend refuses new
+	// connections and UDP flows to worker ports that did not come through
+	// the cluster's routes: a client must not choose its worker, and a
+	// direct connection's leftover conntrack entry would make the kernel
+	// rewrite the client port of a routed connection from the same client
+	// port, which can meet a worker TIME_WAIT socket and stall that
+	// connection for a 1-second SYN retransmission. Set it to reach
+	// workers directly for debugging or to benchmark the routes against
+	// direct connections. The iptables backend never refuses them.
+	AllowDirect bool
+
 	// RunDir holds one directory per cluster with its control socket and
 	// lock. Default /run/ipcluster.
 	RunDir string
@@ -336,6 +348,7 @@ func (c *Config) routing() *routing {
 		addr:    c.Addr,
 		workers: c.Workers,
 		prefix:  map[*family]int{familyIPv4: c.IPv4SlotPrefix, familyIPv6: c.IPv6SlotPrefix},
+		guard:   !c.AllowDirect,
 	}
 	switch {
 	case !c.Addr.IsValid():

@@ -53,8 +53,10 @@ var (
 type ruleBackend interface {
 	// apply routes each slot to its target (nil: no rules for that slot)
 	// in one atomic change per kernel interface; the first call replaces
-	// whatever a crashed master left.
-	apply(ctx context.Context, targets []slotTarget) error
+	// whatever a crashed master left. workers are the port maps of every
+	// live worker: unless Config.AllowDirect, the nftables backend refuses
+	// direct connections to those ports (the iptables backend does not).
+	apply(ctx context.Context, targets, workers []slotTarget) error
 	// remove deletes everything the cluster owns; idempotent.
 	remove(ctx context.Context) error
 	// rulesText renders the rules the master believes in, per family.
@@ -76,6 +78,7 @@ type routing struct {
 	workers  int
 	prefix   map[*family]int // slot bits are the low bits of the first prefix bits
 	ports    []Port          // public ports, in Config order
+	guard    bool            // refuse direct connections to worker ports (nftables only)
 }
 
 // hookSpec is the rule, as iptables-save prints it, that jumps from a
@@ -400,7 +403,7 @@ func newRuleWriter(r *routing, run ruleRunner) *ruleWriter {
 // call per family reconciles with what the kernel holds (a crashed
 // master's chain, duplicate hooks); later calls rewrite only the chain, and
 // only when it changes. One iptables-restore per family that changes.
-func (w *ruleWriter) apply(ctx context.Context, targets []slotTarget) error {
+func (w *ruleWriter) apply(ctx context.Context, targets, _ []slotTarget) error {
 	for _, f := range w.r.families {
 		lines := w.r.chainRules(f, targets)
 		if w.hooked[f] {

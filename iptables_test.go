@@ -162,23 +162,23 @@ COMMIT
 	run := &fakeRunner{saveOut: map[*family]string{familyIPv4: stale}}
 	w := newRuleWriter(r, run)
 	ctx := context.Background()
-	if err := w.apply(ctx, targetsFor(2)[:2]); err != nil {
+	if err := w.apply(ctx, targetsFor(2)[:2], nil); err != nil {
 		t.Fatal(err)
 	}
 	// A swap replaces the slot's rules in place; an unchanged target writes
 	// nothing.
 	ts := targetsFor(2)
 	ts[1] = slotTarget{tcp8080: 41000}
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, nil); err != nil {
 		t.Fatal(err)
 	}
 	// A slot losing its worker shifts rule positions: the chain is
 	// rewritten whole instead of replaced in place.
 	ts[0] = nil
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, nil); err != nil {
 		t.Fatal(err)
 	}
 	if w.restores != 3 || w.saves != 1 {
@@ -197,14 +197,14 @@ func TestApplyFailureKeepsState(t *testing.T) {
 	run := &fakeRunner{saveOut: map[*family]string{}}
 	w := newRuleWriter(r, run)
 	ctx := context.Background()
-	if err := w.apply(ctx, targetsFor(2)); err != nil {
+	if err := w.apply(ctx, targetsFor(2), nil); err != nil {
 		t.Fatal(err)
 	}
 	before := w.rulesText()["ipv4"]
 	run.failNext = &RuleError{Cmd: "iptables-restore --noflush --wait", ExitStatus: 4, Stderr: "iptables-restore: line 3 failed"}
 	ts := targetsFor(2)
 	ts[0] = slotTarget{tcp8080: 1}
-	err := w.apply(ctx, ts)
+	err := w.apply(ctx, ts, nil)
 	var re *RuleError
 	if err == nil || !strings.Contains(err.Error(), "line 3 failed") || !strings.Contains(err.Error(), "exit status 4") {
 		t.Fatalf("error %v does not carry iptables' exit status and message", err)
@@ -216,7 +216,7 @@ func TestApplyFailureKeepsState(t *testing.T) {
 		t.Errorf("a failed write changed the believed rules:\n%s", got)
 	}
 	// The next attempt retries the same change.
-	if err := w.apply(ctx, ts); err != nil || !strings.Contains(w.rulesText()["ipv4"], ":1") {
+	if err := w.apply(ctx, ts, nil); err != nil || !strings.Contains(w.rulesText()["ipv4"], ":1") {
 		t.Errorf("retry: err %v, rules %s", err, w.rulesText()["ipv4"])
 	}
 }

@@ -501,6 +501,10 @@ func (m *master) onExit(p *proc, status string) {
 	if m.stopping {
 		return
 	}
+	if p.ports != nil && m.rt.guard {
+		// Its ports leave the guard set: the OS may hand them to anyone.
+		m.rulesDirty = true
+	}
 	switch p.state {
 	case stateStarting:
 		if m.pending[p.slot] == p {
@@ -708,7 +712,7 @@ func (m *master) syncRules(ctx context.Context) {
 		}
 	}
 	t0 := time.Now()
-	if err := m.rules.apply(ctx, targets); err != nil {
+	if err := m.rules.apply(ctx, targets, m.workerPorts()); err != nil {
 		m.log.Error("writing rules failed; previous rules stay in force, retrying in 1s", "err", err)
 		m.emit.send(EventRulesFailed{Err: err})
 		if !m.installed {
@@ -750,6 +754,18 @@ func (m *master) syncRules(ctx context.Context) {
 	}
 }
 
+// workerPorts returns the port maps of every worker that has reported its
+// ports, in any state: the ports refused to direct connections.
+func (m *master) workerPorts() []slotTarget {
+	out := make([]slotTarget, 0, len(m.procs))
+	for _, p := range m.procs {
+		if p.ports != nil {
+			out = append(out, p.ports)
+		}
+	}
+	return out
+}
+
 func (m *master) allSlotsReady() bool {
 	for _, p := range m.slots {
 		if p == nil {
@@ -775,7 +791,7 @@ func (m *master) stop(why string) {
 	// finishing workers' clients would be cut mid-connection.
 	if m.installed {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := m.rules.apply(ctx, make([]slotTarget, len(m.slots))); err != nil {
+		if err := m.rules.apply(ctx, make([]slotTarget, len(m.slots)), m.workerPorts()); err != nil {
 			m.log.Error("withdrawing routes; removing the rules instead", "err", err)
 			m.removeRules()
 		} else {

@@ -19,7 +19,22 @@ package ipcluster
 //				dnat ip to ip saddr & 0.0.0.3 . meta l4proto . th dport map @slots4
 //		}
 //		chain output { type nat hook output priority dstnat; ... the same }
+//
+//		set workers { type inet_proto . inet_service; elements = { tcp . 40123, ... } }
+//		chain input {
+//			type filter hook input priority filter;
+//			ct state new ct status & dnat == 0 meta l4proto . th dport @workers reject
+//		}
 //	}
+//
+// The input chain (absent with Config.AllowDirect) refuses new connections
+// and UDP flows to a worker's own port that did not come through the
+// cluster's routes. A client that could reach a worker port directly would
+// bypass its slot; worse, the conntrack entry such a connection leaves
+// (120 s in TIME_WAIT) holds the reply tuple a routed connection from the
+// same client port needs, so NAT silently rewrites the routed connection's
+// client port, which can land on a worker TIME_WAIT socket of another
+// connection: a stale ACK, a reset, and a 1-second SYN retransmission.
 //
 // Why a map rather than a rule per slot: a new connection's first packet
 // costs one hash lookup whatever the number of slots, where the iptables
@@ -58,6 +73,17 @@ type nftKey struct {
 	port  uint16
 }
 
+// guardKey is one element of the workers set: a worker port.
+type guardKey struct {
+	proto byte
+	port  uint16
+}
+
+func (k guardKey) bytes() []byte {
+	// As the rule loads it: each part in a whole 32-bit register.
+	return append(binary.BigEndian.AppendUint16([]byte{k.proto, 0, 0, 0}, k.port), 0, 0)
+}
+
 // nftWriter implements ruleBackend with nf_tables over netlink. It is used
 // only from the master's state goroutine.
 type nftWriter struct {
@@ -67,7 +93,10 @@ type nftWriter struct {
 	// installed is the content of every family's map in the kernel: the
 	// routes the master believes in. nil until the first install.
 	installed map[nftKey]uint16
-	txns      int // netlink transactions sent, for status and benchmarks
+	// guarded is the content of the workers set: the worker ports
+	// refused to direct connections. Unused with Config.AllowDirect.
+	guarded map[guardKey]bool
+	txns    int // netlink transactions sent, for status and benchmarks
 }
 
 // nftNewConn opens the netlink connection the writer uses; tests and
@@ -98,7 +127,7 @@ func nftTableName(cluster string) string { return "ipcluster-" + cluster }
 func nftProbe(conn *nftables.Conn, r *routing) error {
 	w := newNFTWriter(r, conn)
 	w.tbl.Name = "ipcluster-probe-" + r.name
-	if err := w.queueTable(nil); err != nil {
+	if err := w.queueTable(nil, nil); err != nil {
 		return err
 	}
 	conn.DelTable(w.tbl)
@@ -225,15 +254,19 @@ func (w *nftWriter) rule(f *family, chain *nftables.Chain, set *nftables.Set) *n
 // apply makes the kernel's maps route each slot to its target: the first
 // call replaces whatever table a crashed master left with a complete new
 // one; later calls send only the elements that changed. One transaction.
-func (w *nftWriter) apply(ctx context.Context, targets []slotTarget) error {
+func (w *nftWriter) apply(ctx context.Context, targets, workers []slotTarget) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	want := w.want(targets)
+	guard := w.wantGuard(workers)
 	if w.installed == nil {
-		return w.install(want)
+		return w.install(want, guard)
 	}
-	changed := false
+	changed, err := w.queueGuard(guard)
+	if err != nil {
+		return err
+	}
 	have := w.installed
 	for _, f := range w.r.families {
 		var del, add []nftKey
@@ -272,11 +305,101 @@ func (w *nftWriter) apply(ctx context.Context, targets []slotTarget) error {
 	if err := w.conn.Flush(); err != nil {
 		return fmt.Errorf("update routes in nf_tables table inet %s: %w", w.tbl.Name, err)
 	}
-	w.installed = want
+	w.installed, w.guarded = want, guard
 	return nil
 }
 
-func (w *nftWriter) install(want map[nftKey]uint16) error {
+// wantGuard returns the workers set's content for the given workers' port
+// maps, or nil when direct connections are allowed.
+func (w *nftWriter) wantGuard(workers []slotTarget) map[guardKey]bool {
+	if !w.r.guard {
+		return nil
+	}
+	m := map[guardKey]bool{}
+	for _, t := range workers {
+		for pub, wport := range t {
+			m[guardKey{proto: pub.Proto.ipproto(), port: wport}] = true
+		}
+	}
+	return m
+}
+
+// queueGuard queues the changes that make the workers set hold want, and
+// reports whether there were any.
+func (w *nftWriter) queueGuard(want map[guardKey]bool) (bool, error) {
+	if !w.r.guard {
+		return false, nil
+	}
+	var del, add []nftables.SetElement
+	for k := range w.guarded {
+		if !want[k] {
+			del = append(del, nftables.SetElement{Key: k.bytes()})
+		}
+	}
+	for k := range want {
+		if !w.guarded[k] {
+			add = append(add, nftables.SetElement{Key: k.bytes()})
+		}
+	}
+	set := w.guardSet()
+	if len(del) > 0 {
+		if err := w.conn.SetDeleteElements(set, del); err != nil {
+			return false, fmt.Errorf("update set %s of table %s: %w", set.Name, w.tbl.Name, err)
+		}
+	}
+	if len(add) > 0 {
+		if err := w.conn.SetAddElements(set, add); err != nil {
+			return false, fmt.Errorf("update set %s of table %s: %w", set.Name, w.tbl.Name, err)
+		}
+	}
+	return len(del)+len(add) > 0, nil
+}
+
+func (w *nftWriter) guardSet() *nftables.Set {
+	return &nftables.Set{
+		Table:   w.tbl,
+		Name:    "workers",
+		KeyType: nftables.MustConcatSetType(nftables.TypeInetProto, nftables.TypeInetService),
+	}
+}
+
+// ipsDstNAT is the conntrack status bit of a destination-NATed connection
+// (IPS_DST_NAT in linux/netfilter/nf_conntrack_common.h).
+const ipsDstNAT = 1 << 5
+
+// guardRules refuse a new connection (TCP: a reset) or UDP flow (ICMP port
+// unreachable) to a worker port unless the cluster's routes translated it.
+// Established connections, and a worker's own outgoing ones, are never
+// new here.
+func (w *nftWriter) guardRules(chain *nftables.Chain, set *nftables.Set) []*nftables.Rule {
+	const keyReg = 8 // NFT_REG32_00, as in rule
+	var rules []*nftables.Rule
+	for _, proto := range []Protocol{TCP, UDP} {
+		reject := &expr.Reject{Type: unix.NFT_REJECT_TCP_RST}
+		if proto == UDP {
+			reject = &expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH}
+		}
+		rules = append(rules, &nftables.Rule{Table: w.tbl, Chain: chain, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto.ipproto()}},
+			&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+			&expr.Ct{Key: expr.CtKeySTATUS, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: keyReg},
+			&expr.Payload{DestRegister: keyReg + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Lookup{SourceRegister: keyReg, SetName: set.Name, SetID: set.ID},
+			reject,
+		}})
+	}
+	return rules
+}
+
+func (w *nftWriter) install(want map[nftKey]uint16, guard map[guardKey]bool) error {
 	exists, err := w.exists()
 	if err != nil {
 		return err
@@ -286,19 +409,20 @@ func (w *nftWriter) install(want map[nftKey]uint16) error {
 		// its routes stay in force until the new ones are.
 		w.conn.DelTable(w.tbl)
 	}
-	if err := w.queueTable(want); err != nil {
+	if err := w.queueTable(want, guard); err != nil {
 		return err
 	}
 	w.txns++
 	if err := w.conn.Flush(); err != nil {
 		return fmt.Errorf("install nf_tables table inet %s: %w", w.tbl.Name, err)
 	}
-	w.installed = want
+	w.installed, w.guarded = want, guard
 	return nil
 }
 
-// queueTable queues the creation of the whole table, routing as want says.
-func (w *nftWriter) queueTable(want map[nftKey]uint16) error {
+// queueTable queues the creation of the whole table, routing as want says
+// and guarding the worker ports in guard.
+func (w *nftWriter) queueTable(want map[nftKey]uint16, guard map[guardKey]bool) error {
 	w.conn.AddTable(w.tbl)
 	chains := []*nftables.Chain{
 		w.conn.AddChain(&nftables.Chain{Name: "prerouting", Table: w.tbl, Type: nftables.ChainTypeNAT,
@@ -315,6 +439,22 @@ func (w *nftWriter) queueTable(want map[nftKey]uint16) error {
 		for _, c := range chains {
 			w.conn.AddRule(w.rule(f, c, set))
 		}
+	}
+	if !w.r.guard {
+		return nil
+	}
+	set := w.guardSet()
+	elems := make([]nftables.SetElement, 0, len(guard))
+	for k := range guard {
+		elems = append(elems, nftables.SetElement{Key: k.bytes()})
+	}
+	if err := w.conn.AddSet(set, elems); err != nil {
+		return fmt.Errorf("install set %s of table %s: %w", set.Name, w.tbl.Name, err)
+	}
+	input := w.conn.AddChain(&nftables.Chain{Name: "input", Table: w.tbl, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter})
+	for _, r := range w.guardRules(input, set) {
+		w.conn.AddRule(r)
 	}
 	return nil
 }
@@ -344,7 +484,7 @@ func (w *nftWriter) remove(ctx context.Context) error {
 			return fmt.Errorf("delete nf_tables table inet %s: %w", w.tbl.Name, err)
 		}
 	}
-	w.installed = nil
+	w.installed, w.guarded = nil, nil
 	return nil
 }
 
@@ -437,8 +577,8 @@ type clearsOther struct {
 	log     *slog.Logger
 }
 
-func (c *clearsOther) apply(ctx context.Context, targets []slotTarget) error {
-	if err := c.ruleBackend.apply(ctx, targets); err != nil {
+func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) error {
+	if err := c.ruleBackend.apply(ctx, targets, workers); err != nil {
 		return err
 	}
 	if !c.cleared && c.other != nil {

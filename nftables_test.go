@@ -4,6 +4,7 @@ package ipcluster
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -104,7 +105,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 		ts[s] = slotTarget{tcp8080: lns.port[s], tcp8443: lns.port[s]}
 	}
 	ctx := context.Background()
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, ts); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = w.remove(ctx) })
@@ -131,7 +132,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 	_, oldClient, oldServer := reaches(t, lab, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, 8080), lns)
 	before := w.changes()
 	ts[1] = slotTarget{tcp8080: lns.port[4], tcp8443: lns.port[4]}
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, ts); err != nil {
 		t.Fatal(err)
 	}
 	if n := w.changes() - before; n != 1 {
@@ -148,7 +149,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 
 	// A slot losing its worker loses its routes; the rest keep theirs.
 	ts[2] = nil
-	if err := w.apply(ctx, ts); err != nil {
+	if err := w.apply(ctx, ts, ts); err != nil {
 		t.Fatal(err)
 	}
 	if got, _, _ := reaches(t, lab, lab.ClientAddrs4[2], netip.AddrPortFrom(lab.ServerAddr4, 8080), lns); got != -1 {
@@ -158,7 +159,7 @@ func TestNFTWriterRoutesAndSwaps(t *testing.T) {
 
 	// A stopping master withdraws every route first: no new connection is
 	// routed, established ones keep working until their workers finish.
-	if err := w.apply(ctx, make([]slotTarget, 4)); err != nil {
+	if err := w.apply(ctx, make([]slotTarget, 4), ts); err != nil {
 		t.Fatal(err)
 	}
 	if got, _, _ := reaches(t, lab, lab.ClientAddrs4[0], netip.AddrPortFrom(lab.ServerAddr4, 8080), lns); got != -1 {
@@ -230,12 +231,12 @@ func TestNFTWriterReplacesStaleTable(t *testing.T) {
 	lns := listenN(t, lab.Server, 3)
 	ctx := context.Background()
 	crashed := newNFTWriter(r, conn)
-	if err := crashed.apply(ctx, []slotTarget{{tcp8080: lns.port[0]}, {tcp8080: lns.port[1]}}); err != nil {
+	if err := crashed.apply(ctx, []slotTarget{{tcp8080: lns.port[0]}, {tcp8080: lns.port[1]}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	w := newNFTWriter(r, conn)
 	t.Cleanup(func() { _ = w.remove(ctx) })
-	if err := w.apply(ctx, []slotTarget{{tcp8080: lns.port[2]}, {tcp8080: lns.port[2]}}); err != nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: lns.port[2]}, {tcp8080: lns.port[2]}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 2 {
@@ -257,7 +258,7 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 	r := testRouting(t, Config{Name: "nft", Workers: 2, Ports: []Port{{Public: 8080}}})
 	w := newNFTWriter(r, conn)
 	ctx := context.Background()
-	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}); err != nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	// The table vanishes behind the writer's back (an operator's nft
@@ -266,7 +267,7 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.installed = map[nftKey]uint16{{slot: 0, proto: 6, port: 8080}: 1000}
-	if err := w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}); err == nil {
+	if err := w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}, nil); err == nil {
 		t.Fatal("updating a table that does not exist succeeded")
 	}
 	if got := w.installed[nftKey{slot: 0, proto: 6, port: 8080}]; got != 1000 || len(w.installed) != 1 {
@@ -288,5 +289,61 @@ func TestNFTProbeLeavesNothing(t *testing.T) {
 	}
 	for _, tb := range tables {
 		t.Errorf("table %s left by the probe", tb.Name)
+	}
+}
+
+// Unless AllowDirect, a worker's own port refuses new connections that did
+// not come through the routes, from other hosts and from this one, while
+// routed ones and established ones work; a port that leaves the set is
+// open again. With AllowDirect nothing is refused.
+func TestNFTGuardRefusesDirect(t *testing.T) {
+	for _, allow := range []bool{false, true} {
+		t.Run(fmt.Sprintf("AllowDirect=%v", allow), func(t *testing.T) {
+			lab, conn := nftLab(t, 2)
+			r := testRouting(t, Config{Name: "nft", Workers: 1, Ports: []Port{tcp8080}, AllowDirect: allow})
+			w := newNFTWriter(r, conn)
+			lns := listenN(t, lab.Server, 2)
+			ctx := context.Background()
+			ts := []slotTarget{{tcp8080: lns.port[0]}}
+			workers := []slotTarget{{tcp8080: lns.port[0]}, {tcp8080: lns.port[1]}} // 1: a retired worker
+			if err := w.apply(ctx, ts, workers); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = w.remove(ctx) })
+
+			if got, _, _ := reaches(t, lab, lab.ClientAddrs4[0], netip.AddrPortFrom(lab.ServerAddr4, 8080), lns); got != 0 {
+				t.Fatalf("routed connection reached listener %d, want 0", got)
+			}
+			for i, port := range lns.port {
+				got, _, _ := reaches(t, lab, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, port), lns)
+				if allow && got != i {
+					t.Errorf("AllowDirect: a direct connection to worker port %d reached %d", port, got)
+				}
+				if !allow && got != -1 {
+					t.Errorf("a direct connection to worker port %d was let through to listener %d", port, got)
+				}
+				// From this host too: the nat output path does not route it.
+				err := lab.Server.Do(func() error {
+					c, err := net.DialTimeout("tcp", netip.AddrPortFrom(lab.ServerAddr4, port).String(), time.Second)
+					if err == nil {
+						c.Close()
+					}
+					return err
+				})
+				if allow == (err != nil) {
+					t.Errorf("local direct connection to worker port %d: %v (AllowDirect %v)", port, err, allow)
+				}
+			}
+			if allow {
+				return
+			}
+			// The retired worker exits: its port is no longer refused.
+			if err := w.apply(ctx, ts, workers[:1]); err != nil {
+				t.Fatal(err)
+			}
+			if got, _, _ := reaches(t, lab, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, lns.port[1]), lns); got != 1 {
+				t.Errorf("a port that left the guard set still refused (reached %d)", got)
+			}
+		})
 	}
 }

@@ -67,7 +67,7 @@ func BenchmarkRuleInstall(b *testing.B) {
 			ops := 0
 			for i := 0; i < b.N; i++ {
 				before := w.changes()
-				if err := w.apply(ctx, ts); err != nil {
+				if err := w.apply(ctx, ts, ts); err != nil {
 					b.Fatal(err)
 				}
 				ops += w.changes() - before
@@ -88,7 +88,7 @@ func BenchmarkRuleSwapOneSlot(b *testing.B) {
 		b.Run(c.String(), func(b *testing.B) {
 			w, ts := benchBackend(b, c.backend, c.workers, c.families)
 			ctx := context.Background()
-			if err := w.apply(ctx, ts); err != nil {
+			if err := w.apply(ctx, ts, ts); err != nil {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { _ = w.remove(ctx) })
@@ -96,7 +96,7 @@ func BenchmarkRuleSwapOneSlot(b *testing.B) {
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				ts[1] = slotTarget{tcp8080: uint16(20000 + i%2), tcp8443: uint16(30000 + i%2)}
-				if err := w.apply(ctx, ts); err != nil {
+				if err := w.apply(ctx, ts, ts); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -114,7 +114,7 @@ func BenchmarkRuleRemove(b *testing.B) {
 			ops := 0
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
-				if err := w.apply(ctx, ts); err != nil {
+				if err := w.apply(ctx, ts, ts); err != nil {
 					b.Fatal(err)
 				}
 				b.StartTimer()
