@@ -5,7 +5,9 @@
 // userspace proxy, all to the same workers and with the same load
 // generator, inside a throwaway pair of network namespaces (internal/netlab).
 //
-// Three paths to the same 2^k workers of one cluster:
+// Three paths to the same 2^k workers of one cluster (started with
+// Config.AllowDirect, since by default the cluster refuses connections to
+// its workers' own ports):
 //
 //   - direct: each client connects straight to the worker port its slot
 //     maps to (read from the master's status): the nat path minus the nat;
@@ -30,18 +32,20 @@
 //
 // A trap section (-trap) then shows what happens without that isolation:
 // server-close from one address, direct and nat alternating with
-// conntrack not flushed, on a fresh cluster, with
-// nf_conntrack_tcp_be_liberal 0 and 1. A nat connection whose reply tuple
-// is still held by a direct connection's TIME_WAIT entry gets its client
-// port rewritten by NAT, lands on an unrelated TIME_WAIT socket in the
-// worker and waits for a 1s SYN retransmission (counted as slow connects;
+// conntrack not flushed, on a fresh cluster per variant: direct allowed
+// with nf_conntrack_tcp_be_liberal 0 and 1, then the library's default,
+// which refuses direct connections. A nat connection whose reply tuple is
+// still held by a direct connection's TIME_WAIT entry gets its client port
+// rewritten by NAT, lands on an unrelated TIME_WAIT socket in the worker
+// and waits for a 1s SYN retransmission (counted as slow connects;
 // port-remapped counts the rewritten entries).
 //
 // A last part, lookup scaling, starts clusters of 1, 16 and 256 workers
-// (-slots) and measures the client-close connection rate through nat and
-// direct from every lab address, and through nat from a few addresses of
-// the chain's first and of its last slot only, which isolates the cost of
-// the linear rule walk from everything else that grows with the workers.
+// (-slots) for each rule backend (-backends) and measures the client-close
+// connection rate through nat and direct from every lab address, and
+// through nat from a few addresses of the first and of the last slot only,
+// which isolates the cost of the lookup (for iptables, the linear rule
+// walk) from everything else that grows with the workers.
 //
 // Run as root from the repository root:
 //
@@ -96,7 +100,12 @@ var pathNames = []string{"direct", "nat", "haproxy"}
 
 func (p path) String() string { return pathNames[p] }
 
+// backendNames are the values of Config.Backend the bench knows.
+var backendNames = []string{"nftables", "iptables"}
+
 type options struct {
+	backend      string
+	backends     []string
 	workers      int
 	conc         int
 	duration     time.Duration
@@ -118,7 +127,10 @@ func main() {
 	serveRole := flag.Bool("serve", false, "internal: run as the cluster under test (set by the bench itself)")
 	name := flag.String("name", "", "internal: cluster name, with -serve")
 	runDir := flag.String("rundir", "", "internal: cluster run directory, with -serve")
+	allowDirect := flag.Bool("allow-direct", false, "internal: Config.AllowDirect, with -serve")
 	var o options
+	flag.StringVar(&o.backend, "backend", "", `rule backend of the path comparison and trap clusters: nftables or iptables (default: the library's choice)`)
+	backends := flag.String("backends", "nftables,iptables", "rule backends compared by the lookup-scaling part")
 	flag.IntVar(&o.workers, "workers", 4, "workers of the cluster for the path comparison (a power of two)")
 	flag.IntVar(&o.conc, "conc", 32, "concurrent load goroutines (connections)")
 	flag.DurationVar(&o.duration, "duration", 1500*time.Millisecond, "duration of each cell")
@@ -131,14 +143,14 @@ func main() {
 	sysctls := flag.String("server-sysctl", "", "key=value[,key=value] sysctls set in the server namespace before measuring, e.g. net.netfilter.nf_conntrack_tcp_be_liberal=1")
 	flag.BoolVar(&o.markdown, "markdown", false, "also print the results as Markdown tables")
 	flag.BoolVar(&o.noFlush, "no-flush", false, "do not flush conntrack between cells (cells then inherit each other's TIME_WAIT entries)")
-	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them, with be_liberal 0 and 1")
+	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them: direct allowed with be_liberal 0 and 1, then the default guard")
 	flag.BoolVar(&o.splitPorts, "split-ports", true, "give each path its own third of the client's ephemeral ports (see portRange)")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
 	flag.Parse()
 	log.SetFlags(0)
 
 	if *serveRole || ipcluster.IsWorker() {
-		if err := serve(*name, *runDir, o.workers); err != nil {
+		if err := serve(*name, *runDir, o.workers, o.backend, *allowDirect); err != nil {
 			log.Fatalf("datapath -serve: %v", err)
 		}
 		return
@@ -154,6 +166,9 @@ func main() {
 	}
 	if o.sources, err = parseList(*sources, []string{"many", "single"}, func(i int) string { return []string{"many", "single"}[i] }); err != nil {
 		log.Fatalf("-sources: %v", err)
+	}
+	if o.backends, err = parseList(*backends, backendNames, func(i int) string { return backendNames[i] }); err != nil {
+		log.Fatalf("-backends: %v", err)
 	}
 	if o.slots, err = parseSlots(*slots); err != nil {
 		log.Fatalf("-slots: %v", err)

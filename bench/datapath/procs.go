@@ -38,9 +38,17 @@ type cluster struct {
 	pids    []int         // every worker pid seen in the status, for cleanup
 }
 
+// clusterOpts are the Config choices a bench cluster varies.
+type clusterOpts struct {
+	backend string // Config.Backend; "" for the library's default
+	// allowDirect sets Config.AllowDirect: the direct path needs it, since
+	// by default the cluster refuses connections to its workers' own ports.
+	allowDirect bool
+}
+
 // startCluster starts a master with n workers and waits until every slot
 // has a ready worker and the rules are installed.
-func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int) (*cluster, error) {
+func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int, co clusterOpts) (*cluster, error) {
 	var b [3]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return nil, fmt.Errorf("pick a cluster name: %w", err)
@@ -55,7 +63,8 @@ func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int) 
 		return nil, fmt.Errorf("create cluster log: %w", err)
 	}
 	defer logf.Close() // the children hold their own copies
-	c.cmd = exec.Command(exe, "-serve", "-name", c.name, "-rundir", c.runDir, "-workers", strconv.Itoa(n))
+	c.cmd = exec.Command(exe, "-serve", "-name", c.name, "-rundir", c.runDir, "-workers", strconv.Itoa(n),
+		"-backend", co.backend, "-allow-direct="+strconv.FormatBool(co.allowDirect))
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	// Own process group: a terminal's ^C reaches the bench, which stops
 	// the cluster itself, in order (the workers run in their own sessions

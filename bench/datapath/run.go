@@ -36,6 +36,7 @@ type cellRow struct {
 }
 
 type scaleRow struct {
+	backend            string
 	slots              int
 	firstRate          float64 // nat from slot 0's addresses (first rule)
 	lastRate           float64 // nat from slot n-1's addresses (last rule)
@@ -154,7 +155,7 @@ func (b *bench) setRange(r string) error {
 func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 	o := b.o
 	fmt.Fprintf(os.Stderr, "starting a %d-worker cluster ...\n", o.workers)
-	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, o.workers)
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, o.workers, clusterOpts{backend: o.backend, allowDirect: true})
 	defer func() {
 		if serr := c.stop(); serr != nil {
 			err = errors.Join(err, serr)
@@ -268,26 +269,30 @@ func rates(rs []cellResult) []float64 {
 // direct, interleaved in rounds.
 func (b *bench) lookupScaling(ctx context.Context) ([]scaleRow, error) {
 	srcs := b.lab.ClientAddrs4 // the same addresses for every slot count
-	var rows []scaleRow
-	for _, n := range b.o.slots {
-		row, err := b.scaleOne(ctx, n, srcs)
-		if err != nil {
-			return nil, err
+	var all []scaleRow
+	for _, backend := range b.o.backends {
+		var rows []scaleRow
+		for _, n := range b.o.slots {
+			row, err := b.scaleOne(ctx, n, srcs, backend)
+			if err != nil {
+				return nil, err
+			}
+			rows = append(rows, row)
 		}
-		rows = append(rows, row)
-	}
-	for i := range rows {
-		if rows[0].slots == 1 && rows[0].natRate > 0 {
-			rows[i].vsOne = rows[i].natRate / rows[0].natRate
+		for i := range rows {
+			if rows[0].slots == 1 && rows[0].natRate > 0 {
+				rows[i].vsOne = rows[i].natRate / rows[0].natRate
+			}
 		}
+		all = append(all, rows...)
 	}
-	return rows, nil
+	return all, nil
 }
 
-func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr) (row scaleRow, err error) {
-	fmt.Fprintf(os.Stderr, "lookup scaling: starting a %d-worker cluster ...\n", n)
+func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr, backend string) (row scaleRow, err error) {
+	fmt.Fprintf(os.Stderr, "lookup scaling: starting a %d-worker cluster (%s) ...\n", n, backend)
 	t0 := time.Now()
-	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, n)
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, n, clusterOpts{backend: backend, allowDirect: true})
 	defer func() {
 		if serr := c.stop(); serr != nil {
 			err = errors.Join(err, serr)
@@ -344,6 +349,7 @@ func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr) (row sca
 	natRow, dirRow := aggregate(results[nat]), aggregate(results[direct])
 	row.firstRate, row.lastRate = median(rates(firstRes)), median(rates(lastRes))
 	row = scaleRow{
+		backend:   backend,
 		firstRate: row.firstRate, lastRate: row.lastRate,
 		slots: n, natRate: natRow.rate, dirRate: dirRow.rate,
 		natErrs: natRow.errs, natSlow: natRow.slow, dirErrs: dirRow.errs, dirSlow: dirRow.slow,
@@ -443,13 +449,13 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		fmt.Fprintln(w)
 	}
 	if len(trap) > 0 {
-		fmt.Fprintf(w, "Trap: server-close from one address, direct and nat cells alternating with conntrack NOT flushed between them (medians of %d rounds; slow/errors summed; port-remapped = most conntrack entries seen after a cell whose client port NAT rewrote).\n\n", o.rounds)
-		hdr := []string{"be_liberal", "direct", "nat", "nat/direct", "slow d/n", "errors d/n", "conntrack peak", "port-remapped entries"}
+		fmt.Fprintf(w, "Trap: server-close from one address, direct and nat cells alternating with conntrack NOT flushed between them, each variant on a fresh cluster (medians of %d rounds; with direct refused, the direct column counts refusals as errors; slow/errors summed; port-remapped = most conntrack entries seen after a cell whose client port NAT rewrote).\n\n", o.rounds)
+		hdr := []string{"variant", "direct", "nat", "nat/direct", "slow d/n", "errors d/n", "conntrack peak", "port-remapped entries"}
 		var lines [][]string
 		for _, t := range trap {
 			lines = append(lines, []string{
-				t.liberal, fmt.Sprintf("%.0f conn/s", t.dirRate), fmt.Sprintf("%.0f conn/s", t.natRate),
-				fmtRatio(t.natRate/max(t.dirRate, 1), true),
+				t.variant, fmt.Sprintf("%.0f conn/s", t.dirRate), fmt.Sprintf("%.0f conn/s", t.natRate),
+				fmtRatio(t.natRate/max(t.dirRate, 1), t.dirRate > 0),
 				fmt.Sprintf("%d/%d", t.dirSlow, t.natSlow), fmt.Sprintf("%d/%d", t.dirErrs, t.natErrs), fmt.Sprint(t.ctPeak), fmt.Sprint(t.remapped),
 			})
 		}
@@ -458,11 +464,15 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 	}
 	if len(scale) > 0 {
 		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate; nat first/last rule = nat from %d addresses of slot 0 / slot n-1 only (one worker), which isolates the rule walk.\n\n", nClients(o), o.rounds, edgeAddrs)
-		hdr := []string{"slots", "nat rules", "direct", "nat", "nat/direct", "nat/1-slot", "nat first rule", "nat last rule", "last/first", "errors d/n", "slow d/n"}
+		hdr := []string{"backend", "slots", "nat lookup", "direct", "nat", "nat/direct", "nat/1-slot", "nat first rule", "nat last rule", "last/first", "errors d/n", "slow d/n"}
 		var lines [][]string
 		for _, s := range scale {
+			lookup := fmt.Sprintf("walk ≤%d rules", s.slots) // one rule per slot and public port
+			if s.backend == "nftables" {
+				lookup = "1 map lookup"
+			}
 			lines = append(lines, []string{
-				fmt.Sprint(s.slots), fmt.Sprint(s.slots), // one rule per slot and public port
+				s.backend, fmt.Sprint(s.slots), lookup,
 				fmt.Sprintf("%.0f conn/s", s.dirRate), fmt.Sprintf("%.0f conn/s", s.natRate),
 				fmtRatio(s.ratio, true), fmtRatio(s.vsOne, s.vsOne > 0),
 				fmtRate(s.firstRate), fmtRate(s.lastRate), fmtRatio(s.lastRate/max(s.firstRate, 1), s.firstRate > 0),
@@ -473,7 +483,7 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		for _, s := range scale {
 			for _, e := range []error{s.dirFirst, s.natFirst} {
 				if e != nil {
-					fmt.Fprintf(w, "%d slots first error: %v\n", s.slots, e)
+					fmt.Fprintf(w, "%s, %d slots first error: %v\n", s.backend, s.slots, e)
 				}
 			}
 		}
@@ -500,7 +510,7 @@ func table(w io.Writer, hdr []string, lines [][]string, md bool) {
 
 // trapRow is one variant of the trap section.
 type trapRow struct {
-	liberal          string // nf_conntrack_tcp_be_liberal during the variant
+	variant          string // direct allowed or guarded, and be_liberal
 	dirRate, natRate float64
 	dirSlow, natSlow int
 	dirErrs, natErrs int
@@ -514,8 +524,10 @@ const liberalSysctl = "net/netfilter/nf_conntrack_tcp_be_liberal"
 // from one address, direct and nat cells alternating as in the main part,
 // but conntrack is flushed only once, before the first cell, so the nat
 // cells meet the TIME_WAIT entries of the direct cells (and the other way
-// round). Run once with the namespace's nf_conntrack_tcp_be_liberal and
-// once with 1 (unless it is 1 already); the setting is restored afterwards.
+// round). Run with direct connections allowed (Config.AllowDirect) once
+// with the namespace's nf_conntrack_tcp_be_liberal and once with 1 (unless
+// it is 1 already), then with the library's default, which refuses direct
+// connections to worker ports; the setting is restored afterwards.
 // Each variant gets a fresh cluster, so the worker ports are new and the
 // previous variant's TIME_WAIT sockets cannot reach it; the client uses its
 // whole port range for both paths, as the original measurement did.
@@ -537,10 +549,14 @@ func (b *bench) trapSection(ctx context.Context) ([]trapRow, error) {
 	if err != nil {
 		return nil, err
 	}
-	variants := []string{orig}
+	// Direct connections allowed (Config.AllowDirect), with strict and
+	// with liberal TCP window tracking; then the library's default, which
+	// refuses them (the direct cells then count refusals as errors).
+	variants := []trapVariant{{allowDirect: true, liberal: orig}}
 	if orig != "1" {
-		variants = append(variants, "1")
+		variants = append(variants, trapVariant{allowDirect: true, liberal: "1"})
 	}
+	variants = append(variants, trapVariant{allowDirect: false, liberal: orig})
 	defer func() {
 		_ = b.lab.Server.Sysctl(liberalSysctl, orig)
 	}()
@@ -555,9 +571,23 @@ func (b *bench) trapSection(ctx context.Context) ([]trapRow, error) {
 	return rows, nil
 }
 
-func (b *bench) trapVariant(ctx context.Context, v string) (row trapRow, err error) {
-	fmt.Fprintf(os.Stderr, "trap section, be_liberal=%s: starting a %d-worker cluster ...\n", v, b.o.workers)
-	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, b.o.workers)
+// trapVariant is one configuration of the trap section.
+type trapVariant struct {
+	allowDirect bool   // Config.AllowDirect
+	liberal     string // nf_conntrack_tcp_be_liberal
+}
+
+func (v trapVariant) String() string {
+	if v.allowDirect {
+		return "direct allowed, be_liberal=" + v.liberal
+	}
+	return "direct refused (default), be_liberal=" + v.liberal
+}
+
+func (b *bench) trapVariant(ctx context.Context, tv trapVariant) (row trapRow, err error) {
+	v := tv.liberal
+	fmt.Fprintf(os.Stderr, "trap section, %s: starting a %d-worker cluster ...\n", tv, b.o.workers)
+	c, err := startCluster(ctx, b.lab, b.exe, b.tmp, b.o.workers, clusterOpts{backend: b.o.backend, allowDirect: tv.allowDirect})
 	defer func() {
 		if serr := c.stop(); serr != nil {
 			err = errors.Join(err, serr)
@@ -598,12 +628,12 @@ func (b *bench) trapVariant(ctx context.Context, v string) (row trapRow, err err
 				}
 				remapped = max(remapped, rm)
 				if b.o.verbose {
-					fmt.Fprintf(os.Stderr, "  trap be_liberal=%s round %d %-6s %8.0f/s errors %d slow %d ct %d remapped %d\n", v, r+1, p, cr.rate, cr.errs, cr.slow, cr.ctPeak, rm)
+					fmt.Fprintf(os.Stderr, "  trap %s round %d %-6s %8.0f/s errors %d slow %d ct %d remapped %d\n", tv, r+1, p, cr.rate, cr.errs, cr.slow, cr.ctPeak, rm)
 				}
 			}
 		}
 		d, n := aggregate(res[direct]), aggregate(res[nat])
-		row = trapRow{liberal: v, dirRate: d.rate, natRate: n.rate,
+		row = trapRow{variant: tv.String(), dirRate: d.rate, natRate: n.rate,
 			dirSlow: d.slow, natSlow: n.slow, dirErrs: d.errs, natErrs: n.errs, ctPeak: max(d.ctPeak, n.ctPeak), remapped: remapped}
 		fmt.Fprintf(os.Stderr, "  direct %.0f/s (%d slow), nat %.0f/s (%d slow)\n", d.rate, d.slow, n.rate, n.slow)
 	}

@@ -22,7 +22,7 @@ import (
 // (inside the server namespace) it is the master; the master re-executes
 // this binary with the same arguments for every slot, and there
 // ipcluster.Run runs the worker function instead.
-func serve(name, runDir string, workers int) error {
+func serve(name, runDir string, workers int, backend string, allowDirect bool) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	cfg := ipcluster.Config{
 		Name:    name,
@@ -37,6 +37,8 @@ func serve(name, runDir string, workers int) error {
 		// draining by then.
 		StopTimeout: 2 * time.Second,
 		Logger:      logger,
+		Backend:     ipcluster.Backend(backend),
+		AllowDirect: allowDirect,
 	}
 	return ipcluster.Run(context.Background(), cfg, func(w *ipcluster.Worker) error {
 		body := []byte(fmt.Sprintf("ok slot=%d\n", w.Slot()))
