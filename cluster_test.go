@@ -330,6 +330,35 @@ func TestGracefulStopLeavesNothing(t *testing.T) {
 	}
 }
 
+// An operator's `nft flush ruleset` (nftables.service does one on every
+// reload) deletes the cluster's table; the master notices within its check
+// interval and writes the rules again.
+func TestLostRulesAreRewritten(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c.waitReady()
+	conn := nftConn(t, lab)
+	conn.FlushRuleset()
+	if err := conn.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ask(lab.Client, lab.ClientAddrs4[0], netip.AddrPortFrom(lab.ServerAddr4, 8080)); err == nil {
+		t.Fatal("the cluster still answered with its table flushed; the test cannot tell a rewrite")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for nftRoutes(t, lab, "slots4") == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the master did not rewrite its flushed rules within 10s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.checkKernelRules(t)
+	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
+	if !strings.Contains(c.log(), "lost the cluster's rules") {
+		t.Error("the master did not log the lost rules")
+	}
+}
+
 // A graceful stop withdraws the routes at once, but a finishing worker's
 // established connections keep working until they close: the rules that
 // translate them stay until the last worker is gone. (With nftables, the

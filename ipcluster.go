@@ -53,6 +53,10 @@ var (
 	// ErrNoNFTables: Config.Backend is BackendNFTables but the kernel does
 	// not answer nf_tables requests.
 	ErrNoNFTables = errors.New("ipcluster: nf_tables unavailable")
+	// ErrRulesLost: the kernel no longer holds the rules the master wrote
+	// (nftables backend; say, after `nft flush ruleset`). The master
+	// writes them again; EventRulesFailed reports it.
+	ErrRulesLost = errors.New("ipcluster: rules lost from the kernel")
 	// ErrAlreadyRunning: another master holds the cluster's lock.
 	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
 	// ErrNotStartedByMaster: the process carries the worker environment but
@@ -450,8 +454,9 @@ type EventRetired struct {
 	Reason                 string
 }
 
-// EventRulesFailed: the rules could not be written; the previous rules stay
-// in force and the master retries.
+// EventRulesFailed: the rules could not be written (the previous rules stay
+// in force and the master retries), or the kernel lost them (Err wraps
+// ErrRulesLost; the master writes them again at once).
 type EventRulesFailed struct{ Err error }
 
 func (EventReady) eventName() string        { return "ready" }

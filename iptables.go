@@ -59,6 +59,11 @@ type ruleBackend interface {
 	apply(ctx context.Context, targets, workers []slotTarget) error
 	// remove deletes everything the cluster owns; idempotent.
 	remove(ctx context.Context) error
+	// check reports, wrapping ErrRulesLost, when the kernel no longer
+	// holds the rules the master believes in (say, an operator's `nft
+	// flush ruleset`); the next apply then writes them whole again. Cheap
+	// enough to call every few seconds.
+	check(ctx context.Context) error
 	// rulesText renders the rules the master believes in, per family.
 	rulesText() map[string]string
 	// changes counts the kernel operations so far: iptables processes, or
@@ -471,6 +476,10 @@ func (w *ruleWriter) read(ctx context.Context, f *family) (*natTable, error) {
 }
 
 func (w *ruleWriter) changes() int { return w.restores + w.saves }
+
+// check is not done for iptables: reading the table back costs a process
+// per family, too much to do every few seconds on an idle master.
+func (w *ruleWriter) check(context.Context) error { return nil }
 
 // rulesText renders the installed chain of each family for status output.
 func (w *ruleWriter) rulesText() map[string]string {

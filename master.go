@@ -343,9 +343,14 @@ func (m *master) run(ctx context.Context) error {
 	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evInstallDeadline{}) })
 	defer firstInstall.Stop()
 
+	checkRules := time.NewTicker(ruleCheckInterval)
+	defer checkRules.Stop()
+
 	ctxDone := ctx.Done()
 	for {
 		select {
+		case <-checkRules.C:
+			m.checkRules(ctx)
 		case <-ctxDone:
 			ctxDone = nil
 			m.stop("context done")
@@ -818,6 +823,27 @@ func (m *master) stop(why string) {
 		}
 	}
 	time.AfterFunc(m.cfg.StopTimeout, func() { m.send(evStopTimeout{}) })
+}
+
+// ruleCheckInterval is how often the master compares the kernel's rules
+// with its own view (see ruleBackend.check).
+const ruleCheckInterval = 2 * time.Second
+
+// checkRules rewrites the rules when the kernel has lost them.
+func (m *master) checkRules(ctx context.Context) {
+	if !m.installed || m.stopping || m.retrying {
+		return
+	}
+	err := m.rules.check(ctx)
+	switch {
+	case err == nil:
+	case errors.Is(err, ErrRulesLost):
+		m.log.Warn("the kernel lost the cluster's rules; writing them again", "err", err)
+		m.emit.send(EventRulesFailed{Err: err})
+		m.rulesDirty = true
+	default:
+		m.log.Warn("checking the cluster's rules in the kernel", "err", err)
+	}
 }
 
 // removeRules deletes everything the cluster wrote; safe to call more than

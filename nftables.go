@@ -591,3 +591,46 @@ func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) 
 	}
 	return nil
 }
+
+// check compares the kernel's table with the writer's belief: that the
+// table exists and each map holds exactly the routes installed. An
+// operator's `nft flush ruleset` (which nftables.service runs on every
+// reload) deletes every table, ours included; without this check new
+// connections would find no route until the master's next change.
+func (w *nftWriter) check(ctx context.Context) error {
+	if w.installed == nil {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	exists, err := w.exists()
+	if err != nil {
+		return err
+	}
+	if !exists {
+		w.installed, w.guarded = nil, nil
+		return fmt.Errorf("%w: table inet %s is gone (deleted by `nft flush ruleset` or `nft delete table`?)", ErrRulesLost, w.tbl.Name)
+	}
+	for _, f := range w.r.families {
+		elems, err := w.conn.GetSetElements(w.set(f))
+		if err != nil {
+			return fmt.Errorf("read %s map of table inet %s: %w", f.name, w.tbl.Name, err)
+		}
+		have := make(map[string]string, len(elems))
+		for _, e := range elems {
+			have[string(e.Key)] = string(e.Val)
+		}
+		for k, v := range w.installed {
+			if have[string(w.keyBytes(f, k))] != string(binary.BigEndian.AppendUint16(nil, v)) {
+				w.installed, w.guarded = nil, nil
+				return fmt.Errorf("%w: %s map of table inet %s lost or changed the route %s", ErrRulesLost, f.name, w.tbl.Name, w.elemText(f, k, v))
+			}
+		}
+		if len(have) != len(w.installed) {
+			w.installed, w.guarded = nil, nil
+			return fmt.Errorf("%w: %s map of table inet %s holds %d routes, not the %d written", ErrRulesLost, f.name, w.tbl.Name, len(have), len(w.installed))
+		}
+	}
+	return nil
+}
