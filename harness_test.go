@@ -321,11 +321,8 @@ func nftRoutes(t *testing.T, lab *netlab.Lab, mapName string) string {
 // namespace.
 func nftConn(t *testing.T, lab *netlab.Lab) *nftables.Conn {
 	t.Helper()
-	var conn *nftables.Conn
-	if err := lab.Server.Do(func() (err error) {
-		conn, err = nftables.New(nftables.AsLasting())
-		return err
-	}); err != nil {
+	conn, err := lab.Server.NFTables()
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.CloseLasting() })

@@ -506,8 +506,11 @@ func (m *master) onExit(p *proc, status string) {
 	if m.stopping {
 		return
 	}
-	if p.ports != nil && m.rt.guard {
+	if p.ports != nil && m.rt.guard && p.state != stateActive {
 		// Its ports leave the guard set: the OS may hand them to anyone.
+		// (An active worker's leave with the write that points its slot
+		// at the replacement: writing now would leave the slot without a
+		// route meanwhile.)
 		m.rulesDirty = true
 	}
 	switch p.state {

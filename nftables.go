@@ -284,26 +284,39 @@ func (w *nftWriter) apply(ctx context.Context, targets, workers []slotTarget) er
 			continue
 		}
 		changed = true
-		set := w.set(f)
 		// Deleting and re-adding a key in one transaction swaps it
 		// atomically: no packet sees the map without it.
-		if len(del) > 0 {
-			if err := w.conn.SetDeleteElements(set, w.elems(f, have, del)); err != nil {
-				return fmt.Errorf("update %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
-			}
-		}
-		if len(add) > 0 {
-			if err := w.conn.SetAddElements(set, w.elems(f, want, add)); err != nil {
-				return fmt.Errorf("update %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
-			}
+		if err := w.queueElems(w.set(f), w.elems(f, have, del), w.elems(f, want, add)); err != nil {
+			return err
 		}
 	}
 	if !changed {
 		return nil
 	}
+	return w.commit("update routes in", want, guard)
+}
+
+// queueElems queues the deletion of del and the addition of add to set.
+func (w *nftWriter) queueElems(set *nftables.Set, del, add []nftables.SetElement) error {
+	if len(del) > 0 {
+		if err := w.conn.SetDeleteElements(set, del); err != nil {
+			return fmt.Errorf("update %s of table %s: %w", set.Name, w.tbl.Name, err)
+		}
+	}
+	if len(add) > 0 {
+		if err := w.conn.SetAddElements(set, add); err != nil {
+			return fmt.Errorf("update %s of table %s: %w", set.Name, w.tbl.Name, err)
+		}
+	}
+	return nil
+}
+
+// commit sends the queued transaction and, once the kernel has taken it,
+// records want and guard as what the kernel holds.
+func (w *nftWriter) commit(what string, want map[nftKey]uint16, guard map[guardKey]bool) error {
 	w.txns++
 	if err := w.conn.Flush(); err != nil {
-		return fmt.Errorf("update routes in nf_tables table inet %s: %w", w.tbl.Name, err)
+		return fmt.Errorf("%s nf_tables table inet %s: %w", what, w.tbl.Name, err)
 	}
 	w.installed, w.guarded = want, guard
 	return nil
@@ -341,16 +354,8 @@ func (w *nftWriter) queueGuard(want map[guardKey]bool) (bool, error) {
 			add = append(add, nftables.SetElement{Key: k.bytes()})
 		}
 	}
-	set := w.guardSet()
-	if len(del) > 0 {
-		if err := w.conn.SetDeleteElements(set, del); err != nil {
-			return false, fmt.Errorf("update set %s of table %s: %w", set.Name, w.tbl.Name, err)
-		}
-	}
-	if len(add) > 0 {
-		if err := w.conn.SetAddElements(set, add); err != nil {
-			return false, fmt.Errorf("update set %s of table %s: %w", set.Name, w.tbl.Name, err)
-		}
+	if err := w.queueElems(w.guardSet(), del, add); err != nil {
+		return false, err
 	}
 	return len(del)+len(add) > 0, nil
 }
@@ -412,12 +417,7 @@ func (w *nftWriter) install(want map[nftKey]uint16, guard map[guardKey]bool) err
 	if err := w.queueTable(want, guard); err != nil {
 		return err
 	}
-	w.txns++
-	if err := w.conn.Flush(); err != nil {
-		return fmt.Errorf("install nf_tables table inet %s: %w", w.tbl.Name, err)
-	}
-	w.installed, w.guarded = want, guard
-	return nil
+	return w.commit("install", want, guard)
 }
 
 // queueTable queues the creation of the whole table, routing as want says

@@ -20,13 +20,8 @@ import (
 func nftLab(t testing.TB, clients int) (*netlab.Lab, *nftables.Conn) {
 	t.Helper()
 	lab := netlab.NewT(t, netlab.Options{Clients: clients})
-	var conn *nftables.Conn
-	// A lasting connection's socket belongs to the namespace of the thread
-	// that opened it, whichever goroutine uses it later.
-	if err := lab.Server.Do(func() (err error) {
-		conn, err = nftables.New(nftables.AsLasting())
-		return err
-	}); err != nil {
+	conn, err := lab.Server.NFTables()
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.CloseLasting() })

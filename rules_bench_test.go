@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
-
 	"github.com/ipcluster/ipcluster/internal/netlab"
 )
 
@@ -42,11 +40,8 @@ func backendIn(b *testing.B, lab *netlab.Lab, backend Backend, cfg Config) ruleB
 	if backend == BackendIPTables {
 		return newRuleWriter(cfg.routing(), execRunner{start: lab.Server.Start})
 	}
-	var conn *nftables.Conn
-	if err := lab.Server.Do(func() (err error) {
-		conn, err = nftables.New(nftables.AsLasting())
-		return err
-	}); err != nil {
+	conn, err := lab.Server.NFTables()
+	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = conn.CloseLasting() })

@@ -55,6 +55,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -184,6 +185,21 @@ func (ns *NS) Listen(network, addr string) (net.Listener, error) {
 // network namespace of its own.
 func (ns *NS) Start(cmd *exec.Cmd) error {
 	return ns.Do(cmd.Start)
+}
+
+// NFTables opens a lasting nf_tables netlink connection inside ns, usable
+// from any goroutine (a netlink socket keeps the namespace it was opened
+// in). Close it with CloseLasting.
+func (ns *NS) NFTables() (*nftables.Conn, error) {
+	var conn *nftables.Conn
+	err := ns.Do(func() (err error) {
+		conn, err = nftables.New(nftables.AsLasting())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("netlab: open nf_tables netlink in %s: %w", ns.Name, err)
+	}
+	return conn, nil
 }
 
 // Inode returns the namespace's inode number, to compare with that of
