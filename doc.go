@@ -32,6 +32,12 @@
 // owned nat chain, rewritten atomically with iptables-restore --noflush,
 // one process per address family and change.
 //
+// Unless Config.AllowDirect is set, the nftables backend also refuses new
+// connections to a worker's own port that did not come through the routes:
+// a client cannot pick its worker, and no direct connection leaves a
+// conntrack entry that would make the kernel rewrite the port of a routed
+// connection from the same client port.
+//
 // UDP ports are routed the same way, but conntrack would also keep a UDP
 // flow (one client address and port) on its first worker for as long as it
 // keeps sending, and a UDP flow has no connection worth keeping. So once a

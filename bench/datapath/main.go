@@ -146,8 +146,21 @@ func main() {
 	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them: direct allowed with be_liberal 0 and 1, then the default guard")
 	flag.BoolVar(&o.splitPorts, "split-ports", true, "give each path its own third of the client's ephemeral ports (see portRange)")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
+	// By default the load generator gets CPU 0 and the server side the
+	// others, as a client on another machine would leave the server its
+	// CPUs: sharing them, the generator's own cost dilutes every ratio.
+	defClient, defServer := "", ""
+	if n := runtime.NumCPU(); n >= 2 {
+		defClient, defServer = "0", fmt.Sprintf("1-%d", n-1)
+	}
+	clientCPUs := flag.String("client-cpus", defClient, `CPU list (as taskset -c takes it) for the bench itself, the load generator; "" for any`)
+	flag.StringVar(&serverCPUs, "server-cpus", defServer, `CPU list for the cluster's processes and HAProxy; "" for any`)
 	flag.Parse()
 	log.SetFlags(0)
+
+	if *clientCPUs != "" && os.Getenv(envPinned) == "" && !*serveRole && !ipcluster.IsWorker() {
+		os.Exit(repinned(*clientCPUs))
+	}
 
 	if *serveRole || ipcluster.IsWorker() {
 		if err := serve(*name, *runDir, o.workers, o.backend, *allowDirect); err != nil {
@@ -188,6 +201,47 @@ func main() {
 		stop()
 		log.Fatal(err)
 	}
+}
+
+// envPinned marks the bench re-executed under taskset for -client-cpus.
+const (
+	envPinned     = "DATAPATH_PINNED"
+	envPinnedCPUs = "DATAPATH_CLIENT_CPUS" // for the output
+)
+
+func orAny(cpus string) string {
+	if cpus == "" {
+		return "any"
+	}
+	return cpus
+}
+
+// repinned runs this same command again under taskset -c cpus, so that
+// every thread of the load generator is confined from the start (a Go
+// program cannot pin threads it has not created yet), and returns its
+// exit status.
+func repinned(cpus string) int {
+	exe, err := os.Executable()
+	if err != nil {
+		log.Fatalf("find own executable: %v", err)
+	}
+	// The flags again, explicitly: in the child runtime.NumCPU counts only
+	// its own CPU, so it would compute other defaults.
+	args := append(os.Args[1:], "-client-cpus", cpus, "-server-cpus", serverCPUs)
+	cmd := exec.Command("taskset", append([]string{"-c", cpus, exe}, args...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), envPinned+"=1", envPinnedCPUs+"="+cpus)
+	// ^C reaches the child too (same process group); it cleans up and
+	// exits, and so do we.
+	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		log.Fatalf("run under taskset -c %s: %v", cpus, err)
+	}
+	return 0
 }
 
 // nClients is the lab's client address count: -many, or for the lookup
@@ -338,6 +392,7 @@ func run(ctx context.Context, o options, args []string) (err error) {
 // machineFacts describes the machine and the run, for the output.
 func machineFacts(o options, args []string) []string {
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	online, _ := os.ReadFile("/sys/devices/system/cpu/online")
 	ipt, err := exec.Command("iptables", "--version").Output()
 	if err != nil {
 		ipt = []byte("unknown: " + err.Error())
@@ -348,7 +403,8 @@ func machineFacts(o options, args []string) []string {
 	}
 	hapFirst, _, _ := strings.Cut(string(hap), "\n")
 	return []string{
-		fmt.Sprintf("kernel %s, nproc %d, %s", strings.TrimSpace(string(kernel)), runtime.NumCPU(), runtime.Version()),
+		fmt.Sprintf("kernel %s, CPUs online %s, %s", strings.TrimSpace(string(kernel)), strings.TrimSpace(string(online)), runtime.Version()),
+		fmt.Sprintf("CPUs: load generator %s, cluster and haproxy %s", orAny(os.Getenv(envPinnedCPUs)), orAny(serverCPUs)),
 		strings.TrimSpace(string(ipt)) + "; " + strings.TrimSpace(hapFirst),
 		"flags: " + strings.Join(args, " "),
 		fmt.Sprintf("workers %d, conc %d, duration %s per cell, rounds %d, many = %d addresses", o.workers, o.conc, o.duration, o.rounds, o.many),

@@ -38,6 +38,21 @@ type cluster struct {
 	pids    []int         // every worker pid seen in the status, for cleanup
 }
 
+// serverCPUs, from -server-cpus, is the CPU list the cluster and HAProxy
+// run on; "" for any.
+var serverCPUs string
+
+// serverCmd is exec.Command for a server-side process: under taskset when
+// -server-cpus is given, so the process and every thread and child it
+// starts are confined from their first instruction (taskset sets the
+// affinity, then execs; the pid stays the same).
+func serverCmd(name string, args ...string) *exec.Cmd {
+	if serverCPUs == "" {
+		return exec.Command(name, args...)
+	}
+	return exec.Command("taskset", append([]string{"-c", serverCPUs, name}, args...)...)
+}
+
 // clusterOpts are the Config choices a bench cluster varies.
 type clusterOpts struct {
 	backend string // Config.Backend; "" for the library's default
@@ -63,7 +78,7 @@ func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int, 
 		return nil, fmt.Errorf("create cluster log: %w", err)
 	}
 	defer logf.Close() // the children hold their own copies
-	c.cmd = exec.Command(exe, "-serve", "-name", c.name, "-rundir", c.runDir, "-workers", strconv.Itoa(n),
+	c.cmd = serverCmd(exe, "-serve", "-name", c.name, "-rundir", c.runDir, "-workers", strconv.Itoa(n),
 		"-backend", co.backend, "-allow-direct="+strconv.FormatBool(co.allowDirect))
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	// Own process group: a terminal's ^C reaches the bench, which stops
@@ -237,7 +252,7 @@ backend workers
 		return nil, fmt.Errorf("find haproxy (apt-get install haproxy): %w", err)
 	}
 	// -db: foreground, no daemon, so the pid we hold is HAProxy's.
-	h.cmd = exec.Command(bin, "-db", "-f", cfgPath)
+	h.cmd = serverCmd(bin, "-db", "-f", cfgPath)
 	h.cmd.Stdout, h.cmd.Stderr = logf, logf
 	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := lab.Server.Start(h.cmd); err != nil {
