@@ -133,9 +133,10 @@ type master struct {
 	udpMoved  map[movedFlow]bool
 	conntrack conntrackDeleter
 
-	// Monitor sampling (monitor.go): requests to the sampler goroutine,
-	// one at a time.
-	sampleReqs  chan sampleRequest
+	// Monitor sampling (monitor.go): the loop's /proc reader, and PSS
+	// requests to the PSS sampler goroutine, one at a time.
+	memSampler  procfs.Sampler
+	pssReqs     chan []int
 	sampling    bool
 	sampleCount int
 
@@ -178,24 +179,24 @@ func newMaster(cfg *Config) (*master, error) {
 		return nil, fmt.Errorf("find own executable to spawn workers: %w", err)
 	}
 	m := &master{
-		cfg:        cfg,
-		rt:         rt,
-		rules:      rules,
-		log:        cfg.Logger.With("cluster", cfg.Name),
-		exe:        exe,
-		args:       os.Args[1:],
-		uid:        os.Geteuid(),
-		gen:        1,
-		started:    time.Now(),
-		events:     make(chan any, 64),
-		sampleReqs: make(chan sampleRequest, 1),
-		done:       make(chan struct{}),
-		slots:      make([]*proc, cfg.Workers),
-		pending:    make([]*proc, cfg.Workers),
-		failures:   make([]int, cfg.Workers),
-		procs:      map[int]*proc{},
-		peers:      map[*peer]bool{},
-		dir:        filepath.Join(cfg.RunDir, cfg.Name),
+		cfg:      cfg,
+		rt:       rt,
+		rules:    rules,
+		log:      cfg.Logger.With("cluster", cfg.Name),
+		exe:      exe,
+		args:     os.Args[1:],
+		uid:      os.Geteuid(),
+		gen:      1,
+		started:  time.Now(),
+		events:   make(chan any, 64),
+		pssReqs:  make(chan []int, 1),
+		done:     make(chan struct{}),
+		slots:    make([]*proc, cfg.Workers),
+		pending:  make([]*proc, cfg.Workers),
+		failures: make([]int, cfg.Workers),
+		procs:    map[int]*proc{},
+		peers:    map[*peer]bool{},
+		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
 		udpMoved:  map[movedFlow]bool{},
 		conntrack: deleteConntrack,
@@ -354,8 +355,8 @@ func (m *master) run(ctx context.Context) error {
 	checkRules := time.NewTicker(ruleCheckInterval)
 	defer checkRules.Stop()
 
-	go m.sampler(m.sampleReqs)
-	defer close(m.sampleReqs)
+	go m.pssSampler(m.pssReqs)
+	defer close(m.pssReqs)
 	monitor := time.NewTicker(m.cfg.MonitorInterval)
 	defer monitor.Stop()
 
@@ -365,7 +366,7 @@ func (m *master) run(ctx context.Context) error {
 		case <-checkRules.C:
 			m.checkRules(ctx)
 		case <-monitor.C:
-			m.requestSample()
+			m.sample()
 		case <-ctxDone:
 			ctxDone = nil
 			m.stop("context done")
@@ -441,8 +442,8 @@ func (m *master) handle(ev any) {
 		if !m.installed {
 			m.rulesDirty = true
 		}
-	case evSample:
-		m.onSample(ev)
+	case evPSS:
+		m.onPSS(ev)
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)

@@ -7,10 +7,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"strconv"
+	"syscall"
 )
 
 // CapNetAdmin is the capability bit of CAP_NET_ADMIN.
@@ -138,13 +138,15 @@ func (s *Sampler) RSS(pid int) (uint64, error) {
 }
 
 // read reads a whole /proc file into s.buf. /proc files report size 0, so
-// the buffer grows until a read leaves room to spare.
+// the buffer grows until a read returns nothing more. Plain system calls,
+// not os.File: the master reads a few files per worker every second, and
+// os.Open adds an fstat and a poller registration to each.
 func (s *Sampler) read(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	fd, err := retryEINTR(func() (int, error) { return syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0) })
 	if err != nil {
-		return nil, err
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
 	}
-	defer f.Close()
+	defer syscall.Close(fd)
 	if s.buf == nil {
 		s.buf = make([]byte, 4096)
 	}
@@ -153,13 +155,22 @@ func (s *Sampler) read(path string) ([]byte, error) {
 		if n == len(s.buf) {
 			s.buf = append(s.buf, make([]byte, len(s.buf))...)
 		}
-		k, err := f.Read(s.buf[n:])
-		n += k
-		if errors.Is(err, io.EOF) || (err == nil && k == 0) {
+		k, err := retryEINTR(func() (int, error) { return syscall.Read(fd, s.buf[n:]) })
+		if err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+		if k == 0 {
 			return s.buf[:n], nil
 		}
-		if err != nil {
-			return nil, err
+		n += k
+	}
+}
+
+func retryEINTR(f func() (int, error)) (int, error) {
+	for {
+		n, err := f()
+		if err != syscall.EINTR {
+			return n, err
 		}
 	}
 }

@@ -119,3 +119,15 @@ func BenchmarkSamplerMemory(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkSamplerRSS is what the master's loop pays per worker per
+// monitor interval.
+func BenchmarkSamplerRSS(b *testing.B) {
+	var s Sampler
+	pid := os.Getpid()
+	for b.Loop() {
+		if _, err := s.RSS(pid); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
