@@ -37,6 +37,8 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"IPv6SlotPrefix", func(c *Config) { c.IPv6SlotPrefix = 129 }},
 		{"RunDir", func(c *Config) { c.RunDir = "run/x" }},
 		{"HeartbeatInterval", func(c *Config) { c.HeartbeatInterval = time.Microsecond }},
+		{"MonitorInterval", func(c *Config) { c.MonitorInterval = time.Millisecond }},
+		{"MonitorInterval", func(c *Config) { c.MonitorInterval = -time.Second }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -88,7 +90,8 @@ func TestDefaults(t *testing.T) {
 	if c.Workers < 1 || c.Workers&(c.Workers-1) != 0 {
 		t.Errorf("default Workers %d is not a power of two", c.Workers)
 	}
-	if c.RunDir != DefaultRunDir || c.ConnectTimeout != DefaultConnectTimeout || c.IPv6SlotPrefix != 64 || c.IPv4SlotPrefix != 32 {
+	if c.RunDir != DefaultRunDir || c.ConnectTimeout != DefaultConnectTimeout || c.IPv6SlotPrefix != 64 || c.IPv4SlotPrefix != 32 ||
+		c.MonitorInterval != DefaultMonitorInterval {
 		t.Errorf("defaults not applied: %+v", c)
 	}
 	if err := c.validate(); err != nil {

@@ -2,6 +2,7 @@ package ipcluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -23,6 +24,7 @@ const (
 	DefaultConnectTimeout    = 3 * time.Second
 	DefaultHeartbeatInterval = time.Second
 	DefaultStopTimeout       = 30 * time.Second
+	DefaultMonitorInterval   = time.Second
 	DefaultIPv4SlotPrefix    = 32 // the client address's own low bits
 	DefaultIPv6SlotPrefix    = 64 // the low bits of the client's /64 prefix
 	MaxWorkers               = 256
@@ -211,6 +213,11 @@ type Config struct {
 	// wake-up per worker.
 	HeartbeatInterval time.Duration
 
+	// MonitorInterval is how often the master measures every worker
+	// (RSS from /proc; PSS every tenth time, as it costs more) and
+	// delivers EventStats. Default 1s; at least 10ms.
+	MonitorInterval time.Duration
+
 	// StopTimeout is how long workers get to finish their connections when
 	// the cluster stops before they are killed. Default 30s.
 	StopTimeout time.Duration
@@ -257,6 +264,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.StopTimeout == 0 {
 		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.MonitorInterval == 0 {
+		c.MonitorInterval = DefaultMonitorInterval
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -331,6 +341,9 @@ func (c *Config) validate() error {
 	}
 	if c.HeartbeatInterval > 0 && c.HeartbeatInterval < 10*time.Millisecond {
 		bad("HeartbeatInterval", fmt.Sprintf("%s is below 10ms", c.HeartbeatInterval), "use 10ms or more")
+	}
+	if c.MonitorInterval < 10*time.Millisecond {
+		bad("MonitorInterval", fmt.Sprintf("%s is below 10ms", c.MonitorInterval), "use 10ms or more, or zero for the default of 1s")
 	}
 	switch c.Backend {
 	case BackendAuto, BackendNFTables, BackendIPTables:
@@ -459,11 +472,57 @@ type EventRetired struct {
 // ErrRulesLost; the master writes them again at once).
 type EventRulesFailed struct{ Err error }
 
+// EventStats: every MonitorInterval, each worker's health as the master
+// sees it, sorted by PID.
+type EventStats struct {
+	At      time.Time
+	Workers []WorkerStats
+}
+
+// WorkerStats is one worker's health. RSSBytes, PSSBytes and HeartbeatAge
+// are measured by the master; the rest is what the worker last reported
+// (zero before its first report).
+type WorkerStats struct {
+	PID, Slot, Generation int
+	State                 string // starting, active, retired, stopping
+
+	// Read by the master from /proc/<pid>: RSS every MonitorInterval, PSS
+	// every tenth (0 where the kernel has no smaps_rollup). 0 before the
+	// first sample.
+	RSSBytes, PSSBytes uint64
+	// HeartbeatAge is the time since the worker's last heartbeat arrived,
+	// by the master's clock; -1 before the first.
+	HeartbeatAge time.Duration
+
+	HeapBytes   uint64 // Go heap in use
+	Goroutines  int
+	Connections int64  // open connections accepted through Worker.Listener
+	Accepted    uint64 // connections accepted since the worker started
+	Uptime      time.Duration
+	GCCount     uint64        // completed GC cycles
+	GCPause     time.Duration // longest stop-the-world pause of the latest GCs
+	// Lag is the worker's scheduling lag, smoothed: how late a goroutine
+	// runs after it becomes due, as a request would wait for a CPU.
+	// LagMax is the largest since the previous heartbeat.
+	Lag, LagMax time.Duration
+	// SchedP99 is the 99th percentile of the time the worker's
+	// goroutines spent runnable before running, over the last heartbeat
+	// interval (runtime/metrics /sched/latencies:seconds).
+	SchedP99 time.Duration
+	// App is the JSON of the worker's Worker.SetStats function, if any.
+	App json.RawMessage
+}
+
+func sortWorkerStats(ws []WorkerStats) {
+	slices.SortFunc(ws, func(a, b WorkerStats) int { return a.PID - b.PID })
+}
+
 func (EventReady) eventName() string        { return "ready" }
 func (EventWorkerReady) eventName() string  { return "worker-ready" }
 func (EventWorkerExited) eventName() string { return "worker-exited" }
 func (EventRetired) eventName() string      { return "retired" }
 func (EventRulesFailed) eventName() string  { return "rules-failed" }
+func (EventStats) eventName() string        { return "stats" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

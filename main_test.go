@@ -16,9 +16,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,6 +40,11 @@ type spec struct {
 	// SkipConntrackCleanup makes the master leave conntrack alone, for the
 	// test that shows what the cleanup is for.
 	SkipConntrackCleanup bool
+	// SlotScenarios overrides Scenario for some slots.
+	SlotScenarios map[int]string
+	// StatsLog, if set, is a file the master appends each EventStats to,
+	// one JSON object a line.
+	StatsLog string
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -56,6 +64,9 @@ type specConfig struct {
 	StopTimeout    time.Duration
 	ConnectTimeout time.Duration
 	Backend        string
+
+	HeartbeatInterval time.Duration
+	MonitorInterval   time.Duration
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -68,7 +79,10 @@ func (s specConfig) config() ipcluster.Config {
 		StopTimeout:    s.StopTimeout,
 		ConnectTimeout: s.ConnectTimeout,
 		Backend:        ipcluster.Backend(s.Backend),
-		Logger:         slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+
+		HeartbeatInterval: s.HeartbeatInterval,
+		MonitorInterval:   s.MonitorInterval,
+		Logger:            slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
 		c.Ports = append(c.Ports, ipcluster.Port{Public: p})
@@ -100,24 +114,82 @@ func helperMain(raw string) int {
 		fmt.Fprintf(os.Stderr, "helper: refusing to run outside the test namespace (inode %d, want %d, err %v)\n", st.Ino, s.Netns, err)
 		return 3
 	}
-	work := map[string]func(*ipcluster.Worker) error{
+	scenarios := map[string]func(*ipcluster.Worker) error{
 		"echo": echoWorker,
 		// linger: like echo, but a connection outlives the worker's
 		// context, as a server finishing its clients' sessions would.
 		"linger": func(w *ipcluster.Worker) error { return serveListeners(w, serveLingering) },
-	}[s.Scenario]
-	if work == nil {
-		fmt.Fprintf(os.Stderr, "helper: unknown scenario %q\n", s.Scenario)
-		return 2
+		// ballast: echo, holding 64 MiB of touched memory.
+		"ballast": ballastWorker,
+		// busy: echo, on one P kept busy by spinning goroutines.
+		"busy": busyWorker,
+	}
+	for _, name := range append([]string{s.Scenario}, slices.Collect(maps.Values(s.SlotScenarios))...) {
+		if scenarios[name] == nil {
+			fmt.Fprintf(os.Stderr, "helper: unknown scenario %q\n", name)
+			return 2
+		}
+	}
+	work := func(w *ipcluster.Worker) error {
+		if name, ok := s.SlotScenarios[w.Slot()]; ok {
+			return scenarios[name](w)
+		}
+		return scenarios[s.Scenario](w)
 	}
 	if s.SkipConntrackCleanup {
 		ipcluster.SkipConntrackCleanup()
 	}
-	if err := ipcluster.Run(context.Background(), s.Config.config(), work); err != nil {
+	cfg := s.Config.config()
+	if s.StatsLog != "" && !ipcluster.IsWorker() {
+		f, err := os.OpenFile(s.StatsLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "helper: %v\n", err)
+			return 2
+		}
+		defer f.Close()
+		enc := json.NewEncoder(f)
+		cfg.OnEvent = func(ev ipcluster.Event) {
+			if es, ok := ev.(ipcluster.EventStats); ok {
+				_ = enc.Encode(es)
+			}
+		}
+	}
+	if err := ipcluster.Run(context.Background(), cfg, work); err != nil {
 		fmt.Fprintf(os.Stderr, "helper: %v\n", err)
 		return 1
 	}
 	return 0
+}
+
+// ballast keeps the ballast worker's memory reachable.
+var ballast []byte
+
+// ballastWorker touches every page of 64 MiB, so that it is resident, and
+// serves as echo.
+func ballastWorker(w *ipcluster.Worker) error {
+	ballast = make([]byte, 64<<20)
+	for i := 0; i < len(ballast); i += 4096 {
+		ballast[i] = 1
+	}
+	return echoWorker(w)
+}
+
+// busyWorker runs on one P with four goroutines spinning on it, as a
+// worker with a CPU-bound bug would, and serves as echo.
+func busyWorker(w *ipcluster.Worker) error {
+	runtime.GOMAXPROCS(1)
+	for range 4 {
+		go func() {
+			n := 0
+			for w.Context().Err() == nil {
+				for range 1 << 16 {
+					n++
+				}
+			}
+			_ = n
+		}()
+	}
+	return echoWorker(w)
 }
 
 // echoWorker answers each connection with one line naming the worker and the

@@ -60,6 +60,7 @@ type proc struct {
 	pidfd          *os.File  // adopted workers only: readable once it exits
 	peer           *peer     // nil until its hello
 	ports          slotTarget
+	mem            procMem // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
 	beat  beatReport
@@ -132,6 +133,13 @@ type master struct {
 	udpMoved  map[movedFlow]bool
 	conntrack conntrackDeleter
 
+	// Monitor sampling (monitor.go): the loop's /proc reader, and PSS
+	// requests to the PSS sampler goroutine, one at a time.
+	memSampler  procfs.Sampler
+	pssReqs     chan []int
+	sampling    bool
+	sampleCount int
+
 	installed  bool // rules written at least once
 	installErr int  // failed first installs
 	rulesDirty bool
@@ -181,6 +189,7 @@ func newMaster(cfg *Config) (*master, error) {
 		gen:      1,
 		started:  time.Now(),
 		events:   make(chan any, 64),
+		pssReqs:  make(chan []int, 1),
 		done:     make(chan struct{}),
 		slots:    make([]*proc, cfg.Workers),
 		pending:  make([]*proc, cfg.Workers),
@@ -346,11 +355,18 @@ func (m *master) run(ctx context.Context) error {
 	checkRules := time.NewTicker(ruleCheckInterval)
 	defer checkRules.Stop()
 
+	go m.pssSampler(m.pssReqs)
+	defer close(m.pssReqs)
+	monitor := time.NewTicker(m.cfg.MonitorInterval)
+	defer monitor.Stop()
+
 	ctxDone := ctx.Done()
 	for {
 		select {
 		case <-checkRules.C:
 			m.checkRules(ctx)
+		case <-monitor.C:
+			m.sample()
 		case <-ctxDone:
 			ctxDone = nil
 			m.stop("context done")
@@ -426,6 +442,8 @@ func (m *master) handle(ev any) {
 		if !m.installed {
 			m.rulesDirty = true
 		}
+	case evPSS:
+		m.onPSS(ev)
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -927,24 +945,25 @@ func (m *master) status() *proto.Status {
 		}
 		st.Slots = append(st.Slots, s)
 	}
+	now := time.Now()
+	// The application's stats are bounded per worker, not in total: leave
+	// out those that would take the reply past a quarter of MaxFrame.
+	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(),
-			UptimeSec: time.Since(p.spawned).Seconds()}
+			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {
 				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})
 			}
 		}
-		if ps, err := procfs.ReadStatus(p.pid); err == nil {
-			ws.RSSBytes = ps.RSSBytes
-		}
-		beat := p.beat
-		if p.peer != nil {
-			beat = p.peer.beat.get()
-		}
-		if !beat.at.IsZero() {
+		if beat := p.lastBeat(); !beat.at.IsZero() {
 			s := beat.stats
+			if appBudget -= len(s.App); appBudget < 0 {
+				s.App = nil
+			}
 			ws.Stats = &s
+			ws.HeartbeatAgeSec = now.Sub(beat.at).Seconds()
 		}
 		st.Workers = append(st.Workers, ws)
 	}

@@ -50,6 +50,13 @@ type Worker struct {
 	conns    atomic.Int64
 	accepted atomic.Uint64
 
+	// Health reporting (monitor.go). rt and appWarned belong to
+	// runWorker's goroutine, which alone builds reports.
+	probe     lagProbe
+	rt        runtimeStats
+	appStats  atomic.Pointer[func() any]
+	appWarned bool
+
 	mu   sync.Mutex // guards conn
 	conn net.Conn
 }
@@ -182,6 +189,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	w.log = cfg.Logger.With("cluster", cfg.Name, "slot", slot, "pid", os.Getpid(), "generation", gen)
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
+	go w.probe.run(w.ctx)
 
 	// Whatever way Run returns, the UDP sockets close with it: they are
 	// not closed by retirement alone.

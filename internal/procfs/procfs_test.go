@@ -1,6 +1,8 @@
 package procfs
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"testing"
 )
@@ -31,5 +33,101 @@ func TestReadStatusSelf(t *testing.T) {
 	}
 	if _, err := ReadStatus(os.Getpid()); err != nil {
 		t.Error(err)
+	}
+}
+
+// smapsRollup is /proc/<pid>/smaps_rollup of a Linux 6.x process.
+const smapsRollup = `55d0c8a4a000-7ffd6b5f4000 ---p 00000000 00:00 0                          [rollup]
+Rss:               10932 kB
+Pss:                6481 kB
+Pss_Dirty:          4780 kB
+Pss_Anon:           4772 kB
+Pss_File:           1709 kB
+Pss_Shmem:             0 kB
+Shared_Clean:       5648 kB
+Shared_Dirty:          0 kB
+Private_Clean:       504 kB
+Private_Dirty:      4780 kB
+Referenced:        10932 kB
+Anonymous:          4772 kB
+Swap:                  0 kB
+SwapPss:               0 kB
+Locked:                0 kB
+`
+
+func TestParseSmapsRollup(t *testing.T) {
+	pss, err := ParseSmapsRollup([]byte(smapsRollup))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Pss, not Pss_Dirty or Rss: the key must match the whole name.
+	if pss != 6481*1024 {
+		t.Errorf("Pss = %d, want %d", pss, 6481*1024)
+	}
+	for _, bad := range []string{"Rss: 1 kB\n", "Pss: x kB\n", "Pss: 12 MB\n", ""} {
+		if v, err := ParseSmapsRollup([]byte(bad)); err == nil {
+			t.Errorf("ParseSmapsRollup(%q) = %d, want an error", bad, v)
+		}
+	}
+}
+
+func TestParseStatusRSS(t *testing.T) {
+	for _, tc := range []struct {
+		text string
+		want uint64
+		ok   bool
+	}{
+		{"Name:\tx\nVmPeak:\t 9 kB\nVmRSS:\t  2048 kB\n", 2048 * 1024, true},
+		{"Name:\tkthreadd\nThreads:\t1\n", 0, true}, // kernel threads have no VmRSS
+		{"VmRSS:\tlots kB\n", 0, false},
+	} {
+		got, err := parseStatusRSS([]byte(tc.text))
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseStatusRSS(%q) = %d, %v; want %d, ok=%v", tc.text, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestSamplerMemorySelf(t *testing.T) {
+	var s Sampler
+	s.buf = make([]byte, 16) // force the buffer to grow
+	m, err := s.Memory(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.RSSBytes == 0 {
+		t.Errorf("own RSS is 0: %+v", m)
+	}
+	if _, err := os.Stat("/proc/self/smaps_rollup"); err == nil && (m.PSSBytes == 0 || m.PSSBytes > 2*m.RSSBytes) {
+		// (VmRSS comes from counters the kernel batches per thread, so
+		// PSS may exceed it a little, never by far.)
+		t.Errorf("own PSS %d is 0 or far above RSS %d", m.PSSBytes, m.RSSBytes)
+	}
+	if _, err := s.Memory(1 << 30); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Memory of a missing pid: %v, want fs.ErrNotExist", err)
+	}
+}
+
+// BenchmarkSamplerMemory is what the master pays per worker per monitor
+// interval.
+func BenchmarkSamplerMemory(b *testing.B) {
+	var s Sampler
+	pid := os.Getpid()
+	for b.Loop() {
+		if _, err := s.Memory(pid); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSamplerRSS is what the master's loop pays per worker per
+// monitor interval.
+func BenchmarkSamplerRSS(b *testing.B) {
+	var s Sampler
+	pid := os.Getpid()
+	for b.Loop() {
+		if _, err := s.RSS(pid); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

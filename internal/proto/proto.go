@@ -98,7 +98,13 @@ type Refuse struct {
 	Reason string `json:"reason"`
 }
 
-// Stats is what a worker reports about itself.
+// MaxApp is the largest App a worker sends, in bytes: a heartbeat stays far
+// below MaxFrame whatever the application reports.
+const MaxApp = 16 << 10
+
+// Stats is what a worker reports about itself. Fields after Retired were
+// added within version 2: a worker of an earlier version 2 release leaves
+// them zero.
 type Stats struct {
 	HeapBytes   uint64  `json:"heap_bytes"`
 	Goroutines  int     `json:"goroutines"`
@@ -106,6 +112,25 @@ type Stats struct {
 	Accepted    uint64  `json:"accepted"`
 	UptimeSec   float64 `json:"uptime_s"`
 	Retired     bool    `json:"retired,omitempty"`
+
+	// GCCount is the number of completed GC cycles.
+	GCCount uint64 `json:"gc_count"`
+	// GCPauseSec is the longest stop-the-world pause of the GC cycles
+	// that ended in the latest report interval that had any (the upper
+	// bound of its runtime/metrics histogram bucket).
+	GCPauseSec float64 `json:"gc_pause_s"`
+	// LagSec is the worker's scheduling lag, exponentially smoothed: how
+	// late a probe goroutine runs after it is due. LagMaxSec is the
+	// largest single lag since the previous report.
+	LagSec    float64 `json:"lag_s"`
+	LagMaxSec float64 `json:"lag_max_s"`
+	// SchedP99Sec is the 99th percentile of the time goroutines spent
+	// runnable before running (/sched/latencies:seconds) over the
+	// previous report interval.
+	SchedP99Sec float64 `json:"sched_p99_s"`
+	// App is what the application's Worker.SetStats function returned,
+	// as JSON, at most MaxApp bytes; omitted if none.
+	App json.RawMessage `json:"app,omitempty"`
 }
 
 // Heartbeat carries a worker's stats.
@@ -144,8 +169,14 @@ type WorkerStatus struct {
 	State      string  `json:"state"`
 	Ports      []Port  `json:"ports,omitempty"`
 	UptimeSec  float64 `json:"uptime_s"`
-	RSSBytes   uint64  `json:"rss_bytes"`
-	Stats      *Stats  `json:"stats,omitempty"`
+	// RSSBytes and PSSBytes are read by the master from /proc, as of the
+	// last monitor sample.
+	RSSBytes uint64 `json:"rss_bytes"`
+	PSSBytes uint64 `json:"pss_bytes,omitempty"`
+	// HeartbeatAgeSec is how long ago the master received the worker's
+	// last heartbeat (by its own clock); omitted before the first.
+	HeartbeatAgeSec float64 `json:"heartbeat_age_s,omitempty"`
+	Stats           *Stats  `json:"stats,omitempty"`
 }
 
 // Msg is one decoded frame: Type and the body for that type (a pointer to
