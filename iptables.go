@@ -109,10 +109,13 @@ func (r *routing) slotMatch(f *family, slot int) string {
 	if r.workers == 1 {
 		return ""
 	}
-	shift := uint(f.bits - r.prefix[f])
-	mask := shiftedAddr(f, uint64(r.workers-1), shift)
-	val := shiftedAddr(f, uint64(slot), shift)
-	return "-s " + val.String() + "/" + mask.String()
+	return "-s " + r.slotAddr(f, slot).String() + "/" + r.slotAddr(f, r.workers-1).String()
+}
+
+// slotAddr is the address whose only set bits are v in the slot bits of
+// family f: a slot's masked source address, or with v = workers-1 the mask.
+func (r *routing) slotAddr(f *family, v int) netip.Addr {
+	return shiftedAddr(f, uint64(v), uint(f.bits-r.prefix[f]))
 }
 
 // shiftedAddr is the address whose only set bits are v << shift.

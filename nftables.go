@@ -176,14 +176,13 @@ func (w *nftWriter) set(f *family) *nftables.Set {
 // slotMask is the source mask of family f as bytes: the slot bits (none for
 // one worker: every address is slot 0).
 func (r *routing) slotMask(f *family) []byte {
-	shift := uint(f.bits - r.prefix[f])
-	return shiftedAddr(f, uint64(r.workers-1), shift).AsSlice()
+	return r.slotAddr(f, r.workers-1).AsSlice()
 }
 
 // keyBytes encodes k the way the rule builds its lookup key: each part of a
 // concatenation fills whole 32-bit registers, zero-padded.
 func (w *nftWriter) keyBytes(f *family, k nftKey) []byte {
-	addr := shiftedAddr(f, uint64(k.slot), uint(f.bits-w.r.prefix[f])).AsSlice()
+	addr := w.r.slotAddr(f, k.slot).AsSlice()
 	b := make([]byte, 0, len(addr)+8)
 	b = append(b, addr...)
 	b = append(b, k.proto, 0, 0, 0)
@@ -267,27 +266,27 @@ func (w *nftWriter) apply(ctx context.Context, targets, workers []slotTarget) er
 	if err != nil {
 		return err
 	}
+	// The keys are the same in every family's map: diff once.
 	have := w.installed
-	for _, f := range w.r.families {
-		var del, add []nftKey
-		for k, v := range have {
-			if nv, ok := want[k]; !ok || nv != v {
-				del = append(del, k)
-			}
+	var del, add []nftKey
+	for k, v := range have {
+		if nv, ok := want[k]; !ok || nv != v {
+			del = append(del, k)
 		}
-		for k, v := range want {
-			if ov, ok := have[k]; !ok || ov != v {
-				add = append(add, k)
-			}
+	}
+	for k, v := range want {
+		if ov, ok := have[k]; !ok || ov != v {
+			add = append(add, k)
 		}
-		if len(del)+len(add) == 0 {
-			continue
-		}
+	}
+	if len(del)+len(add) > 0 {
 		changed = true
-		// Deleting and re-adding a key in one transaction swaps it
-		// atomically: no packet sees the map without it.
-		if err := w.queueElems(w.set(f), w.elems(f, have, del), w.elems(f, want, add)); err != nil {
-			return err
+		for _, f := range w.r.families {
+			// Deleting and re-adding a key in one transaction swaps it
+			// atomically: no packet sees the map without it.
+			if err := w.queueElems(w.set(f), w.elems(f, have, del), w.elems(f, want, add)); err != nil {
+				return err
+			}
 		}
 	}
 	if !changed {

@@ -59,13 +59,9 @@ func ParseStatus(b []byte) (*Status, error) {
 			}
 			s.CapEff, sawCap = v, true
 		case "VmRSS":
-			num, unit, _ := bytes.Cut(val, []byte{' '})
-			v, err := strconv.ParseUint(string(num), 10, 64)
+			v, err := parseKB("VmRSS", val)
 			if err != nil {
-				return nil, fmt.Errorf("parse VmRSS %q: %w", val, err)
-			}
-			if string(bytes.TrimSpace(unit)) == "kB" {
-				v *= 1024
+				return nil, err
 			}
 			s.RSSBytes = v
 		case "Threads":
@@ -202,19 +198,25 @@ func kBField(b []byte, key string) (v uint64, ok bool, err error) {
 		if !found || string(k) != key {
 			continue
 		}
-		num, unit, _ := bytes.Cut(bytes.TrimSpace(val), []byte{' '})
-		v, err := strconv.ParseUint(string(num), 10, 64)
-		if err != nil {
-			return 0, true, fmt.Errorf("parse %s %q: %w", key, val, err)
-		}
-		switch u := string(bytes.TrimSpace(unit)); u {
-		case "kB":
-			v *= 1024
-		case "":
-		default:
-			return 0, true, fmt.Errorf("parse %s %q: unknown unit %q", key, val, u)
-		}
-		return v, true, nil
+		v, err := parseKB(key, val)
+		return v, true, err
 	}
 	return 0, false, nil
+}
+
+// parseKB parses the value of a "key: <n> kB" line, in bytes.
+func parseKB(key string, val []byte) (uint64, error) {
+	num, unit, _ := bytes.Cut(bytes.TrimSpace(val), []byte{' '})
+	v, err := strconv.ParseUint(string(num), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("parse %s %q: %w", key, val, err)
+	}
+	switch u := string(bytes.TrimSpace(unit)); u {
+	case "kB":
+		return v * 1024, nil
+	case "":
+		return v, nil
+	default:
+		return 0, fmt.Errorf("parse %s %q: unknown unit %q", key, val, u)
+	}
 }
