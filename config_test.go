@@ -1,6 +1,7 @@
 package ipcluster
 
 import (
+	"encoding/json"
 	"errors"
 	"net/netip"
 	"strings"
@@ -39,6 +40,15 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"HeartbeatInterval", func(c *Config) { c.HeartbeatInterval = time.Microsecond }},
 		{"MonitorInterval", func(c *Config) { c.MonitorInterval = time.Millisecond }},
 		{"MonitorInterval", func(c *Config) { c.MonitorInterval = -time.Second }},
+		{"PingTimeout", func(c *Config) { c.PingTimeout = time.Second; c.HeartbeatInterval = time.Second }},
+		{"RetireWindow", func(c *Config) { c.RetireWindow = -time.Second }},
+		{"MemoryLowWatermark/MemoryHighWatermark", func(c *Config) { c.MemoryLowWatermark = 0.99 }},
+		{"MemoryLowWatermark/MemoryHighWatermark", func(c *Config) { c.MemoryHighWatermark = 1.5 }},
+		{"MemoryLowWatermark/MemoryHighWatermark", func(c *Config) { c.MemoryLowWatermark = -0.5 }},
+		{"RetiredNice", func(c *Config) { c.RetiredNice = 20 }},
+		{"Spares", func(c *Config) { c.Spares = -1 }},
+		{"HealthCheckInterval", func(c *Config) { c.HealthCheckInterval = time.Microsecond }},
+		{"HealthCheckFailures", func(c *Config) { c.HealthCheckFailures = -1 }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -83,6 +93,21 @@ func TestProtocolString(t *testing.T) {
 	if zero.Proto != TCP {
 		t.Error("the zero Port is not TCP")
 	}
+	// Port keys marshal as text, so events with port maps are JSON.
+	b, err := json.Marshal(map[Port]uint16{{Public: 443}: 40001, {Public: 53, Proto: UDP}: 40002})
+	if err != nil || string(b) != `{"443/tcp":40001,"53/udp":40002}` {
+		t.Errorf("marshal port map: %s %v", b, err)
+	}
+	var back map[Port]uint16
+	if err := json.Unmarshal(b, &back); err != nil || back[Port{Public: 53, Proto: UDP}] != 40002 {
+		t.Errorf("unmarshal port map: %v %v", back, err)
+	}
+	for _, bad := range []string{"0/tcp", "x", "53/sctp", "70000"} {
+		var p Port
+		if err := p.UnmarshalText([]byte(bad)); err == nil {
+			t.Errorf("UnmarshalText(%q) = %v, want an error", bad, p)
+		}
+	}
 }
 
 func TestDefaults(t *testing.T) {
@@ -94,7 +119,20 @@ func TestDefaults(t *testing.T) {
 		c.MonitorInterval != DefaultMonitorInterval {
 		t.Errorf("defaults not applied: %+v", c)
 	}
+	if c.MemoryLimit != DefaultMemoryLimit || c.LagLimit != DefaultLagLimit || c.PingTimeout != DefaultPingTimeout ||
+		c.StartupGrace != DefaultStartupGrace || c.RetireLimit != DefaultRetireLimit || c.RetireWindow != DefaultRetireWindow ||
+		c.DrainTimeout != DefaultDrainTimeout || c.MemoryLowWatermark != DefaultMemoryLowWatermark ||
+		c.MemoryHighWatermark != DefaultMemoryHighWatermark || c.RetiredNice != DefaultRetiredNice ||
+		c.HealthCheckInterval != DefaultHealthCheckInterval || c.HealthCheckFailures != DefaultHealthCheckFailures {
+		t.Errorf("health defaults not applied: %+v", c)
+	}
 	if err := c.validate(); err != nil {
 		t.Error(err)
+	}
+	// Negative values turn the policies off and are valid.
+	off := Config{Name: "x", Ports: []Port{{Public: 1}}, MemoryLimit: -1, LagLimit: -1, PingTimeout: -1,
+		StartupGrace: -1, RetireLimit: -1, DrainTimeout: -1, MemoryBudget: -1, RetiredNice: -1}.withDefaults()
+	if err := off.validate(); err != nil {
+		t.Errorf("policies turned off: %v", err)
 	}
 }

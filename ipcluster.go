@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -29,16 +30,33 @@ const (
 	DefaultIPv6SlotPrefix    = 64 // the low bits of the client's /64 prefix
 	MaxWorkers               = 256
 	MaxNameLen               = 16
+
+	// Health policies (see monitor.go and the README's Health section).
+	DefaultMemoryLimit         = 448 << 20 // bytes of RSS
+	DefaultLagLimit            = 150 * time.Millisecond
+	DefaultPingTimeout         = 10 * time.Second
+	DefaultStartupGrace        = 45 * time.Second
+	DefaultRetireLimit         = 10
+	DefaultRetireWindow        = 2 * time.Minute
+	DefaultDrainTimeout        = 10 * time.Minute
+	DefaultMemoryLowWatermark  = 0.80
+	DefaultMemoryHighWatermark = 0.95
+	DefaultRetiredNice         = 1
+	DefaultHealthCheckInterval = 5 * time.Second
+	DefaultHealthCheckFailures = 3
 )
 
 // Environment variables that mark a process as a worker. The master sets
 // them when it spawns a worker; nobody else should.
 const (
 	EnvWorker     = "IPCLUSTER_WORKER"     // the cluster name
-	EnvSlot       = "IPCLUSTER_SLOT"       // the worker's slot
+	EnvSlot       = "IPCLUSTER_SLOT"       // the worker's slot, or "spare"
 	EnvGeneration = "IPCLUSTER_GENERATION" // the master generation that spawned it
 	EnvSocket     = "IPCLUSTER_SOCKET"     // the master's control socket
 )
+
+// envSlotSpare is EnvSlot's value for a spare (Config.Spares).
+const envSlotSpare = "spare"
 
 // Errors. Each error returned by this package wraps one of these, so callers
 // can test with errors.Is.
@@ -148,6 +166,28 @@ type Port struct {
 // String returns e.g. "443/udp".
 func (p Port) String() string { return strconv.Itoa(int(p.Public)) + "/" + p.Proto.String() }
 
+// MarshalText returns the String form, so that maps keyed by Port (as in
+// EventWorkerReady and WorkerStats) marshal to JSON objects.
+func (p Port) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+// UnmarshalText parses "443/tcp" or "53/udp"; a bare number is TCP.
+func (p *Port) UnmarshalText(b []byte) error {
+	num, proto, found := strings.Cut(string(b), "/")
+	n, err := strconv.ParseUint(num, 10, 16)
+	if err != nil || n == 0 {
+		return fmt.Errorf("ipcluster: port %q: want a number from 1 to 65535, then /tcp or /udp", b)
+	}
+	pr := TCP
+	if found {
+		var ok bool
+		if pr, ok = parseProtocol(proto); !ok {
+			return fmt.Errorf("ipcluster: port %q: protocol %q is not tcp or udp", b, proto)
+		}
+	}
+	*p = Port{Public: uint16(n), Proto: pr}
+	return nil
+}
+
 // Config describes a cluster. The zero value of every field but Name and
 // Ports is usable.
 type Config struct {
@@ -234,6 +274,92 @@ type Config struct {
 	// OnEvent, if set, receives the cluster's events in order, from one
 	// goroutine; a slow handler delays later events, never the master.
 	OnEvent func(Event)
+
+	// Health policies. The master checks them every MonitorInterval with
+	// its own measurements (see monitor.go). For each limit below, a
+	// negative value turns the policy off.
+
+	// MemoryLimit retires a worker whose RSS, as the master reads it
+	// from /proc, exceeds this many bytes. Default 448 MiB.
+	MemoryLimit int64
+
+	// LagLimit retires a worker whose smoothed scheduling lag (see
+	// WorkerStats.Lag) exceeds it. Default 150ms.
+	LagLimit time.Duration
+
+	// StartupGrace exempts a worker from MemoryLimit and LagLimit for
+	// this long after it starts serving its slot, so start-up spikes
+	// (loading data, warming caches) do not retire it. Default 45s;
+	// negative for none.
+	StartupGrace time.Duration
+
+	// PingTimeout declares a worker unresponsive when no heartbeat has
+	// arrived for this long: hung, deadlocked, or stopped (SIGSTOP). An
+	// active one is retired (its slot moves to a new worker); a retired,
+	// spare or unresponsive one is killed once silent for twice as long.
+	// Default 10s; at least twice HeartbeatInterval.
+	PingTimeout time.Duration
+
+	// RetireLimit and RetireWindow bound the retirements the health
+	// policies start (memory, lag, unresponsive, health check): at most
+	// RetireLimit in any RetireWindow. One held back is retried at the
+	// next sample and reported once with EventRetireHeld. Retirements a
+	// worker asks for itself are not limited. Defaults 10 and 2m.
+	RetireLimit  int
+	RetireWindow time.Duration
+
+	// DrainTimeout bounds a retired worker's drain: once it has been
+	// retired this long with connections still open, it is told to
+	// finish (Worker.Context is cancelled), and killed StopTimeout later
+	// if it has not exited. Default 10m.
+	DrainTimeout time.Duration
+
+	// MemoryBudget is the most memory, in bytes of RSS summed over every
+	// worker process (active, retired, spare), the cluster should use.
+	// Above MemoryLowWatermark of it, retired workers are told to finish,
+	// most killable first (already unresponsive or finishing, then fewest
+	// connections, then largest RSS, then oldest), until the total would
+	// fall below it; above MemoryHighWatermark, they are killed the same
+	// way. Active workers are never stopped for the budget. Default: half
+	// the memory of the machine, or of the master's cgroup if that is
+	// less (the original's fixed 512 MB would stop a 16-worker cluster's
+	// drains as soon as they began).
+	MemoryBudget int64
+
+	// MemoryLowWatermark and MemoryHighWatermark are fractions of
+	// MemoryBudget, 0 < low <= high <= 1. Defaults 0.80 and 0.95.
+	MemoryLowWatermark, MemoryHighWatermark float64
+
+	// RetiredNice is added to a retired worker's niceness, so that new
+	// connections, on the active workers, win the CPU from the drains.
+	// Default 1; at most 19.
+	RetiredNice int
+
+	// Spares is the number of standby workers kept ready, in no slot. A
+	// crashed or retired worker's slot then moves to a spare with one
+	// rule write, without waiting for a process to start, and a new spare
+	// is started in the background. A spare runs no application code
+	// until it is given a slot: the work function is called then. Spares
+	// count against MemoryBudget; none is started while the cluster is
+	// above its low watermark. Default 0.
+	Spares int
+
+	// HealthCheck, if set, is the application's check of a worker, called
+	// by the master every HealthCheckInterval for each active worker with
+	// the worker's latest WorkerStats (whose Ports say where to reach
+	// it), and a context that ends after HealthCheckInterval. A worker
+	// whose check fails HealthCheckFailures times in a row is retired.
+	// Calls for different workers run concurrently; never two for one
+	// worker.
+	HealthCheck func(context.Context, WorkerStats) error
+
+	// HealthCheckInterval is how often HealthCheck runs per worker, and
+	// its timeout. Default 5s; at least 10ms.
+	HealthCheckInterval time.Duration
+
+	// HealthCheckFailures is how many consecutive failures retire a
+	// worker. Default 3.
+	HealthCheckFailures int
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -271,6 +397,20 @@ func (c Config) withDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	setDefault(&c.MemoryLimit, DefaultMemoryLimit)
+	setDefault(&c.LagLimit, DefaultLagLimit)
+	setDefault(&c.StartupGrace, DefaultStartupGrace)
+	setDefault(&c.PingTimeout, DefaultPingTimeout)
+	setDefault(&c.RetireLimit, DefaultRetireLimit)
+	setDefault(&c.RetireWindow, DefaultRetireWindow)
+	setDefault(&c.DrainTimeout, DefaultDrainTimeout)
+	setDefault(&c.MemoryLowWatermark, DefaultMemoryLowWatermark)
+	setDefault(&c.MemoryHighWatermark, DefaultMemoryHighWatermark)
+	setDefault(&c.RetiredNice, DefaultRetiredNice)
+	setDefault(&c.HealthCheckInterval, DefaultHealthCheckInterval)
+	setDefault(&c.HealthCheckFailures, DefaultHealthCheckFailures)
+	// MemoryBudget's default depends on the machine: the master sets it
+	// (see defaultMemoryBudget), so validation stays free of the system.
 	if c.WorkerStdout == nil {
 		c.WorkerStdout = os.Stdout
 	}
@@ -278,6 +418,14 @@ func (c Config) withDefaults() Config {
 		c.WorkerStderr = os.Stderr
 	}
 	return c
+}
+
+// setDefault sets *v to def if it is zero.
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
 }
 
 // validate checks c (with defaults applied) without touching the system.
@@ -344,6 +492,30 @@ func (c *Config) validate() error {
 	}
 	if c.MonitorInterval < 10*time.Millisecond {
 		bad("MonitorInterval", fmt.Sprintf("%s is below 10ms", c.MonitorInterval), "use 10ms or more, or zero for the default of 1s")
+	}
+	if c.PingTimeout > 0 && c.PingTimeout < 2*c.HeartbeatInterval {
+		bad("PingTimeout", fmt.Sprintf("%s is less than twice HeartbeatInterval (%s): one late heartbeat would declare a healthy worker unresponsive", c.PingTimeout, c.HeartbeatInterval),
+			"use at least twice HeartbeatInterval, or a negative value to turn hang detection off")
+	}
+	if c.RetireLimit > 0 && c.RetireWindow <= 0 {
+		bad("RetireWindow", fmt.Sprintf("%s with RetireLimit %d", c.RetireWindow, c.RetireLimit), "use a positive window, or a negative RetireLimit to turn the limit off")
+	}
+	low, high := c.MemoryLowWatermark, c.MemoryHighWatermark
+	if !(low > 0 && low <= high && high <= 1) {
+		bad("MemoryLowWatermark/MemoryHighWatermark", fmt.Sprintf("%g and %g are not 0 < low <= high <= 1", low, high),
+			"use fractions of MemoryBudget such as 0.80 and 0.95, or zero for those defaults")
+	}
+	if c.RetiredNice > 19 {
+		bad("RetiredNice", fmt.Sprintf("%d is above 19, the lowest priority", c.RetiredNice), "use 1 to 19, or a negative value to leave retired workers' priority alone")
+	}
+	if c.Spares < 0 || c.Spares > MaxWorkers {
+		bad("Spares", fmt.Sprintf("%d is outside 0..%d", c.Spares, MaxWorkers), "use a small number of standby workers, such as 1, or 0 for none")
+	}
+	if c.HealthCheckInterval < 10*time.Millisecond {
+		bad("HealthCheckInterval", fmt.Sprintf("%s is below 10ms", c.HealthCheckInterval), "use 10ms or more, or zero for the default of 5s")
+	}
+	if c.HealthCheckFailures < 1 {
+		bad("HealthCheckFailures", fmt.Sprintf("%d is below 1", c.HealthCheckFailures), "use 1 or more consecutive failures, or zero for the default of 3")
 	}
 	switch c.Backend {
 	case BackendAuto, BackendNFTables, BackendIPTables:
@@ -463,8 +635,72 @@ type EventWorkerExited struct {
 
 // EventRetired: a worker was retired; its slot now points at Replacement.
 type EventRetired struct {
-	PID, Slot, Replacement int
-	Reason                 string
+	PID, Slot, Generation, Replacement int
+	Cause                              RetireCause
+	Reason                             string // Cause with its figures, for humans
+	// Elapsed is the time from the decision to retire the worker (the
+	// sample that found it over a limit, its request, ...) to the rule
+	// write that moved its slot.
+	Elapsed time.Duration
+	// The worker's figures when it was retired.
+	RSSBytes uint64
+	Lag      time.Duration
+}
+
+// RetireCause says why a worker was retired.
+type RetireCause string
+
+// Retirement causes.
+const (
+	CauseMemory       RetireCause = "memory"       // RSS over Config.MemoryLimit
+	CauseLag          RetireCause = "lag"          // scheduling lag over Config.LagLimit
+	CauseUnresponsive RetireCause = "unresponsive" // no heartbeat for Config.PingTimeout
+	CauseHealthCheck  RetireCause = "health-check" // Config.HealthCheck failed
+	CauseRequested    RetireCause = "requested"    // Worker.RequestRetire, SIGUSR1 or SIGTERM to the worker, or its function returned
+	CauseAdopted      RetireCause = "adopted"      // a worker of an earlier master
+	CauseReplaced     RetireCause = "replaced"     // its slot was given to another worker for any other reason
+)
+
+// EventUnresponsive: no heartbeat has arrived from a worker for
+// Config.PingTimeout. An active worker is then retired; any other is
+// killed when silent for twice PingTimeout.
+type EventUnresponsive struct {
+	PID, Slot, Generation int
+	State                 string
+	HeartbeatAge          time.Duration
+}
+
+// EventRetireHeld: a health policy wanted to retire a worker but
+// Config.RetireLimit retirements already happened in the last
+// Config.RetireWindow. The master tries again every MonitorInterval; this
+// event comes once per worker.
+type EventRetireHeld struct {
+	PID, Slot, Generation int
+	Cause                 RetireCause
+	Reason                string
+	Limit                 int
+	Window                time.Duration
+}
+
+// EventMemoryPressure: the workers' summed RSS crossed a watermark of
+// Config.MemoryBudget and the master acted: Asked lists the retired
+// workers told to finish (low watermark), Killed those killed (high), in
+// the order they were chosen. Also sent, with both empty, when a
+// watermark is crossed and no retired worker is left to stop.
+type EventMemoryPressure struct {
+	Watermark     string // "low" or "high"
+	UsedBytes     uint64
+	BudgetBytes   uint64
+	Asked, Killed []int
+}
+
+// EventDismissed: the master ended a worker that was not serving a slot:
+// told it to finish (Killed false) or killed it (Killed true), for Reason
+// (drain deadline, memory budget, unresponsive, ignored a stop request).
+type EventDismissed struct {
+	PID, Slot, Generation int
+	Reason                string
+	Killed                bool
 }
 
 // EventRulesFailed: the rules could not be written (the previous rules stay
@@ -511,6 +747,12 @@ type WorkerStats struct {
 	SchedP99 time.Duration
 	// App is the JSON of the worker's Worker.SetStats function, if any.
 	App json.RawMessage
+
+	// Ports maps each public port to the worker's own port: where a
+	// HealthCheck reaches it. Nil before its hello.
+	Ports map[Port]uint16
+	// Unresponsive: no heartbeat for Config.PingTimeout.
+	Unresponsive bool
 }
 
 func sortWorkerStats(ws []WorkerStats) {
@@ -523,6 +765,12 @@ func (EventWorkerExited) eventName() string { return "worker-exited" }
 func (EventRetired) eventName() string      { return "retired" }
 func (EventRulesFailed) eventName() string  { return "rules-failed" }
 func (EventStats) eventName() string        { return "stats" }
+func (EventUnresponsive) eventName() string { return "unresponsive" }
+func (EventRetireHeld) eventName() string   { return "retire-held" }
+func (EventMemoryPressure) eventName() string {
+	return "memory-pressure"
+}
+func (EventDismissed) eventName() string { return "dismissed" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

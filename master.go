@@ -10,10 +10,17 @@ package ipcluster
 // A worker goes through these states:
 //
 //	starting ──ready──▶ active ──replacement ready──▶ retired ──drained──▶ (exit)
-//	    │                  │
-//	    └──exit/timeout──▶ respawn (with backoff)     active ──exit──▶ respawn at once
+//	    │    ╲              │                            │
+//	    │     ╲ready        │                            └─drain deadline, memory
+//	    │      ▼            │                              budget, unresponsive:
+//	    │    spare ──given a slot (crash, retirement)      told to finish, killed
+//	    │                   │
+//	    └──exit/timeout──▶ respawn (with backoff)     active ──exit──▶ its slot to a
+//	                                                   spare, or respawn at once
 //
-// and, when the cluster stops, every worker becomes stopping.
+// and, when the cluster stops, every worker becomes stopping. The health
+// policies that retire active workers and end retired ones are in
+// monitor.go.
 
 import (
 	"context"
@@ -45,11 +52,15 @@ const (
 	stateActive                    // serves its slot
 	stateRetired                   // replaced; drains its connections
 	stateStopping                  // told to die because the cluster stops
+	stateSpare                     // ready, in no slot (Config.Spares)
 )
 
 func (s procState) String() string {
-	return [...]string{"starting", "active", "retired", "stopping"}[s]
+	return [...]string{"starting", "active", "retired", "stopping", "spare"}[s]
 }
+
+// spareSlot is the slot of a spare: a worker spawned for no slot.
+const spareSlot = -1
 
 // proc is one worker process.
 type proc struct {
@@ -68,7 +79,19 @@ type proc struct {
 	// retirePending: replaced in its slot; told it is retired once the
 	// rules that point the slot away from it are written.
 	retirePending bool
+	retireCause   RetireCause // set when its retirement is decided
 	retireReason  string
+	retireAt      time.Time // when its retirement was decided
+	retiredAt     time.Time // when the rules moved its slot away
+
+	// Health policy state (monitor.go).
+	activeSince  time.Time // when it began serving its slot
+	unresponsive bool      // no heartbeat for PingTimeout
+	held         bool      // a retirement held back by RetireLimit was reported
+	dismissedAt  time.Time // told to finish while not serving a slot
+	killed       bool      // SIGKILLed by a policy; its memory is as good as freed
+	checking     bool      // a HealthCheck call is in flight
+	healthFails  int       // consecutive HealthCheck failures
 }
 
 func (p *proc) logAttrs() []any {
@@ -93,9 +116,13 @@ type (
 		peer *peer
 		err  error
 	}
-	evConnectTimeout  struct{ p *proc }
-	evRespawn         struct{ slot int }
-	evRetryRules      struct{}
+	evConnectTimeout struct{ p *proc }
+	evRespawn        struct{ slot int }
+	evRetryRules     struct{}
+	evHealth         struct {
+		p   *proc
+		err error
+	}
 	evInstallDeadline struct{} // ConnectTimeout after start: install with the slots that are ready
 	evStopTimeout     struct{}
 )
@@ -122,9 +149,16 @@ type master struct {
 
 	slots    []*proc       // the active worker of each slot, nil if none
 	pending  []*proc       // the worker starting for each slot, nil if none
-	failures []int         // consecutive failed starts per slot, for backoff
+	spares   []*proc       // ready spares, oldest first
+	failures map[int]int   // consecutive failed starts per slot (spareSlot for spares), for backoff
 	procs    map[int]*proc // every worker process, by pid
 	peers    map[*peer]bool
+
+	// Health policies (monitor.go): when the recent policy retirements
+	// happened, for RetireLimit; the memory watermark last crossed.
+	retireTimes []time.Time
+	spareRetry  bool // a spare restart is scheduled (respawnLater)
+	memLevel    int  // 0 below the low watermark, 1 above it, 2 above the high one
 
 	// routed is what the installed rules point each slot at; udpMoved
 	// the UDP flows whose conntrack entries are to be deleted, because the
@@ -169,6 +203,9 @@ func newMaster(cfg *Config) (*master, error) {
 		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules; run it as root, or grant it with "+
 			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
 	}
+	if cfg.MemoryBudget == 0 {
+		cfg.MemoryBudget = defaultMemoryBudget()
+	}
 	rt := cfg.routing()
 	rules, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
@@ -193,7 +230,7 @@ func newMaster(cfg *Config) (*master, error) {
 		done:     make(chan struct{}),
 		slots:    make([]*proc, cfg.Workers),
 		pending:  make([]*proc, cfg.Workers),
-		failures: make([]int, cfg.Workers),
+		failures: map[int]int{},
 		procs:    map[int]*proc{},
 		peers:    map[*peer]bool{},
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
@@ -347,6 +384,7 @@ func (m *master) run(ctx context.Context) error {
 	for slot := range m.slots {
 		m.spawn(slot)
 	}
+	m.fillSpares()
 	// Until every slot is ready (or the connect timeout passes) the rules of
 	// a crashed predecessor, if any, keep serving: install once, at the end.
 	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evInstallDeadline{}) })
@@ -359,6 +397,12 @@ func (m *master) run(ctx context.Context) error {
 	defer close(m.pssReqs)
 	monitor := time.NewTicker(m.cfg.MonitorInterval)
 	defer monitor.Stop()
+	var healthC <-chan time.Time
+	if m.cfg.HealthCheck != nil {
+		health := time.NewTicker(m.cfg.HealthCheckInterval)
+		defer health.Stop()
+		healthC = health.C
+	}
 
 	ctxDone := ctx.Done()
 	for {
@@ -367,6 +411,8 @@ func (m *master) run(ctx context.Context) error {
 			m.checkRules(ctx)
 		case <-monitor.C:
 			m.sample()
+		case <-healthC:
+			m.startHealthChecks()
 		case <-ctxDone:
 			ctxDone = nil
 			m.stop("context done")
@@ -432,7 +478,12 @@ func (m *master) handle(ev any) {
 			m.kill(p)
 		}
 	case evRespawn:
-		if !m.stopping && m.pending[ev.slot] == nil {
+		switch {
+		case m.stopping:
+		case ev.slot == spareSlot:
+			m.spareRetry = false
+			m.fillSpares()
+		case m.pending[ev.slot] == nil:
 			m.spawn(ev.slot)
 		}
 	case evRetryRules:
@@ -444,6 +495,8 @@ func (m *master) handle(ev any) {
 		}
 	case evPSS:
 		m.onPSS(ev)
+	case evHealth:
+		m.onHealth(ev.p, ev.err)
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -452,12 +505,16 @@ func (m *master) handle(ev any) {
 	}
 }
 
-// spawn starts a worker for slot.
+// spawn starts a worker for slot, or a spare for spareSlot.
 func (m *master) spawn(slot int) {
+	slotEnv := strconv.Itoa(slot)
+	if slot == spareSlot {
+		slotEnv = envSlotSpare
+	}
 	cmd := exec.Command(m.exe, m.args...)
 	cmd.Env = append(slices.Clip(m.env),
 		EnvWorker+"="+m.cfg.Name,
-		EnvSlot+"="+strconv.Itoa(slot),
+		EnvSlot+"="+slotEnv,
 		EnvGeneration+"="+strconv.Itoa(m.gen),
 		EnvSocket+"="+m.sock,
 	)
@@ -476,7 +533,9 @@ func (m *master) spawn(slot int) {
 	}
 	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, state: stateStarting, spawned: time.Now(), cmd: cmd}
 	m.procs[p.pid] = p
-	m.pending[slot] = p
+	if slot != spareSlot {
+		m.pending[slot] = p
+	}
 	p.timer = time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evConnectTimeout{p}) })
 	go func() {
 		err := cmd.Wait()
@@ -497,7 +556,15 @@ func (m *master) respawnLater(slot int) {
 	if m.failures[slot] <= 1 {
 		delay = 0
 	}
-	m.log.Info("respawning worker", "slot", slot, "in", delay, "failures", m.failures[slot])
+	if slot == spareSlot {
+		if m.spareRetry {
+			return // one timer refills them all
+		}
+		m.spareRetry = true
+		m.log.Info("restarting spare", "in", delay, "failures", m.failures[slot])
+	} else {
+		m.log.Info("respawning worker", "slot", slot, "in", delay, "failures", m.failures[slot])
+	}
 	time.AfterFunc(delay, func() { m.send(evRespawn{slot}) })
 }
 
@@ -533,18 +600,24 @@ func (m *master) onExit(p *proc, status string) {
 	}
 	switch p.state {
 	case stateStarting:
-		if m.pending[p.slot] == p {
+		if p.slot == spareSlot {
+			m.failures[spareSlot]++
+			m.respawnLater(spareSlot)
+		} else if m.pending[p.slot] == p {
 			m.pending[p.slot] = nil
 			m.failures[p.slot]++
 			m.respawnLater(p.slot)
 		}
+	case stateSpare:
+		m.spares = slices.DeleteFunc(m.spares, func(q *proc) bool { return q == p })
+		m.fillSpares()
 	case stateActive:
-		// Its slot keeps pointing at the dead port until the replacement
-		// is ready: clients of this slot are refused either way, and one
-		// rule write is quicker than two.
+		// Its slot keeps pointing at the dead port until a spare or the
+		// replacement is ready: clients of this slot are refused either
+		// way, and one rule write is quicker than two.
 		if m.slots[p.slot] == p {
 			m.slots[p.slot] = nil
-			if m.pending[p.slot] == nil {
+			if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
 				m.spawn(p.slot)
 			}
 		}
@@ -583,8 +656,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		refuse("unknown role %q", h.Role)
 		return
 	}
-	if h.Slot < 0 || h.Slot >= m.cfg.Workers {
-		refuse("slot %d is outside 0..%d", h.Slot, m.cfg.Workers-1)
+	if h.Slot < spareSlot || h.Slot >= m.cfg.Workers {
+		refuse("slot %d is outside 0..%d (or %d for a spare)", h.Slot, m.cfg.Workers-1, spareSlot)
 		return
 	}
 	ports := slotTarget{}
@@ -603,6 +676,11 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		}
 	}
 	p := m.procs[pr.pid]
+	if p == nil && h.Slot == spareSlot {
+		// It serves nobody: it finishes when refused.
+		refuse("spare of an earlier master; not adopted")
+		return
+	}
 	if p == nil {
 		// A worker of an earlier master (which crashed) reconnecting. Its
 		// slot has been given to a fresh worker; let it drain as retired,
@@ -613,7 +691,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 			return
 		}
 		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, state: stateRetired, spawned: time.Now(),
-			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid)), retireReason: "adopted from an earlier master"}
+			pidfd:       os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid)),
+			retireCause: CauseAdopted, retireReason: "adopted from an earlier master", retireAt: time.Now()}
 		// Until this master has written its rules, the crashed master's
 		// rules may still route clients to this worker: it is told it is
 		// retired only once they no longer do.
@@ -665,32 +744,54 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 	case proto.TypeRetire:
 		reason := msg.Body.(*proto.Reason).Reason
 		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", reason)...)
-		m.retire(p, "requested: "+reason)
+		m.retire(p, CauseRequested, "requested: "+reason)
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()
 	}
 }
 
-// onReady moves a starting worker into its slot. The rule write happens in
-// syncRules, after this burst of events; the old worker is retired there,
-// once the kernel points the slot away from it.
+// onReady moves a starting worker into its slot, or among the spares.
 func (m *master) onReady(p *proc) {
 	if p.timer != nil {
 		p.timer.Stop()
 	}
+	m.failures[p.slot] = 0
+	if p.slot == spareSlot {
+		p.state = stateSpare
+		m.spares = append(m.spares, p)
+		m.log.Info("spare ready", append(p.logAttrs(), "elapsed", time.Since(p.spawned))...)
+		// A slot that lost its worker, or whose worker is being retired,
+		// takes the spare rather than wait for its own replacement.
+		for slot, q := range m.slots {
+			if (q == nil && m.ready) || (q != nil && q.retireCause != "") {
+				if m.giveSpare(slot) {
+					break
+				}
+			}
+		}
+		return
+	}
 	if m.pending[p.slot] == p {
 		m.pending[p.slot] = nil
 	}
-	m.failures[p.slot] = 0
-	old := m.slots[p.slot]
+	m.activate(p, p.slot)
+}
+
+// activate makes p the active worker of slot. The rule write happens in
+// syncRules, after this burst of events; the slot's previous worker is
+// retired there, once the kernel points the slot away from it.
+func (m *master) activate(p *proc, slot int) {
+	old := m.slots[slot]
+	p.slot = slot
 	p.state = stateActive
-	m.slots[p.slot] = p
+	p.activeSince = time.Now()
+	m.slots[slot] = p
 	m.rulesDirty = true
 	if old != nil {
 		old.state = stateRetired
-		if old.retireReason == "" {
-			old.retireReason = "replaced"
+		if old.retireCause == "" {
+			old.retireCause, old.retireReason, old.retireAt = CauseReplaced, "replaced", time.Now()
 		}
 		old.retirePending = true
 	}
@@ -699,14 +800,56 @@ func (m *master) onReady(p *proc) {
 	m.emit.send(EventWorkerReady{PID: p.pid, Slot: p.slot, Generation: p.gen, Ports: maps.Clone(p.ports), Elapsed: elapsed})
 }
 
-// retire replaces an active worker: a new worker is spawned for its slot,
-// and once that one is ready the slot moves to it and this one is told.
-func (m *master) retire(p *proc, reason string) {
-	if m.stopping || p.state != stateActive || m.slots[p.slot] != p {
+// giveSpare moves the oldest ready spare into slot, if there is one: the
+// slot's clients are then served after one rule write. A replacement still
+// starting for the slot is no longer needed and is killed.
+func (m *master) giveSpare(slot int) bool {
+	if len(m.spares) == 0 || m.stopping {
+		return false
+	}
+	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil })
+	if i < 0 {
+		return false // none can be told its slot now; they reconnect
+	}
+	sp := m.spares[i]
+	m.spares = slices.Delete(m.spares, i, i+1)
+	if q := m.pending[slot]; q != nil {
+		m.pending[slot] = nil // its exit then respawns nothing
+		m.kill(q)
+	}
+	m.activate(sp, slot)
+	// The spare's listeners are open: connections routed to it wait in
+	// their accept queues until the application, called now, accepts.
+	sp.peer.send(proto.TypeAssign, &proto.Assign{Slot: slot})
+	m.fillSpares()
+	return true
+}
+
+// fillSpares starts spares until Config.Spares are ready or starting,
+// unless the cluster is above its low memory watermark or stopping.
+func (m *master) fillSpares() {
+	if m.stopping || m.memLevel > 0 || m.spareRetry {
 		return
 	}
-	p.retireReason = reason
-	if m.pending[p.slot] == nil {
+	n := len(m.spares)
+	for _, p := range m.procs {
+		if p.state == stateStarting && p.slot == spareSlot {
+			n++
+		}
+	}
+	for ; n < m.cfg.Spares; n++ {
+		m.spawn(spareSlot)
+	}
+}
+
+// retire replaces an active worker: its slot goes to a spare, or to a new
+// worker spawned for it once that one is ready; then this one is told.
+func (m *master) retire(p *proc, cause RetireCause, reason string) {
+	if m.stopping || p.state != stateActive || m.slots[p.slot] != p || p.retireCause != "" {
+		return
+	}
+	p.retireCause, p.retireReason, p.retireAt = cause, reason, time.Now()
+	if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
 		m.spawn(p.slot)
 	}
 }
@@ -757,19 +900,12 @@ func (m *master) syncRules(ctx context.Context) {
 	m.installed = true
 	m.noteMovedUDP(m.routed, targets)
 	m.routed = targets
-	m.log.Debug("rules written", "elapsed", time.Since(t0))
+	now := time.Now()
+	m.log.Debug("rules written", "elapsed", now.Sub(t0))
 	for _, p := range m.procs {
 		if p.retirePending {
 			p.retirePending = false
-			if p.peer != nil {
-				p.peer.send(proto.TypeRetire, &proto.Reason{Reason: p.retireReason})
-			}
-			replacement := 0
-			if repl := m.slots[p.slot]; repl != nil {
-				replacement = repl.pid
-			}
-			m.log.Info("worker retired", append(p.logAttrs(), "reason", p.retireReason, "replacement", replacement)...)
-			m.emit.send(EventRetired{PID: p.pid, Slot: p.slot, Replacement: replacement, Reason: p.retireReason})
+			m.retired(p, now)
 		}
 	}
 	if !m.ready && m.allSlotsReady() {
@@ -778,6 +914,30 @@ func (m *master) syncRules(ctx context.Context) {
 		m.log.Info("all slots ready", "workers", m.cfg.Workers, "elapsed", elapsed)
 		m.emit.send(EventReady{Workers: m.cfg.Workers, Elapsed: elapsed})
 	}
+}
+
+// retired tells a worker whose slot the rules no longer point at that it is
+// retired, and lowers its priority.
+func (m *master) retired(p *proc, now time.Time) {
+	p.retiredAt = now
+	if p.peer != nil {
+		p.peer.send(proto.TypeRetire, &proto.Reason{Reason: p.retireReason})
+	}
+	if m.cfg.RetiredNice > 0 {
+		if err := renice(p.pid, m.cfg.RetiredNice); err != nil {
+			m.log.Debug("renice retired worker", append(p.logAttrs(), "err", err)...)
+		}
+	}
+	replacement := 0
+	if repl := m.slots[p.slot]; repl != nil {
+		replacement = repl.pid
+	}
+	elapsed := now.Sub(p.retireAt)
+	lag := seconds(p.lastBeat().stats.LagSec)
+	m.log.Info("worker retired", append(p.logAttrs(), "cause", p.retireCause, "reason", p.retireReason,
+		"replacement", replacement, "elapsed", elapsed, "rss", p.mem.RSSBytes, "lag", lag)...)
+	m.emit.send(EventRetired{PID: p.pid, Slot: p.slot, Generation: p.gen, Replacement: replacement,
+		Cause: p.retireCause, Reason: p.retireReason, Elapsed: elapsed, RSSBytes: p.mem.RSSBytes, Lag: lag})
 }
 
 // workerPorts returns the port maps of every worker that has reported its
@@ -950,7 +1110,7 @@ func (m *master) status() *proto.Status {
 	// out those that would take the reply past a quarter of MaxFrame.
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
-		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(),
+		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive,
 			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {

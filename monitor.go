@@ -2,23 +2,40 @@
 
 package ipcluster
 
-// Health measurement. Workers report what only they can see (Go heap, GC,
-// scheduling lag, their connections, the application's own figures); the
-// master measures what it must not take on trust (RSS and PSS, from /proc)
-// and how fresh each heartbeat is. Nothing here acts on the figures yet:
-// policies (memory or lag limits, heartbeat timeouts) are to read
-// proc.mem and workerStats in the master's loop.
+// Health: measurement and policies. Workers report what only they can see
+// (Go heap, GC, scheduling lag, their connections, the application's own
+// figures); the master measures what it must not take on trust (RSS and
+// PSS, from /proc) and how fresh each heartbeat is, and after each sample
+// applies the policies (enforce):
+//
+//   - an active worker over MemoryLimit or LagLimit (after StartupGrace),
+//     silent for PingTimeout, or failing HealthCheck is retired, at most
+//     RetireLimit per RetireWindow;
+//   - a retired worker is told to finish after DrainTimeout; a retired or
+//     spare one silent for twice PingTimeout is killed, and so is one told
+//     to finish that is still there StopTimeout later;
+//   - above the memory budget's watermarks, retired workers are told to
+//     finish, then killed, most killable first (killOrder).
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
+	"maps"
 	"math"
+	"os"
 	"runtime"
 	"runtime/metrics"
+	"slices"
+	"strconv"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -321,6 +338,7 @@ func (m *master) sample() {
 		m.pssReqs <- pids // buffered, and empty while !sampling
 	}
 	m.sampleCount++
+	m.enforce(now)
 	if m.cfg.OnEvent == nil {
 		return
 	}
@@ -358,7 +376,7 @@ func (m *master) workerStats(p *proc, now time.Time) WorkerStats {
 	ws := WorkerStats{
 		PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(),
 		RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes,
-		HeartbeatAge: -1,
+		HeartbeatAge: -1, Ports: maps.Clone(p.ports), Unresponsive: p.unresponsive,
 	}
 	beat := p.lastBeat()
 	if beat.at.IsZero() {
@@ -381,3 +399,308 @@ func (m *master) workerStats(p *proc, now time.Time) WorkerStats {
 }
 
 func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+// ---- master side: policies ----
+
+// enforce applies the health policies after a sample at now.
+func (m *master) enforce(now time.Time) {
+	if m.stopping {
+		return
+	}
+	procs := slices.SortedFunc(maps.Values(m.procs), func(a, b *proc) int { return a.pid - b.pid })
+	for _, p := range procs {
+		if p.state == stateStarting || p.state == stateStopping && p.dismissedAt.IsZero() {
+			continue // ConnectTimeout and StopTimeout watch these
+		}
+		silence := m.checkResponsive(p, now)
+		switch {
+		case p.state == stateActive:
+			m.checkActive(p, now)
+		case p.unresponsive && silence > 2*m.cfg.PingTimeout:
+			m.dismiss(p, fmt.Sprintf("unresponsive: no heartbeat for %s", silence.Round(time.Millisecond)), true)
+		case p.state == stateRetired && m.cfg.DrainTimeout > 0 && p.dismissedAt.IsZero() &&
+			!p.retiredAt.IsZero() && now.Sub(p.retiredAt) > m.cfg.DrainTimeout:
+			m.dismiss(p, fmt.Sprintf("drain deadline: retired for %s with %d connections open",
+				m.cfg.DrainTimeout, p.lastBeat().stats.Connections), false)
+		case !p.dismissedAt.IsZero() && now.Sub(p.dismissedAt) > m.cfg.StopTimeout:
+			m.dismiss(p, fmt.Sprintf("told to finish %s ago and still running", m.cfg.StopTimeout), true)
+		}
+	}
+	m.checkBudget()
+	m.fillSpares()
+}
+
+// checkResponsive marks a worker unresponsive once it has been silent for
+// PingTimeout, and responsive again when a heartbeat arrives. It returns
+// how long the worker has been silent.
+func (m *master) checkResponsive(p *proc, now time.Time) time.Duration {
+	last := p.lastBeat().at
+	if last.Before(p.spawned) {
+		last = p.spawned // adopted, no heartbeat yet
+	}
+	silence := now.Sub(last)
+	if m.cfg.PingTimeout <= 0 {
+		return silence
+	}
+	switch silent := silence > m.cfg.PingTimeout; {
+	case silent && !p.unresponsive:
+		p.unresponsive = true
+		m.log.Warn("worker unresponsive: no heartbeat", append(p.logAttrs(), "state", p.state.String(), "silence", silence, "timeout", m.cfg.PingTimeout)...)
+		m.emit.send(EventUnresponsive{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), HeartbeatAge: silence})
+	case !silent && p.unresponsive:
+		p.unresponsive = false
+		m.log.Info("worker responsive again", p.logAttrs()...)
+	}
+	return silence
+}
+
+// checkActive retires an active worker that breaks a limit.
+func (m *master) checkActive(p *proc, now time.Time) {
+	if p.retireCause != "" {
+		return // already being replaced
+	}
+	beat := p.lastBeat()
+	lag := seconds(beat.stats.LagSec)
+	young := m.cfg.StartupGrace > 0 && now.Sub(p.activeSince) < m.cfg.StartupGrace
+	switch {
+	case p.unresponsive:
+		m.policyRetire(p, CauseUnresponsive, fmt.Sprintf("no heartbeat for %s", now.Sub(beat.at).Round(time.Millisecond)), now)
+	case young:
+	case m.cfg.MemoryLimit > 0 && p.mem.at.Equal(now) && p.mem.RSSBytes > uint64(m.cfg.MemoryLimit):
+		m.policyRetire(p, CauseMemory, fmt.Sprintf("RSS %.1f MiB over the limit of %.1f MiB",
+			mib(p.mem.RSSBytes), mib(uint64(m.cfg.MemoryLimit))), now)
+	case m.cfg.LagLimit > 0 && beat.at.After(p.activeSince) && lag > m.cfg.LagLimit:
+		m.policyRetire(p, CauseLag, fmt.Sprintf("scheduling lag %s over the limit of %s",
+			lag.Round(time.Microsecond), m.cfg.LagLimit), now)
+	}
+}
+
+func mib(b uint64) float64 { return float64(b) / (1 << 20) }
+
+// policyRetire retires p for a health policy, unless RetireLimit
+// retirements already happened in the last RetireWindow.
+func (m *master) policyRetire(p *proc, cause RetireCause, reason string, now time.Time) {
+	if m.cfg.RetireLimit > 0 {
+		cut := now.Add(-m.cfg.RetireWindow)
+		m.retireTimes = slices.DeleteFunc(m.retireTimes, func(t time.Time) bool { return !t.After(cut) })
+		if len(m.retireTimes) >= m.cfg.RetireLimit {
+			if !p.held {
+				p.held = true
+				m.log.Warn("retirement held back by the rate limit", append(p.logAttrs(), "cause", cause, "reason", reason,
+					"limit", m.cfg.RetireLimit, "window", m.cfg.RetireWindow)...)
+				m.emit.send(EventRetireHeld{PID: p.pid, Slot: p.slot, Generation: p.gen, Cause: cause, Reason: reason,
+					Limit: m.cfg.RetireLimit, Window: m.cfg.RetireWindow})
+			}
+			return
+		}
+		m.retireTimes = append(m.retireTimes, now)
+	}
+	m.log.Warn("retiring worker", append(p.logAttrs(), "cause", cause, "reason", reason)...)
+	m.retire(p, cause, reason)
+}
+
+// dismiss ends a worker that serves no slot: tells it to finish, or kills
+// it. Safe to call more than once.
+func (m *master) dismiss(p *proc, reason string, kill bool) {
+	if p.killed || !kill && !p.dismissedAt.IsZero() {
+		return
+	}
+	if kill {
+		p.killed = true
+		m.kill(p)
+	} else {
+		p.dismissedAt = time.Now()
+		if p.peer != nil {
+			p.peer.send(proto.TypeDie, &proto.Reason{Reason: reason})
+		} else {
+			m.signal(p, syscall.SIGTERM)
+		}
+	}
+	if p.state == stateSpare {
+		m.spares = slices.DeleteFunc(m.spares, func(q *proc) bool { return q == p })
+		p.state = stateStopping
+	}
+	if p.dismissedAt.IsZero() {
+		p.dismissedAt = time.Now()
+	}
+	m.log.Warn("ending worker", append(p.logAttrs(), "state", p.state.String(), "reason", reason, "killed", kill)...)
+	m.emit.send(EventDismissed{PID: p.pid, Slot: p.slot, Generation: p.gen, Reason: reason, Killed: kill})
+}
+
+// checkBudget holds the workers' summed RSS under the memory budget's
+// watermarks by ending retired workers, never active ones: above the high
+// watermark it kills them, most killable first, until the total would be
+// below it; then, above the low watermark, it tells the rest to finish
+// until the total would be below that. Workers already killed, or already
+// told to finish, count as gone.
+func (m *master) checkBudget() {
+	if m.cfg.MemoryBudget <= 0 {
+		return
+	}
+	budget := uint64(m.cfg.MemoryBudget)
+	low := uint64(float64(budget) * m.cfg.MemoryLowWatermark)
+	high := uint64(float64(budget) * m.cfg.MemoryHighWatermark)
+	var used, killedRSS, askedRSS uint64
+	var victims []*proc
+	for _, p := range m.procs {
+		used += p.mem.RSSBytes
+		switch {
+		case p.killed:
+			killedRSS += p.mem.RSSBytes
+		case p.state == stateRetired:
+			victims = append(victims, p)
+			if !p.dismissedAt.IsZero() {
+				askedRSS += p.mem.RSSBytes
+			}
+		}
+	}
+	level := 0
+	switch {
+	case used > high:
+		level = 2
+	case used > low:
+		level = 1
+	}
+	slices.SortFunc(victims, killOrder)
+	var killed, asked []int
+	left := used - killedRSS
+	for _, v := range victims {
+		if left <= high {
+			break
+		}
+		if !v.dismissedAt.IsZero() {
+			askedRSS -= v.mem.RSSBytes
+		}
+		m.dismiss(v, "memory budget: above the high watermark", true)
+		killed = append(killed, v.pid)
+		left -= v.mem.RSSBytes
+	}
+	left -= askedRSS
+	for _, v := range victims {
+		if left <= low {
+			break
+		}
+		if v.killed || !v.dismissedAt.IsZero() {
+			continue
+		}
+		m.dismiss(v, "memory budget: above the low watermark", false)
+		asked = append(asked, v.pid)
+		left -= v.mem.RSSBytes
+	}
+	rose := level > m.memLevel
+	if level == 0 && m.memLevel > 0 {
+		m.log.Info("workers' memory back below the low watermark", "used", used, "budget", budget)
+	}
+	m.memLevel = level
+	if len(killed)+len(asked) == 0 && !rose {
+		return
+	}
+	name := "low"
+	if level == 2 {
+		name = "high"
+	}
+	m.log.Warn("workers' memory above the "+name+" watermark", "used", used, "budget", budget,
+		"killed", killed, "asked_to_finish", asked, "retired_left", len(victims)-len(killed)-len(asked))
+	m.emit.send(EventMemoryPressure{Watermark: name, UsedBytes: used, BudgetBytes: budget, Asked: asked, Killed: killed})
+}
+
+// killOrder sorts retired workers most killable first: those already
+// unresponsive or told to finish, then fewest connections, then largest
+// RSS, then oldest.
+func killOrder(a, b *proc) int {
+	ending := func(p *proc) int {
+		if p.unresponsive || !p.dismissedAt.IsZero() {
+			return 0
+		}
+		return 1
+	}
+	return cmp.Or(
+		cmp.Compare(ending(a), ending(b)),
+		cmp.Compare(a.lastBeat().stats.Connections, b.lastBeat().stats.Connections),
+		cmp.Compare(b.mem.RSSBytes, a.mem.RSSBytes),
+		a.spawned.Compare(b.spawned),
+		cmp.Compare(a.pid, b.pid),
+	)
+}
+
+// startHealthChecks runs Config.HealthCheck for each active worker that is
+// not being checked or replaced already, off the loop.
+func (m *master) startHealthChecks() {
+	if m.stopping {
+		return
+	}
+	now := time.Now()
+	for _, p := range m.procs {
+		if p.state != stateActive || p.checking || p.retireCause != "" {
+			continue
+		}
+		p.checking = true
+		ws := m.workerStats(p, now)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.HealthCheckInterval)
+			defer cancel()
+			m.send(evHealth{p: p, err: m.cfg.HealthCheck(ctx, ws)})
+		}()
+	}
+}
+
+// onHealth records a health check's result.
+func (m *master) onHealth(p *proc, err error) {
+	p.checking = false
+	if m.procs[p.pid] != p || p.state != stateActive {
+		return
+	}
+	if err == nil {
+		if p.healthFails > 0 {
+			m.log.Info("health check passes again", append(p.logAttrs(), "after_failures", p.healthFails)...)
+		}
+		p.healthFails = 0
+		return
+	}
+	p.healthFails++
+	m.log.Warn("health check failed", append(p.logAttrs(), "failures", p.healthFails, "limit", m.cfg.HealthCheckFailures, "err", err)...)
+	if p.healthFails >= m.cfg.HealthCheckFailures && p.retireCause == "" {
+		m.policyRetire(p, CauseHealthCheck, fmt.Sprintf("health check failed %d times in a row: %v", p.healthFails, err), time.Now())
+	}
+}
+
+// renice adds inc to the niceness of every thread of pid. Linux keeps a
+// niceness per thread, and setpriority(PRIO_PROCESS, pid) changes only the
+// thread whose id is pid. Threads started later inherit the niceness of
+// the thread that starts them, so renicing those that exist covers them,
+// but for one started between the listing and the renicing. (A worker that
+// exited since the last event may have had its pid reused: the cost of
+// that race is one process's niceness raised by one.)
+func renice(pid, inc int) error {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("list threads of %d: %w", pid, err)
+	}
+	var errs []error
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		// The raw system call returns 20 - nice.
+		prio, err := unix.Getpriority(unix.PRIO_PROCESS, tid)
+		if err != nil {
+			continue // the thread ended
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, min(20-prio+inc, 19)); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("renice thread %d of %d: %w", tid, pid, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// defaultMemoryBudget is half the memory the master may use, or 0 (no
+// budget) if that cannot be read.
+func defaultMemoryBudget() int64 {
+	limit, err := procfs.MemoryLimit()
+	if err != nil {
+		return 0
+	}
+	return int64(min(limit/2, math.MaxInt64))
+}

@@ -62,7 +62,8 @@ type Worker struct {
 }
 
 // Slot is the slot this worker serves: the low bits of its clients'
-// addresses.
+// addresses. A spare (Config.Spares) learns its slot before the work
+// function is called, so the function always sees a valid one.
 func (w *Worker) Slot() int { return w.slot }
 
 // Generation is the master generation that spawned this worker.
@@ -154,9 +155,10 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	if name != cfg.Name {
 		return 0, 0, "", bad("%s=%q but Config.Name is %q", EnvWorker, name, cfg.Name)
 	}
-	slot, err = strconv.Atoi(os.Getenv(EnvSlot))
-	if err != nil || slot < 0 || slot >= cfg.Workers {
-		return 0, 0, "", bad("%s=%q is not a slot in 0..%d", EnvSlot, os.Getenv(EnvSlot), cfg.Workers-1)
+	if os.Getenv(EnvSlot) == envSlotSpare {
+		slot = spareSlot
+	} else if slot, err = strconv.Atoi(os.Getenv(EnvSlot)); err != nil || slot < 0 || slot >= cfg.Workers {
+		return 0, 0, "", bad("%s=%q is not a slot in 0..%d nor %q", EnvSlot, os.Getenv(EnvSlot), cfg.Workers-1, envSlotSpare)
 	}
 	gen, err = strconv.Atoi(os.Getenv(EnvGeneration))
 	if err != nil || gen < 1 {
@@ -186,7 +188,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		retired:     make(chan struct{}),
 		retireAsked: make(chan string, 1),
 	}
-	w.log = cfg.Logger.With("cluster", cfg.Name, "slot", slot, "pid", os.Getpid(), "generation", gen)
+	w.setLogger()
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
 	go w.probe.run(w.ctx)
@@ -240,8 +242,17 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
+	// A spare calls the application only once it has a slot; until then
+	// it counts as done with it, so that it can finish at once.
 	workDone := make(chan error, 1)
-	go func() { workDone <- work(w) }()
+	worked := true
+	startWork := func() {
+		worked = false
+		go func() { workDone <- work(w) }()
+	}
+	if w.slot != spareSlot {
+		startWork()
+	}
 
 	beat := time.NewTicker(heartbeatEvery(welcome))
 	defer beat.Stop()
@@ -256,7 +267,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	var dieDeadline <-chan time.Time
 	var dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
 	var unsentRetire string             // a retirement request made while no master listened
-	worked, dying, connected := false, false, true
+	dying, connected := false, true
 	ctxDone := ctx.Done()
 	die := func(why string) {
 		if dying {
@@ -310,6 +321,13 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 				}
 			case proto.TypeDie:
 				die(m.Body.(*proto.Reason).Reason)
+			case proto.TypeAssign:
+				if w.slot == spareSlot && !dying && !w.isRetired() {
+					w.slot = m.Body.(*proto.Assign).Slot
+					w.setLogger()
+					w.log.Info("spare given a slot")
+					startWork()
+				}
 			case proto.TypeInfo:
 				w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
 			}
@@ -350,7 +368,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			switch {
 			case sig == syscall.SIGUSR1:
 				w.RequestRetire("SIGUSR1")
-			case connected && !dying && !w.isRetired() && dieAfterRetire == nil:
+			case connected && !dying && !w.isRetired() && dieAfterRetire == nil && w.slot != spareSlot:
 				// Have the master move the slot first, so its clients
 				// are never refused; finish once replaced, or after
 				// a bounded wait if the master cannot replace us.
@@ -371,6 +389,11 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		case <-drainCheck.C:
 		}
 	}
+}
+
+// setLogger derives the worker's logger from its current slot.
+func (w *Worker) setLogger() {
+	w.log = w.cfg.Logger.With("cluster", w.cluster, "slot", w.slot, "pid", os.Getpid(), "generation", w.gen)
 }
 
 // dial connects to the master and completes the hello. The reader it

@@ -8,8 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 )
 
@@ -219,4 +222,48 @@ func parseKB(key string, val []byte) (uint64, error) {
 	default:
 		return 0, fmt.Errorf("parse %s %q: unknown unit %q", key, val, u)
 	}
+}
+
+// MemoryLimit returns the memory the calling process can use: the
+// machine's MemTotal, or the lowest cgroup v2 memory.max on the path from
+// its cgroup to the root, if lower.
+func MemoryLimit() (uint64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	limit, ok, err := kBField(b, "MemTotal")
+	if err != nil || !ok {
+		return 0, fmt.Errorf("/proc/meminfo: no MemTotal (%v)", err)
+	}
+	b, err = os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return limit, nil // no cgroups: the machine's memory it is
+	}
+	return min(limit, CgroupMemoryMax("/sys/fs/cgroup", b)), nil
+}
+
+// CgroupMemoryMax returns the lowest memory.max under root on the path of
+// the unified (v2) hierarchy named in /proc/self/cgroup text, or the
+// largest uint64 when there is none: a parent's limit binds its children.
+func CgroupMemoryMax(root string, cgroup []byte) uint64 {
+	limit := uint64(math.MaxUint64)
+	for _, line := range strings.Split(string(cgroup), "\n") {
+		path, ok := strings.CutPrefix(line, "0::")
+		if !ok {
+			continue
+		}
+		for dir := filepath.Join(root, path); strings.HasPrefix(dir, root); dir = filepath.Dir(dir) {
+			b, err := os.ReadFile(filepath.Join(dir, "memory.max"))
+			if err == nil {
+				if v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil { // "max" is no limit
+					limit = min(limit, v)
+				}
+			}
+			if dir == root {
+				break
+			}
+		}
+	}
+	return limit
 }

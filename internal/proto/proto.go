@@ -24,7 +24,11 @@ import (
 // Version 2 added Port.Proto. A version 1 peer would ignore that field and
 // read TCP 443 and UDP 443 as one port, routing one protocol's clients to
 // the other's socket: an incompatible change, hence the bump.
-const Version = 2
+//
+// Version 3 added spares: a worker spawned for no slot says hello with
+// slot -1 and waits for an assign before serving. A version 2 worker would
+// refuse slot -1 in its environment, and a version 2 master a hello with it.
+const Version = 3
 
 // MaxFrame is the largest frame body accepted, in bytes. It bounds what a
 // peer can make the master allocate; heartbeats are a few hundred bytes.
@@ -40,6 +44,7 @@ const (
 	TypeRetire    = "retire"    // master → worker: you are retired; worker → master: please retire me
 	TypeDie       = "die"       // master → worker: finish and exit
 	TypeInfo      = "info"      // master → worker: send stats now; worker → master: the answer
+	TypeAssign    = "assign"    // master → spare worker: serve this slot
 	TypeStatus    = "status"    // client → master: request; master → client: the answer
 	TypeError     = "error"     // master → client: a request failed
 )
@@ -64,7 +69,8 @@ type Hello struct {
 	Cluster string `json:"cluster"`
 	// PID is informational only: the master takes the peer's pid from the
 	// kernel (SO_PEERCRED) and refuses a hello whose PID disagrees.
-	PID        int    `json:"pid"`
+	PID int `json:"pid"`
+	// Slot is the worker's slot, or -1 for a spare not yet given one.
 	Slot       int    `json:"slot"`
 	Generation int    `json:"generation"`
 	Ports      []Port `json:"ports,omitempty"`
@@ -91,6 +97,11 @@ type Welcome struct {
 	// Retired tells a worker it was adopted as retired: it must not take new
 	// connections and should exit once drained.
 	Retired bool `json:"retired,omitempty"`
+}
+
+// Assign gives a spare its slot.
+type Assign struct {
+	Slot int `json:"slot"`
 }
 
 // Refuse rejects a hello; Reason is meant for a human.
@@ -176,7 +187,9 @@ type WorkerStatus struct {
 	// HeartbeatAgeSec is how long ago the master received the worker's
 	// last heartbeat (by its own clock); omitted before the first.
 	HeartbeatAgeSec float64 `json:"heartbeat_age_s,omitempty"`
-	Stats           *Stats  `json:"stats,omitempty"`
+	// Unresponsive: no heartbeat for the master's ping timeout.
+	Unresponsive bool   `json:"unresponsive,omitempty"`
+	Stats        *Stats `json:"stats,omitempty"`
 }
 
 // Msg is one decoded frame: Type and the body for that type (a pointer to
@@ -205,6 +218,8 @@ func newBody(typ string) (any, error) {
 		return new(Heartbeat), nil
 	case TypeRetire, TypeDie:
 		return new(Reason), nil
+	case TypeAssign:
+		return new(Assign), nil
 	case TypeStatus:
 		return new(Status), nil
 	}
