@@ -67,6 +67,20 @@ type specConfig struct {
 
 	HeartbeatInterval time.Duration
 	MonitorInterval   time.Duration
+
+	// Health policies, as in ipcluster.Config.
+	MemoryLimit         int64
+	LagLimit            time.Duration
+	StartupGrace        time.Duration
+	PingTimeout         time.Duration
+	RetireLimit         int
+	RetireWindow        time.Duration
+	DrainTimeout        time.Duration
+	MemoryBudget        int64
+	MemoryLowWatermark  float64
+	MemoryHighWatermark float64
+	RetiredNice         int
+	Spares              int
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -82,7 +96,20 @@ func (s specConfig) config() ipcluster.Config {
 
 		HeartbeatInterval: s.HeartbeatInterval,
 		MonitorInterval:   s.MonitorInterval,
-		Logger:            slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+
+		MemoryLimit:         s.MemoryLimit,
+		LagLimit:            s.LagLimit,
+		StartupGrace:        s.StartupGrace,
+		PingTimeout:         s.PingTimeout,
+		RetireLimit:         s.RetireLimit,
+		RetireWindow:        s.RetireWindow,
+		DrainTimeout:        s.DrainTimeout,
+		MemoryBudget:        s.MemoryBudget,
+		MemoryLowWatermark:  s.MemoryLowWatermark,
+		MemoryHighWatermark: s.MemoryHighWatermark,
+		RetiredNice:         s.RetiredNice,
+		Spares:              s.Spares,
+		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
 		c.Ports = append(c.Ports, ipcluster.Port{Public: p})
