@@ -3,8 +3,6 @@
 package ipcluster_test
 
 import (
-	"bufio"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -24,11 +22,11 @@ const lagLimit = 50 * time.Millisecond
 // status and in EventStats.
 func TestHealthMeasured(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
-	statsLog := filepath.Join(t.TempDir(), "stats.jsonl")
+	events := filepath.Join(t.TempDir(), "events.jsonl")
 	c := startClusterSpec(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond}, func(s *spec) {
 		s.SlotScenarios = map[int]string{0: "ballast", 1: "busy"}
-		s.StatsLog = statsLog
+		s.EventsLog = events
 	})
 	c.waitReady()
 
@@ -101,70 +99,56 @@ func TestHealthMeasured(t *testing.T) {
 	}
 
 	// EventStats carries the same measurements, for every worker.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ok, n, detail := checkStatsLog(t, statsLog, ws[0].PID, ws[1].PID)
-		if ok {
-			break
+	detail := "no EventStats yet"
+	defer func() {
+		if t.Failed() {
+			t.Logf("last EventStats check: %s", detail)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("EventStats (%d events) never showed the ballast and busy workers: %s", n, detail)
+	}()
+	waitEvent(t, events, 10*time.Second, func(e loggedEvent) bool {
+		if e.Type != "EventStats" {
+			return false
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		var ok bool
+		ok, detail = checkStats(t, decodeEvent[ipcluster.EventStats](t, e), ws[0].PID, ws[1].PID)
+		return ok
+	})
 }
 
-// checkStatsLog looks for one EventStats that covers 4 workers, sorted by
-// PID, with the ballast worker's RSS 50 MiB above every other and the busy
+// checkStats checks that an EventStats covers 4 workers, sorted by PID,
+// with the ballast worker's RSS 50 MiB above every other and the busy
 // worker's lag above lagLimit.
-func checkStatsLog(t *testing.T, path string, ballastPID, busyPID int) (ok bool, n int, detail string) {
+func checkStats(t *testing.T, ev ipcluster.EventStats, ballastPID, busyPID int) (ok bool, detail string) {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		return false, 0, err.Error()
+	var ballast, busy *ipcluster.WorkerStats
+	var otherRSS uint64
+	sorted := true
+	for i := range ev.Workers {
+		w := &ev.Workers[i]
+		if i > 0 && ev.Workers[i-1].PID >= w.PID {
+			sorted = false
+		}
+		switch w.PID {
+		case ballastPID:
+			ballast = w
+		case busyPID:
+			busy = w
+		}
+		if w.PID != ballastPID {
+			otherRSS = max(otherRSS, w.RSSBytes)
+		}
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var ev ipcluster.EventStats
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			t.Fatalf("stats log line %q: %v", sc.Text(), err)
-		}
-		n++
-		var ballast, busy *ipcluster.WorkerStats
-		var otherRSS uint64
-		sorted := true
-		for i := range ev.Workers {
-			w := &ev.Workers[i]
-			if i > 0 && ev.Workers[i-1].PID >= w.PID {
-				sorted = false
-			}
-			switch w.PID {
-			case ballastPID:
-				ballast = w
-			case busyPID:
-				busy = w
-			}
-			if w.PID != ballastPID {
-				otherRSS = max(otherRSS, w.RSSBytes)
-			}
-		}
-		if !sorted {
-			t.Errorf("EventStats workers not sorted by PID: %+v", ev.Workers)
-		}
-		if ev.At.IsZero() || len(ev.Workers) != 4 || ballast == nil || busy == nil {
-			detail = "event without the 4 workers"
-			continue
-		}
-		if busy.HeartbeatAge < 0 || ballast.HeartbeatAge < 0 {
-			detail = "no heartbeat yet"
-			continue
-		}
-		if ballast.RSSBytes >= otherRSS+50<<20 && busy.Lag > lagLimit {
-			return true, n, ""
-		}
-		detail = "ballast rss " + itoa(int(ballast.RSSBytes>>20)) + " MiB vs " + itoa(int(otherRSS>>20)) + " MiB, busy lag " + busy.Lag.String()
+	if !sorted {
+		t.Errorf("EventStats workers not sorted by PID: %+v", ev.Workers)
 	}
-	return false, n, detail
+	if ev.At.IsZero() || len(ev.Workers) != 4 || ballast == nil || busy == nil {
+		return false, "event without the 4 workers"
+	}
+	if busy.HeartbeatAge < 0 || ballast.HeartbeatAge < 0 {
+		return false, "no heartbeat yet"
+	}
+	if ballast.RSSBytes >= otherRSS+50<<20 && busy.Lag > lagLimit {
+		return true, ""
+	}
+	return false, "ballast rss " + itoa(int(ballast.RSSBytes>>20)) + " MiB vs " + itoa(int(otherRSS>>20)) + " MiB, busy lag " + busy.Lag.String()
 }

@@ -20,10 +20,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"reflect"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -42,9 +45,12 @@ type spec struct {
 	SkipConntrackCleanup bool
 	// SlotScenarios overrides Scenario for some slots.
 	SlotScenarios map[int]string
-	// StatsLog, if set, is a file the master appends each EventStats to,
-	// one JSON object a line.
-	StatsLog string
+	// EventsLog, if set, is a file the master (not its workers) appends
+	// every event to, one JSON line each (see logEvents, readEvents).
+	EventsLog string
+	// OnceDir holds the per-slot markers of the *once scenarios (see once
+	// and makeOnce).
+	OnceDir string
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -141,6 +147,7 @@ func helperMain(raw string) int {
 		fmt.Fprintf(os.Stderr, "helper: refusing to run outside the test namespace (inode %d, want %d, err %v)\n", st.Ino, s.Netns, err)
 		return 3
 	}
+	helperSpec = s
 	scenarios := map[string]func(*ipcluster.Worker) error{
 		"echo": echoWorker,
 		// linger: like echo, but a connection outlives the worker's
@@ -150,6 +157,13 @@ func helperMain(raw string) int {
 		"ballast": ballastWorker,
 		// busy: echo, on one P kept busy by spinning goroutines.
 		"busy": busyWorker,
+		// leakonce: the first worker of a slot with a marker in OnceDir
+		// grows by 2 MiB every 50ms until retired (at most 512 MiB); all
+		// serve as echo.
+		"leakonce": leakOnceWorker,
+		// busyonce: the first worker of a slot with a marker in OnceDir
+		// is busy until retired; the others are plain echo.
+		"busyonce": busyOnceWorker,
 	}
 	for _, name := range append([]string{s.Scenario}, slices.Collect(maps.Values(s.SlotScenarios))...) {
 		if scenarios[name] == nil {
@@ -167,25 +181,156 @@ func helperMain(raw string) int {
 		ipcluster.SkipConntrackCleanup()
 	}
 	cfg := s.Config.config()
-	if s.StatsLog != "" && !ipcluster.IsWorker() {
-		f, err := os.OpenFile(s.StatsLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if s.EventsLog != "" && !ipcluster.IsWorker() {
+		f, err := os.OpenFile(s.EventsLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "helper: %v\n", err)
 			return 2
 		}
 		defer f.Close()
-		enc := json.NewEncoder(f)
-		cfg.OnEvent = func(ev ipcluster.Event) {
-			if es, ok := ev.(ipcluster.EventStats); ok {
-				_ = enc.Encode(es)
-			}
-		}
+		cfg.OnEvent = logEvents(f)
 	}
 	if err := ipcluster.Run(context.Background(), cfg, work); err != nil {
 		fmt.Fprintf(os.Stderr, "helper: %v\n", err)
 		return 1
 	}
 	return 0
+}
+
+// helperSpec is the spec of this helper process (master or worker), for the
+// scenarios that need more than the Worker.
+var helperSpec spec
+
+// logEvents returns an OnEvent function that appends each event to f as one
+// line of JSON: {"type":"EventStats","at":<when received>,"event":{...}}.
+func logEvents(f *os.File) func(ipcluster.Event) {
+	var mu sync.Mutex
+	return func(ev ipcluster.Event) {
+		at := time.Now()
+		body, err := marshalEvent(ev)
+		if err != nil {
+			body, _ = json.Marshal(map[string]string{"marshal_error": err.Error()})
+		}
+		t := reflect.TypeOf(ev)
+		if t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		line, _ := json.Marshal(struct {
+			Type  string          `json:"type"`
+			At    time.Time       `json:"at"`
+			Event json.RawMessage `json:"event"`
+		}{t.Name(), at, body})
+		mu.Lock()
+		defer mu.Unlock()
+		// One write per line: a reader sees whole lines, and at worst a
+		// partial last one.
+		if _, err := f.Write(append(line, '\n')); err != nil {
+			fmt.Fprintf(os.Stderr, "helper: events log: %v\n", err)
+		}
+	}
+}
+
+var errorType = reflect.TypeFor[error]()
+
+// marshalEvent is json.Marshal, except that the error fields of a struct
+// (EventRulesFailed.Err), which would marshal as {}, become their message
+// (or null).
+func marshalEvent(ev ipcluster.Event) ([]byte, error) {
+	v := reflect.Indirect(reflect.ValueOf(ev))
+	if v.Kind() != reflect.Struct {
+		return json.Marshal(ev)
+	}
+	hasErr := false
+	for i := range v.NumField() {
+		if v.Type().Field(i).Type == errorType {
+			hasErr = true
+		}
+	}
+	if !hasErr {
+		return json.Marshal(ev)
+	}
+	m := map[string]any{}
+	for i := range v.NumField() {
+		f := v.Type().Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		fv := v.Field(i).Interface()
+		if f.Type == errorType {
+			if err, _ := fv.(error); err != nil {
+				fv = err.Error()
+			}
+		}
+		m[f.Name] = fv
+	}
+	return json.Marshal(m)
+}
+
+// once reports whether w is the first worker of its slot to call it: the
+// one that removes the slot's marker file in dir (see makeOnce). It is
+// false for every worker if dir is "".
+func once(w *ipcluster.Worker, dir string) bool {
+	if dir == "" {
+		return false
+	}
+	return os.Remove(filepath.Join(dir, "slot-"+itoa(w.Slot()))) == nil
+}
+
+// mapped keeps the memory of mapTouched for the life of the process.
+var mapped struct {
+	sync.Mutex
+	regions [][]byte
+}
+
+// mapTouched maps size bytes of anonymous memory, touches every page so
+// that it is resident, and keeps it.
+func mapTouched(size int) error {
+	b, err := syscall.Mmap(-1, 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANON)
+	if err != nil {
+		return fmt.Errorf("mmap %d bytes: %w", size, err)
+	}
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = 1
+	}
+	mapped.Lock()
+	mapped.regions = append(mapped.regions, b)
+	mapped.Unlock()
+	return nil
+}
+
+// leakOnceWorker: if once, grows by 2 MiB every 50ms until the worker is
+// retired or told to finish, up to 512 MiB; serves as echo.
+func leakOnceWorker(w *ipcluster.Worker) error {
+	if once(w, helperSpec.OnceDir) {
+		go func() {
+			tick := time.NewTicker(50 * time.Millisecond)
+			defer tick.Stop()
+			for total := 0; total < 512<<20; total += 2 << 20 {
+				select {
+				case <-w.Retired():
+					return
+				case <-w.Context().Done():
+					return
+				case <-tick.C:
+				}
+				if err := mapTouched(2 << 20); err != nil {
+					w.Logger().Error("leakonce", "err", err)
+					return
+				}
+			}
+		}()
+	}
+	return echoWorker(w)
+}
+
+// busyOnceWorker: if once, busy as busyWorker until retired or told to
+// finish; serves as echo.
+func busyOnceWorker(w *ipcluster.Worker) error {
+	if once(w, helperSpec.OnceDir) {
+		runtime.GOMAXPROCS(1)
+		spin(w.Context().Done(), w.Retired())
+	}
+	return echoWorker(w)
 }
 
 // ballast keeps the ballast worker's memory reachable.
@@ -205,10 +350,26 @@ func ballastWorker(w *ipcluster.Worker) error {
 // worker with a CPU-bound bug would, and serves as echo.
 func busyWorker(w *ipcluster.Worker) error {
 	runtime.GOMAXPROCS(1)
+	spin(w.Context().Done())
+	return echoWorker(w)
+}
+
+// spin starts four goroutines that spin until one of stop is closed.
+func spin(stop ...<-chan struct{}) {
+	stopped := func() bool {
+		for _, c := range stop {
+			select {
+			case <-c:
+				return true
+			default:
+			}
+		}
+		return false
+	}
 	for range 4 {
 		go func() {
 			n := 0
-			for w.Context().Err() == nil {
+			for !stopped() {
 				for range 1 << 16 {
 					n++
 				}
@@ -216,7 +377,6 @@ func busyWorker(w *ipcluster.Worker) error {
 			_ = n
 		}()
 	}
-	return echoWorker(w)
 }
 
 // echoWorker answers each connection with one line naming the worker and the
@@ -284,6 +444,11 @@ func serveEcho(w *ipcluster.Worker, c net.Conn) {
 	serveLingering(w, c)
 }
 
+// serveLingering answers the connection with the worker's line, and each
+// line it reads with the same line. Some lines are also commands:
+//
+//	alloc N   map N MiB of touched memory, kept for the life of the process
+//	retire    w.RequestRetire("test")
 func serveLingering(w *ipcluster.Worker, c net.Conn) {
 	defer c.Close()
 	line := fmt.Sprintf("slot=%d pid=%d gen=%d remote=%s\n", w.Slot(), os.Getpid(), w.Generation(), c.RemoteAddr())
@@ -292,6 +457,20 @@ func serveLingering(w *ipcluster.Worker, c net.Conn) {
 	}
 	sc := bufio.NewScanner(c)
 	for sc.Scan() {
+		switch f := strings.Fields(sc.Text()); {
+		case len(f) == 2 && f[0] == "alloc":
+			n, err := strconv.Atoi(f[1])
+			if err == nil && n > 0 && n <= 4096 {
+				err = mapTouched(n << 20)
+			} else if err == nil {
+				err = fmt.Errorf("alloc %d MiB: out of range", n)
+			}
+			if err != nil {
+				w.Logger().Error("alloc command", "err", err)
+			}
+		case len(f) == 1 && f[0] == "retire":
+			w.RequestRetire("test")
+		}
 		if _, err := io.WriteString(c, line); err != nil {
 			return
 		}
@@ -326,9 +505,12 @@ type echoConn struct {
 }
 
 // probe sends a line on an established connection and reads the answer.
-func (c *echoConn) probe() (reply, error) {
+func (c *echoConn) probe() (reply, error) { return c.command("ping") }
+
+// command sends one line (see serveLingering) and reads the answer.
+func (c *echoConn) command(cmd string) (reply, error) {
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "ping\n"); err != nil {
+	if _, err := io.WriteString(c, cmd+"\n"); err != nil {
 		return reply{}, err
 	}
 	line, err := c.r.ReadString('\n')
