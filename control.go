@@ -7,9 +7,12 @@ package ipcluster
 // every decision is taken there.
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -159,4 +162,25 @@ func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {
 		return nil, err
 	}
 	return cred, credErr
+}
+
+// dialMarked dials with WorkerDialMark on the socket (see DialWorker).
+func dialMarked(ctx context.Context, network, address string) (net.Conn, error) {
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var err error
+		if cerr := rc.Control(func(fd uintptr) {
+			err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, WorkerDialMark)
+		}); cerr != nil {
+			return cerr
+		}
+		if err != nil {
+			return fmt.Errorf("set SO_MARK %#x (needs CAP_NET_ADMIN): %w", WorkerDialMark, err)
+		}
+		return nil
+	}}
+	conn, err := d.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, fmt.Errorf("dial worker at %s: %w", address, err)
+	}
+	return conn, nil
 }

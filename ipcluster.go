@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -582,6 +583,23 @@ func (c *Config) listenNetwork(p Protocol) (network, addr string) {
 	default:
 		return network + "6", netip.AddrPortFrom(c.Addr, 0).String()
 	}
+}
+
+// WorkerDialMark is the packet mark (SO_MARK) of connections made with
+// DialWorker. The nftables backend's guard, which refuses connections to a
+// worker's own port that did not come through the cluster's routes, lets
+// packets with this mark through. It is 0x69706300 ("ipc\0"); a host whose
+// firewall gives marks other meanings must leave this one alone.
+const WorkerDialMark = 0x69706300
+
+// DialWorker connects to a worker's own port, as a Config.HealthCheck
+// does to check the worker itself rather than whichever worker the routes
+// pick: address is the worker's address and port (say Config.Addr, or
+// 127.0.0.1, and a port from WorkerStats.Ports). Its packets carry
+// WorkerDialMark, so the guard lets them through; setting the mark needs
+// CAP_NET_ADMIN, which the master has.
+func DialWorker(ctx context.Context, network, address string) (net.Conn, error) {
+	return dialMarked(ctx, network, address)
 }
 
 // IsWorker reports whether this process was started by a master as a worker.

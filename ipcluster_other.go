@@ -27,3 +27,5 @@ func (w *Worker) SetStats(fn func() any)                  {}
 
 func runWorker(context.Context, *Config, func(*Worker) error) error { return ErrNotSupported }
 func runMaster(context.Context, *Config) error                      { return ErrNotSupported }
+
+func dialMarked(context.Context, string, string) (net.Conn, error) { return nil, ErrNotSupported }

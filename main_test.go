@@ -51,6 +51,8 @@ type spec struct {
 	// OnceDir holds the per-slot markers of the *once scenarios (see once
 	// and makeOnce).
 	OnceDir string
+	// HealthCheck names a Config.HealthCheck for the master: "dial".
+	HealthCheck string
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -87,6 +89,8 @@ type specConfig struct {
 	MemoryHighWatermark float64
 	RetiredNice         int
 	Spares              int
+	HealthCheckInterval time.Duration
+	HealthCheckFailures int
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -115,6 +119,8 @@ func (s specConfig) config() ipcluster.Config {
 		MemoryHighWatermark: s.MemoryHighWatermark,
 		RetiredNice:         s.RetiredNice,
 		Spares:              s.Spares,
+		HealthCheckInterval: s.HealthCheckInterval,
+		HealthCheckFailures: s.HealthCheckFailures,
 		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
@@ -164,6 +170,11 @@ func helperMain(raw string) int {
 		// busyonce: the first worker of a slot with a marker in OnceDir
 		// is busy until retired; the others are plain echo.
 		"busyonce": busyOnceWorker,
+		// deafonce: the first worker of a slot with a marker in OnceDir
+		// keeps its heartbeats but never accepts a connection, as a
+		// worker whose serving goroutines are deadlocked; the others
+		// are plain echo.
+		"deafonce": deafOnceWorker,
 	}
 	for _, name := range append([]string{s.Scenario}, slices.Collect(maps.Values(s.SlotScenarios))...) {
 		if scenarios[name] == nil {
@@ -181,6 +192,14 @@ func helperMain(raw string) int {
 		ipcluster.SkipConntrackCleanup()
 	}
 	cfg := s.Config.config()
+	switch s.HealthCheck {
+	case "":
+	case "dial":
+		cfg.HealthCheck = dialCheck(cfg)
+	default:
+		fmt.Fprintf(os.Stderr, "helper: unknown health check %q\n", s.HealthCheck)
+		return 2
+	}
 	if s.EventsLog != "" && !ipcluster.IsWorker() {
 		f, err := os.OpenFile(s.EventsLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
@@ -321,6 +340,41 @@ func leakOnceWorker(w *ipcluster.Worker) error {
 		}()
 	}
 	return echoWorker(w)
+}
+
+// deafOnceWorker: if once, never accepts, and returns when retired or told
+// to finish; else echo.
+func deafOnceWorker(w *ipcluster.Worker) error {
+	if once(w, helperSpec.OnceDir) {
+		select {
+		case <-w.Retired():
+		case <-w.Context().Done():
+		}
+		return nil
+	}
+	return echoWorker(w)
+}
+
+// dialCheck is a Config.HealthCheck that connects to the worker's first TCP
+// port itself (through the guard, with DialWorker) and reads its greeting.
+func dialCheck(cfg ipcluster.Config) func(context.Context, ipcluster.WorkerStats) error {
+	return func(ctx context.Context, ws ipcluster.WorkerStats) error {
+		port := ws.Ports[cfg.Ports[0]]
+		conn, err := ipcluster.DialWorker(ctx, "tcp", netip.AddrPortFrom(cfg.Addr, port).String())
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		if dl, ok := ctx.Deadline(); ok {
+			_ = conn.SetDeadline(dl)
+		}
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("worker %d on port %d: %w", ws.PID, port, err)
+		}
+		_, err = parseReply(line)
+		return err
+	}
 }
 
 // busyOnceWorker: if once, busy as busyWorker until retired or told to

@@ -23,7 +23,8 @@ package ipcluster
 //		set workers { type inet_proto . inet_service; elements = { tcp . 40123, ... } }
 //		chain input {
 //			type filter hook input priority filter;
-//			ct state new ct status & dnat == 0 meta l4proto . th dport @workers reject
+//			ct state new ct status & dnat == 0 meta mark != 0x69706300
+//				meta l4proto . th dport @workers reject
 //		}
 //	}
 //
@@ -35,6 +36,8 @@ package ipcluster
 // same client port needs, so NAT silently rewrites the routed connection's
 // client port, which can land on a worker TIME_WAIT socket of another
 // connection: a stale ACK, a reset, and a 1-second SYN retransmission.
+// Connections made on this host with DialWorker carry WorkerDialMark and
+// are let through: health checks must reach a worker itself.
 //
 // Why a map rather than a rule per slot: a new connection's first packet
 // costs one hash lookup whatever the number of slots, where the iptables
@@ -394,6 +397,8 @@ func (w *nftWriter) guardRules(chain *nftables.Chain, set *nftables.Set) []*nfta
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 				Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: make([]byte, 4)},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(WorkerDialMark)},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: keyReg},
 			&expr.Payload{DestRegister: keyReg + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 			&expr.Lookup{SourceRegister: keyReg, SetName: set.Name, SetID: set.ID},
