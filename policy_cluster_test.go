@@ -356,3 +356,137 @@ func TestSpareTakesOverCrashedSlot(t *testing.T) {
 		t.Errorf("slot 0 after the retirement: %+v %v", rep, err)
 	}
 }
+
+// Retired workers with ballast and different numbers of connections. Past
+// the low watermark the master asks just enough of them to finish, in kill
+// order (fewest connections, then largest RSS); past the high one it kills;
+// the active workers, which hold most of the memory, are never touched.
+// The workers linger: a connection outlives the request to finish, so a
+// worker asked to finish is still there when the high watermark comes.
+func TestMemoryWatermarks(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	const budget = 1000 << 20
+	c, events := startPolicyCluster(t, lab, specConfig{Workers: 2, MemoryLimit: -1, MemoryBudget: budget},
+		map[int]string{0: "linger", 1: "linger"})
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	src0, src1 := lab.ClientAddrs4[0], lab.ClientAddrs4[1]
+
+	// retire makes slot 0's worker a retired one holding conns connections
+	// and mib MiB of ballast.
+	retire := func(conns, mib int) (int, []*echoConn) {
+		t.Helper()
+		var held []*echoConn
+		for range conns {
+			h, err := c.dial(src0, dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { h.Close() })
+			held = append(held, h)
+		}
+		pid := held[0].first.PID
+		if _, err := held[0].command("alloc " + itoa(mib)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := held[0].command("retire"); err != nil {
+			t.Fatal(err)
+		}
+		waitRetired(t, events, pid, ipcluster.CauseRequested, 5*time.Second)
+		return pid, held
+	}
+	r1, _ := retire(1, 40)
+	r2, held2 := retire(2, 40)
+	r3, _ := retire(1, 60) // kill order: r3, r1, r2
+	live, err := c.dial(src1, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+
+	// rss waits for a sample that has every worker's ballast, then
+	// returns the total and each worker's RSS.
+	rss := func(ok func(map[int]uint64) bool) (uint64, map[int]uint64) {
+		t.Helper()
+		var total uint64
+		by := map[int]uint64{}
+		c.waitStatus("RSS samples", func(st *proto.Status) bool {
+			total, by = 0, map[int]uint64{}
+			for _, w := range st.Workers {
+				total += w.RSSBytes
+				by[w.PID] = w.RSSBytes
+			}
+			return ok(by)
+		})
+		return total, by
+	}
+	used, by := rss(func(by map[int]uint64) bool { return by[r3] > by[r1]+15<<20 && by[r1] > 40<<20 && by[r2] > 40<<20 })
+	low, high := uint64(budget*ipcluster.DefaultMemoryLowWatermark), uint64(budget*ipcluster.DefaultMemoryHighWatermark)
+	t.Logf("used %d MiB: r1 %d, r2 %d, r3 %d MiB", used>>20, by[r1]>>20, by[r2]>>20, by[r3]>>20)
+
+	// Grow the active worker of slot 1 so that the total passes the low
+	// watermark by r3 and half of r1: r3 and r1 must be asked, not r2.
+	target := low + by[r3] + by[r1]/2
+	if target < used+20<<20 {
+		t.Fatalf("setup: %d MiB already used, over the %d MiB target", used>>20, target>>20)
+	}
+	if _, err := live.command("alloc " + itoa(int((target-used)>>20))); err != nil {
+		t.Fatal(err)
+	}
+	// The master may sample while the ballast is being touched in, and
+	// then asks in several steps: gather them.
+	var asked, killed []int
+	gather := func(e loggedEvent) {
+		if e.Type == "EventMemoryPressure" {
+			mp := decodeEvent[ipcluster.EventMemoryPressure](t, e)
+			t.Logf("%+v", mp)
+			asked, killed = append(asked, mp.Asked...), append(killed, mp.Killed...)
+		}
+	}
+	seen := 0
+	waitEvent(t, events, 10*time.Second, func(e loggedEvent) bool {
+		seen++
+		gather(e)
+		return len(asked) >= 2
+	})
+	time.Sleep(500 * time.Millisecond) // any further asks
+	for _, e := range readEvents(t, events)[seen:] {
+		gather(e)
+	}
+	if len(asked) != 2 || asked[0] != r3 || asked[1] != r1 || len(killed) != 0 {
+		t.Fatalf("low watermark: asked %v killed %v, want r3 %d then r1 %d asked to finish", asked, killed, r3, r1)
+	}
+	if err := probeAll(held2); err != nil || !alive(r2) {
+		t.Fatalf("r2 %d after the low watermark: alive %v, %v", r2, alive(r2), err)
+	}
+	waitGone(t, []int{r3, r1}, 15*time.Second) // after StopTimeout
+
+	// Now past the high watermark by half of r2 (and past the low one on
+	// the way): r2 is killed.
+	used, by = rss(func(by map[int]uint64) bool { _, ok1 := by[r1]; _, ok3 := by[r3]; return !ok1 && !ok3 })
+	target = high + by[r2]/2
+	if _, err := live.command("alloc " + itoa(int((target-used)>>20))); err != nil {
+		t.Fatal(err)
+	}
+	e := waitEvent(t, events, 10*time.Second, func(e loggedEvent) bool {
+		return e.Type == "EventMemoryPressure" && decodeEvent[ipcluster.EventMemoryPressure](t, e).Watermark == "high"
+	})
+	mp := decodeEvent[ipcluster.EventMemoryPressure](t, e)
+	t.Logf("high: %+v", mp)
+	if len(mp.Killed) != 1 || mp.Killed[0] != r2 || len(mp.Asked) != 0 {
+		t.Fatalf("high watermark: %+v, want r2 %d killed", mp, r2)
+	}
+	e = waitEvent(t, events, 5*time.Second, func(e loggedEvent) bool {
+		return e.Type == "EventWorkerExited" && decodeEvent[ipcluster.EventWorkerExited](t, e).PID == r2
+	})
+	if st := decodeEvent[ipcluster.EventWorkerExited](t, e).Status; !strings.Contains(st, "killed") {
+		t.Errorf("r2 exit status %q, want killed", st)
+	}
+	// The active workers, over the budget's watermarks on their own,
+	// still serve.
+	if _, err := live.probe(); err != nil {
+		t.Errorf("active worker of slot 1: %v", err)
+	}
+	if rep, err := ask(lab.Client, src0, dst); err != nil || rep.Slot != 0 {
+		t.Errorf("slot 0: %+v %v", rep, err)
+	}
+}
