@@ -6,6 +6,9 @@
 //
 //   - time from starting the master until all 4 slots answer;
 //   - after kill -9 of a worker, time until its slot answers again;
+//   - after SIGUSR1 to a worker (it asks to be retired), time until its
+//     slot is answered by another;
+//   - the same two with one spare (Config.Spares);
 //   - the master's idle RSS and CPU with 4 workers.
 //
 // Run as root from the repository root:
@@ -52,9 +55,10 @@ func main() {
 }
 
 type sample struct {
-	startup, recovery time.Duration
-	rss               uint64
-	cpu               float64 // fraction of one core
+	startup, recovery, retire  time.Duration
+	recoverySpare, retireSpare time.Duration // with one spare
+	rss                        uint64
+	cpu                        float64 // fraction of one core
 }
 
 func run(runs int, idle time.Duration) error {
@@ -77,12 +81,18 @@ func run(runs int, idle time.Duration) error {
 
 	var samples []sample
 	for i := 0; i < runs; i++ {
-		s, err := once(lab, bin, tmp, idle)
+		s, err := once(lab, bin, tmp, idle, 0)
 		if err != nil {
 			return fmt.Errorf("run %d: %w", i+1, err)
 		}
-		fmt.Fprintf(os.Stderr, "run %d: startup %v, recovery %v, rss %.1f MB, cpu %.3f%%\n",
-			i+1, s.startup.Round(time.Microsecond), s.recovery.Round(time.Microsecond), float64(s.rss)/1e6, s.cpu*100)
+		sp, err := once(lab, bin, tmp, 0, 1)
+		if err != nil {
+			return fmt.Errorf("run %d with a spare: %w", i+1, err)
+		}
+		s.recoverySpare, s.retireSpare = sp.recovery, sp.retire
+		fmt.Fprintf(os.Stderr, "run %d: startup %v, recovery %v (spare %v), retire %v (spare %v), rss %.1f MB, cpu %.3f%%\n",
+			i+1, s.startup.Round(time.Microsecond), s.recovery.Round(time.Microsecond), s.recoverySpare.Round(time.Microsecond),
+			s.retire.Round(time.Microsecond), s.retireSpare.Round(time.Microsecond), float64(s.rss)/1e6, s.cpu*100)
 		samples = append(samples, s)
 	}
 	med := func(f func(sample) float64) float64 {
@@ -95,12 +105,18 @@ func run(runs int, idle time.Duration) error {
 	}
 	startup := med(func(s sample) float64 { return s.startup.Seconds() * 1000 })
 	recovery := med(func(s sample) float64 { return s.recovery.Seconds() * 1000 })
+	recoverySpare := med(func(s sample) float64 { return s.recoverySpare.Seconds() * 1000 })
+	retire := med(func(s sample) float64 { return s.retire.Seconds() * 1000 })
+	retireSpare := med(func(s sample) float64 { return s.retireSpare.Seconds() * 1000 })
 	rss := med(func(s sample) float64 { return float64(s.rss) / 1e6 })
 	cpu := med(func(s sample) float64 { return s.cpu * 100 })
 	fmt.Printf("\nmedians of %d runs, %d workers, kernel %s\n\n", runs, workers, kernel())
 	fmt.Printf("| figure | ipcluster (Go) | original (Node.js) | ratio |\n|---|---|---|---|\n")
 	fmt.Printf("| master start → all %d slots answer | %.0f ms | 7900 ms | %.1fx faster |\n", workers, startup, 7900/startup)
 	fmt.Printf("| kill -9 worker → its slot answers again | %.1f ms | 126 ms | %.1fx faster |\n", recovery, 126/recovery)
+	fmt.Printf("| the same, with 1 spare | %.1f ms | 126 ms | %.1fx faster |\n", recoverySpare, 126/recoverySpare)
+	fmt.Printf("| SIGUSR1 to worker → its slot answered by another | %.1f ms | | |\n", retire)
+	fmt.Printf("| the same, with 1 spare | %.1f ms | | |\n", retireSpare)
 	fmt.Printf("| master idle RSS | %.1f MB | 51.5 MB | %.1fx smaller |\n", rss, 51.5/rss)
 	fmt.Printf("| master idle CPU | %.3f %% | 0.35 %% | %.0fx less |\n", cpu, 0.35/max(cpu, 0.001))
 	return nil
@@ -111,8 +127,9 @@ func kernel() string {
 	return strings.TrimSpace(string(b))
 }
 
-// once starts a cluster, measures it and stops it.
-func once(lab *netlab.Lab, bin, tmp string, idle time.Duration) (sample, error) {
+// once starts a cluster with spares, measures it and stops it; idle 0
+// skips the idle figures.
+func once(lab *netlab.Lab, bin, tmp string, idle time.Duration, spares int) (sample, error) {
 	var s sample
 	logf, err := os.Create(filepath.Join(tmp, "master.log"))
 	if err != nil {
@@ -120,7 +137,7 @@ func once(lab *netlab.Lab, bin, tmp string, idle time.Duration) (sample, error) 
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, "-name", "bench", "-workers", strconv.Itoa(workers), "-port", strconv.Itoa(port),
-		"-addr", lab.ServerAddr4.String(), "-rundir", filepath.Join(tmp, "run"))
+		"-addr", lab.ServerAddr4.String(), "-rundir", filepath.Join(tmp, "run"), "-spares", strconv.Itoa(spares))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	t0 := time.Now()
 	if err := lab.Server.Start(cmd); err != nil {
@@ -159,6 +176,20 @@ func once(lab *netlab.Lab, bin, tmp string, idle time.Duration) (sample, error) 
 		return s, fmt.Errorf("slot 2 never recovered: %w", err)
 	}
 	s.recovery = time.Since(t1)
+
+	time.Sleep(500 * time.Millisecond) // a new spare, if any, is ready
+	victim = pids[1]
+	t2 := time.Now()
+	if err := syscall.Kill(victim, syscall.SIGUSR1); err != nil {
+		return s, fmt.Errorf("signal worker %d: %w", victim, err)
+	}
+	if _, err := poll(lab, lab.ClientAddrs4[1], dst, victim, 15*time.Second); err != nil {
+		return s, fmt.Errorf("slot 1 never moved: %w", err)
+	}
+	s.retire = time.Since(t2)
+	if idle == 0 {
+		return s, nil
+	}
 
 	time.Sleep(2 * time.Second)
 	c0, err := cpuTicks(cmd.Process.Pid)

@@ -40,6 +40,7 @@ func main() {
 	addr := flag.String("addr", "", "public address clients connect to (default any local address)")
 	runDir := flag.String("rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
 	backend := flag.String("backend", "", `rule backend: "nftables" or "iptables" (default: nftables where the kernel has it)`)
+	spares := flag.Int("spares", 0, "standby workers kept ready to take over a slot")
 	flag.Parse()
 
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -48,19 +49,20 @@ func main() {
 	if *sandbox { // sandbox.go; drop this when you copy the example
 		os.Exit(runSandbox(*workers, *port))
 	}
-	if err := run(*name, *workers, *port, *addr, *runDir, ipcluster.Backend(*backend), logger); err != nil {
+	if err := run(*name, *workers, *spares, *port, *addr, *runDir, ipcluster.Backend(*backend), logger); err != nil {
 		logger.Error("echo", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(name string, workers int, port uint, addr, runDir string, backend ipcluster.Backend, logger *slog.Logger) error {
+func run(name string, workers, spares int, port uint, addr, runDir string, backend ipcluster.Backend, logger *slog.Logger) error {
 	if port == 0 || port > 65535 {
 		return fmt.Errorf("-port %d: use a port from 1 to 65535", port)
 	}
 	cfg := ipcluster.Config{
 		Name:    name,
 		Workers: workers,
+		Spares:  spares,
 		Ports:   []ipcluster.Port{{Public: uint16(port)}},
 		RunDir:  runDir,
 		Backend: backend,
