@@ -11,8 +11,9 @@
 // processes Run listens on an OS-chosen port for each public port, TCP or
 // UDP, connects back to the master over the Unix socket, and calls the
 // application's function with a *Worker, which hands out the listeners
-// (TCP) and packet conns (UDP) and names the slot. Workers run in their own session and outlive the master: a master
-// crash drops no connection, and the next master adopts them.
+// (TCP) and packet conns (UDP) and names the slot. Workers run in their
+// own session and outlive the master: a master crash drops no connection,
+// and the next master adopts them.
 //
 // # Routing
 //
@@ -44,6 +45,18 @@
 // rule write moves a slot away from a worker, the master deletes the UDP
 // conntrack entries that still point at that worker's UDP port (never a
 // TCP one), and the flow's next datagram reaches the slot's new worker.
+//
+// # Health
+//
+// Every MonitorInterval the master reads each worker's memory from /proc
+// itself and checks its heartbeat; workers report their heap, GC, scheduling
+// lag and connections. An active worker over MemoryLimit or LagLimit (after
+// StartupGrace), silent for PingTimeout, or failing the application's
+// HealthCheck is retired, at most RetireLimit per RetireWindow: its slot
+// moves to a spare (Config.Spares) or a fresh worker, and it keeps its
+// connections until they close or DrainTimeout passes. Above the
+// MemoryBudget's watermarks retired workers are told to finish, then
+// killed; active workers never are.
 //
 // # Privileges
 //

@@ -136,6 +136,7 @@ func TestStoppedWorkerReplacedAndKilled(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	c, events := startPolicyCluster(t, lab, specConfig{Workers: 2, PingTimeout: time.Second}, nil)
 	stopped := activePID(c.waitReady(), 1)
+	fds := countFDs(t, c.cmd.Process.Pid)
 	if err := syscall.Kill(stopped, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -161,6 +162,24 @@ func TestStoppedWorkerReplacedAndKilled(t *testing.T) {
 	if _, err := os.Stat("/proc/" + strconv.Itoa(stopped)); err == nil {
 		t.Errorf("worker %d left as a zombie", stopped)
 	}
+	// And the master holds no more descriptors than before, for as many
+	// workers: none of the killed worker's is left.
+	deadline := time.Now().Add(5 * time.Second)
+	for n := countFDs(t, c.cmd.Process.Pid); n > fds; n = countFDs(t, c.cmd.Process.Pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("master holds %d descriptors, %d before the worker was replaced", n, fds)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func countFDs(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
 
 // Inside its start-up grace a leaking worker is not retired; after it,
