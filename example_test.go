@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"time"
 
 	"github.com/ipcluster/ipcluster"
 )
@@ -41,6 +42,55 @@ func Example() {
 			return nil
 		}
 		return err
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+}
+
+// Health policies: tighter limits than the defaults, a spare ready to take
+// over a slot, and an HTTP check of each worker by the master. The check
+// reaches the worker's own port, not whichever worker the routes pick, so
+// it dials with DialWorker, which the nftables guard lets through.
+func ExampleConfig_health() {
+	addr := netip.MustParseAddr("198.18.0.1")
+	public := ipcluster.Port{Public: 8080}
+	check := func(ctx context.Context, ws ipcluster.WorkerStats) error {
+		client := &http.Client{Transport: &http.Transport{DialContext: ipcluster.DialWorker}}
+		url := fmt.Sprintf("http://%s/healthz", netip.AddrPortFrom(addr, ws.Ports[public]))
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET %s: %s", url, resp.Status)
+		}
+		return nil
+	}
+	cfg := ipcluster.Config{
+		Name:         "web",
+		Ports:        []ipcluster.Port{public},
+		Addr:         addr,
+		MemoryLimit:  256 << 20, // retire a worker past 256 MiB of RSS
+		LagLimit:     50 * time.Millisecond,
+		DrainTimeout: 30 * time.Minute, // long-polling clients get half an hour
+		Spares:       1,
+		HealthCheck:  check,
+		OnEvent: func(ev ipcluster.Event) {
+			if r, ok := ev.(ipcluster.EventRetired); ok {
+				log.Printf("worker %d retired (%s): %s", r.PID, r.Cause, r.Reason)
+			}
+		},
+	}
+	err := ipcluster.Run(context.Background(), cfg, func(w *ipcluster.Worker) error {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/healthz", func(rw http.ResponseWriter, r *http.Request) { fmt.Fprintln(rw, "ok") })
+		return http.Serve(w.Listener(8080), mux)
 	})
 	if err != nil {
 		log.Fatal(err)
