@@ -3,7 +3,9 @@ package procfs
 import (
 	"errors"
 	"io/fs"
+	"math"
 	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -129,5 +131,35 @@ func BenchmarkSamplerRSS(b *testing.B) {
 		if _, err := s.RSS(pid); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// The lowest memory.max on the path from the process's cgroup to the root
+// binds; "max" is no limit; v1 lines are ignored.
+func TestCgroupMemoryMax(t *testing.T) {
+	root := t.TempDir()
+	write := func(dir, v string) {
+		if err := os.MkdirAll(filepath.Join(root, dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, dir, "memory.max"), []byte(v+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("system.slice", "1073741824")
+	write("system.slice/app.service", "max")
+	cg := []byte("12:memory:/ignored\n0::/system.slice/app.service\n")
+	if got := CgroupMemoryMax(root, cg); got != 1<<30 {
+		t.Errorf("got %d, want the parent's 1 GiB", got)
+	}
+	write("system.slice/app.service", "536870912")
+	if got := CgroupMemoryMax(root, cg); got != 512<<20 {
+		t.Errorf("got %d, want the service's 512 MiB", got)
+	}
+	if got := CgroupMemoryMax(root, []byte("0::/\n")); got != math.MaxUint64 {
+		t.Errorf("no limit: got %d", got)
+	}
+	if lim, err := MemoryLimit(); err != nil || lim == 0 {
+		t.Errorf("MemoryLimit() = %d, %v", lim, err)
 	}
 }
