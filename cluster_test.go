@@ -450,64 +450,6 @@ func TestStaleChainsAreReconciled(t *testing.T) {
 
 type ipStatus = proto.Status
 
-// After kill -9 of the master the workers keep serving on the rules left
-// in the kernel; a new master takes over, adopts the old workers as
-// retired, and they leave once their connections close.
-func TestMasterCrashWorkersSurviveAndAreAdopted(t *testing.T) {
-	lab := netlab.NewT(t, netlab.Options{Clients: 8})
-	cfg := specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()}
-	c := startCluster(t, lab, cfg)
-	st := c.waitReady()
-	oldPIDs := workerPIDs(st)
-	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
-	held, err := c.dial(lab.ClientAddrs4[1], dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-
-	if err := c.cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	<-c.done
-	// No master: established and new connections are still served.
-	if rep, err := held.probe(); err != nil || rep.PID != held.first.PID {
-		t.Fatalf("held connection after the master died: %+v %v", rep, err)
-	}
-	if rep, err := ask(lab.Client, lab.ClientAddrs4[0], dst); err != nil || rep.PID != activePID(st, 0) {
-		t.Fatalf("new connection after the master died: %+v %v", rep, err)
-	}
-
-	cfg.RunDir = c.spec.Config.RunDir
-	c2 := startCluster(t, lab, cfg)
-	st2 := c2.waitStatus("old workers adopted", func(st *ipStatus) bool {
-		if !st.Ready {
-			return false
-		}
-		adopted := 0
-		for _, w := range st.Workers {
-			if slices.Contains(oldPIDs, w.PID) && w.State == "retired" {
-				adopted++
-			}
-		}
-		return adopted >= 1 // slot 0's old worker may already have drained
-	})
-	if st2.Generation != st.Generation+1 {
-		t.Errorf("new master is generation %d, want %d", st2.Generation, st.Generation+1)
-	}
-	for slot := 0; slot < 2; slot++ {
-		if slices.Contains(oldPIDs, activePID(st2, slot)) {
-			t.Errorf("slot %d still served by the old generation", slot)
-		}
-	}
-	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
-	if rep, err := held.probe(); err != nil || rep.PID != held.first.PID {
-		t.Fatalf("held connection after takeover: %+v %v", rep, err)
-	}
-	held.Close()
-	waitGone(t, oldPIDs, 5*time.Second)
-}
-
 // SIGTERM to a worker hands its slot over first: its clients are never
 // refused while it leaves.
 func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {

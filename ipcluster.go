@@ -45,6 +45,9 @@ const (
 	DefaultRetiredNice         = 1
 	DefaultHealthCheckInterval = 5 * time.Second
 	DefaultHealthCheckFailures = 3
+
+	// Deploys (see deploy.go and the README's Deploys section).
+	DefaultCanaryPeriod = 5 * time.Second
 )
 
 // Environment variables that mark a process as a worker. The master sets
@@ -54,6 +57,7 @@ const (
 	EnvSlot       = "IPCLUSTER_SLOT"       // the worker's slot, or "spare"
 	EnvGeneration = "IPCLUSTER_GENERATION" // the master generation that spawned it
 	EnvSocket     = "IPCLUSTER_SOCKET"     // the master's control socket
+	EnvBuild      = "IPCLUSTER_BUILD"      // the code version it was spawned as (Worker.Version)
 )
 
 // envSlotSpare is EnvSlot's value for a spare (Config.Spares).
@@ -361,6 +365,23 @@ type Config struct {
 	// HealthCheckFailures is how many consecutive failures retire a
 	// worker. Default 3.
 	HealthCheckFailures int
+
+	// Version names the application's code. A master that takes over a
+	// cluster (a deploy: SIGHUP, or a second master started) keeps the
+	// workers of its own Version and rolls the others to it, slot by
+	// slot. Default: the Go build ID of the executable, which changes
+	// with any change to the code or its build.
+	Version string
+
+	// CanaryPeriod is how long a deploy watches its first moved slot (the
+	// canary) before it moves the others. A canary that crashes, stops
+	// answering heartbeats or trips a health policy meanwhile rolls the
+	// deploy back. Default 5s; negative for no canary.
+	CanaryPeriod time.Duration
+
+	// DeployPace is the least time between two slots' new workers being
+	// started, after the canary. Default 0: all at once.
+	DeployPace time.Duration
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -410,6 +431,7 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.RetiredNice, DefaultRetiredNice)
 	setDefault(&c.HealthCheckInterval, DefaultHealthCheckInterval)
 	setDefault(&c.HealthCheckFailures, DefaultHealthCheckFailures)
+	setDefault(&c.CanaryPeriod, DefaultCanaryPeriod)
 	// MemoryBudget's default depends on the machine: the master sets it
 	// (see defaultMemoryBudget), so validation stays free of the system.
 	if c.WorkerStdout == nil {
@@ -514,6 +536,12 @@ func (c *Config) validate() error {
 	}
 	if c.HealthCheckInterval < 10*time.Millisecond {
 		bad("HealthCheckInterval", fmt.Sprintf("%s is below 10ms", c.HealthCheckInterval), "use 10ms or more, or zero for the default of 5s")
+	}
+	if c.DeployPace < 0 {
+		bad("DeployPace", fmt.Sprintf("%s is negative", c.DeployPace), "use a positive duration, or zero to start every slot's new worker at once")
+	}
+	if len(c.Version) > 128 || strings.ContainsAny(c.Version, "\x00\n") {
+		bad("Version", fmt.Sprintf("%.20q... is over 128 bytes or holds a newline or NUL", c.Version), "use a short version string such as a release tag or commit hash")
 	}
 	if c.HealthCheckFailures < 1 {
 		bad("HealthCheckFailures", fmt.Sprintf("%d is below 1", c.HealthCheckFailures), "use 1 or more consecutive failures, or zero for the default of 3")
@@ -679,6 +707,34 @@ const (
 	CauseReplaced     RetireCause = "replaced"     // its slot was given to another worker for any other reason
 )
 
+// EventDeploy: a deploy (a new build rolled over the slots, or every worker
+// restarted) changed phase.
+type EventDeploy struct {
+	Outcome DeployOutcome
+	// From and To are the builds (Config.Version) replaced and deployed;
+	// equal for a restart.
+	From, To string
+	Reason   string        // why it started, or why it failed or rolled back
+	Slots    int           // slots rolled (or to roll, when started)
+	Elapsed  time.Duration // since the deploy started
+}
+
+// DeployOutcome is a deploy's phase or end.
+type DeployOutcome string
+
+// Deploy outcomes.
+const (
+	DeployStarted    DeployOutcome = "started"     // new workers are being started; the canary goes first
+	DeployCommitted  DeployOutcome = "committed"   // every slot runs the new build; the old workers are retired
+	DeployRolledBack DeployOutcome = "rolled-back" // every slot runs the old build again; the new workers are retired
+	// DeployFailed: the new master started for a deploy (SIGHUP) exited or
+	// did not take over in time; this master carries on.
+	DeployFailed DeployOutcome = "failed"
+	// DeployHandedOver: this master gave the cluster to a new master (the
+	// one started by SIGHUP, or started by hand) and returns from Run.
+	DeployHandedOver DeployOutcome = "handed-over"
+)
+
 // EventUnresponsive: no heartbeat has arrived from a worker for
 // Config.PingTimeout. An active worker is then retired; any other is
 // killed when silent for twice PingTimeout.
@@ -789,6 +845,7 @@ func (EventMemoryPressure) eventName() string {
 	return "memory-pressure"
 }
 func (EventDismissed) eventName() string { return "dismissed" }
+func (EventDeploy) eventName() string    { return "deploy" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

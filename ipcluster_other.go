@@ -15,6 +15,7 @@ type Worker struct{}
 
 func (w *Worker) Slot() int                               { return 0 }
 func (w *Worker) Generation() int                         { return 0 }
+func (w *Worker) Version() string                         { return "" }
 func (w *Worker) Logger() *slog.Logger                    { return slog.Default() }
 func (w *Worker) Listener(public uint16) net.Listener     { return nil }
 func (w *Worker) PacketConn(public uint16) net.PacketConn { return nil }

@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -64,6 +65,10 @@ type ruleBackend interface {
 	// flush ruleset`); the next apply then writes them whole again. Cheap
 	// enough to call every few seconds.
 	check(ctx context.Context) error
+	// routes reads the slots' routes from the kernel, not from the
+	// writer's belief: what a starting master finds left by the master
+	// before it. A slot with no route, or whose families disagree, is nil.
+	routes(ctx context.Context) ([]slotTarget, error)
 	// rulesText renders the rules the master believes in, per family.
 	rulesText() map[string]string
 	// changes counts the kernel operations so far: iptables processes, or
@@ -483,6 +488,65 @@ func (w *ruleWriter) changes() int { return w.restores + w.saves }
 // check is not done for iptables: reading the table back costs a process
 // per family, too much to do every few seconds on an idle master.
 func (w *ruleWriter) check(context.Context) error { return nil }
+
+// routes parses the cluster's chain of each family as iptables-save prints
+// it, which is exactly as chainRules writes it.
+func (w *ruleWriter) routes(ctx context.Context) ([]slotTarget, error) {
+	perFamily := make([][]slotTarget, 0, len(w.r.families))
+	for _, f := range w.r.families {
+		have, err := w.read(ctx, f)
+		if err != nil {
+			return nil, err
+		}
+		// The rule of each slot and port, with the worker port left off.
+		zero := make([]slotTarget, w.r.workers)
+		for slot := range zero {
+			zero[slot] = slotTarget{}
+			for _, pub := range w.r.ports {
+				zero[slot][pub] = 0
+			}
+		}
+		got := make([]slotTarget, w.r.workers)
+		for i, line := range w.r.chainRules(f, zero) {
+			slot, pub := i/len(w.r.ports), w.r.ports[i%len(w.r.ports)]
+			prefix := strings.TrimPrefix(strings.TrimSuffix(line, "0"), "-A "+w.r.chain+" ")
+			for _, spec := range have.rules[w.r.chain] {
+				rest, ok := strings.CutPrefix(spec, prefix)
+				if !ok {
+					continue
+				}
+				if port, err := strconv.ParseUint(rest, 10, 16); err == nil && port > 0 {
+					if got[slot] == nil {
+						got[slot] = slotTarget{}
+					}
+					got[slot][pub] = uint16(port)
+				}
+			}
+		}
+		perFamily = append(perFamily, got)
+	}
+	return agreeingRoutes(perFamily, w.r), nil
+}
+
+// agreeingRoutes keeps the slots whose route covers every public port and
+// is the same in every family.
+func agreeingRoutes(perFamily [][]slotTarget, r *routing) []slotTarget {
+	out := make([]slotTarget, r.workers)
+	for slot := range out {
+		t := perFamily[0][slot]
+		if len(t) != len(r.ports) {
+			continue
+		}
+		same := true
+		for _, other := range perFamily[1:] {
+			same = same && maps.Equal(t, other[slot])
+		}
+		if same {
+			out[slot] = t
+		}
+	}
+	return out
+}
 
 // rulesText renders the installed chain of each family for status output.
 func (w *ruleWriter) rulesText() map[string]string {

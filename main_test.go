@@ -53,6 +53,14 @@ type spec struct {
 	OnceDir string
 	// HealthCheck names a Config.HealthCheck for the master: "dial".
 	HealthCheck string
+	// VersionFile, if set, holds the master's Config.Version, read when it
+	// starts: a test "ships new code" by rewriting it before a deploy.
+	VersionFile string
+	// VersionScenarios overrides the scenario of workers spawned as a
+	// version, for every slot. Besides the worker scenarios it knows
+	// "exit" (exit at once, before Run), "noready" (never call Run) and
+	// "crash2s" (echo, then exit 2s after being called).
+	VersionScenarios map[string]string
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -91,6 +99,10 @@ type specConfig struct {
 	Spares              int
 	HealthCheckInterval time.Duration
 	HealthCheckFailures int
+
+	Version      string
+	CanaryPeriod time.Duration
+	DeployPace   time.Duration
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -121,6 +133,9 @@ func (s specConfig) config() ipcluster.Config {
 		Spares:              s.Spares,
 		HealthCheckInterval: s.HealthCheckInterval,
 		HealthCheckFailures: s.HealthCheckFailures,
+		Version:             s.Version,
+		CanaryPeriod:        s.CanaryPeriod,
+		DeployPace:          s.DeployPace,
 		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
@@ -175,6 +190,22 @@ func helperMain(raw string) int {
 		// worker whose serving goroutines are deadlocked; the others
 		// are plain echo.
 		"deafonce": deafOnceWorker,
+		"crash2s": func(w *ipcluster.Worker) error {
+			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
+			return echoWorker(w)
+		},
+	}
+	if ipcluster.IsWorker() {
+		switch name := s.VersionScenarios[os.Getenv(ipcluster.EnvBuild)]; name {
+		case "":
+		case "exit":
+			fmt.Fprintln(os.Stderr, "helper: exiting at start, as version", os.Getenv(ipcluster.EnvBuild))
+			return 4
+		case "noready":
+			select {} // killed by the master after ConnectTimeout
+		default:
+			s.Scenario, s.SlotScenarios = name, nil
+		}
 	}
 	for _, name := range append([]string{s.Scenario}, slices.Collect(maps.Values(s.SlotScenarios))...) {
 		if scenarios[name] == nil {
@@ -192,6 +223,14 @@ func helperMain(raw string) int {
 		ipcluster.SkipConntrackCleanup()
 	}
 	cfg := s.Config.config()
+	if s.VersionFile != "" && !ipcluster.IsWorker() {
+		b, err := os.ReadFile(s.VersionFile)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "helper: %v\n", err)
+			return 2
+		}
+		cfg.Version = strings.TrimSpace(string(b))
+	}
 	switch s.HealthCheck {
 	case "":
 	case "dial":

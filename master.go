@@ -53,10 +53,11 @@ const (
 	stateRetired                   // replaced; drains its connections
 	stateStopping                  // told to die because the cluster stops
 	stateSpare                     // ready, in no slot (Config.Spares)
+	stateStandby                   // replaced by a deploy's new worker; kept listening until the deploy commits or rolls back
 )
 
 func (s procState) String() string {
-	return [...]string{"starting", "active", "retired", "stopping", "spare"}[s]
+	return [...]string{"starting", "active", "retired", "stopping", "spare", "standby"}[s]
 }
 
 // spareSlot is the slot of a spare: a worker spawned for no slot.
@@ -65,6 +66,7 @@ const spareSlot = -1
 // proc is one worker process.
 type proc struct {
 	pid, slot, gen int
+	build          string // the code it runs (Config.Version of its master)
 	state          procState
 	spawned        time.Time
 	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
@@ -92,6 +94,7 @@ type proc struct {
 	killed       bool      // SIGKILLed by a policy; its memory is as good as freed
 	checking     bool      // a HealthCheck call is in flight
 	healthFails  int       // consecutive HealthCheck failures
+	verified     bool      // passed its readiness check (deploys with a HealthCheck)
 }
 
 func (p *proc) logAttrs() []any {
@@ -160,6 +163,16 @@ type master struct {
 	spareRetry  bool // a spare restart is scheduled (respawnLater)
 	memLevel    int  // 0 below the low watermark, 1 above it, 2 above the high one
 
+	// Deploys and takeover (deploy.go).
+	build        string   // this master's own build
+	target       *codeGen // the code new workers are spawned from
+	dep          *deployState
+	lastDeploy   string
+	successor    *exec.Cmd // the new master started on SIGHUP
+	handedOver   bool
+	adopting     bool         // waiting for a previous master's workers
+	kernelRoutes []slotTarget // the routes it left
+
 	// routed is what the installed rules point each slot at; udpMoved
 	// the UDP flows whose conntrack entries are to be deleted, because the
 	// rules moved them away from a worker port (see conntrack.go).
@@ -206,6 +219,7 @@ func newMaster(cfg *Config) (*master, error) {
 	if cfg.MemoryBudget == 0 {
 		cfg.MemoryBudget = defaultMemoryBudget()
 	}
+	build := selfBuild(cfg)
 	rt := cfg.routing()
 	rules, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
@@ -237,12 +251,14 @@ func newMaster(cfg *Config) (*master, error) {
 
 		udpMoved:  map[movedFlow]bool{},
 		conntrack: deleteConntrack,
+		build:     build,
+		target:    &codeGen{build: build},
 	}
 	m.sock = filepath.Join(m.dir, "control.sock")
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
-		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket:
+		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild:
 		default:
 			m.env = append(m.env, kv)
 		}
@@ -270,13 +286,18 @@ func (m *master) openRunDir() (err error) {
 			m.closeRunDir()
 		}
 	}()
-	if m.lock, err = lockFile(filepath.Join(m.dir, "lock")); err != nil {
-		if errors.Is(err, ErrAlreadyRunning) {
-			err = fmt.Errorf("cluster %q: %w", m.cfg.Name, err)
+	if m.lock, err = lockFile(m.lockPath()); err != nil {
+		if !errors.Is(err, ErrAlreadyRunning) {
+			return err
 		}
-		return err
+		// Another master owns the cluster: this is a deploy.
+		if err := m.takeOver(fmt.Errorf("cluster %q: %w", m.cfg.Name, err)); err != nil {
+			return err
+		}
+		m.gen = nextGeneration(m.generationPath())
+		return nil
 	}
-	m.gen = nextGeneration(filepath.Join(m.dir, "generation"))
+	m.gen = nextGeneration(m.generationPath())
 	// We hold the lock, so a socket file left here belongs to a master that
 	// died: replace it.
 	_ = os.Remove(m.sock)
@@ -365,8 +386,12 @@ func nextGeneration(path string) int {
 			gen = n + 1
 		}
 	}
-	_ = os.WriteFile(path, []byte(strconv.Itoa(gen)+"\n"), 0o600)
+	writeGeneration(path, gen)
 	return gen
+}
+
+func writeGeneration(path string, gen int) {
+	_ = os.WriteFile(path, []byte(strconv.Itoa(gen)+"\n"), 0o600)
 }
 
 func (m *master) run(ctx context.Context) error {
@@ -377,12 +402,15 @@ func (m *master) run(ctx context.Context) error {
 		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
 
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
 	go m.accept()
+	m.startAdoption(ctx)
 	for slot := range m.slots {
-		m.spawn(slot)
+		if !m.adopting || m.kernelRoutes[slot] == nil {
+			m.spawn(slot)
+		}
 	}
 	m.fillSpares()
 	// Until every slot is ready (or the connect timeout passes) the rules of
@@ -420,6 +448,10 @@ func (m *master) run(ctx context.Context) error {
 			switch sig {
 			case syscall.SIGUSR1:
 				m.killRetired()
+			case syscall.SIGUSR2:
+				m.restartAll("SIGUSR2: restart every worker")
+			case syscall.SIGHUP:
+				m.startSuccessor()
 			default:
 				if m.stopping {
 					m.log.Warn("second stop signal: killing workers now", "signal", sig.String())
@@ -441,6 +473,11 @@ func (m *master) run(ctx context.Context) error {
 				}
 			}
 		}
+		if m.handedOver {
+			m.letGo()
+			return nil
+		}
+		m.progressDeploy(time.Now())
 		m.syncRules(ctx)
 		m.cleanConntrack()
 		if m.stopping && len(m.procs) == 0 {
@@ -497,6 +534,12 @@ func (m *master) handle(ev any) {
 		m.onPSS(ev)
 	case evHealth:
 		m.onHealth(ev.p, ev.err)
+	case evSuccessorExit:
+		m.onSuccessorExit(ev)
+	case evSuccessorTimeout:
+		m.onSuccessorTimeout(ev)
+	case evAdoptDeadline:
+		m.endAdoption()
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -511,12 +554,16 @@ func (m *master) spawn(slot int) {
 	if slot == spareSlot {
 		slotEnv = envSlotSpare
 	}
-	cmd := exec.Command(m.exe, m.args...)
+	// The target's executable as the master holds it, not the path on
+	// disk: a deploy replaces that file before it signals the master, and
+	// a crashed worker must come back as the code it was.
+	cmd := &exec.Cmd{Path: m.target.path(), Args: append([]string{m.exe}, m.args...)}
 	cmd.Env = append(slices.Clip(m.env),
 		EnvWorker+"="+m.cfg.Name,
 		EnvSlot+"="+slotEnv,
 		EnvGeneration+"="+strconv.Itoa(m.gen),
 		EnvSocket+"="+m.sock,
+		EnvBuild+"="+m.target.build,
 	)
 	// Real files, never pipes: a worker outlives the master, and a pipe
 	// whose reader died would block or kill it (SIGPIPE) on its next log.
@@ -531,7 +578,7 @@ func (m *master) spawn(slot int) {
 		m.respawnLater(slot)
 		return
 	}
-	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, state: stateStarting, spawned: time.Now(), cmd: cmd}
+	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, build: m.target.build, state: stateStarting, spawned: time.Now(), cmd: cmd}
 	m.procs[p.pid] = p
 	if slot != spareSlot {
 		m.pending[slot] = p
@@ -600,6 +647,7 @@ func (m *master) onExit(p *proc, status string) {
 	}
 	switch p.state {
 	case stateStarting:
+		m.deployTrouble(p, false, "exited before ready: "+status)
 		if p.slot == spareSlot {
 			m.failures[spareSlot]++
 			m.respawnLater(spareSlot)
@@ -612,6 +660,9 @@ func (m *master) onExit(p *proc, status string) {
 		m.spares = slices.DeleteFunc(m.spares, func(q *proc) bool { return q == p })
 		m.fillSpares()
 	case stateActive:
+		if m.deployTrouble(p, true, "new worker exited while serving: "+status) {
+			return // its slot is back on its old worker
+		}
 		// Its slot keeps pointing at the dead port until a spare or the
 		// replacement is ready: clients of this slot are refused either
 		// way, and one rule write is quicker than two.
@@ -650,6 +701,12 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		pr.role = proto.RoleClient
 		m.peers[pr] = true
 		pr.send(proto.TypeWelcome, &proto.Welcome{Version: proto.Version})
+		return
+	case proto.RoleMaster:
+		// A new master of this cluster: it sends takeover next and gets
+		// the handover, not a welcome.
+		pr.role = proto.RoleMaster
+		m.peers[pr] = true
 		return
 	case proto.RoleWorker:
 	default:
@@ -690,17 +747,23 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 			refuse("cannot watch pid %d: %v", pr.pid, err)
 			return
 		}
-		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, state: stateRetired, spawned: time.Now(),
-			pidfd:       os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid)),
-			retireCause: CauseAdopted, retireReason: "adopted from an earlier master", retireAt: time.Now()}
-		// Until this master has written its rules, the crashed master's
-		// rules may still route clients to this worker: it is told it is
-		// retired only once they no longer do.
-		p.retirePending = !m.installed
-		m.noteAdoptedUDP(ports)
+		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, build: h.Build, spawned: time.Now(),
+			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
+		p.ports = ports
 		m.procs[p.pid] = p
 		go watchPidfd(p, m.send)
-		m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
+		if m.adoptsActive(h, ports) {
+			m.adopted(p)
+		} else {
+			p.state = stateRetired
+			p.retireCause, p.retireReason, p.retireAt = CauseAdopted, "adopted from an earlier master", time.Now()
+			// Until this master has written its rules, the earlier
+			// master's rules may still route clients to this worker:
+			// it is told it is retired only once they no longer do.
+			p.retirePending = !m.installed
+			m.noteAdoptedUDP(ports)
+			m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
+		}
 	} else if h.Slot != p.slot || h.Generation != p.gen {
 		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
 		return
@@ -723,10 +786,19 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 }
 
 func (m *master) onMsg(pr *peer, msg proto.Msg) {
+	if pr.role == proto.RoleMaster {
+		if msg.Type == proto.TypeTakeover {
+			m.handOver(pr, msg.Body.(*proto.Takeover).Build)
+		}
+		return
+	}
 	if pr.role == proto.RoleClient {
 		switch msg.Type {
 		case proto.TypeStatus:
 			pr.send(proto.TypeStatus, m.status())
+		case proto.TypeRestart:
+			m.restartAll("restart requested over the control socket")
+			pr.send(proto.TypeRestart, nil)
 		default:
 			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
 		}
@@ -772,6 +844,12 @@ func (m *master) onReady(p *proc) {
 		}
 		return
 	}
+	if m.dep != nil && p.gen == m.dep.gen && m.cfg.HealthCheck != nil && !p.verified {
+		// A deploy's new worker must pass the application's check once
+		// before its slot moves to it (onHealth).
+		m.checkHealth(p)
+		return
+	}
 	if m.pending[p.slot] == p {
 		m.pending[p.slot] = nil
 	}
@@ -788,7 +866,14 @@ func (m *master) activate(p *proc, slot int) {
 	p.activeSince = time.Now()
 	m.slots[slot] = p
 	m.rulesDirty = true
-	if old != nil {
+	switch {
+	case old == nil:
+	case m.dep != nil && p.gen == m.dep.gen && old.gen != m.dep.gen && old.retireCause == "":
+		// A deploy moved the slot: the old worker stands by, listening,
+		// until the deploy commits (retired) or rolls back (active again).
+		old.state = stateStandby
+		m.dep.standby[slot] = old
+	default:
 		old.state = stateRetired
 		if old.retireCause == "" {
 			old.retireCause, old.retireReason, old.retireAt = CauseReplaced, "replaced", time.Now()
@@ -807,7 +892,7 @@ func (m *master) giveSpare(slot int) bool {
 	if len(m.spares) == 0 || m.stopping {
 		return false
 	}
-	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil })
+	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil && q.build == m.target.build })
 	if i < 0 {
 		return false // none can be told its slot now; they reconnect
 	}
@@ -828,7 +913,7 @@ func (m *master) giveSpare(slot int) bool {
 // fillSpares starts spares until Config.Spares are ready or starting,
 // unless the cluster is above its low memory watermark or stopping.
 func (m *master) fillSpares() {
-	if m.stopping || m.memLevel > 0 || m.spareRetry {
+	if m.stopping || m.memLevel > 0 || m.spareRetry || m.dep != nil || m.adopting {
 		return
 	}
 	n := len(m.spares)
@@ -1097,6 +1182,8 @@ func (m *master) status() *proto.Status {
 		Generation: m.gen,
 		Ready:      m.ready,
 		Rules:      m.rules.rulesText(),
+		Build:      m.target.build,
+		Deploy:     m.lastDeploy,
 	}
 	for i, p := range m.slots {
 		s := proto.SlotStatus{Slot: i}
@@ -1110,7 +1197,7 @@ func (m *master) status() *proto.Status {
 	// out those that would take the reply past a quarter of MaxFrame.
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
-		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive,
+		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
 			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {

@@ -480,6 +480,9 @@ func mib(b uint64) float64 { return float64(b) / (1 << 20) }
 // policyRetire retires p for a health policy, unless RetireLimit
 // retirements already happened in the last RetireWindow.
 func (m *master) policyRetire(p *proc, cause RetireCause, reason string, now time.Time) {
+	if m.deployTrouble(p, true, fmt.Sprintf("new worker %d would be retired: %s: %s", p.pid, cause, reason)) {
+		return // the deploy is rolled back instead
+	}
 	if m.cfg.RetireLimit > 0 {
 		cut := now.Add(-m.cfg.RetireWindow)
 		m.retireTimes = slices.DeleteFunc(m.retireTimes, func(t time.Time) bool { return !t.After(cut) })
@@ -629,25 +632,45 @@ func (m *master) startHealthChecks() {
 	if m.stopping {
 		return
 	}
-	now := time.Now()
 	for _, p := range m.procs {
 		if p.state != stateActive || p.checking || p.retireCause != "" {
 			continue
 		}
-		p.checking = true
-		ws := m.workerStats(p, now)
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), m.cfg.HealthCheckInterval)
-			defer cancel()
-			m.send(evHealth{p: p, err: m.cfg.HealthCheck(ctx, ws)})
-		}()
+		m.checkHealth(p)
 	}
 }
 
-// onHealth records a health check's result.
+// checkHealth runs Config.HealthCheck for p off the loop; onHealth gets the
+// result.
+func (m *master) checkHealth(p *proc) {
+	p.checking = true
+	ws := m.workerStats(p, time.Now())
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), m.cfg.HealthCheckInterval)
+		defer cancel()
+		m.send(evHealth{p: p, err: m.cfg.HealthCheck(ctx, ws)})
+	}()
+}
+
+// onHealth records a health check's result. For a deploy's new worker
+// that reported ready, it is the readiness check: pass, and its slot moves
+// to it; fail, and it is killed (a failed start).
 func (m *master) onHealth(p *proc, err error) {
 	p.checking = false
-	if m.procs[p.pid] != p || p.state != stateActive {
+	if m.procs[p.pid] != p {
+		return
+	}
+	if p.state == stateStarting {
+		if err != nil {
+			m.log.Warn("new worker failed its readiness check; killing it", append(p.logAttrs(), "err", err)...)
+			m.kill(p) // its exit counts as a failed start
+			return
+		}
+		p.verified = true
+		m.onReady(p)
+		return
+	}
+	if p.state != stateActive {
 		return
 	}
 	if err == nil {

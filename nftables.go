@@ -581,6 +581,16 @@ type clearsOther struct {
 	log     *slog.Logger
 }
 
+// routes reads this backend's routes or, if it has none, the other's: a
+// master of the other backend may have written them.
+func (c *clearsOther) routes(ctx context.Context) ([]slotTarget, error) {
+	t, err := c.ruleBackend.routes(ctx)
+	if err != nil || c.other == nil || slices.ContainsFunc(t, func(s slotTarget) bool { return s != nil }) {
+		return t, err
+	}
+	return c.other.routes(ctx)
+}
+
 func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) error {
 	if err := c.ruleBackend.apply(ctx, targets, workers); err != nil {
 		return err
@@ -594,6 +604,42 @@ func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) 
 		}
 	}
 	return nil
+}
+
+// routes reads each family's map. No table means no routes.
+func (w *nftWriter) routes(ctx context.Context) ([]slotTarget, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if exists, err := w.exists(); err != nil || !exists {
+		return make([]slotTarget, w.r.workers), err
+	}
+	perFamily := make([][]slotTarget, 0, len(w.r.families))
+	for _, f := range w.r.families {
+		elems, err := w.conn.GetSetElements(w.set(f))
+		if err != nil {
+			return nil, fmt.Errorf("read %s map of table inet %s: %w", f.name, w.tbl.Name, err)
+		}
+		have := make(map[string][]byte, len(elems))
+		for _, e := range elems {
+			have[string(e.Key)] = e.Val
+		}
+		got := make([]slotTarget, w.r.workers)
+		for slot := range got {
+			for _, pub := range w.r.ports {
+				v := have[string(w.keyBytes(f, nftKey{slot: slot, proto: pub.Proto.ipproto(), port: pub.Public}))]
+				if len(v) < 2 {
+					continue
+				}
+				if got[slot] == nil {
+					got[slot] = slotTarget{}
+				}
+				got[slot][pub] = binary.BigEndian.Uint16(v)
+			}
+		}
+		perFamily = append(perFamily, got)
+	}
+	return agreeingRoutes(perFamily, w.r), nil
 }
 
 // check compares the kernel's table with the writer's belief: that the

@@ -121,26 +121,6 @@ func copyTestBinary(t *testing.T) string {
 	return path
 }
 
-// A second master for a running cluster is refused and leaves the first
-// one's rules and workers alone.
-func TestSecondMasterRefused(t *testing.T) {
-	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
-	st := c.waitReady()
-	before := nat(t, lab, false)
-	err, out := runHelper(t, lab, c.spec.Config, nil)
-	if err == nil || !strings.Contains(out, "locked by master pid") {
-		t.Fatalf("second master: err %v\n%s", err, out)
-	}
-	if after := nat(t, lab, false); after != before {
-		t.Errorf("second master changed the rules:\n%s\nwas:\n%s", after, before)
-	}
-	st2, err := c.status()
-	if err != nil || !slices.Equal(workerPIDs(st), workerPIDs(st2)) {
-		t.Errorf("workers changed: %v → %v (%v)", workerPIDs(st), workerPIDs(st2), err)
-	}
-}
-
 // Hostile or broken peers on the control socket lose their own connection
 // and nothing else.
 func TestControlSocketRejectsBadPeers(t *testing.T) {

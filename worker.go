@@ -32,6 +32,7 @@ import (
 type Worker struct {
 	cluster   string
 	slot, gen int
+	build     string // EnvBuild: the version the master spawned it as
 	socket    string
 	cfg       *Config
 	log       *slog.Logger
@@ -68,6 +69,10 @@ func (w *Worker) Slot() int { return w.slot }
 
 // Generation is the master generation that spawned this worker.
 func (w *Worker) Generation() int { return w.gen }
+
+// Version is the code version the master spawned this worker as:
+// Config.Version, or by default the executable's Go build ID.
+func (w *Worker) Version() string { return w.build }
 
 // Logger is the library's logger with the worker's cluster, slot, pid and
 // generation attached.
@@ -180,6 +185,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		cluster:     cfg.Name,
 		slot:        slot,
 		gen:         gen,
+		build:       os.Getenv(EnvBuild),
 		socket:      socket,
 		cfg:         cfg,
 		started:     time.Now(),
@@ -413,6 +419,7 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		Slot:       w.slot,
 		Generation: w.gen,
 		Retired:    w.isRetired(),
+		Build:      w.build,
 	}
 	for _, p := range w.cfg.Ports {
 		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}

@@ -73,5 +73,26 @@ func (c *Client) Status(ctx context.Context) (*Status, error) {
 	return nil, fmt.Errorf("master answered status with %q", m.Type)
 }
 
+// Restart asks the master to roll every worker, as SIGUSR2 does.
+func (c *Client) Restart(ctx context.Context) error {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(10 * time.Second)
+	}
+	_ = c.conn.SetDeadline(dl)
+	if err := Write(c.conn, TypeRestart, nil); err != nil {
+		return fmt.Errorf("send restart request: %w", err)
+	}
+	m, err := c.r.Read()
+	if err != nil {
+		return fmt.Errorf("read restart answer: %w", err)
+	}
+	switch b := m.Body.(type) {
+	case *Refuse:
+		return fmt.Errorf("restart refused: %s", b.Reason)
+	}
+	return nil
+}
+
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }

@@ -45,6 +45,9 @@ const (
 	TypeDie       = "die"       // master → worker: finish and exit
 	TypeInfo      = "info"      // master → worker: send stats now; worker → master: the answer
 	TypeAssign    = "assign"    // master → spare worker: serve this slot
+	TypeTakeover  = "takeover"  // new master → master: hand the cluster over
+	TypeHandover  = "handover"  // master → new master: here it is (with the socket and lock fds)
+	TypeRestart   = "restart"   // client → master: roll every worker (as SIGUSR2)
 	TypeStatus    = "status"    // client → master: request; master → client: the answer
 	TypeError     = "error"     // master → client: a request failed
 )
@@ -53,6 +56,7 @@ const (
 const (
 	RoleWorker = "worker"
 	RoleClient = "client"
+	RoleMaster = "master" // a new master taking the cluster over
 )
 
 // Errors returned by ReadFrame and Decode.
@@ -77,6 +81,24 @@ type Hello struct {
 	// Retired is the worker's own view: true once it was told to retire
 	// (a reconnecting worker tells a new master).
 	Retired bool `json:"retired,omitempty"`
+	// Build identifies the code the worker runs (Config.Version, or the
+	// executable's Go build ID): a new master keeps adopted workers of its
+	// own build and rolls the others.
+	Build string `json:"build,omitempty"`
+}
+
+// Takeover asks the running master to hand the cluster over to the sender.
+type Takeover struct {
+	Build string `json:"build"`
+}
+
+// Handover is the running master's answer to a takeover. It is sent in
+// one sendmsg with two descriptors as SCM_RIGHTS: the listening control
+// socket, then the lock file. The sender then closes every worker
+// connection and exits, leaving rules and workers alone.
+type Handover struct {
+	MasterPID  int `json:"master_pid"`
+	Generation int `json:"generation"`
 }
 
 // Port maps a public port to the port a worker listens on. The same
@@ -156,12 +178,16 @@ type Reason struct {
 
 // Status is the master's answer to a status request.
 type Status struct {
-	Cluster    string         `json:"cluster"`
-	MasterPID  int            `json:"master_pid"`
-	Generation int            `json:"generation"`
-	Ready      bool           `json:"ready"`
-	Slots      []SlotStatus   `json:"slots"`
-	Workers    []WorkerStatus `json:"workers"`
+	Cluster    string `json:"cluster"`
+	MasterPID  int    `json:"master_pid"`
+	Generation int    `json:"generation"`
+	Ready      bool   `json:"ready"`
+	// Build is the code the master spawns workers from (see Hello.Build).
+	Build string `json:"build,omitempty"`
+	// Deploy describes a deploy in progress, or the last one's outcome.
+	Deploy  string         `json:"deploy,omitempty"`
+	Slots   []SlotStatus   `json:"slots"`
+	Workers []WorkerStatus `json:"workers"`
 	// Rules is the rule text the master believes is installed, per family.
 	Rules map[string]string `json:"rules,omitempty"`
 }
@@ -189,6 +215,7 @@ type WorkerStatus struct {
 	HeartbeatAgeSec float64 `json:"heartbeat_age_s,omitempty"`
 	// Unresponsive: no heartbeat for the master's ping timeout.
 	Unresponsive bool   `json:"unresponsive,omitempty"`
+	Build        string `json:"build,omitempty"`
 	Stats        *Stats `json:"stats,omitempty"`
 }
 
@@ -220,6 +247,12 @@ func newBody(typ string) (any, error) {
 		return new(Reason), nil
 	case TypeAssign:
 		return new(Assign), nil
+	case TypeTakeover:
+		return new(Takeover), nil
+	case TypeHandover:
+		return new(Handover), nil
+	case TypeRestart:
+		return nil, nil
 	case TypeStatus:
 		return new(Status), nil
 	}

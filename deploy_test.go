@@ -1,0 +1,324 @@
+//go:build linux
+
+package ipcluster_test
+
+// Deploys, takeover and master crashes under load: short connections from
+// 64 client addresses over every slot, plus a long-lived connection held on
+// every slot, and not one failed attempt.
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster"
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// deployLab is a cluster of 4 workers under load.
+type deployLab struct {
+	t       *testing.T
+	lab     *netlab.Lab
+	c       *cluster
+	events  string
+	version string // the version file
+	dst     netip.AddrPort
+	held    []*echoConn // one per slot at least
+	stop    func() loadResult
+	// crashSlot, if not -1, is the slot of a worker that crashes on
+	// purpose: the connections it held when it died, and those refused
+	// until its slot moved, fail, and only those.
+	crashSlot int
+}
+
+// startDeployLab starts a cluster of version v1 and holds connections on
+// every slot; edit adjusts the spec.
+func startDeployLab(t *testing.T, edit func(*spec)) *deployLab {
+	t.Helper()
+	d := &deployLab{t: t, lab: netlab.NewT(t, netlab.Options{Clients: 64}), crashSlot: -1}
+	d.events = filepath.Join(t.TempDir(), "events.jsonl")
+	d.version = filepath.Join(t.TempDir(), "version")
+	d.setVersion("v1")
+	d.dst = netip.AddrPortFrom(d.lab.ServerAddr4, 8080)
+	cfg := specConfig{Workers: 4, Ports: []uint16{8080}, Addr: d.lab.ServerAddr4.String(),
+		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond,
+		ConnectTimeout: time.Second, CanaryPeriod: time.Second}
+	d.c = startClusterSpec(t, d.lab, cfg, func(s *spec) {
+		s.EventsLog, s.VersionFile = d.events, d.version
+		if edit != nil {
+			edit(s)
+		}
+	})
+	d.c.waitReady()
+	d.held = holdConns(t, d.c, d.lab.ClientAddrs4[:8], d.dst)
+	return d
+}
+
+func (d *deployLab) setVersion(v string) {
+	if err := os.WriteFile(d.version, []byte(v+"\n"), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// load starts short connections from all 64 addresses.
+func (d *deployLab) load() { d.stop = startLoad(d.t, d.lab.Client, d.lab.ClientAddrs4, d.dst, 4, 1_000_000) }
+
+// finish stops the load and checks that no attempt failed and the held
+// connections still reach the workers that accepted them.
+func (d *deployLab) finish() loadResult {
+	d.t.Helper()
+	time.Sleep(500 * time.Millisecond) // load on the final workers too
+	res := d.stop()
+	d.t.Logf("load: %d attempts, %d failures %q", res.Attempts, res.Failures, res.Errors)
+	switch {
+	case res.Attempts == 0:
+		d.t.Errorf("load: %v", res)
+	case d.crashSlot < 0 && res.Failures != 0:
+		d.t.Errorf("load: %v", res)
+	case d.crashSlot >= 0:
+		// At most the load's concurrency in flight on the crashing
+		// worker, and a few refused before the rollback's rule write.
+		if res.Failures > 8 {
+			d.t.Errorf("%d failures around one crash: %v", res.Failures, res)
+		}
+		for _, e := range res.Errors {
+			src, _, _ := strings.Cut(strings.TrimPrefix(e, "from "), ":")
+			if a, err := netip.ParseAddr(src); err != nil || expectSlot(a, 4, 32) != d.crashSlot {
+				d.t.Errorf("failure outside the crashed worker's slot %d: %s", d.crashSlot, e)
+			}
+		}
+	}
+	if err := probeAll(d.held); err != nil {
+		d.t.Errorf("held connections: %v", err)
+	}
+	return res
+}
+
+// heldPIDs are the workers holding the long-lived connections.
+func (d *deployLab) heldPIDs() []int {
+	var pids []int
+	for _, h := range d.held {
+		if !slices.Contains(pids, h.first.PID) {
+			pids = append(pids, h.first.PID)
+		}
+	}
+	return pids
+}
+
+// releaseHeld closes the held connections and waits for their workers to
+// exit (they were retired).
+func (d *deployLab) releaseHeld() {
+	for _, h := range d.held {
+		h.Close()
+	}
+	waitGone(d.t, d.heldPIDs(), 10*time.Second)
+}
+
+// masterStatus polls the status through the socket, whoever the master is.
+func (d *deployLab) waitStatus(what string, ok func(*proto.Status) bool) *proto.Status {
+	d.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if st, err := d.c.status(); err == nil && ok(st) {
+			return st
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	d.t.Fatalf("timed out waiting for %s\n%s", what, d.c.log())
+	return nil
+}
+
+// servedBy reports whether every slot is served by an active worker of
+// version v, none of them one of old.
+func servedBy(st *proto.Status, v string, old []int) bool {
+	active := 0
+	for _, w := range st.Workers {
+		if w.State == "active" {
+			if w.Build != v || slices.Contains(old, w.PID) {
+				return false
+			}
+			active++
+		}
+	}
+	return active == len(st.Slots) && st.Ready
+}
+
+// stopMasterByPID stops a master the harness did not start (a successor).
+func stopMasterByPID(t *testing.T, pid int) {
+	t.Cleanup(func() {
+		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+			return
+		}
+		waitGone(t, []int{pid}, 20*time.Second)
+	})
+}
+
+// SIGHUP: the master starts the binary on disk, which takes the cluster
+// over and rolls every slot to its version; the old master exits, the old
+// workers drain, and no attempt fails.
+func TestDeployBySIGHUP(t *testing.T) {
+	d := startDeployLab(t, nil)
+	st0, _ := d.c.status()
+	oldPIDs := workerPIDs(st0)
+	d.load()
+	d.setVersion("v2")
+	t0 := time.Now()
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.wait(10 * time.Second); err != nil {
+		t.Fatalf("old master after the handover: %v\n%s", err, d.c.log())
+	}
+	st := d.waitStatus("every slot on v2", func(st *proto.Status) bool {
+		return servedBy(st, "v2", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	t.Logf("deploy of 4 workers: %s to commit (canary %s); %s", time.Since(t0).Round(time.Millisecond), time.Second, st.Deploy)
+	stopMasterByPID(t, st.MasterPID)
+	if st.MasterPID == st0.MasterPID || st.Generation <= st0.Generation {
+		t.Errorf("master %d generation %d after the deploy, was %d generation %d", st.MasterPID, st.Generation, st0.MasterPID, st0.Generation)
+	}
+	d.finish()
+	for _, w := range st.Workers {
+		if slices.Contains(oldPIDs, w.PID) && w.State != "retired" {
+			t.Errorf("old worker %d is %s, want retired", w.PID, w.State)
+		}
+	}
+	d.releaseHeld()
+	waitEvent(t, d.events, time.Second, func(e loggedEvent) bool {
+		return e.Type == "EventDeploy" && decodeEvent[ipcluster.EventDeploy](t, e).Outcome == ipcluster.DeployHandedOver
+	})
+}
+
+// A second master started by hand takes over the same way.
+func TestSecondMasterTakesOver(t *testing.T) {
+	d := startDeployLab(t, nil)
+	st0, _ := d.c.status()
+	oldPIDs := workerPIDs(st0)
+	d.load()
+	d.setVersion("v2")
+	c2 := startClusterSpec(t, d.lab, d.c.spec.Config, func(s *spec) { *s = d.c.spec })
+	if err := d.c.wait(10 * time.Second); err != nil {
+		t.Fatalf("old master after the handover: %v\n%s", err, d.c.log())
+	}
+	st := d.waitStatus("every slot on v2", func(st *proto.Status) bool {
+		return servedBy(st, "v2", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	if st.MasterPID != c2.cmd.Process.Pid {
+		t.Errorf("master pid %d, want the second master %d", st.MasterPID, c2.cmd.Process.Pid)
+	}
+	d.finish()
+	d.releaseHeld()
+}
+
+// kill -9 of the master: the workers keep serving on the rules in the
+// kernel; a new master of the same version adopts every one of them in its
+// slot, without a duplicated or missing rule, and no attempt fails.
+func TestMasterKilledWorkersAdopted(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			d := startDeployLab(t, func(s *spec) { s.Config.Backend = backend })
+			st0, _ := d.c.status()
+			d.load()
+			if err := d.c.cmd.Process.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			<-d.c.done
+			time.Sleep(300 * time.Millisecond) // served with no master
+			c2 := startClusterSpec(t, d.lab, d.c.spec.Config, func(s *spec) { *s = d.c.spec })
+			st := c2.waitStatus("the old workers adopted", func(st *proto.Status) bool {
+				if !st.Ready {
+					return false
+				}
+				for slot := range st.Slots {
+					if activePID(st, slot) != activePID(st0, slot) {
+						return false
+					}
+				}
+				return true
+			})
+			if st.Generation != st0.Generation+1 {
+				t.Errorf("new master is generation %d, want %d", st.Generation, st0.Generation+1)
+			}
+			if len(st.Workers) != 4 {
+				t.Errorf("%d workers after adoption, want the 4 adopted: %+v", len(st.Workers), st.Workers)
+			}
+			c2.checkKernelRules(t)
+			d.finish()
+		})
+	}
+}
+
+// SIGUSR2 rolls every worker, same version: new workers in every slot, the
+// old ones drain.
+func TestSIGUSR2RollsEveryWorker(t *testing.T) {
+	d := startDeployLab(t, nil)
+	st0, _ := d.c.status()
+	oldPIDs := workerPIDs(st0)
+	d.load()
+	if err := d.c.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	st := d.waitStatus("every slot rolled", func(st *proto.Status) bool {
+		return servedBy(st, "v1", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	t.Logf("%s", st.Deploy)
+	d.finish()
+	d.releaseHeld()
+}
+
+// A deploy whose workers exit at start, never report ready, or crash 2s
+// after (while the canary is watched) is rolled back: every slot is served
+// by its old worker again. No attempt fails, but for a canary that crashes
+// while serving: the connections it holds die with it.
+func TestBadDeploysRolledBack(t *testing.T) {
+	for _, bad := range []string{"exit", "noready", "crash2s"} {
+		t.Run(bad, func(t *testing.T) {
+			d := startDeployLab(t, func(s *spec) {
+				s.VersionScenarios = map[string]string{"v2": bad}
+				s.Config.CanaryPeriod = 4 * time.Second
+			})
+			st0, _ := d.c.status()
+			if bad == "crash2s" {
+				d.crashSlot = 0 // the canary's
+			}
+			d.load()
+			d.setVersion("v2")
+			t0 := time.Now()
+			if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			e := waitEvent(t, d.events, 30*time.Second, func(e loggedEvent) bool {
+				if e.Type != "EventDeploy" {
+					return false
+				}
+				o := decodeEvent[ipcluster.EventDeploy](t, e).Outcome
+				return o == ipcluster.DeployRolledBack || o == ipcluster.DeployCommitted
+			})
+			ev := decodeEvent[ipcluster.EventDeploy](t, e)
+			t.Logf("%s after %s: %s", ev.Outcome, time.Since(t0).Round(time.Millisecond), ev.Reason)
+			if ev.Outcome != ipcluster.DeployRolledBack {
+				t.Fatalf("deploy %+v, want rolled back", ev)
+			}
+			st := d.waitStatus("every slot back on its old worker", func(st *proto.Status) bool {
+				if !st.Ready {
+					return false
+				}
+				for slot := range st.Slots {
+					if activePID(st, slot) != activePID(st0, slot) {
+						return false
+					}
+				}
+				return strings.HasPrefix(st.Deploy, "rolled back")
+			})
+			stopMasterByPID(t, st.MasterPID)
+			t.Logf("%s", st.Deploy)
+			d.finish()
+		})
+	}
+}
