@@ -23,7 +23,7 @@ import (
 
 // deployLab is a cluster of 4 workers under load.
 type deployLab struct {
-	t       *testing.T
+	t       testing.TB
 	lab     *netlab.Lab
 	c       *cluster
 	events  string
@@ -39,14 +39,14 @@ type deployLab struct {
 
 // startDeployLab starts a cluster of version v1 and holds connections on
 // every slot; edit adjusts the spec.
-func startDeployLab(t *testing.T, edit func(*spec)) *deployLab {
+func startDeployLab(t testing.TB, workers int, edit func(*spec)) *deployLab {
 	t.Helper()
 	d := &deployLab{t: t, lab: netlab.NewT(t, netlab.Options{Clients: 64}), crashSlot: -1}
 	d.events = filepath.Join(t.TempDir(), "events.jsonl")
 	d.version = filepath.Join(t.TempDir(), "version")
 	d.setVersion("v1")
 	d.dst = netip.AddrPortFrom(d.lab.ServerAddr4, 8080)
-	cfg := specConfig{Workers: 4, Ports: []uint16{8080}, Addr: d.lab.ServerAddr4.String(),
+	cfg := specConfig{Workers: workers, Ports: []uint16{8080}, Addr: d.lab.ServerAddr4.String(),
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond,
 		ConnectTimeout: time.Second, CanaryPeriod: time.Second}
 	d.c = startClusterSpec(t, d.lab, cfg, func(s *spec) {
@@ -67,7 +67,9 @@ func (d *deployLab) setVersion(v string) {
 }
 
 // load starts short connections from all 64 addresses.
-func (d *deployLab) load() { d.stop = startLoad(d.t, d.lab.Client, d.lab.ClientAddrs4, d.dst, 4, 1_000_000) }
+func (d *deployLab) load() {
+	d.stop = startLoad(d.t, d.lab.Client, d.lab.ClientAddrs4, d.dst, 4, 1_000_000)
+}
 
 // finish stops the load and checks that no attempt failed and the held
 // connections still reach the workers that accepted them.
@@ -89,7 +91,7 @@ func (d *deployLab) finish() loadResult {
 		}
 		for _, e := range res.Errors {
 			src, _, _ := strings.Cut(strings.TrimPrefix(e, "from "), ":")
-			if a, err := netip.ParseAddr(src); err != nil || expectSlot(a, 4, 32) != d.crashSlot {
+			if a, err := netip.ParseAddr(src); err != nil || expectSlot(a, d.c.spec.Config.Workers, 32) != d.crashSlot {
 				d.t.Errorf("failure outside the crashed worker's slot %d: %s", d.crashSlot, e)
 			}
 		}
@@ -150,7 +152,7 @@ func servedBy(st *proto.Status, v string, old []int) bool {
 }
 
 // stopMasterByPID stops a master the harness did not start (a successor).
-func stopMasterByPID(t *testing.T, pid int) {
+func stopMasterByPID(t testing.TB, pid int) {
 	t.Cleanup(func() {
 		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 			return
@@ -163,7 +165,7 @@ func stopMasterByPID(t *testing.T, pid int) {
 // over and rolls every slot to its version; the old master exits, the old
 // workers drain, and no attempt fails.
 func TestDeployBySIGHUP(t *testing.T) {
-	d := startDeployLab(t, nil)
+	d := startDeployLab(t, 4, nil)
 	st0, _ := d.c.status()
 	oldPIDs := workerPIDs(st0)
 	d.load()
@@ -197,7 +199,7 @@ func TestDeployBySIGHUP(t *testing.T) {
 
 // A second master started by hand takes over the same way.
 func TestSecondMasterTakesOver(t *testing.T) {
-	d := startDeployLab(t, nil)
+	d := startDeployLab(t, 4, nil)
 	st0, _ := d.c.status()
 	oldPIDs := workerPIDs(st0)
 	d.load()
@@ -222,7 +224,7 @@ func TestSecondMasterTakesOver(t *testing.T) {
 func TestMasterKilledWorkersAdopted(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
-			d := startDeployLab(t, func(s *spec) { s.Config.Backend = backend })
+			d := startDeployLab(t, 4, func(s *spec) { s.Config.Backend = backend })
 			st0, _ := d.c.status()
 			d.load()
 			if err := d.c.cmd.Process.Kill(); err != nil {
@@ -257,7 +259,7 @@ func TestMasterKilledWorkersAdopted(t *testing.T) {
 // SIGUSR2 rolls every worker, same version: new workers in every slot, the
 // old ones drain.
 func TestSIGUSR2RollsEveryWorker(t *testing.T) {
-	d := startDeployLab(t, nil)
+	d := startDeployLab(t, 4, nil)
 	st0, _ := d.c.status()
 	oldPIDs := workerPIDs(st0)
 	d.load()
@@ -279,7 +281,7 @@ func TestSIGUSR2RollsEveryWorker(t *testing.T) {
 func TestBadDeploysRolledBack(t *testing.T) {
 	for _, bad := range []string{"exit", "noready", "crash2s"} {
 		t.Run(bad, func(t *testing.T) {
-			d := startDeployLab(t, func(s *spec) {
+			d := startDeployLab(t, 4, func(s *spec) {
 				s.VersionScenarios = map[string]string{"v2": bad}
 				s.Config.CanaryPeriod = 4 * time.Second
 			})
@@ -319,6 +321,51 @@ func TestBadDeploysRolledBack(t *testing.T) {
 			stopMasterByPID(t, st.MasterPID)
 			t.Logf("%s", st.Deploy)
 			d.finish()
+		})
+	}
+}
+
+// BenchmarkDeploy measures deploys by SIGHUP, each to a new version, under
+// load from 64 addresses: from the signal to every slot served by the new
+// version, with no canary. It reports failed connection attempts.
+//
+//	sudo go test -run '^$' -bench Deploy -benchtime 5x .
+func BenchmarkDeploy(b *testing.B) {
+	for _, workers := range []int{4, 16} {
+		b.Run("workers="+itoa(workers), func(b *testing.B) {
+			d := startDeployLab(b, workers, func(s *spec) { s.Config.CanaryPeriod = -1 })
+			d.load()
+			var old []int
+			var total time.Duration
+			b.ResetTimer()
+			for i := range b.N {
+				st, err := d.c.status()
+				if err != nil {
+					b.Fatal(err)
+				}
+				old = workerPIDs(st)
+				v := "v" + itoa(i+2)
+				d.setVersion(v)
+				t0 := time.Now()
+				if err := syscall.Kill(st.MasterPID, syscall.SIGHUP); err != nil {
+					b.Fatal(err)
+				}
+				st = d.waitStatus(v+" everywhere", func(st *proto.Status) bool {
+					return servedBy(st, v, old) && strings.HasPrefix(st.Deploy, "committed")
+				})
+				total += time.Since(t0)
+				if st.MasterPID != d.c.cmd.Process.Pid {
+					stopMasterByPID(b, st.MasterPID)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(total.Microseconds())/1e3/float64(b.N), "ms/deploy")
+			res := d.stop()
+			b.ReportMetric(float64(res.Failures), "failed")
+			b.ReportMetric(float64(res.Attempts)/b.Elapsed().Seconds(), "conn/s")
+			if res.Failures != 0 {
+				b.Errorf("load: %v", res)
+			}
 		})
 	}
 }

@@ -27,7 +27,7 @@ import (
 
 // cluster is a master process running in a lab's server namespace.
 type cluster struct {
-	t      *testing.T
+	t      testing.TB
 	lab    *netlab.Lab
 	spec   spec
 	cmd    *exec.Cmd
@@ -39,20 +39,20 @@ type cluster struct {
 
 // startCluster starts a master for cfg in the lab and registers its cleanup:
 // the master is stopped (and its log shown if the test failed).
-func startCluster(t *testing.T, lab *netlab.Lab, cfg specConfig) *cluster {
+func startCluster(t testing.TB, lab *netlab.Lab, cfg specConfig) *cluster {
 	t.Helper()
 	return startClusterSpec(t, lab, cfg, nil)
 }
 
 // startScenario is startCluster with workers running the named scenario
 // (see helperMain).
-func startScenario(t *testing.T, lab *netlab.Lab, cfg specConfig, scenario string) *cluster {
+func startScenario(t testing.TB, lab *netlab.Lab, cfg specConfig, scenario string) *cluster {
 	t.Helper()
 	return startClusterSpec(t, lab, cfg, func(s *spec) { s.Scenario = scenario })
 }
 
 // startClusterSpec is startCluster with a chance to edit the helper's spec.
-func startClusterSpec(t *testing.T, lab *netlab.Lab, cfg specConfig, edit func(*spec)) *cluster {
+func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*spec)) *cluster {
 	t.Helper()
 	if cfg.Name == "" {
 		cfg.Name = "t"
@@ -265,7 +265,7 @@ func alive(pid int) bool {
 }
 
 // waitGone waits for pids to disappear.
-func waitGone(t *testing.T, pids []int, timeout time.Duration) {
+func waitGone(t testing.TB, pids []int, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for _, pid := range pids {

@@ -67,7 +67,10 @@ func listenN(t *testing.T, ns *netlab.NS, n int) *portListeners {
 // none within a second), with both ends of the connection, left open.
 func reaches(t *testing.T, lab *netlab.Lab, src netip.Addr, dst netip.AddrPort, lns *portListeners) (int, net.Conn, net.Conn) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	// 3s: past one SYN retransmission (1s), which a busy CI machine can
+	// cost the first connection of a fresh namespace; a refused or
+	// unrouted connection fails at once or never arrives either way.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	c, err := lab.Client.Dial(ctx, "tcp", src, dst)
 	if err != nil {

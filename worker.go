@@ -50,6 +50,9 @@ type Worker struct {
 
 	conns    atomic.Int64
 	accepted atomic.Uint64
+	// listenersClosed: a retired worker exits only after its listeners
+	// are closed, never with a connection still in an accept queue.
+	listenersClosed atomic.Bool
 
 	// Health reporting (monitor.go). rt and appWarned belong to
 	// runWorker's goroutine, which alone builds reports.
@@ -293,9 +296,10 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			w.log.Info("closing UDP sockets: retired, and no datagram for a while", "idle", udpDrainIdle)
 			w.closePacketConns()
 		}
-		// Exit once the application is done, every connection closed and
-		// the UDP sockets too.
-		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) && w.packetsClosed() {
+		// Exit once the application is done, the listeners closed (a
+		// retired worker's close once their accept queues are empty),
+		// every connection closed and the UDP sockets too.
+		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed() {
 			w.log.Info("worker exiting: drained")
 			return nil
 		}
@@ -553,6 +557,7 @@ func (w *Worker) closeListeners() {
 	for _, l := range w.listeners {
 		l.Listener.Close()
 	}
+	w.listenersClosed.Store(true)
 }
 
 // listener counts the connections it hands out.
