@@ -7,6 +7,7 @@ package ipcluster_test
 // every slot, and not one failed attempt.
 
 import (
+	"context"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -366,6 +367,102 @@ func BenchmarkDeploy(b *testing.B) {
 			if res.Failures != 0 {
 				b.Errorf("load: %v", res)
 			}
+		})
+	}
+}
+
+// resize asks the master for a new slot count.
+func (c *cluster) resize(t testing.TB, workers int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, c.socket, c.spec.Config.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.Resize(ctx, workers); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// owners asks from every address which worker serves it.
+func owners(t *testing.T, d *deployLab, workers int) map[netip.Addr]int {
+	t.Helper()
+	out := map[netip.Addr]int{}
+	for _, a := range d.lab.ClientAddrs4 {
+		rep, err := ask(d.lab.Client, a, d.dst)
+		if err != nil {
+			t.Fatalf("from %s: %v", a, err)
+		}
+		if want := expectSlot(a, workers, 32); rep.Slot != want {
+			t.Fatalf("%s reached slot %d, want %d of %d", a, rep.Slot, want, workers)
+		}
+		out[a] = rep.PID
+	}
+	return out
+}
+
+// Live resize under load, both ways. Growing from 2 to 4 slots: clients
+// whose new bit is 0 keep their worker, the others move to the 2 new
+// workers. Shrinking back: slots 2 and 3 merge into 0 and 1, whose workers
+// take their clients back, and their workers retire. No established
+// connection is cut and no attempt fails.
+func TestLiveResize(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			d := startDeployLab(t, 2, func(s *spec) { s.Config.Backend = backend })
+			before := owners(t, d, 2)
+			d.load()
+
+			d.c.resize(t, 4)
+			st := d.waitStatus("4 slots served", func(st *proto.Status) bool {
+				return len(st.Slots) == 4 && activePID(st, 2) != 0 && activePID(st, 3) != 0 && hasEvent(t, d.events, "EventResized")
+			})
+			grown := owners(t, d, 4)
+			moved := 0
+			for a, pid := range grown {
+				switch slot := expectSlot(a, 4, 32); {
+				case slot < 2 && pid != before[a]:
+					t.Errorf("%s (slot %d) moved from worker %d to %d", a, slot, before[a], pid)
+				case slot >= 2 && (pid == before[a] || pid != activePID(st, slot)):
+					t.Errorf("%s (slot %d) served by %d, want the new worker %d", a, slot, pid, activePID(st, slot))
+				case slot >= 2:
+					moved++
+				}
+			}
+			t.Logf("grow 2 → 4: %d of %d clients moved to the new workers", moved, len(grown))
+			if err := probeAll(d.held); err != nil {
+				t.Fatalf("held connections after growing: %v", err)
+			}
+			// Connections to the workers about to be merged away.
+			d.held = append(d.held, holdConns(t, d.c, d.lab.ClientAddrs4[2:4], d.dst)...)
+			merged := []int{activePID(st, 2), activePID(st, 3)}
+
+			d.c.resize(t, 2)
+			st = d.waitStatus("2 slots again", func(st *proto.Status) bool {
+				if len(st.Slots) != 2 {
+					return false
+				}
+				for _, w := range st.Workers {
+					if slices.Contains(merged, w.PID) && w.State != "retired" {
+						return false
+					}
+				}
+				return true
+			})
+			shrunk := owners(t, d, 2)
+			for a, pid := range shrunk {
+				if pid != before[a] {
+					t.Errorf("%s back on worker %d after the shrink, want its first worker %d", a, pid, before[a])
+				}
+			}
+			d.finish()
+			for _, h := range d.held {
+				h.Close()
+			}
+			waitGone(t, merged, 10*time.Second) // retired, drained
+			_ = st
 		})
 	}
 }

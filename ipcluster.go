@@ -58,6 +58,7 @@ const (
 	EnvGeneration = "IPCLUSTER_GENERATION" // the master generation that spawned it
 	EnvSocket     = "IPCLUSTER_SOCKET"     // the master's control socket
 	EnvBuild      = "IPCLUSTER_BUILD"      // the code version it was spawned as (Worker.Version)
+	EnvWorkers    = "IPCLUSTER_WORKERS"    // the cluster's slot count when it was spawned (a resize changes it)
 )
 
 // envSlotSpare is EnvSlot's value for a spare (Config.Spares).
@@ -735,6 +736,15 @@ const (
 	DeployHandedOver DeployOutcome = "handed-over"
 )
 
+// EventResized: the cluster's slot count changed (a control client asked);
+// Err is set, and To equals From, if a growth was abandoned because its
+// new workers kept failing to start.
+type EventResized struct {
+	From, To int
+	Elapsed  time.Duration
+	Err      error
+}
+
 // EventUnresponsive: no heartbeat has arrived from a worker for
 // Config.PingTimeout. An active worker is then retired; any other is
 // killed when silent for twice PingTimeout.
@@ -846,6 +856,7 @@ func (EventMemoryPressure) eventName() string {
 }
 func (EventDismissed) eventName() string { return "dismissed" }
 func (EventDeploy) eventName() string    { return "deploy" }
+func (EventResized) eventName() string   { return "resized" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

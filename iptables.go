@@ -69,6 +69,10 @@ type ruleBackend interface {
 	// writer's belief: what a starting master finds left by the master
 	// before it. A slot with no route, or whose families disagree, is nil.
 	routes(ctx context.Context) ([]slotTarget, error)
+	// invalidate forgets what the writer believes the kernel holds, so
+	// that the next apply replaces the cluster's rules whole: after a
+	// resize changed the slot mask, which every rule or key embeds.
+	invalidate()
 	// rulesText renders the rules the master believes in, per family.
 	rulesText() map[string]string
 	// changes counts the kernel operations so far: iptables processes, or
@@ -547,6 +551,10 @@ func agreeingRoutes(perFamily [][]slotTarget, r *routing) []slotTarget {
 	}
 	return out
 }
+
+// invalidate makes the next apply reconcile each family from scratch: one
+// iptables-restore that rewrites the whole chain.
+func (w *ruleWriter) invalidate() { clear(w.hooked) }
 
 // rulesText renders the installed chain of each family for status output.
 func (w *ruleWriter) rulesText() map[string]string {

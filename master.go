@@ -172,6 +172,7 @@ type master struct {
 	handedOver   bool
 	adopting     bool         // waiting for a previous master's workers
 	kernelRoutes []slotTarget // the routes it left
+	resizing     *resizeState // a growth waiting for its new workers (resize.go)
 
 	// routed is what the installed rules point each slot at; udpMoved
 	// the UDP flows whose conntrack entries are to be deleted, because the
@@ -220,6 +221,10 @@ func newMaster(cfg *Config) (*master, error) {
 		cfg.MemoryBudget = defaultMemoryBudget()
 	}
 	build := selfBuild(cfg)
+	if n := resizedWorkers(cfg); n > 0 && n != cfg.Workers {
+		cfg.Logger.Info("the cluster was resized while running; keeping its size", "cluster", cfg.Name, "workers", n, "config", cfg.Workers)
+		cfg.Workers = n
+	}
 	rt := cfg.routing()
 	rules, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
@@ -258,7 +263,7 @@ func newMaster(cfg *Config) (*master, error) {
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
-		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild:
+		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers:
 		default:
 			m.env = append(m.env, kv)
 		}
@@ -320,6 +325,7 @@ func (m *master) closeRunDir() {
 	}
 	if m.lock != nil {
 		os.Remove(filepath.Join(m.dir, "generation"))
+		os.Remove(filepath.Join(m.dir, "workers"))
 		// Unlink before unlocking: a master waiting on this inode then
 		// finds it gone and retries (see lockFile).
 		os.Remove(m.lock.Name())
@@ -478,6 +484,7 @@ func (m *master) run(ctx context.Context) error {
 			return nil
 		}
 		m.progressDeploy(time.Now())
+		m.progressResize()
 		m.syncRules(ctx)
 		m.cleanConntrack()
 		if m.stopping && len(m.procs) == 0 {
@@ -520,7 +527,7 @@ func (m *master) handle(ev any) {
 		case ev.slot == spareSlot:
 			m.spareRetry = false
 			m.fillSpares()
-		case m.pending[ev.slot] == nil:
+		case ev.slot < len(m.pending) && m.pending[ev.slot] == nil: // a resize may have dropped it
 			m.spawn(ev.slot)
 		}
 	case evRetryRules:
@@ -564,6 +571,7 @@ func (m *master) spawn(slot int) {
 		EnvGeneration+"="+strconv.Itoa(m.gen),
 		EnvSocket+"="+m.sock,
 		EnvBuild+"="+m.target.build,
+		EnvWorkers+"="+strconv.Itoa(len(m.slots)),
 	)
 	// Real files, never pipes: a worker outlives the master, and a pipe
 	// whose reader died would block or kill it (SIGPIPE) on its next log.
@@ -648,10 +656,11 @@ func (m *master) onExit(p *proc, status string) {
 	switch p.state {
 	case stateStarting:
 		m.deployTrouble(p, false, "exited before ready: "+status)
+		m.resizeTrouble(p)
 		if p.slot == spareSlot {
 			m.failures[spareSlot]++
 			m.respawnLater(spareSlot)
-		} else if m.pending[p.slot] == p {
+		} else if p.slot < len(m.pending) && m.pending[p.slot] == p {
 			m.pending[p.slot] = nil
 			m.failures[p.slot]++
 			m.respawnLater(p.slot)
@@ -713,8 +722,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		refuse("unknown role %q", h.Role)
 		return
 	}
-	if h.Slot < spareSlot || h.Slot >= m.cfg.Workers {
-		refuse("slot %d is outside 0..%d (or %d for a spare)", h.Slot, m.cfg.Workers-1, spareSlot)
+	if h.Slot < spareSlot || h.Slot >= len(m.slots) {
+		refuse("slot %d is outside 0..%d (or %d for a spare)", h.Slot, len(m.slots)-1, spareSlot)
 		return
 	}
 	ports := slotTarget{}
@@ -799,6 +808,12 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 		case proto.TypeRestart:
 			m.restartAll("restart requested over the control socket")
 			pr.send(proto.TypeRestart, nil)
+		case proto.TypeResize:
+			if err := m.startResize(msg.Body.(*proto.Resize).Workers); err != nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "resize: " + err.Error()})
+			} else {
+				pr.send(proto.TypeResize, msg.Body)
+			}
 		default:
 			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
 		}
@@ -842,6 +857,10 @@ func (m *master) onReady(p *proc) {
 				}
 			}
 		}
+		return
+	}
+	if p.slot >= len(m.slots) {
+		m.kill(p) // its slot was merged away by a resize while it started
 		return
 	}
 	if m.dep != nil && p.gen == m.dep.gen && m.cfg.HealthCheck != nil && !p.verified {
@@ -959,8 +978,9 @@ func (m *master) syncRules(ctx context.Context) {
 	if !m.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
 		return
 	}
-	targets := make([]slotTarget, len(m.slots))
-	for i, p := range m.slots {
+	// During a growth the new slots are not routed until all are ready.
+	targets := make([]slotTarget, m.rt.workers)
+	for i, p := range m.slots[:m.rt.workers] {
 		if p != nil {
 			targets[i] = p.ports
 		}
@@ -996,8 +1016,8 @@ func (m *master) syncRules(ctx context.Context) {
 	if !m.ready && m.allSlotsReady() {
 		m.ready = true
 		elapsed := time.Since(m.started)
-		m.log.Info("all slots ready", "workers", m.cfg.Workers, "elapsed", elapsed)
-		m.emit.send(EventReady{Workers: m.cfg.Workers, Elapsed: elapsed})
+		m.log.Info("all slots ready", "workers", len(m.slots), "elapsed", elapsed)
+		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
 	}
 }
 
@@ -1014,7 +1034,8 @@ func (m *master) retired(p *proc, now time.Time) {
 		}
 	}
 	replacement := 0
-	if repl := m.slots[p.slot]; repl != nil {
+	// A slot a resize merged away went to the slot its clients are in now.
+	if repl := m.slots[p.slot%len(m.slots)]; repl != nil {
 		replacement = repl.pid
 	}
 	elapsed := now.Sub(p.retireAt)
@@ -1062,7 +1083,7 @@ func (m *master) stop(why string) {
 	// finishing workers' clients would be cut mid-connection.
 	if m.installed {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := m.rules.apply(ctx, make([]slotTarget, len(m.slots)), m.workerPorts()); err != nil {
+		if err := m.rules.apply(ctx, make([]slotTarget, m.rt.workers), m.workerPorts()); err != nil {
 			m.log.Error("withdrawing routes; removing the rules instead", "err", err)
 			m.removeRules()
 		} else {

@@ -606,6 +606,10 @@ func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) 
 	return nil
 }
 
+// invalidate makes the next apply install the table anew, replacing the
+// old one in the same transaction.
+func (w *nftWriter) invalidate() { w.installed, w.guarded = nil, nil }
+
 // routes reads each family's map. No table means no routes.
 func (w *nftWriter) routes(ctx context.Context) ([]slotTarget, error) {
 	if err := ctx.Err(); err != nil {

@@ -163,10 +163,16 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	if name != cfg.Name {
 		return 0, 0, "", bad("%s=%q but Config.Name is %q", EnvWorker, name, cfg.Name)
 	}
+	// The master's slot count, which a resize may have changed from
+	// Config.Workers.
+	workers := cfg.Workers
+	if n, err := strconv.Atoi(os.Getenv(EnvWorkers)); err == nil && n > 0 && n <= MaxWorkers {
+		workers = n
+	}
 	if os.Getenv(EnvSlot) == envSlotSpare {
 		slot = spareSlot
-	} else if slot, err = strconv.Atoi(os.Getenv(EnvSlot)); err != nil || slot < 0 || slot >= cfg.Workers {
-		return 0, 0, "", bad("%s=%q is not a slot in 0..%d nor %q", EnvSlot, os.Getenv(EnvSlot), cfg.Workers-1, envSlotSpare)
+	} else if slot, err = strconv.Atoi(os.Getenv(EnvSlot)); err != nil || slot < 0 || slot >= workers {
+		return 0, 0, "", bad("%s=%q is not a slot in 0..%d nor %q", EnvSlot, os.Getenv(EnvSlot), workers-1, envSlotSpare)
 	}
 	gen, err = strconv.Atoi(os.Getenv(EnvGeneration))
 	if err != nil || gen < 1 {

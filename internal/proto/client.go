@@ -94,5 +94,26 @@ func (c *Client) Restart(ctx context.Context) error {
 	return nil
 }
 
+// Resize asks the master to change the number of slots to workers. It
+// returns once the resize has started; the status shows when it is done.
+func (c *Client) Resize(ctx context.Context, workers int) error {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(10 * time.Second)
+	}
+	_ = c.conn.SetDeadline(dl)
+	if err := Write(c.conn, TypeResize, &Resize{Workers: workers}); err != nil {
+		return fmt.Errorf("send resize request: %w", err)
+	}
+	m, err := c.r.Read()
+	if err != nil {
+		return fmt.Errorf("read resize answer: %w", err)
+	}
+	if b, ok := m.Body.(*Refuse); ok {
+		return fmt.Errorf("%w: %s", ErrRefused, b.Reason)
+	}
+	return nil
+}
+
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }

@@ -48,6 +48,7 @@ const (
 	TypeTakeover  = "takeover"  // new master → master: hand the cluster over
 	TypeHandover  = "handover"  // master → new master: here it is (with the socket and lock fds)
 	TypeRestart   = "restart"   // client → master: roll every worker (as SIGUSR2)
+	TypeResize    = "resize"    // client → master: change the number of slots
 	TypeStatus    = "status"    // client → master: request; master → client: the answer
 	TypeError     = "error"     // master → client: a request failed
 )
@@ -90,6 +91,12 @@ type Hello struct {
 // Takeover asks the running master to hand the cluster over to the sender.
 type Takeover struct {
 	Build string `json:"build"`
+}
+
+// Resize asks for a new number of slots (a power of two); the master
+// answers with the same message once started, or error.
+type Resize struct {
+	Workers int `json:"workers"`
 }
 
 // Handover is the running master's answer to a takeover. It is sent in
@@ -253,6 +260,8 @@ func newBody(typ string) (any, error) {
 		return new(Handover), nil
 	case TypeRestart:
 		return nil, nil
+	case TypeResize:
+		return new(Resize), nil
 	case TypeStatus:
 		return new(Status), nil
 	}
