@@ -466,3 +466,55 @@ func TestLiveResize(t *testing.T) {
 		})
 	}
 }
+
+// SIGHUP when the binary on disk is broken: the new master exits at once,
+// the running one reports the failed deploy and carries on, untouched.
+func TestDeployOfBrokenBinaryFails(t *testing.T) {
+	exe := filepath.Join(t.TempDir(), "server")
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d := startDeployLab(t, 4, func(s *spec) { s.Exe = exe })
+	st0, _ := d.c.status()
+	d.load()
+	// Ship a broken build the way a deploy ships any: over the old path.
+	broken := exe + ".new"
+	if err := os.WriteFile(broken, []byte("#!/bin/sh\necho broken build >&2\nexit 7\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(broken, exe); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e := waitEvent(t, d.events, 10*time.Second, func(e loggedEvent) bool { return e.Type == "EventDeploy" })
+	ev := decodeEvent[ipcluster.EventDeploy](t, e)
+	t.Logf("%s: %s", ev.Outcome, ev.Reason)
+	if ev.Outcome != ipcluster.DeployFailed || !strings.Contains(ev.Reason, "exit status 7") {
+		t.Errorf("deploy event %+v, want failed with the new master's exit status", ev)
+	}
+	st, err := d.c.status()
+	if err != nil || st.MasterPID != st0.MasterPID || !slices.Equal(workerPIDs(st), workerPIDs(st0)) {
+		t.Fatalf("after the failed deploy: %+v %v", st, err)
+	}
+	if !strings.HasPrefix(st.Deploy, "failed") {
+		t.Errorf("status deploy %q", st.Deploy)
+	}
+	d.finish()
+	// A crash now brings the worker back as the code it was: spawned
+	// from the master's own executable, not the broken file on disk.
+	if err := syscall.Kill(activePID(st, 2), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d.waitStatus("slot 2 back", func(s *proto.Status) bool {
+		return activePID(s, 2) != 0 && activePID(s, 2) != activePID(st, 2)
+	})
+	if rep, err := ask(d.lab.Client, d.lab.ClientAddrs4[2], d.dst); err != nil || rep.Slot != 2 {
+		t.Fatalf("slot 2 after the crash: %+v %v", rep, err)
+	}
+}

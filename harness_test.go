@@ -95,7 +95,11 @@ func (c *cluster) start(prepare func(*exec.Cmd)) {
 		c.t.Fatal(err)
 	}
 	defer logFile.Close()
-	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
+	exe := os.Args[0]
+	if c.spec.Exe != "" {
+		exe = c.spec.Exe
+	}
+	c.cmd = exec.Command(exe, "-test.run=^$")
 	c.cmd.Env = append(os.Environ(), envSpec+"="+string(raw))
 	// A file, not a pipe: workers outlive the master and keep it open.
 	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile

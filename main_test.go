@@ -61,6 +61,9 @@ type spec struct {
 	// "exit" (exit at once, before Run), "noready" (never call Run) and
 	// "crash2s" (echo, then exit 2s after being called).
 	VersionScenarios map[string]string
+	// Exe, if set, is the binary the harness starts as the master instead
+	// of this test binary (a copy a test may replace, as a deploy does).
+	Exe string `json:"-"`
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
