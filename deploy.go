@@ -468,8 +468,8 @@ func (m *master) openGen(p *proc) *codeGen {
 // startDeploy rolls slots (canary first) from the build from to this
 // master's target.
 func (m *master) startDeploy(from *codeGen, slots []int, reason string) {
-	if m.dep != nil || m.stopping {
-		m.log.Warn("deploy not started: another is under way or the master is stopping", "reason", reason)
+	if m.dep != nil || m.resizing != nil || m.stopping {
+		m.log.Warn("deploy not started: another deploy or a resize is under way, or the master is stopping", "reason", reason)
 		return
 	}
 	m.gen++

@@ -58,6 +58,17 @@
 // MemoryBudget's watermarks retired workers are told to finish, then
 // killed; active workers never are.
 //
+// # Deploys
+//
+// SIGHUP to the master starts the binary on disk as a new master, which
+// takes the cluster over: the running master hands it the control socket
+// and lock (SCM_RIGHTS) and returns from Run, leaving rules and workers
+// alone. Starting a second master does the same. A starting master adopts
+// the running workers by the routes in the kernel and rolls those of
+// another Config.Version slot by slot, canary first, rolling back by itself
+// if the new workers fail. SIGUSR2 restarts every worker the same way, and
+// a control client can resize the cluster while it serves.
+//
 // # Privileges
 //
 // The master needs CAP_NET_ADMIN, and for the iptables backend the
