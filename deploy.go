@@ -363,7 +363,7 @@ func (m *master) onSuccessorTimeout(ev evSuccessorTimeout) {
 
 func (m *master) deployFailed(reason string) {
 	m.log.Error("deploy failed; this master carries on", "reason", reason)
-	m.lastDeploy = "failed: " + reason
+	m.setDeploy(DeployFailed, "failed: "+reason)
 	m.emit.send(EventDeploy{Outcome: DeployFailed, From: m.build, Reason: reason})
 }
 
@@ -476,7 +476,7 @@ func (m *master) startDeploy(from *codeGen, slots []int, reason string) {
 	writeGeneration(m.generationPath(), m.gen)
 	m.dep = &deployState{from: from, to: m.target, gen: m.gen, reason: reason, started: time.Now(), slots: slots,
 		standby: map[int]*proc{}}
-	m.lastDeploy = "rolling " + strconv.Itoa(len(slots)) + " slots: " + reason
+	m.setDeploy(DeployStarted, "rolling "+strconv.Itoa(len(slots))+" slots: "+reason)
 	m.log.Info("deploy started", "from", from.build, "to", m.target.build, "slots", len(slots), "reason", reason,
 		"canary", slots[0], "canary_period", m.cfg.CanaryPeriod)
 	m.emit.send(EventDeploy{Outcome: DeployStarted, From: from.build, To: m.target.build, Reason: reason, Slots: len(slots)})
@@ -542,7 +542,7 @@ func (m *master) commitDeploy(now time.Time) {
 		d.from.exe.Close()
 	}
 	elapsed := now.Sub(d.started)
-	m.lastDeploy = fmt.Sprintf("committed %s in %s (%d slots)", d.to.build, elapsed.Round(time.Millisecond), len(d.slots))
+	m.setDeploy(DeployCommitted, fmt.Sprintf("committed %s in %s (%d slots)", d.to.build, elapsed.Round(time.Millisecond), len(d.slots)))
 	m.log.Info("deploy committed", "build", d.to.build, "slots", len(d.slots), "elapsed", elapsed)
 	m.emit.send(EventDeploy{Outcome: DeployCommitted, From: d.from.build, To: d.to.build, Reason: d.reason, Slots: len(d.slots), Elapsed: elapsed})
 	m.fillSpares()
@@ -597,7 +597,7 @@ func (m *master) rollback(why string) {
 	}
 	m.dismissSpares()
 	elapsed := now.Sub(d.started)
-	m.lastDeploy = fmt.Sprintf("rolled back to %s after %s: %s", d.from.build, elapsed.Round(time.Millisecond), why)
+	m.setDeploy(DeployRolledBack, fmt.Sprintf("rolled back to %s after %s: %s", d.from.build, elapsed.Round(time.Millisecond), why))
 	m.log.Error("deploy rolled back", "from", d.from.build, "to", d.to.build, "reason", why, "elapsed", elapsed)
 	m.emit.send(EventDeploy{Outcome: DeployRolledBack, From: d.from.build, To: d.to.build, Reason: why, Slots: len(d.slots), Elapsed: elapsed})
 	m.fillSpares()
@@ -627,6 +627,11 @@ func (m *master) restartAll(why string) {
 	if len(slots) > 0 {
 		m.startDeploy(m.target, slots, why)
 	}
+}
+
+// setDeploy records a deploy's phase for the status.
+func (m *master) setDeploy(phase DeployOutcome, text string) {
+	m.deployPhase, m.lastDeploy = phase, text
 }
 
 func (m *master) generationPath() string { return m.dir + "/generation" }

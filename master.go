@@ -167,8 +167,9 @@ type master struct {
 	build        string   // this master's own build
 	target       *codeGen // the code new workers are spawned from
 	dep          *deployState
-	lastDeploy   string
-	successor    *exec.Cmd // the new master started on SIGHUP
+	lastDeploy   string        // the last deploy's phase, for the status
+	deployPhase  DeployOutcome // and its phase
+	successor    *exec.Cmd     // the new master started on SIGHUP
 	handedOver   bool
 	adopting     bool         // waiting for a previous master's workers
 	kernelRoutes []slotTarget // the routes it left
@@ -814,6 +815,31 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			} else {
 				pr.send(proto.TypeResize, msg.Body)
 			}
+		case proto.TypeDeploy:
+			if m.successor != nil || m.stopping {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: one is already under way, or the master is stopping"})
+				break
+			}
+			m.startSuccessor()
+			if m.successor == nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: " + m.lastDeploy})
+			} else {
+				pr.send(proto.TypeDeploy, &proto.Deploy{SuccessorPID: m.successor.Process.Pid})
+			}
+		case proto.TypeRetireOne:
+			req := msg.Body.(*proto.RetireOne)
+			p := m.activeWorker(req.Slot, req.PID)
+			if p == nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("retire: no active worker in slot %d or with pid %d", req.Slot, req.PID)})
+				break
+			}
+			m.retire(p, CauseRequested, "operator request over the control socket")
+			pr.send(proto.TypeRetireOne, &proto.RetireOne{Slot: p.slot, PID: p.pid})
+		case proto.TypeKillRetired:
+			pr.send(proto.TypeKillRetired, &proto.Count{N: m.killRetired()})
+		case proto.TypeStop:
+			pr.send(proto.TypeStop, nil)
+			m.stop("stop requested over the control socket")
 		default:
 			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
 		}
@@ -1144,7 +1170,9 @@ func (m *master) removeRules() {
 	}
 }
 
-func (m *master) killRetired() {
+// killRetired kills every retired worker (SIGUSR1, or a client's
+// kill-retired) and returns how many.
+func (m *master) killRetired() int {
 	n := 0
 	for _, p := range m.procs {
 		if p.state == stateRetired {
@@ -1152,7 +1180,31 @@ func (m *master) killRetired() {
 			n++
 		}
 	}
-	m.log.Info("SIGUSR1: killed retired workers", "count", n)
+	m.log.Info("killed retired workers", "count", n)
+	return n
+}
+
+// activeWorker is the active worker with pid, or if pid is 0 of slot.
+func (m *master) activeWorker(slot, pid int) *proc {
+	if pid != 0 {
+		if p := m.procs[pid]; p != nil && p.state == stateActive {
+			return p
+		}
+		return nil
+	}
+	if slot >= 0 && slot < len(m.slots) {
+		return m.slots[slot]
+	}
+	return nil
+}
+
+// successorPID is the pid of the master started for a deploy, until it
+// takes over or fails; 0 if none.
+func (m *master) successorPID() int {
+	if m.successor == nil {
+		return 0
+	}
+	return m.successor.Process.Pid
 }
 
 func (m *master) killAll() {
@@ -1198,13 +1250,15 @@ func watchPidfd(p *proc, send func(any)) {
 // status is the reply to a client's status request.
 func (m *master) status() *proto.Status {
 	st := &proto.Status{
-		Cluster:    m.cfg.Name,
-		MasterPID:  os.Getpid(),
-		Generation: m.gen,
-		Ready:      m.ready,
-		Rules:      m.rules.rulesText(),
-		Build:      m.target.build,
-		Deploy:     m.lastDeploy,
+		Cluster:     m.cfg.Name,
+		MasterPID:   os.Getpid(),
+		Generation:  m.gen,
+		Ready:       m.ready,
+		Rules:       m.rules.rulesText(),
+		Build:       m.target.build,
+		Deploy:      m.lastDeploy,
+		DeployPhase: string(m.deployPhase),
+		Successor:   m.successorPID(),
 	}
 	for i, p := range m.slots {
 		s := proto.SlotStatus{Slot: i}

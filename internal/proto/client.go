@@ -73,46 +73,38 @@ func (c *Client) Status(ctx context.Context) (*Status, error) {
 	return nil, fmt.Errorf("master answered status with %q", m.Type)
 }
 
-// Restart asks the master to roll every worker, as SIGUSR2 does.
-func (c *Client) Restart(ctx context.Context) error {
+// Do sends a request and returns the master's answer. An error answer
+// is returned as an error wrapping ErrRefused, with the master's reason.
+func (c *Client) Do(ctx context.Context, typ string, body any) (Msg, error) {
 	dl, ok := ctx.Deadline()
 	if !ok {
 		dl = time.Now().Add(10 * time.Second)
 	}
 	_ = c.conn.SetDeadline(dl)
-	if err := Write(c.conn, TypeRestart, nil); err != nil {
-		return fmt.Errorf("send restart request: %w", err)
+	if err := Write(c.conn, typ, body); err != nil {
+		return Msg{}, fmt.Errorf("send %s request: %w", typ, err)
 	}
 	m, err := c.r.Read()
 	if err != nil {
-		return fmt.Errorf("read restart answer: %w", err)
+		return Msg{}, fmt.Errorf("read %s answer: %w", typ, err)
 	}
-	switch b := m.Body.(type) {
-	case *Refuse:
-		return fmt.Errorf("restart refused: %s", b.Reason)
+	if b, ok := m.Body.(*Refuse); ok {
+		return m, fmt.Errorf("%w: %s", ErrRefused, b.Reason)
 	}
-	return nil
+	return m, nil
+}
+
+// Restart asks the master to roll every worker, as SIGUSR2 does.
+func (c *Client) Restart(ctx context.Context) error {
+	_, err := c.Do(ctx, TypeRestart, nil)
+	return err
 }
 
 // Resize asks the master to change the number of slots to workers. It
 // returns once the resize has started; the status shows when it is done.
 func (c *Client) Resize(ctx context.Context, workers int) error {
-	dl, ok := ctx.Deadline()
-	if !ok {
-		dl = time.Now().Add(10 * time.Second)
-	}
-	_ = c.conn.SetDeadline(dl)
-	if err := Write(c.conn, TypeResize, &Resize{Workers: workers}); err != nil {
-		return fmt.Errorf("send resize request: %w", err)
-	}
-	m, err := c.r.Read()
-	if err != nil {
-		return fmt.Errorf("read resize answer: %w", err)
-	}
-	if b, ok := m.Body.(*Refuse); ok {
-		return fmt.Errorf("%w: %s", ErrRefused, b.Reason)
-	}
-	return nil
+	_, err := c.Do(ctx, TypeResize, &Resize{Workers: workers})
+	return err
 }
 
 // Close closes the connection.

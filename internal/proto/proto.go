@@ -36,21 +36,25 @@ const MaxFrame = 256 << 10
 
 // Message types.
 const (
-	TypeHello     = "hello"     // peer → master: first frame of every connection
-	TypeWelcome   = "welcome"   // master → peer: hello accepted
-	TypeRefuse    = "refuse"    // master → peer: hello refused; the master closes
-	TypeReady     = "ready"     // worker → master: listening and able to serve
-	TypeHeartbeat = "heartbeat" // worker → master: liveness and stats
-	TypeRetire    = "retire"    // master → worker: you are retired; worker → master: please retire me
-	TypeDie       = "die"       // master → worker: finish and exit
-	TypeInfo      = "info"      // master → worker: send stats now; worker → master: the answer
-	TypeAssign    = "assign"    // master → spare worker: serve this slot
-	TypeTakeover  = "takeover"  // new master → master: hand the cluster over
-	TypeHandover  = "handover"  // master → new master: here it is (with the socket and lock fds)
-	TypeRestart   = "restart"   // client → master: roll every worker (as SIGUSR2)
-	TypeResize    = "resize"    // client → master: change the number of slots
-	TypeStatus    = "status"    // client → master: request; master → client: the answer
-	TypeError     = "error"     // master → client: a request failed
+	TypeHello       = "hello"         // peer → master: first frame of every connection
+	TypeWelcome     = "welcome"       // master → peer: hello accepted
+	TypeRefuse      = "refuse"        // master → peer: hello refused; the master closes
+	TypeReady       = "ready"         // worker → master: listening and able to serve
+	TypeHeartbeat   = "heartbeat"     // worker → master: liveness and stats
+	TypeRetire      = "retire"        // master → worker: you are retired; worker → master: please retire me
+	TypeDie         = "die"           // master → worker: finish and exit
+	TypeInfo        = "info"          // master → worker: send stats now; worker → master: the answer
+	TypeAssign      = "assign"        // master → spare worker: serve this slot
+	TypeTakeover    = "takeover"      // new master → master: hand the cluster over
+	TypeHandover    = "handover"      // master → new master: here it is (with the socket and lock fds)
+	TypeRestart     = "restart"       // client → master: roll every worker (as SIGUSR2)
+	TypeResize      = "resize"        // client → master: change the number of slots
+	TypeDeploy      = "deploy"        // client → master: deploy the binary on disk (as SIGHUP)
+	TypeRetireOne   = "retire-worker" // client → master: retire one active worker
+	TypeKillRetired = "kill-retired"  // client → master: kill every retired worker (as SIGUSR1)
+	TypeStop        = "stop"          // client → master: stop gracefully (as SIGTERM)
+	TypeStatus      = "status"        // client → master: request; master → client: the answer
+	TypeError       = "error"         // master → client: a request failed
 )
 
 // Roles a peer declares in its hello.
@@ -97,6 +101,23 @@ type Takeover struct {
 // answers with the same message once started, or error.
 type Resize struct {
 	Workers int `json:"workers"`
+}
+
+// Deploy answers a deploy request: the new master started.
+type Deploy struct {
+	SuccessorPID int `json:"successor_pid"`
+}
+
+// RetireOne names the worker to retire, by slot or, if PID is not 0, by
+// pid; the answer names the worker retired.
+type RetireOne struct {
+	Slot int `json:"slot"`
+	PID  int `json:"pid,omitempty"`
+}
+
+// Count answers kill-retired: how many workers were killed.
+type Count struct {
+	N int `json:"n"`
 }
 
 // Handover is the running master's answer to a takeover. It is sent in
@@ -191,10 +212,16 @@ type Status struct {
 	Ready      bool   `json:"ready"`
 	// Build is the code the master spawns workers from (see Hello.Build).
 	Build string `json:"build,omitempty"`
-	// Deploy describes a deploy in progress, or the last one's outcome.
-	Deploy  string         `json:"deploy,omitempty"`
-	Slots   []SlotStatus   `json:"slots"`
-	Workers []WorkerStatus `json:"workers"`
+	// Deploy describes a deploy in progress, or the last one's outcome;
+	// DeployPhase is "started" (rolling), "committed", "rolled-back" or
+	// "failed" (the new master never took over), empty before any.
+	Deploy      string `json:"deploy,omitempty"`
+	DeployPhase string `json:"deploy_phase,omitempty"`
+	// Successor is the pid of the new master started for a deploy that
+	// has not taken over yet; 0 if none.
+	Successor int            `json:"successor_pid,omitempty"`
+	Slots     []SlotStatus   `json:"slots"`
+	Workers   []WorkerStatus `json:"workers"`
 	// Rules is the rule text the master believes is installed, per family.
 	Rules map[string]string `json:"rules,omitempty"`
 }
@@ -262,6 +289,14 @@ func newBody(typ string) (any, error) {
 		return nil, nil
 	case TypeResize:
 		return new(Resize), nil
+	case TypeDeploy:
+		return new(Deploy), nil
+	case TypeRetireOne:
+		return new(RetireOne), nil
+	case TypeKillRetired:
+		return new(Count), nil
+	case TypeStop:
+		return nil, nil
 	case TypeStatus:
 		return new(Status), nil
 	}
