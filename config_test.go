@@ -37,6 +37,7 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"IPv4SlotPrefix", func(c *Config) { c.Workers, c.IPv4SlotPrefix = 256, 4 }},
 		{"IPv6SlotPrefix", func(c *Config) { c.IPv6SlotPrefix = 129 }},
 		{"RunDir", func(c *Config) { c.RunDir = "run/x" }},
+		{"WorkerGroup", func(c *Config) { c.WorkerGroup = "nogroup" }},
 		{"HeartbeatInterval", func(c *Config) { c.HeartbeatInterval = time.Microsecond }},
 		{"MonitorInterval", func(c *Config) { c.MonitorInterval = time.Millisecond }},
 		{"MonitorInterval", func(c *Config) { c.MonitorInterval = -time.Second }},

@@ -115,9 +115,9 @@ func (m *master) serve(conn *net.UnixConn) {
 		return
 	}
 	pr.pid, pr.uid = int(cred.Pid), int(cred.Uid)
-	if pr.uid != m.uid {
-		m.log.Warn("refused control connection from another user", "peer_pid", pr.pid, "peer_uid", pr.uid, "master_uid", m.uid)
-		pr.refuse("permission denied: uid is not the master's")
+	if reason := m.admit(pr); reason != "" {
+		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "master_uid", m.uid, "reason", reason)
+		pr.refuse(reason)
 		return
 	}
 	r := proto.NewReader(conn)
@@ -146,6 +146,35 @@ func (m *master) serve(conn *net.UnixConn) {
 		}
 		m.send(evMsg{peer: pr, msg: msg})
 	}
+}
+
+// admit decides from the kernel's credentials alone whether a peer may say
+// hello, and returns why not. The master's uid may take any role; the
+// worker uid (Config.WorkerUser) only that of a worker, which onHello
+// enforces once the role is known. A peer of the worker uid holding a
+// capability is refused: something (file capabilities given to the binary
+// after the master started, securebits) let them survive the change of uid,
+// and such a worker could rewrite the rules.
+func (m *master) admit(pr *peer) string {
+	if pr.uid == m.uid {
+		return ""
+	}
+	if m.worker == nil || pr.uid != m.worker.uid {
+		if m.worker == nil {
+			return fmt.Sprintf("permission denied: uid %d is not the master's (%d)", pr.uid, m.uid)
+		}
+		return fmt.Sprintf("permission denied: uid %d is neither the master's (%d) nor the workers' (%d)", pr.uid, m.uid, m.worker.uid)
+	}
+	caps, err := workerCaps(pr.pid)
+	if err != nil {
+		return fmt.Sprintf("permission denied: cannot check the capabilities of worker pid %d: %v", pr.pid, err)
+	}
+	if caps != 0 {
+		m.log.Error("a process of the worker uid holds capabilities; refusing it (file capabilities on the binary?)",
+			"peer_pid", pr.pid, "peer_uid", pr.uid, "caps", fmt.Sprintf("%#x", caps))
+		return fmt.Sprintf("permission denied: pid %d of worker uid %d holds capabilities %#x; workers must hold none", pr.pid, pr.uid, caps)
+	}
+	return ""
 }
 
 func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {

@@ -73,7 +73,9 @@
 //
 // The master needs CAP_NET_ADMIN, and for the iptables backend the
 // iptables, iptables-restore and iptables-save binaries (and the ip6tables
-// ones to serve IPv6). Workers need no privilege.
+// ones to serve IPv6). Workers need no privilege: with Config.WorkerUser a
+// root master spawns them as that user, without any capability, and the
+// control socket admits that user as a worker only.
 //
 // # Platforms
 //

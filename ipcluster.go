@@ -71,7 +71,9 @@ var (
 	ErrNotSupported = errors.New("ipcluster: only supported on Linux")
 	// ErrInvalidConfig: a Config field is out of range; see ConfigError.
 	ErrInvalidConfig = errors.New("ipcluster: invalid config")
-	// ErrNoPrivilege: the master lacks CAP_NET_ADMIN.
+	// ErrNoPrivilege: the master lacks CAP_NET_ADMIN, or (with
+	// Config.WorkerUser) the capabilities to spawn workers as another
+	// user.
 	ErrNoPrivilege = errors.New("ipcluster: missing privilege")
 	// ErrMissingBinary: iptables, iptables-restore or iptables-save (or the
 	// ip6tables ones) is not on PATH.
@@ -276,6 +278,24 @@ type Config struct {
 	// pipes the master reads: workers outlive the master and must never
 	// block on a reader that is gone.
 	WorkerStdout, WorkerStderr *os.File
+
+	// WorkerUser, if set, is the user workers run as: a name or a numeric
+	// uid, looked up (os/user) when the master starts. The master spawns
+	// them with that uid, its primary group (or WorkerGroup) and its
+	// supplementary groups, so a root master's workers hold no
+	// capability at all: only the master keeps CAP_NET_ADMIN, and a
+	// compromised worker can neither change the nat rules nor take the
+	// cluster over (the control socket admits that uid as a worker only).
+	// The master then needs CAP_SETUID, CAP_SETGID and CAP_KILL (root has
+	// them), the user must be able to search every directory above
+	// RunDir/<Name> and to execute the binary, and the binary must carry
+	// no file capabilities (they would be granted to the workers again on
+	// exec). Default "": workers run as the master's user, with its
+	// capabilities.
+	WorkerUser string
+	// WorkerGroup, if set, replaces WorkerUser's primary group: a name or
+	// a numeric gid. It needs WorkerUser. Default "": the user's own.
+	WorkerGroup string
 
 	// OnEvent, if set, receives the cluster's events in order, from one
 	// goroutine; a slow handler delays later events, never the master.
@@ -552,6 +572,9 @@ func (c *Config) validate() error {
 	default:
 		bad("Backend", fmt.Sprintf("%q is not a rule backend", c.Backend),
 			`use ipcluster.BackendNFTables ("nftables"), ipcluster.BackendIPTables ("iptables"), or leave it empty to pick one`)
+	}
+	if c.WorkerGroup != "" && c.WorkerUser == "" {
+		bad("WorkerGroup", fmt.Sprintf("%q is set without WorkerUser", c.WorkerGroup), "set WorkerUser too (the user workers run as), or leave WorkerGroup empty")
 	}
 	if c.RunDir != "" && c.RunDir[0] != '/' {
 		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")

@@ -64,6 +64,9 @@ type spec struct {
 	// Exe, if set, is the binary the harness starts as the master instead
 	// of this test binary (a copy a test may replace, as a deploy does).
 	Exe string `json:"-"`
+	// ReportDir is a directory (writable by every user) where scenarios
+	// that find something out write it: "tryrules".
+	ReportDir string
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -106,6 +109,8 @@ type specConfig struct {
 	Version      string
 	CanaryPeriod time.Duration
 	DeployPace   time.Duration
+
+	WorkerUser, WorkerGroup string
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -139,6 +144,8 @@ func (s specConfig) config() ipcluster.Config {
 		Version:             s.Version,
 		CanaryPeriod:        s.CanaryPeriod,
 		DeployPace:          s.DeployPace,
+		WorkerUser:          s.WorkerUser,
+		WorkerGroup:         s.WorkerGroup,
 		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
@@ -156,6 +163,9 @@ func (s specConfig) config() ipcluster.Config {
 func TestMain(m *testing.M) {
 	if s := os.Getenv(envSpec); s != "" {
 		os.Exit(helperMain(s))
+	}
+	if s := os.Getenv(envDial); s != "" {
+		os.Exit(dialMain(s))
 	}
 	os.Exit(m.Run())
 }
@@ -193,6 +203,10 @@ func helperMain(raw string) int {
 		// worker whose serving goroutines are deadlocked; the others
 		// are plain echo.
 		"deafonce": deafOnceWorker,
+		// tryrules: tries to add an nf_tables table and an iptables
+		// chain, writes what happened to ReportDir/tryrules-<pid>, and
+		// serves as echo.
+		"tryrules": tryRulesWorker,
 		"crash2s": func(w *ipcluster.Worker) error {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)

@@ -144,6 +144,7 @@ type master struct {
 	args      []string
 	env       []string // the master's environment without worker variables
 	uid       int
+	worker    *workerCred // Config.WorkerUser; nil: workers run as the master's user
 	gen       int
 	started   time.Time
 
@@ -218,6 +219,15 @@ func newMaster(cfg *Config) (*master, error) {
 		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules; run it as root, or grant it with "+
 			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
 	}
+	var wc *workerCred
+	if cfg.WorkerUser != "" {
+		if wc, err = lookupWorkerCred(cfg); err != nil {
+			return nil, err
+		}
+		if err := checkSpawnAs(st, wc, "/proc/self/exe"); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.MemoryBudget == 0 {
 		cfg.MemoryBudget = defaultMemoryBudget()
 	}
@@ -243,6 +253,7 @@ func newMaster(cfg *Config) (*master, error) {
 		exe:      exe,
 		args:     os.Args[1:],
 		uid:      os.Geteuid(),
+		worker:   wc,
 		gen:      1,
 		started:  time.Now(),
 		events:   make(chan any, 64),
@@ -284,7 +295,12 @@ func (m *master) openRunDir() (err error) {
 	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("create cluster directory %s: %w", m.dir, err)
 	}
-	if err := checkPrivateDir(m.dir, m.uid); err != nil {
+	if m.worker != nil {
+		if err := m.worker.checkReachable(m.cfg.RunDir); err != nil {
+			return err
+		}
+	}
+	if err := checkPrivateDir(m.dir, m.uid, m.worker); err != nil {
 		return err
 	}
 	defer func() {
@@ -301,6 +317,12 @@ func (m *master) openRunDir() (err error) {
 			return err
 		}
 		m.gen = nextGeneration(m.generationPath())
+		// The socket is as the previous master left it, and this
+		// master's WorkerUser may differ. The cluster is ours now:
+		// failing here would leave it without a master.
+		if err := shareSocket(m.sock, m.worker); err != nil {
+			m.log.Error("control socket keeps the previous master's permissions; workers may fail to connect", "err", err)
+		}
 		return nil
 	}
 	m.gen = nextGeneration(m.generationPath())
@@ -312,10 +334,7 @@ func (m *master) openRunDir() (err error) {
 		return fmt.Errorf("listen on control socket %s: %w", m.sock, err)
 	}
 	m.ln.SetUnlinkOnClose(false) // we remove it ourselves, after the workers are gone
-	if err := os.Chmod(m.sock, 0o600); err != nil {
-		return fmt.Errorf("restrict control socket %s: %w", m.sock, err)
-	}
-	return nil
+	return shareSocket(m.sock, m.worker)
 }
 
 // closeRunDir removes the socket, the lock and the directory, if ours.
@@ -333,27 +352,6 @@ func (m *master) closeRunDir() {
 		m.lock.Close()
 		os.Remove(m.dir) // only if empty: never delete what we did not create
 	}
-}
-
-// checkPrivateDir makes sure dir is a real directory owned by uid and
-// closed to others: the control socket inside it admits workers.
-func checkPrivateDir(dir string, uid int) error {
-	var st unix.Stat_t
-	if err := unix.Lstat(dir, &st); err != nil {
-		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return fmt.Errorf("cluster directory %s is not a directory (a symlink or file?): remove it", dir)
-	}
-	if int(st.Uid) != uid {
-		return fmt.Errorf("cluster directory %s is owned by uid %d, not the master's uid %d: remove it or fix its owner", dir, st.Uid, uid)
-	}
-	if st.Mode&0o077 != 0 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("restrict cluster directory %s to its owner: %w", dir, err)
-		}
-	}
-	return nil
 }
 
 // lockFile takes an exclusive lock on path and writes our pid in it. The
@@ -581,6 +579,12 @@ func (m *master) spawn(slot int) {
 	// Own session: a terminal's ^C or a dying master's process group must
 	// not take the workers down with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if m.worker != nil {
+		// Set in the child between fork and exec. No AmbientCaps: a
+		// root master's child loses every capability in the change of
+		// uid, and checkSpawnAs refused the ways they could survive it.
+		cmd.SysProcAttr.Credential = m.worker.credential()
+	}
 	if err := cmd.Start(); err != nil {
 		m.log.Error("spawn worker", "slot", slot, "err", err)
 		m.failures[slot]++
@@ -690,6 +694,12 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		reason := fmt.Sprintf(format, args...)
 		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "reason", reason)
 		pr.refuse(reason)
+	}
+	if pr.uid != m.uid && h.Role != proto.RoleWorker {
+		// The worker uid (serve admits no other): operator commands
+		// and takeover are the master's user's alone.
+		refuse("permission denied: uid %d may only connect as a worker; role %q needs the master's uid %d", pr.uid, h.Role, m.uid)
+		return
 	}
 	switch {
 	case h.Version != proto.Version:

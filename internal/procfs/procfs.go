@@ -16,12 +16,20 @@ import (
 	"syscall"
 )
 
-// CapNetAdmin is the capability bit of CAP_NET_ADMIN.
-const CapNetAdmin = 12
+// Capability bits (linux/capability.h).
+const (
+	CapKill     = 5
+	CapSetGID   = 6
+	CapSetUID   = 7
+	CapNetAdmin = 12
+)
 
 // Status holds fields of /proc/<pid>/status.
 type Status struct {
 	CapEff   uint64 // effective capabilities
+	CapPrm   uint64 // permitted capabilities
+	CapAmb   uint64 // ambient capabilities: kept across execve of a plain file
+	UID, GID [4]int // real, effective, saved set and filesystem ids; -1 if absent
 	RSSBytes uint64 // VmRSS
 	Threads  int
 }
@@ -44,7 +52,7 @@ func ReadStatus(pid int) (*Status, error) {
 
 // ParseStatus parses the text of a /proc/<pid>/status file.
 func ParseStatus(b []byte) (*Status, error) {
-	var s Status
+	s := Status{UID: [4]int{-1, -1, -1, -1}, GID: [4]int{-1, -1, -1, -1}}
 	var sawCap bool
 	for len(b) > 0 {
 		var line []byte
@@ -61,6 +69,31 @@ func ParseStatus(b []byte) (*Status, error) {
 				return nil, fmt.Errorf("parse CapEff %q: %w", val, err)
 			}
 			s.CapEff, sawCap = v, true
+		case "CapPrm", "CapAmb":
+			v, err := strconv.ParseUint(string(val), 16, 64)
+			if err != nil {
+				return nil, fmt.Errorf("parse %s %q: %w", key, val, err)
+			}
+			if string(key) == "CapPrm" {
+				s.CapPrm = v
+			} else {
+				s.CapAmb = v
+			}
+		case "Uid", "Gid":
+			ids := &s.UID
+			if string(key) == "Gid" {
+				ids = &s.GID
+			}
+			for i, f := range strings.Fields(string(val)) {
+				if i >= len(ids) {
+					break
+				}
+				v, err := strconv.Atoi(f)
+				if err != nil {
+					return nil, fmt.Errorf("parse %s %q: %w", key, val, err)
+				}
+				ids[i] = v
+			}
 		case "VmRSS":
 			v, err := parseKB("VmRSS", val)
 			if err != nil {

@@ -1,0 +1,244 @@
+//go:build linux
+
+package ipcluster
+
+// Least privilege: workers running as another user (Config.WorkerUser).
+//
+// Only the master needs CAP_NET_ADMIN. With WorkerUser set it spawns its
+// workers with that user's uid, gid and groups; a root master's children
+// lose every capability in the uid change (the kernel clears the
+// permitted, effective and ambient sets when no uid stays 0), and exec
+// gives them none back as long as the binary has no file capabilities.
+// The hazards are the ways capabilities survive the change, each refused
+// before anything is touched:
+//
+//   - a non-root master (CAP_SETUID by ambient or file capabilities): a
+//     change between two non-zero uids keeps the ambient set, which exec
+//     then turns into the worker's permitted set;
+//   - file capabilities on the binary: exec grants them to any uid.
+//
+// and, as a last line, the master refuses a worker of the worker uid that
+// shows any capability in /proc/<pid>/status (see serve).
+//
+// The control socket admits the worker uid as role "worker" only: a
+// compromised worker must not stop, resize or take over the cluster.
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/procfs"
+)
+
+// workerCred is who workers run as.
+type workerCred struct {
+	user   string // Config.WorkerUser, for messages
+	uid    int
+	gid    int      // primary group: WorkerGroup, or the user's
+	groups []uint32 // supplementary groups of the user
+}
+
+func (wc *workerCred) credential() *syscall.Credential {
+	return &syscall.Credential{Uid: uint32(wc.uid), Gid: uint32(wc.gid), Groups: slices.Clone(wc.groups)}
+}
+
+// lookupWorkerCred resolves Config.WorkerUser and WorkerGroup. Names and
+// numeric ids both must exist on the system: a typo must not start
+// workers as an id nobody owns.
+func lookupWorkerCred(cfg *Config) (*workerCred, error) {
+	u, err := user.Lookup(cfg.WorkerUser)
+	if _, numeric := strconv.Atoi(cfg.WorkerUser); err != nil && numeric == nil {
+		u, err = user.LookupId(cfg.WorkerUser)
+	}
+	if err != nil {
+		return nil, &ConfigError{Field: "WorkerUser", Problem: fmt.Sprintf("look up user %q: %v", cfg.WorkerUser, err),
+			Fix: "name an existing user (such as nobody, or one made with useradd --system), or leave WorkerUser empty to run workers as the master's user"}
+	}
+	wc := &workerCred{user: cfg.WorkerUser}
+	if wc.uid, err = strconv.Atoi(u.Uid); err != nil {
+		return nil, fmt.Errorf("look up user %q: uid %q is not a number: %w", cfg.WorkerUser, u.Uid, err)
+	}
+	if wc.uid == 0 {
+		return nil, &ConfigError{Field: "WorkerUser", Problem: fmt.Sprintf("%q is uid 0: workers would keep every capability", cfg.WorkerUser),
+			Fix: "name an unprivileged user such as nobody, or leave WorkerUser empty"}
+	}
+	gid := u.Gid
+	if cfg.WorkerGroup != "" {
+		g, err := user.LookupGroup(cfg.WorkerGroup)
+		if _, numeric := strconv.Atoi(cfg.WorkerGroup); err != nil && numeric == nil {
+			g, err = user.LookupGroupId(cfg.WorkerGroup)
+		}
+		if err != nil {
+			return nil, &ConfigError{Field: "WorkerGroup", Problem: fmt.Sprintf("look up group %q: %v", cfg.WorkerGroup, err),
+				Fix: "name an existing group, or leave WorkerGroup empty to use WorkerUser's primary group"}
+		}
+		gid = g.Gid
+	}
+	if wc.gid, err = strconv.Atoi(gid); err != nil {
+		return nil, fmt.Errorf("look up group of worker user %q: gid %q is not a number: %w", cfg.WorkerUser, gid, err)
+	}
+	ids, err := u.GroupIds()
+	if err != nil {
+		return nil, fmt.Errorf("look up the groups of worker user %q: %w", cfg.WorkerUser, err)
+	}
+	for _, id := range ids {
+		n, err := strconv.ParseUint(id, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("look up the groups of worker user %q: gid %q is not a number: %w", cfg.WorkerUser, id, err)
+		}
+		wc.groups = append(wc.groups, uint32(n))
+	}
+	return wc, nil
+}
+
+// capNames names the capabilities checkSpawnAs asks for.
+var capNames = map[int]string{procfs.CapSetUID: "CAP_SETUID", procfs.CapSetGID: "CAP_SETGID", procfs.CapKill: "CAP_KILL"}
+
+// checkSpawnAs checks that the master (status st, executable exe) can
+// start workers as wc, and that they would hold no capability.
+func checkSpawnAs(st *procfs.Status, wc *workerCred, exe string) error {
+	var missing []string
+	for _, c := range []int{procfs.CapSetUID, procfs.CapSetGID, procfs.CapKill} {
+		if !st.HasCap(c) {
+			missing = append(missing, capNames[c])
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: Config.WorkerUser %q: the master lacks %s, needed to start workers as uid %d and to signal them; "+
+			"run the master as root, or leave WorkerUser empty", ErrNoPrivilege, wc.user, strings.Join(missing, ", "), wc.uid)
+	}
+	if !slices.Contains(st.UID[:3], 0) && st.CapAmb != 0 {
+		return &ConfigError{Field: "WorkerUser",
+			Problem: fmt.Sprintf("the master runs as uid %d with ambient capabilities %#x, which the kernel keeps when a non-root process changes to uid %d: workers would hold them",
+				st.UID[1], st.CapAmb, wc.uid),
+			Fix: "run the master as root (whose capabilities the change to another uid drops), or leave WorkerUser empty"}
+	}
+	if n, err := unix.Getxattr(exe, "security.capability", nil); err == nil && n > 0 {
+		return &ConfigError{Field: "WorkerUser",
+			Problem: fmt.Sprintf("the binary %s has file capabilities, which exec grants to workers whatever their uid", exe),
+			Fix:     "remove them (setcap -r <binary>) and run the master as root, or leave WorkerUser empty"}
+	}
+	var fst unix.Stat_t
+	if err := unix.Stat(exe, &fst); err != nil {
+		return fmt.Errorf("inspect own executable %s: %w", exe, err)
+	}
+	if !wc.may(&fst, 1) {
+		return &ConfigError{Field: "WorkerUser",
+			Problem: fmt.Sprintf("uid %d cannot execute the binary (mode %o, owner %d:%d)", wc.uid, fst.Mode&0o7777, fst.Uid, fst.Gid),
+			Fix:     "make it executable by that user (chmod o+rx, or a group it belongs to), or leave WorkerUser empty"}
+	}
+	return nil
+}
+
+// may reports whether wc passes the permission bit (1 execute or search,
+// 2 write, 4 read) on a file, as the kernel decides for a process
+// without capabilities.
+func (wc *workerCred) may(st *unix.Stat_t, bit uint32) bool {
+	switch {
+	case int(st.Uid) == wc.uid:
+		return st.Mode>>6&bit != 0
+	case int(st.Gid) == wc.gid || slices.Contains(wc.groups, st.Gid):
+		return st.Mode>>3&bit != 0
+	}
+	return st.Mode&bit != 0
+}
+
+// checkReachable checks that wc can search every directory from / down
+// to dir, so that its workers reach the control socket below it.
+func (wc *workerCred) checkReachable(dir string) error {
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		var st unix.Stat_t
+		if err := unix.Stat(d, &st); err != nil {
+			return fmt.Errorf("inspect %s for worker user %q: %w", d, wc.user, err)
+		}
+		if !wc.may(&st, 1) {
+			return &ConfigError{Field: "RunDir",
+				Problem: fmt.Sprintf("worker user %q (uid %d) cannot search %s (mode %o, owner %d:%d), so its workers cannot reach the control socket",
+					wc.user, wc.uid, d, st.Mode&0o7777, st.Uid, st.Gid),
+				Fix: "make it searchable (chmod o+x " + d + "), or choose a RunDir under a searchable directory such as /run"}
+		}
+		if d == "/" {
+			return nil
+		}
+	}
+}
+
+// workerCaps returns a nonzero mask if process pid holds any capability.
+func workerCaps(pid int) (uint64, error) {
+	st, err := procfs.ReadStatus(pid)
+	if err != nil {
+		return 0, fmt.Errorf("read capabilities of pid %d: %w", pid, err)
+	}
+	return st.CapEff | st.CapPrm | st.CapAmb, nil
+}
+
+// errNotDir is checkPrivateDir's complaint about a symlink or a file.
+var errNotDir = errors.New("not a directory (a symlink or file?): remove it")
+
+// checkPrivateDir makes sure dir is a real directory owned by uid and
+// closed to others: the control socket inside it admits workers. With
+// wc nil it is 0700. With worker credentials it is 0710, its group the
+// workers' gid: they may pass through it to the socket, not list it nor
+// create anything in it. The owner check stays as it is: a directory
+// someone else owns could be theirs to swap under us. Mode and group are
+// set through an open descriptor, so a symlink planted in between changes
+// nothing.
+func checkPrivateDir(dir string, uid int, wc *workerCred) error {
+	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+		return fmt.Errorf("cluster directory %s is %w", dir, errNotDir)
+	}
+	if err != nil {
+		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
+	}
+	if int(st.Uid) != uid {
+		return fmt.Errorf("cluster directory %s is owned by uid %d, not the master's uid %d: remove it or fix its owner", dir, st.Uid, uid)
+	}
+	mode := uint32(0o700)
+	if wc != nil {
+		mode = 0o710
+		if int(st.Gid) != wc.gid {
+			if err := f.Chown(-1, wc.gid); err != nil {
+				return fmt.Errorf("give cluster directory %s to the workers' group %d: %w", dir, wc.gid, err)
+			}
+		}
+	}
+	if st.Mode&0o7777 != mode {
+		if err := f.Chmod(os.FileMode(mode)); err != nil {
+			return fmt.Errorf("set cluster directory %s to mode %o: %w", dir, mode, err)
+		}
+	}
+	return nil
+}
+
+// shareSocket sets the control socket's mode: 0600, or with worker
+// credentials 0660 and the workers' group, so that they can connect.
+// Connecting needs write permission on the socket file; who is then
+// admitted is the kernel's SO_PEERCRED, checked in serve.
+func shareSocket(sock string, wc *workerCred) error {
+	mode := os.FileMode(0o600)
+	if wc != nil {
+		mode = 0o660
+		if err := os.Lchown(sock, -1, wc.gid); err != nil {
+			return fmt.Errorf("give control socket %s to the workers' group %d: %w", sock, wc.gid, err)
+		}
+	}
+	if err := os.Chmod(sock, mode); err != nil {
+		return fmt.Errorf("set control socket %s to mode %o: %w", sock, mode, err)
+	}
+	return nil
+}
