@@ -64,6 +64,9 @@ type spec struct {
 	// Exe, if set, is the binary the harness starts as the master instead
 	// of this test binary (a copy a test may replace, as a deploy does).
 	Exe string `json:"-"`
+	// Env, if set, is added to the master's environment (the harness's own
+	// systemd variables never are: see cluster.start).
+	Env []string `json:"-"`
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
