@@ -99,9 +99,10 @@ func (n *notifier) loop() {
 	}
 }
 
-// send queues one message of newline-separated assignments.
+// send queues one message of newline-separated assignments. A nil
+// notifier (a master whose loop never ran) sends nothing.
 func (n *notifier) send(assignments ...string) {
-	if n.socket == "" {
+	if n == nil || n.socket == "" {
 		return
 	}
 	assignments = slices.DeleteFunc(assignments, func(a string) bool { return a == "" })
@@ -147,7 +148,7 @@ func (n *notifier) watchdogTicker() (<-chan time.Time, func()) {
 // successorEnv is what a successor master needs to go on talking to
 // systemd in this master's stead.
 func (n *notifier) successorEnv() []string {
-	if n.socket == "" {
+	if n == nil || n.socket == "" {
 		return nil
 	}
 	env := []string{envNotifySocket + "=" + n.socket}
