@@ -48,6 +48,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -166,6 +167,7 @@ func (m *master) handOver(pr *peer, build string) {
 	}
 	m.handedOver = true
 	m.log.Info("handed the cluster over to a new master", "pid", pr.pid, "build", build, "workers", len(m.procs))
+	m.notifyHandedOver(pr.pid)
 	m.emit.send(EventDeploy{Outcome: DeployHandedOver, From: m.build, To: build,
 		Reason: "new master pid " + strconv.Itoa(pr.pid)})
 }
@@ -311,7 +313,7 @@ func (m *master) startSuccessor() {
 		return
 	}
 	cmd := exec.Command(m.exe, m.args...)
-	cmd.Env = m.env
+	cmd.Env = append(slices.Clip(m.env), m.sd.successorEnv()...) // it talks to systemd in our stead
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	// Its own session: it outlives this master, which exits once it has
 	// handed over.
@@ -322,6 +324,7 @@ func (m *master) startSuccessor() {
 	}
 	m.successor = cmd
 	m.log.Info("SIGHUP: started a new master to take over", "pid", cmd.Process.Pid, "exe", m.exe)
+	m.notifyReloading("SIGHUP: new master pid " + strconv.Itoa(cmd.Process.Pid))
 	timer := time.AfterFunc(successorTimeout, func() { m.send(evSuccessorTimeout{cmd}) })
 	go func() {
 		err := cmd.Wait()
@@ -365,6 +368,7 @@ func (m *master) deployFailed(reason string) {
 	m.log.Error("deploy failed; this master carries on", "reason", reason)
 	m.setDeploy(DeployFailed, "failed: "+reason)
 	m.emit.send(EventDeploy{Outcome: DeployFailed, From: m.build, Reason: reason})
+	m.notifyReady()
 }
 
 // ---- adoption ----
@@ -480,6 +484,7 @@ func (m *master) startDeploy(from *codeGen, slots []int, reason string) {
 	m.log.Info("deploy started", "from", from.build, "to", m.target.build, "slots", len(slots), "reason", reason,
 		"canary", slots[0], "canary_period", m.cfg.CanaryPeriod)
 	m.emit.send(EventDeploy{Outcome: DeployStarted, From: from.build, To: m.target.build, Reason: reason, Slots: len(slots)})
+	m.notifyReloading(reason)
 	m.dismissSpares()
 	m.startNextSlot()
 }
@@ -545,6 +550,7 @@ func (m *master) commitDeploy(now time.Time) {
 	m.setDeploy(DeployCommitted, fmt.Sprintf("committed %s in %s (%d slots)", d.to.build, elapsed.Round(time.Millisecond), len(d.slots)))
 	m.log.Info("deploy committed", "build", d.to.build, "slots", len(d.slots), "elapsed", elapsed)
 	m.emit.send(EventDeploy{Outcome: DeployCommitted, From: d.from.build, To: d.to.build, Reason: d.reason, Slots: len(d.slots), Elapsed: elapsed})
+	m.notifyReady()
 	m.fillSpares()
 }
 
@@ -600,6 +606,7 @@ func (m *master) rollback(why string) {
 	m.setDeploy(DeployRolledBack, fmt.Sprintf("rolled back to %s after %s: %s", d.from.build, elapsed.Round(time.Millisecond), why))
 	m.log.Error("deploy rolled back", "from", d.from.build, "to", d.to.build, "reason", why, "elapsed", elapsed)
 	m.emit.send(EventDeploy{Outcome: DeployRolledBack, From: d.from.build, To: d.to.build, Reason: why, Slots: len(d.slots), Elapsed: elapsed})
+	m.notifyReady()
 	m.fillSpares()
 }
 

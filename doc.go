@@ -69,6 +69,11 @@
 // if the new workers fail. SIGUSR2 restarts every worker the same way, and
 // a control client can resize the cluster while it serves.
 //
+// Started by systemd with NOTIFY_SOCKET (Type=notify), the master reports
+// readiness, deploys (as reloads), its stop and watchdog pings over
+// sd_notify, and the master that takes over after a deploy names itself
+// the unit's main process (NotifyAccess=all). Workers never notify.
+//
 // # Privileges
 //
 // The master needs CAP_NET_ADMIN, and for the iptables backend the

@@ -100,7 +100,13 @@ func (c *cluster) start(prepare func(*exec.Cmd)) {
 		exe = c.spec.Exe
 	}
 	c.cmd = exec.Command(exe, "-test.run=^$")
-	c.cmd.Env = append(os.Environ(), envSpec+"="+string(raw))
+	// A test run under systemd must not have every test's master notify
+	// the service running it: only Env may give a master NOTIFY_SOCKET.
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		name, _, _ := strings.Cut(kv, "=")
+		return name == "NOTIFY_SOCKET" || name == "WATCHDOG_USEC" || name == "WATCHDOG_PID"
+	})
+	c.cmd.Env = append(append(env, c.spec.Env...), envSpec+"="+string(raw))
 	// A file, not a pipe: workers outlive the master and keep it open.
 	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
 	if prepare != nil {

@@ -67,6 +67,9 @@ type spec struct {
 	// ReportDir is a directory (writable by every user) where scenarios
 	// that find something out write it: "tryrules".
 	ReportDir string
+	// Env, if set, is added to the master's environment (the harness's own
+	// systemd variables never are: see cluster.start).
+	Env []string `json:"-"`
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.

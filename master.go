@@ -136,6 +136,7 @@ type master struct {
 	rules ruleBackend
 	log   *slog.Logger
 	emit  *emitter
+	sd    *notifier // systemd (systemd.go)
 
 	dir, sock string
 	lock      *os.File
@@ -276,6 +277,7 @@ func newMaster(cfg *Config) (*master, error) {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
 		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers:
+		case envNotifySocket, envWatchdogUSec, envWatchdogPID: // the master's alone (systemd.go)
 		default:
 			m.env = append(m.env, kv)
 		}
@@ -402,6 +404,8 @@ func writeGeneration(path string, gen int) {
 func (m *master) run(ctx context.Context) error {
 	m.emit = newEmitter(m.cfg.OnEvent)
 	defer m.emit.close()
+	m.sd = newNotifier(m.log)
+	defer m.sd.close()
 	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
 		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
@@ -437,9 +441,14 @@ func (m *master) run(ctx context.Context) error {
 		healthC = health.C
 	}
 
+	watchdog, stopWatchdog := m.sd.watchdogTicker()
+	defer stopWatchdog()
+
 	ctxDone := ctx.Done()
 	for {
 		select {
+		case <-watchdog:
+			m.sd.ping()
 		case <-checkRules.C:
 			m.checkRules(ctx)
 		case <-monitor.C:
@@ -1054,6 +1063,7 @@ func (m *master) syncRules(ctx context.Context) {
 		elapsed := time.Since(m.started)
 		m.log.Info("all slots ready", "workers", len(m.slots), "elapsed", elapsed)
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
+		m.notifyReady()
 	}
 }
 
@@ -1112,6 +1122,7 @@ func (m *master) stop(why string) {
 	}
 	m.stopping = true
 	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
+	m.notifyStopping(why)
 	// Routes out first, so no new connection reaches a finishing worker.
 	// The rules themselves (the nat chains) stay until the workers are
 	// gone: once the last nat hook of a namespace is unregistered, the
