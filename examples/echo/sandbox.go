@@ -4,12 +4,8 @@ package main
 
 // The -sandbox mode: run the example in a throwaway pair of network
 // namespaces and show it working. Everything here is demo scaffolding; the
-// part to copy is main.go.
-//
-// The sandbox process itself stays in the machine's namespace and never
-// writes a rule or an address there: the lab is built by netlab, the master
-// (this binary again, without -sandbox) is started inside the lab's server
-// namespace, and its workers inherit that namespace.
+// part to copy is main.go. internal/sandbox builds the lab and starts the
+// master (this binary again, without -sandbox) inside it.
 
 import (
 	"bufio"
@@ -21,47 +17,24 @@ import (
 	"math/bits"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ipcluster/ipcluster/internal/netlab"
+	sbx "github.com/ipcluster/ipcluster/internal/sandbox"
 )
 
 var sandbox = flag.Bool("sandbox", false, "run the example in a throwaway network namespace and demo it (needs root)")
 
 const (
-	// envNetns carries the inode of the lab's server namespace to the
-	// master and, through it, to the workers: they refuse to run anywhere
-	// else, so a broken lab can never put rules in the machine's namespace.
-	envNetns = "IPCLUSTER_ECHO_SANDBOX_NETNS"
-
 	readyTimeout = 10 * time.Second
-	stopTimeout  = 10 * time.Second
 	demoClients  = 8
 	demoRounds   = 3
 )
-
-func init() {
-	want := os.Getenv(envNetns)
-	if want == "" {
-		return
-	}
-	var st unix.Stat_t
-	err := unix.Stat("/proc/self/ns/net", &st)
-	if err != nil || strconv.FormatUint(st.Ino, 10) != want {
-		fmt.Fprintf(os.Stderr, "echo: started by -sandbox but not inside its lab (network namespace inode %d, want %s, %v); refusing to run\n",
-			st.Ino, want, err)
-		os.Exit(3)
-	}
-}
 
 func runSandbox(workers int, port uint) int {
 	if err := sandboxMain(workers, port); err != nil {
@@ -72,144 +45,34 @@ func runSandbox(workers int, port uint) int {
 }
 
 func sandboxMain(workers int, port uint) (err error) {
-	if os.Geteuid() != 0 {
-		return errors.New("-sandbox creates network namespaces and needs root: run it with sudo")
-	}
 	// From here on ^C must tear the lab down, never kill this process.
 	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stopSignals()
 
-	lab, err := netlab.New(netlab.Options{Clients: 16})
+	cl, err := sbx.Start(16)
 	if err != nil {
-		return fmt.Errorf("create network namespace lab: %w", err)
+		return err
 	}
-	defer func() {
-		if cerr := lab.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("remove lab namespaces: %w", cerr))
-		}
-	}()
-	netnsInode, err := lab.Server.Inode()
-	if err != nil {
-		return fmt.Errorf("identify the lab's server namespace: %w", err)
-	}
-	runDir, err := os.MkdirTemp("", "ipcluster-echo-")
-	if err != nil {
-		return fmt.Errorf("create run directory: %w", err)
-	}
-	defer os.RemoveAll(runDir)
-	if runDir, err = filepath.Abs(runDir); err != nil {
-		return fmt.Errorf("create run directory: %w", err)
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("find own executable to start the master: %w", err)
-	}
-
-	cmd := exec.Command(exe, childArgs(lab.ServerAddr4, runDir)...)
-	cmd.Env = append(os.Environ(), envNetns+"="+strconv.FormatUint(netnsInode, 10))
-	// Real files, not pipes: the workers inherit them and must never block
-	// on a reader that is gone.
-	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	// Own process group: a terminal's ^C reaches only this process, which
-	// then stops the master once, gracefully.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := lab.Server.Start(cmd); err != nil {
-		return fmt.Errorf("start the master in namespace %s: %w", lab.Server.Name, err)
-	}
-	master := &child{cmd: cmd, done: make(chan struct{}), netns: netnsInode}
-	go func() {
-		master.err = cmd.Wait()
-		close(master.done)
-	}()
-	defer master.stop()
+	defer func() { err = errors.Join(err, cl.Close()) }()
+	lab := cl.Lab
 
 	dst := netip.AddrPortFrom(lab.ServerAddr4, uint16(port))
-	if err := waitAnswer(ctx, lab, dst, master); err != nil {
+	if err := waitAnswer(ctx, lab, dst, cl); err != nil {
 		return err
 	}
 	pids, err := demo(ctx, lab, dst, workers)
 	if err != nil {
 		return err
 	}
-	printCommands(lab, dst, master.cmd.Process.Pid, pids)
+	printCommands(lab, dst, cl.PID, pids)
 
 	select {
 	case <-ctx.Done():
 		fmt.Println("\nstopping the cluster and removing the namespaces")
 		return nil
-	case <-master.done:
-		return fmt.Errorf("master exited: %v", master.err)
+	case <-cl.Done:
+		return fmt.Errorf("master exited: %v", cl.Err())
 	}
-}
-
-// childArgs are this process's flags minus -sandbox, pointed at the lab.
-func childArgs(addr netip.Addr, runDir string) []string {
-	var args []string
-	flag.Visit(func(f *flag.Flag) {
-		switch f.Name {
-		case "sandbox", "rundir":
-		case "addr":
-			slog.Warn("-addr is ignored with -sandbox: the cluster serves the lab's address", "addr", addr)
-		default:
-			args = append(args, "-"+f.Name+"="+f.Value.String())
-		}
-	})
-	return append(args, "-addr", addr.String(), "-rundir", runDir)
-}
-
-// child is the master process running in the lab.
-type child struct {
-	cmd   *exec.Cmd
-	done  chan struct{} // closed once it exited; err is then set
-	err   error
-	netns uint64
-}
-
-// stop ends the master: SIGTERM, then SIGKILL after stopTimeout or a second
-// ^C. Safe to call more than once.
-func (c *child) stop() {
-	select {
-	case <-c.done:
-	default:
-		again := make(chan os.Signal, 1)
-		signal.Notify(again, syscall.SIGINT, syscall.SIGTERM)
-		defer signal.Stop(again)
-		_ = c.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-c.done:
-		case <-time.After(stopTimeout):
-			slog.Warn("master did not stop in time; killing it", "pid", c.cmd.Process.Pid, "timeout", stopTimeout)
-			_ = c.cmd.Process.Kill()
-			<-c.done
-		case <-again:
-			slog.Warn("second signal: killing the master", "pid", c.cmd.Process.Pid)
-			_ = c.cmd.Process.Kill()
-			<-c.done
-		}
-	}
-	// Workers outlive a killed master; anything still in the lab's server
-	// namespace is ours and would keep it alive.
-	for _, pid := range pidsInNetns(c.netns) {
-		slog.Warn("killing process left in the lab", "pid", pid)
-		_ = unix.Kill(pid, unix.SIGKILL)
-	}
-}
-
-// pidsInNetns lists the processes whose network namespace has inode ino.
-func pidsInNetns(ino uint64) []int {
-	entries, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		var st unix.Stat_t
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && st.Ino == ino {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // answer is a worker's line.
@@ -241,7 +104,7 @@ func ask(ctx context.Context, ns *netlab.NS, src netip.Addr, dst netip.AddrPort)
 
 // waitAnswer polls until a worker answers. The master installs its rules
 // once every slot is ready, so the first answer means the cluster is up.
-func waitAnswer(ctx context.Context, lab *netlab.Lab, dst netip.AddrPort, master *child) error {
+func waitAnswer(ctx context.Context, lab *netlab.Lab, dst netip.AddrPort, master *sbx.Cluster) error {
 	deadline := time.Now().Add(readyTimeout)
 	for {
 		_, err := ask(ctx, lab.Client, lab.ClientAddrs4[0], dst)
@@ -254,8 +117,8 @@ func waitAnswer(ctx context.Context, lab *netlab.Lab, dst netip.AddrPort, master
 		select {
 		case <-ctx.Done():
 			return errors.New("interrupted while waiting for the cluster to answer")
-		case <-master.done:
-			return fmt.Errorf("master exited before the cluster answered: %v", master.err)
+		case <-master.Done:
+			return fmt.Errorf("master exited before the cluster answered: %v", master.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
