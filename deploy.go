@@ -540,6 +540,8 @@ func (m *master) commitDeploy(now time.Time) {
 	for _, old := range d.standby {
 		if m.procs[old.pid] == old && old.state == stateStandby {
 			old.state = stateRetired
+			old.retireCause, old.retireAt = CauseDeploy, d.started
+			old.retireReason = "deploy of " + d.to.build + " committed"
 			m.retired(old, now)
 		}
 	}

@@ -271,6 +271,14 @@ func TestSIGUSR2RollsEveryWorker(t *testing.T) {
 		return servedBy(st, "v1", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
 	})
 	t.Logf("%s", st.Deploy)
+	for _, pid := range oldPIDs {
+		e := waitEvent(t, d.events, 5*time.Second, func(e loggedEvent) bool {
+			return e.Type == "EventRetired" && decodeEvent[ipcluster.EventRetired](t, e).PID == pid
+		})
+		if ev := decodeEvent[ipcluster.EventRetired](t, e); ev.Cause != ipcluster.CauseDeploy || ev.Elapsed <= 0 || ev.Elapsed > time.Minute {
+			t.Errorf("old worker %d retired with %+v, want cause deploy and the time since the deploy began", pid, ev)
+		}
+	}
 	d.finish()
 	d.releaseHeld()
 }

@@ -728,6 +728,7 @@ const (
 	CauseHealthCheck  RetireCause = "health-check" // Config.HealthCheck failed
 	CauseRequested    RetireCause = "requested"    // Worker.RequestRetire, SIGUSR1 or SIGTERM to the worker, or its function returned
 	CauseAdopted      RetireCause = "adopted"      // a worker of an earlier master
+	CauseDeploy       RetireCause = "deploy"       // a deploy (or a restart) committed: its slot runs the new build
 	CauseReplaced     RetireCause = "replaced"     // its slot was given to another worker for any other reason
 )
 
