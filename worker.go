@@ -231,6 +231,12 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		}
 	}
 
+	// Signals are caught before the master hears "ready": from then on a
+	// SIGTERM must hand the slot over, never kill the worker outright.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
 	// The first connection must succeed: a worker nobody accepts has no
 	// business serving.
 	conn, r, welcome, err := w.dial()
@@ -253,9 +259,6 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	lost := make(chan struct{}, 1)
 	go w.read(r, conn, msgs, lost)
 
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
 
 	// A spare calls the application only once it has a slot; until then
 	// it counts as done with it, so that it can finish at once.
