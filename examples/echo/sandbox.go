@@ -64,7 +64,7 @@ func sandboxMain(workers int, port uint) (err error) {
 	if err != nil {
 		return err
 	}
-	printCommands(lab, dst, cl.PID, pids)
+	printCommands(lab, dst, cl.PID, cl.RunDir, pids)
 
 	select {
 	case <-ctx.Done():
@@ -178,7 +178,7 @@ func demo(ctx context.Context, lab *netlab.Lab, dst netip.AddrPort, workers int)
 	return pids, nil
 }
 
-func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, pids map[int]int) {
+func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir string, pids map[int]int) {
 	srv, cli := lab.Server.Name, lab.Client.Name
 	src := lab.ClientAddrs4[min(5, len(lab.ClientAddrs4)-1)]
 	port := strconv.Itoa(int(dst.Port()))
@@ -196,6 +196,7 @@ func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, pids map[
 		fmt.Fprintf(tw, "  kill -USR1 %d\t# retire slot 1's worker: new clients go to a fresh one, open connections stay\n", pid)
 	}
 	fmt.Fprintf(tw, "  kill -USR1 %d\t# the master: kill retired workers\n", masterPID)
+	fmt.Fprintf(tw, "  go run ./cmd/ipclusterctl -rundir %s status\t# slots, workers and rules (also: retire 1, resize 8, restart, deploy)\n", runDir)
 	_ = tw.Flush()
 	fmt.Printf("\nPress Ctrl-C to stop the cluster and remove the namespaces.\n")
 }
