@@ -259,7 +259,6 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	lost := make(chan struct{}, 1)
 	go w.read(r, conn, msgs, lost)
 
-
 	// A spare calls the application only once it has a slot; until then
 	// it counts as done with it, so that it can finish at once.
 	workDone := make(chan error, 1)
