@@ -106,6 +106,8 @@ type specConfig struct {
 	Version      string
 	CanaryPeriod time.Duration
 	DeployPace   time.Duration
+
+	HTTPAddr string
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -139,6 +141,7 @@ func (s specConfig) config() ipcluster.Config {
 		Version:             s.Version,
 		CanaryPeriod:        s.CanaryPeriod,
 		DeployPace:          s.DeployPace,
+		HTTPAddr:            s.HTTPAddr,
 		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {
