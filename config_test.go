@@ -50,6 +50,10 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"Spares", func(c *Config) { c.Spares = -1 }},
 		{"HealthCheckInterval", func(c *Config) { c.HealthCheckInterval = time.Microsecond }},
 		{"HealthCheckFailures", func(c *Config) { c.HealthCheckFailures = -1 }},
+		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "127.0.0.1" }},
+		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "localhost:9100" }},
+		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "127.0.0.1:0" }},
+		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "[::1]:99999" }},
 	} {
 		c := ok
 		tc.edit(&c)

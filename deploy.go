@@ -272,6 +272,7 @@ func (m *master) takeOver(held error) error {
 		if err := m.lock.Truncate(0); err == nil {
 			_, _ = m.lock.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 		}
+		m.tookOver = true
 		m.log.Info("took the cluster over", "from_pid", b.MasterPID, "from_generation", b.Generation)
 		return nil
 	}

@@ -74,6 +74,14 @@
 // sd_notify, and the master that takes over after a deploy names itself
 // the unit's main process (NotifyAccess=all). Workers never notify.
 //
+// # Observability
+//
+// Config.OnEvent receives the cluster's events. With Config.HTTPAddr set,
+// the master also serves Prometheus metrics (/metrics, from a registry of
+// its own), probes for a balancer (/healthz, /readyz) and a status page
+// (/status, /status.json). Handlers never read the master's state: they
+// ask its loop for a snapshot and answer 503 if it does not reply in 2s.
+//
 // # Privileges
 //
 // The master needs CAP_NET_ADMIN, and for the iptables backend the

@@ -301,6 +301,14 @@ type Config struct {
 	// goroutine; a slow handler delays later events, never the master.
 	OnEvent func(Event)
 
+	// HTTPAddr, if set, is a host:port (say "127.0.0.1:9100", or ":9100"
+	// for every address) where the master serves Prometheus metrics
+	// (/metrics), probes for a load balancer or Kubernetes (/healthz,
+	// /readyz) and a status page (/status, /status.json). Default "":
+	// none. The endpoints have no authentication: bind them to an
+	// address only operators and the monitoring system reach.
+	HTTPAddr string
+
 	// Health policies. The master checks them every MonitorInterval with
 	// its own measurements (see monitor.go). For each limit below, a
 	// negative value turns the policy off.
@@ -576,10 +584,35 @@ func (c *Config) validate() error {
 	if c.WorkerGroup != "" && c.WorkerUser == "" {
 		bad("WorkerGroup", fmt.Sprintf("%q is set without WorkerUser", c.WorkerGroup), "set WorkerUser too (the user workers run as), or leave WorkerGroup empty")
 	}
+	if c.HTTPAddr != "" {
+		if problem := checkHostPort(c.HTTPAddr); problem != "" {
+			bad("HTTPAddr", fmt.Sprintf("%q %s", c.HTTPAddr, problem),
+				`use an IP address and port such as "127.0.0.1:9100" (or ":9100" for every address), or leave it empty for no HTTP endpoints`)
+		}
+	}
 	if c.RunDir != "" && c.RunDir[0] != '/' {
 		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")
 	}
 	return errors.Join(errs...)
+}
+
+// checkHostPort says what is wrong with a listen address, or "". The host
+// must be an IP address, or empty for every address: the master resolves
+// no names before it starts, and a name could resolve differently later.
+func checkHostPort(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "is not host:port"
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return "has no port number from 1 to 65535"
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "has a host that is not an IP address"
+		}
+	}
+	return ""
 }
 
 // routing derives the rule generator's view of a valid config.

@@ -114,6 +114,7 @@ type specConfig struct {
 	DeployPace   time.Duration
 
 	WorkerUser, WorkerGroup string
+	HTTPAddr                string
 }
 
 func (s specConfig) config() ipcluster.Config {
@@ -149,6 +150,7 @@ func (s specConfig) config() ipcluster.Config {
 		DeployPace:          s.DeployPace,
 		WorkerUser:          s.WorkerUser,
 		WorkerGroup:         s.WorkerGroup,
+		HTTPAddr:            s.HTTPAddr,
 		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, p := range s.Ports {

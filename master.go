@@ -173,6 +173,7 @@ type master struct {
 	deployPhase  DeployOutcome // and its phase
 	successor    *exec.Cmd     // the new master started on SIGHUP
 	handedOver   bool
+	tookOver     bool         // openRunDir took the cluster over from a running master
 	adopting     bool         // waiting for a previous master's workers
 	kernelRoutes []slotTarget // the routes it left
 	resizing     *resizeState // a growth waiting for its new workers (resize.go)
@@ -183,6 +184,8 @@ type master struct {
 	routed    []slotTarget
 	udpMoved  map[movedFlow]bool
 	conntrack conntrackDeleter
+
+	obs *observer // HTTP endpoints and metrics (http.go); nil without Config.HTTPAddr
 
 	// Monitor sampling (monitor.go): the loop's /proc reader, and PSS
 	// requests to the PSS sampler goroutine, one at a time.
@@ -283,6 +286,10 @@ func newMaster(cfg *Config) (*master, error) {
 		}
 	}
 	if err := m.openRunDir(); err != nil {
+		return nil, err
+	}
+	if m.obs, err = listenHTTP(cfg, m.log, m.tookOver); err != nil {
+		m.releaseRunDir()
 		return nil, err
 	}
 	return m, nil
@@ -402,10 +409,11 @@ func writeGeneration(path string, gen int) {
 }
 
 func (m *master) run(ctx context.Context) error {
-	m.emit = newEmitter(m.cfg.OnEvent)
+	m.emit = newEmitter(m.obs.observe(m.cfg.OnEvent))
 	defer m.emit.close()
 	m.sd = newNotifier(m.log)
 	defer m.sd.close()
+	defer m.obs.serve(m)() // shut down after close(m.done): waiting handlers give up at once
 	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
 		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
@@ -555,6 +563,8 @@ func (m *master) handle(ev any) {
 		m.onSuccessorTimeout(ev)
 	case evAdoptDeadline:
 		m.endAdoption()
+	case evSnapshot:
+		ev.reply <- m.status()
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -602,6 +612,7 @@ func (m *master) spawn(slot int) {
 	}
 	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, build: m.target.build, state: stateStarting, spawned: time.Now(), cmd: cmd}
 	m.procs[p.pid] = p
+	m.obs.spawned()
 	if slot != spareSlot {
 		m.pending[slot] = p
 	}
@@ -1031,7 +1042,9 @@ func (m *master) syncRules(ctx context.Context) {
 		}
 	}
 	t0 := time.Now()
-	if err := m.rules.apply(ctx, targets, m.workerPorts()); err != nil {
+	err := m.rules.apply(ctx, targets, m.workerPorts())
+	m.obs.ruleWrite(time.Since(t0), err)
+	if err != nil {
 		m.log.Error("writing rules failed; previous rules stay in force, retrying in 1s", "err", err)
 		m.emit.send(EventRulesFailed{Err: err})
 		if !m.installed {
@@ -1280,6 +1293,7 @@ func (m *master) status() *proto.Status {
 		Deploy:      m.lastDeploy,
 		DeployPhase: string(m.deployPhase),
 		Successor:   m.successorPID(),
+		Stopping:    m.stopping,
 	}
 	for i, p := range m.slots {
 		s := proto.SlotStatus{Slot: i}

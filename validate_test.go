@@ -55,6 +55,7 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		{name: "addr", want: "Config.Addr", edit: func(c *specConfig) { c.Addr = "224.1.1.1" }},
 		{name: "prefix", want: "Config.IPv6SlotPrefix", edit: func(c *specConfig) { c.IPv6SlotPrefix = 200 }},
 		{name: "backend", want: "Config.Backend", edit: func(c *specConfig) { c.Backend = "ipfw" }},
+		{name: "http addr", want: "Config.HTTPAddr", edit: func(c *specConfig) { c.HTTPAddr = "localhost:9100" }},
 		{name: "no binaries", want: "iptables-restore not found", edit: func(c *specConfig) { c.Backend = "iptables" }, prepare: func(cmd *exec.Cmd) {
 			cmd.Env = append(cmd.Env, "PATH="+t.TempDir())
 		}},

@@ -210,6 +210,9 @@ type Status struct {
 	MasterPID  int    `json:"master_pid"`
 	Generation int    `json:"generation"`
 	Ready      bool   `json:"ready"`
+	// Stopping: the master is stopping gracefully (its routes are
+	// withdrawn; its workers finish).
+	Stopping bool `json:"stopping,omitempty"`
 	// Build is the code the master spawns workers from (see Hello.Build).
 	Build string `json:"build,omitempty"`
 	// Deploy describes a deploy in progress, or the last one's outcome;

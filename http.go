@@ -1,0 +1,824 @@
+//go:build linux
+
+package ipcluster
+
+// The master's HTTP endpoints (Config.HTTPAddr): Prometheus metrics,
+// probes and a status page.
+//
+// The loop owns every field of master, so handlers never read them: they
+// ask the loop for a status snapshot (evSnapshot, the same status a control
+// client gets) and give up after snapshotTimeout. A loop that does not
+// answer is exactly what /healthz must report. Counters and histograms are
+// fed from the events (observer.event, on the emitter's goroutine) and from
+// two calls in the loop (spawn, rule writes); prometheus types are safe for
+// concurrent use, so no state is shared with the loop beyond them.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"html/template"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+const (
+	// snapshotTimeout bounds a handler's wait for the loop. A loop busy
+	// for this long (a rule write stuck in the kernel, a deadlock) is
+	// unhealthy, and a scrape must not pile up behind it.
+	snapshotTimeout = 2 * time.Second
+	// httpShutdownTimeout bounds the wait for requests in flight when run
+	// returns. The listener closes first, at once, so a new master can
+	// bind the address after a handover.
+	httpShutdownTimeout = time.Second
+	// httpTakeoverWait is how long a master that took the cluster over
+	// retries to bind HTTPAddr: the old master closes it as its loop
+	// returns, just after the handover.
+	httpTakeoverWait = 5 * time.Second
+)
+
+// evSnapshot asks the loop for its status; reply has room for the answer,
+// so the loop never waits for a handler that gave up.
+type evSnapshot struct{ reply chan *proto.Status }
+
+// errLoopGone: the loop returned (stopped, or handed the cluster over).
+var errLoopGone = errors.New("the master's loop has returned")
+
+// snapshot asks the loop for its status, from any goroutine.
+func (m *master) snapshot(ctx context.Context) (*proto.Status, error) {
+	ctx, cancel := context.WithTimeout(ctx, snapshotTimeout)
+	defer cancel()
+	reply := make(chan *proto.Status, 1)
+	select {
+	case m.events <- evSnapshot{reply}:
+	case <-m.done:
+		return nil, errLoopGone
+	case <-ctx.Done():
+		return nil, fmt.Errorf("ask the master's loop for its status: %w", ctx.Err())
+	}
+	select {
+	case st := <-reply:
+		return st, nil
+	case <-m.done:
+		return nil, errLoopGone
+	case <-ctx.Done():
+		return nil, fmt.Errorf("wait for the master's loop to answer: %w", ctx.Err())
+	}
+}
+
+// observer is the master's HTTP server and metrics. Its methods are safe
+// on a nil observer (no HTTPAddr), so the loop calls them unconditionally.
+type observer struct {
+	log *slog.Logger
+	ln  net.Listener
+	srv *http.Server
+	reg *prometheus.Registry
+
+	spawns, crashes, unresponsive, rulesLost prometheus.Counter
+	exits, retirements, retireHolds          *prometheus.CounterVec
+	deploys, ruleWrites, dismissals          *prometheus.CounterVec
+	memoryPressure                           *prometheus.CounterVec
+	ruleWriteSeconds, readySeconds           prometheus.Histogram
+	retireSeconds                            prometheus.Histogram
+}
+
+// listenHTTP binds cfg.HTTPAddr, if set, and prepares the metrics. It is
+// called once the run directory is ours and before any worker is spawned:
+// on error the caller undoes openRunDir and Run fails with nothing left
+// behind. After a takeover the old master may still hold the address for
+// a moment, so EADDRINUSE is retried then.
+func listenHTTP(cfg *Config, log *slog.Logger, tookOver bool) (*observer, error) {
+	if cfg.HTTPAddr == "" {
+		return nil, nil
+	}
+	deadline := time.Now().Add(httpTakeoverWait)
+	var ln net.Listener
+	for {
+		var err error
+		ln, err = net.Listen("tcp", cfg.HTTPAddr)
+		if err == nil {
+			break
+		}
+		if !tookOver || !errors.Is(err, syscall.EADDRINUSE) || time.Now().After(deadline) {
+			return nil, fmt.Errorf("listen on Config.HTTPAddr %s for the metrics and health endpoints: %w; "+
+				"pick a free address, or leave HTTPAddr empty", cfg.HTTPAddr, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	o := newObserver(log)
+	o.ln = ln
+	return o, nil
+}
+
+func newObserver(log *slog.Logger) *observer {
+	o := &observer{log: log, reg: prometheus.NewRegistry()}
+	counter := func(name, help string) prometheus.Counter {
+		c := prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+		o.reg.MustRegister(c)
+		return c
+	}
+	// Label values known in advance are created at zero: a rate() over a
+	// series that appears only with its first increment misses it.
+	counterVec := func(name, help, label string, values ...string) *prometheus.CounterVec {
+		c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, []string{label})
+		for _, v := range values {
+			c.WithLabelValues(v)
+		}
+		o.reg.MustRegister(c)
+		return c
+	}
+	histogram := func(name, help string, buckets []float64) prometheus.Histogram {
+		h := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets})
+		o.reg.MustRegister(h)
+		return h
+	}
+	o.spawns = counter("ipcluster_worker_spawns_total", "Worker processes started by this master.")
+	o.crashes = counter("ipcluster_worker_crashes_total",
+		"Workers that exited while active or starting (a start that failed or timed out counts).")
+	o.unresponsive = counter("ipcluster_worker_unresponsive_total", "Workers declared unresponsive: no heartbeat for PingTimeout.")
+	o.rulesLost = counter("ipcluster_rules_lost_total", "Times the kernel was found to have lost the cluster's rules.")
+	o.exits = counterVec("ipcluster_worker_exits_total", "Worker processes that exited, by the state they were in.", "state",
+		"starting", "active", "retired", "stopping", "spare", "standby")
+	o.retirements = counterVec("ipcluster_retirements_total", "Active workers retired, by cause.", "cause",
+		string(CauseMemory), string(CauseLag), string(CauseUnresponsive), string(CauseHealthCheck),
+		string(CauseRequested), string(CauseAdopted), string(CauseReplaced))
+	o.retireHolds = counterVec("ipcluster_retire_holds_total",
+		"Retirements held back by RetireLimit (once per worker), by cause.", "cause",
+		string(CauseMemory), string(CauseLag), string(CauseUnresponsive), string(CauseHealthCheck))
+	o.deploys = counterVec("ipcluster_deploys_total", "Deploy phases reached, by outcome.", "outcome",
+		string(DeployStarted), string(DeployCommitted), string(DeployRolledBack), string(DeployFailed), string(DeployHandedOver))
+	o.ruleWrites = counterVec("ipcluster_rule_writes_total", "Rule writes, by result (ok or error).", "result", "ok", "error")
+	o.dismissals = counterVec("ipcluster_dismissals_total",
+		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
+	o.memoryPressure = counterVec("ipcluster_memory_pressure_total",
+		"MemoryBudget watermarks crossed, by watermark.", "watermark", "low", "high")
+	o.ruleWriteSeconds = histogram("ipcluster_rule_write_duration_seconds", "Time to write the cluster's rules to the kernel.",
+		prometheus.ExponentialBuckets(0.0005, 2, 14)) // 0.5ms .. 4s
+	o.readySeconds = histogram("ipcluster_worker_ready_duration_seconds",
+		"Time from a worker's spawn to serving a slot (for a spare, to being given one).",
+		prometheus.ExponentialBuckets(0.01, 2, 12)) // 10ms .. 20s
+	o.retireSeconds = histogram("ipcluster_retirement_duration_seconds",
+		"Time from the decision to retire a worker to the rule write that moved its slot.",
+		prometheus.ExponentialBuckets(0.01, 2, 14)) // 10ms .. 80s
+	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return o
+}
+
+// spawned counts a worker process started.
+func (o *observer) spawned() {
+	if o != nil {
+		o.spawns.Inc()
+	}
+}
+
+// ruleWrite records a rule write's duration and result.
+func (o *observer) ruleWrite(d time.Duration, err error) {
+	if o == nil {
+		return
+	}
+	o.ruleWriteSeconds.Observe(d.Seconds())
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	o.ruleWrites.WithLabelValues(result).Inc()
+}
+
+// observe returns an OnEvent function that counts every event, then passes
+// it on to fn (which may be nil: the metrics must not depend on the host
+// program asking for events).
+func (o *observer) observe(fn func(Event)) func(Event) {
+	if o == nil {
+		return fn
+	}
+	return func(ev Event) {
+		o.event(ev)
+		if fn != nil {
+			fn(ev)
+		}
+	}
+}
+
+func (o *observer) event(ev Event) {
+	switch ev := ev.(type) {
+	case EventWorkerReady:
+		o.readySeconds.Observe(ev.Elapsed.Seconds())
+	case EventWorkerExited:
+		o.exits.WithLabelValues(ev.State).Inc()
+		if ev.State == stateActive.String() || ev.State == stateStarting.String() {
+			o.crashes.Inc()
+		}
+	case EventRetired:
+		o.retirements.WithLabelValues(string(ev.Cause)).Inc()
+		o.retireSeconds.Observe(ev.Elapsed.Seconds())
+	case EventRetireHeld:
+		o.retireHolds.WithLabelValues(string(ev.Cause)).Inc()
+	case EventDeploy:
+		o.deploys.WithLabelValues(string(ev.Outcome)).Inc()
+	case EventRulesFailed:
+		// Failed writes are counted where they happen (ruleWrite).
+		if errors.Is(ev.Err, ErrRulesLost) {
+			o.rulesLost.Inc()
+		}
+	case EventUnresponsive:
+		o.unresponsive.Inc()
+	case EventDismissed:
+		action := "asked"
+		if ev.Killed {
+			action = "killed"
+		}
+		o.dismissals.WithLabelValues(action).Inc()
+	case EventMemoryPressure:
+		o.memoryPressure.WithLabelValues(ev.Watermark).Inc()
+	}
+}
+
+// serve starts answering on the listener; the returned function shuts
+// the server down. Call that after m.done is closed, so handlers waiting
+// for the loop give up at once instead of after snapshotTimeout.
+func (o *observer) serve(m *master) (shutdown func()) {
+	if o == nil {
+		return func() {}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) { o.metrics(m, w, r) })
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { healthz(m, w, r) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) { readyz(m, w, r) })
+	mux.HandleFunc("GET /status.json", func(w http.ResponseWriter, r *http.Request) { statusJSON(m, w, r) })
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) { statusPage(m, w, r) })
+	mux.Handle("GET /{$}", http.RedirectHandler("status", http.StatusFound))
+	o.srv = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          slog.NewLogLogger(o.log.Handler(), slog.LevelWarn),
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if err := o.srv.Serve(o.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			o.log.Error("HTTP endpoints stopped", "addr", o.ln.Addr().String(), "err", err)
+		}
+	}()
+	o.log.Info("serving metrics and health endpoints", "addr", "http://"+o.ln.Addr().String())
+	return func() {
+		// Shutdown closes the listener before it waits for requests in
+		// flight: the address is free for a new master from here on.
+		ctx, cancel := context.WithTimeout(context.Background(), httpShutdownTimeout)
+		defer cancel()
+		if err := o.srv.Shutdown(ctx); err != nil {
+			o.srv.Close()
+		}
+		<-served
+	}
+}
+
+// unavailable answers 503 with a one-line reason, for probes and people.
+func unavailable(w http.ResponseWriter, reason string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusServiceUnavailable)
+	fmt.Fprintln(w, reason)
+}
+
+func plainOK(w http.ResponseWriter, body string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	fmt.Fprintln(w, body)
+}
+
+// healthz: the master's loop answers. A stopping master is still healthy;
+// /readyz is what turns traffic away.
+func healthz(m *master, w http.ResponseWriter, r *http.Request) {
+	if _, err := m.snapshot(r.Context()); err != nil {
+		unavailable(w, "unhealthy: "+err.Error())
+		return
+	}
+	plainOK(w, "ok")
+}
+
+// readyz: every slot is served and the rules are installed, so a balancer
+// may send this host clients. Stopping is not ready: that is how a
+// draining host tells its balancer.
+func readyz(m *master, w http.ResponseWriter, r *http.Request) {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, "not ready: "+err.Error())
+		return
+	}
+	if reason := notReady(st); reason != "" {
+		unavailable(w, "not ready: "+reason)
+		return
+	}
+	plainOK(w, "ready")
+}
+
+// notReady says why a status is not ready, or "".
+func notReady(st *proto.Status) string {
+	switch {
+	case st.Stopping:
+		return "the master is stopping"
+	case !st.Ready:
+		return "the rules are not installed yet (waiting for the first worker of every slot)"
+	}
+	for _, s := range st.Slots {
+		if s.Active == 0 {
+			return "slot " + strconv.Itoa(s.Slot) + " has no active worker"
+		}
+	}
+	return ""
+}
+
+func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, "no status: "+err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	if err := json.NewEncoder(w).Encode(st); err != nil {
+		m.log.Debug("writing /status.json", "err", err)
+	}
+}
+
+// metrics serves the registry's metrics together with those of a snapshot
+// taken for this scrape: gauges are read at scrape time, so a worker's
+// series disappear with the worker instead of lingering in a GaugeVec.
+func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, "no metrics: "+err.Error())
+		return
+	}
+	snap := prometheus.NewRegistry()
+	if err := snap.Register(statusCollector{st}); err != nil {
+		http.Error(w, "register status metrics: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	promhttp.HandlerFor(prometheus.Gatherers{o.reg, snap}, promhttp.HandlerOpts{
+		ErrorLog:      slog.NewLogLogger(o.log.Handler(), slog.LevelWarn),
+		ErrorHandling: promhttp.HTTPErrorOnError,
+	}).ServeHTTP(w, r)
+}
+
+// Descriptions of the metrics read from a status snapshot.
+var (
+	slotLabels   = []string{"slot"}
+	workerLabels = []string{"slot", "pid"}
+
+	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when every slot has had a ready worker and the rules are installed.", nil, nil)
+	descStopping   = prometheus.NewDesc("ipcluster_stopping", "1 while the master stops gracefully.", nil, nil)
+	descSlots      = prometheus.NewDesc("ipcluster_slots", "Number of slots (Workers, or the size after a resize).", nil, nil)
+	descWorkers    = prometheus.NewDesc("ipcluster_workers", "Worker processes, by state.", []string{"state"}, nil)
+	descGeneration = prometheus.NewDesc("ipcluster_master_generation", "This master's generation.", nil, nil)
+	descBuild      = prometheus.NewDesc("ipcluster_build_info", "The build (Config.Version) new workers are spawned from.", []string{"build"}, nil)
+
+	descSlotUp          = prometheus.NewDesc("ipcluster_slot_up", "1 when the slot has an active worker.", slotLabels, nil)
+	descSlotGeneration  = prometheus.NewDesc("ipcluster_slot_generation", "Generation of the slot's active worker.", slotLabels, nil)
+	descSlotRSS         = prometheus.NewDesc("ipcluster_slot_rss_bytes", "RSS of the slot's active worker.", slotLabels, nil)
+	descSlotLag         = prometheus.NewDesc("ipcluster_slot_lag_seconds", "Smoothed scheduling lag of the slot's active worker.", slotLabels, nil)
+	descSlotConnections = prometheus.NewDesc("ipcluster_slot_connections",
+		"Open connections of the slot's workers: its active worker and those still draining from it.", slotLabels, nil)
+
+	descWorkerState        = prometheus.NewDesc("ipcluster_worker_state", "1 for the worker's state.", append(workerLabels, "state"), nil)
+	descWorkerGeneration   = prometheus.NewDesc("ipcluster_worker_generation", "Generation of the master that spawned the worker.", workerLabels, nil)
+	descWorkerRSS          = prometheus.NewDesc("ipcluster_worker_rss_bytes", "Worker RSS, read by the master from /proc.", workerLabels, nil)
+	descWorkerPSS          = prometheus.NewDesc("ipcluster_worker_pss_bytes", "Worker PSS, read by the master from /proc (0 before the first read).", workerLabels, nil)
+	descWorkerUptime       = prometheus.NewDesc("ipcluster_worker_uptime_seconds", "Time since the worker was spawned (or adopted).", workerLabels, nil)
+	descWorkerHeartbeatAge = prometheus.NewDesc("ipcluster_worker_heartbeat_age_seconds", "Time since the worker's last heartbeat arrived.", workerLabels, nil)
+	descWorkerLag          = prometheus.NewDesc("ipcluster_worker_lag_seconds", "Worker's smoothed scheduling lag.", workerLabels, nil)
+	descWorkerSchedP99     = prometheus.NewDesc("ipcluster_worker_sched_latency_p99_seconds", "p99 of the worker's goroutine scheduling latency over its last heartbeat interval.", workerLabels, nil)
+	descWorkerConnections  = prometheus.NewDesc("ipcluster_worker_connections", "Worker's open connections.", workerLabels, nil)
+	descWorkerAccepted     = prometheus.NewDesc("ipcluster_worker_accepted_connections_total", "Connections the worker accepted since it started.", workerLabels, nil)
+	descWorkerHeap         = prometheus.NewDesc("ipcluster_worker_heap_bytes", "Worker's Go heap in use.", workerLabels, nil)
+	descWorkerGoroutines   = prometheus.NewDesc("ipcluster_worker_goroutines", "Worker's goroutines.", workerLabels, nil)
+)
+
+// workerStates lists every state, so ipcluster_workers has a zero series
+// for each rather than gaps.
+var workerStates = []procState{stateStarting, stateActive, stateRetired, stateStopping, stateSpare, stateStandby}
+
+// statusCollector turns one status snapshot into const metrics.
+type statusCollector struct{ st *proto.Status }
+
+func (c statusCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descReady, descStopping, descSlots, descWorkers, descGeneration, descBuild,
+		descSlotUp, descSlotGeneration, descSlotRSS, descSlotLag, descSlotConnections,
+		descWorkerState, descWorkerGeneration, descWorkerRSS, descWorkerPSS, descWorkerUptime, descWorkerHeartbeatAge,
+		descWorkerLag, descWorkerSchedP99, descWorkerConnections, descWorkerAccepted, descWorkerHeap, descWorkerGoroutines} {
+		ch <- d
+	}
+}
+
+func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.st
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	gauge(descReady, boolValue(st.Ready))
+	gauge(descStopping, boolValue(st.Stopping))
+	gauge(descSlots, float64(len(st.Slots)))
+	gauge(descGeneration, float64(st.Generation))
+	gauge(descBuild, 1, st.Build)
+	byState := map[string]int{}
+	slotConns := make([]int64, len(st.Slots))
+	byPID := map[int]*proto.WorkerStatus{}
+	for i := range st.Workers {
+		w := &st.Workers[i]
+		byPID[w.PID] = w
+		byState[w.State]++
+		slot, pid := strconv.Itoa(w.Slot), strconv.Itoa(w.PID)
+		gauge(descWorkerState, 1, slot, pid, w.State)
+		gauge(descWorkerGeneration, float64(w.Generation), slot, pid)
+		gauge(descWorkerRSS, float64(w.RSSBytes), slot, pid)
+		gauge(descWorkerPSS, float64(w.PSSBytes), slot, pid)
+		gauge(descWorkerUptime, w.UptimeSec, slot, pid)
+		if s := w.Stats; s != nil {
+			gauge(descWorkerHeartbeatAge, w.HeartbeatAgeSec, slot, pid)
+			gauge(descWorkerLag, s.LagSec, slot, pid)
+			gauge(descWorkerSchedP99, s.SchedP99Sec, slot, pid)
+			gauge(descWorkerConnections, float64(s.Connections), slot, pid)
+			ch <- prometheus.MustNewConstMetric(descWorkerAccepted, prometheus.CounterValue, float64(s.Accepted), slot, pid)
+			gauge(descWorkerHeap, float64(s.HeapBytes), slot, pid)
+			gauge(descWorkerGoroutines, float64(s.Goroutines), slot, pid)
+			if w.Slot >= 0 && w.Slot < len(slotConns) {
+				slotConns[w.Slot] += s.Connections
+			}
+		}
+	}
+	for _, s := range workerStates {
+		gauge(descWorkers, float64(byState[s.String()]), s.String())
+	}
+	for _, s := range st.Slots {
+		slot := strconv.Itoa(s.Slot)
+		gauge(descSlotUp, boolValue(s.Active != 0), slot)
+		gauge(descSlotConnections, float64(slotConns[s.Slot]), slot)
+		if w := byPID[s.Active]; w != nil {
+			gauge(descSlotGeneration, float64(w.Generation), slot)
+			gauge(descSlotRSS, float64(w.RSSBytes), slot)
+			if w.Stats != nil {
+				gauge(descSlotLag, w.Stats.LagSec, slot)
+			}
+		}
+	}
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// ---- the status page ----
+
+// statusPage renders the slot and worker tables on the server, so the page
+// works without JavaScript; its script then redraws them from /status.json
+// every 2s with the same markup (textContent only: names and builds come
+// from the host program and the workers).
+func statusPage(m *master, w http.ResponseWriter, r *http.Request) {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, "no status: "+err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	if err := statusTemplate.Execute(w, newStatusView(st)); err != nil {
+		m.log.Debug("writing /status", "err", err)
+	}
+}
+
+type statusView struct {
+	St        *proto.Status
+	State     string // ready, starting, stopping
+	Slots     []slotView
+	Workers   []workerView
+	Rules     []rulesView
+	TotalConn int64
+}
+
+type slotView struct {
+	Slot, PID, Generation int
+	Build, State          string
+	Uptime, RSS, Lag      string
+	Connections, BarPct   int64
+	HasWorker             bool
+}
+
+type workerView struct {
+	PID, Slot, Generation int
+	Build, State          string
+	Uptime, RSS, Lag, Age string
+	Connections, BarPct   int64
+	Unresponsive          bool
+}
+
+type rulesView struct{ Family, Text string }
+
+func newStatusView(st *proto.Status) *statusView {
+	v := &statusView{St: st, State: "starting"}
+	switch {
+	case st.Stopping:
+		v.State = "stopping"
+	case notReady(st) == "":
+		v.State = "ready"
+	}
+	byPID := map[int]*proto.WorkerStatus{}
+	slotConns := make([]int64, len(st.Slots))
+	for i := range st.Workers {
+		ws := &st.Workers[i]
+		byPID[ws.PID] = ws
+		if ws.Stats != nil {
+			v.TotalConn += ws.Stats.Connections
+			if ws.Slot >= 0 && ws.Slot < len(slotConns) {
+				slotConns[ws.Slot] += ws.Stats.Connections
+			}
+		}
+	}
+	pct := func(n int64) int64 {
+		if v.TotalConn == 0 {
+			return 0
+		}
+		return n * 100 / v.TotalConn
+	}
+	for _, s := range st.Slots {
+		sv := slotView{Slot: s.Slot, PID: s.Active, Connections: slotConns[s.Slot], BarPct: pct(slotConns[s.Slot]), State: "no worker"}
+		if ws := byPID[s.Active]; ws != nil {
+			sv.HasWorker = true
+			sv.Generation, sv.Build, sv.State = ws.Generation, ws.Build, ws.State
+			sv.Uptime, sv.RSS, sv.Lag = fmtSeconds(ws.UptimeSec), fmtBytes(ws.RSSBytes), "-"
+			if ws.Stats != nil {
+				sv.Lag = fmtSeconds(ws.Stats.LagSec)
+			}
+		}
+		v.Slots = append(v.Slots, sv)
+	}
+	for _, ws := range st.Workers {
+		wv := workerView{PID: ws.PID, Slot: ws.Slot, Generation: ws.Generation, Build: ws.Build, State: ws.State,
+			Uptime: fmtSeconds(ws.UptimeSec), RSS: fmtBytes(ws.RSSBytes), Lag: "-", Age: "-", Unresponsive: ws.Unresponsive}
+		if s := ws.Stats; s != nil {
+			wv.Lag, wv.Age = fmtSeconds(s.LagSec), fmtSeconds(ws.HeartbeatAgeSec)
+			wv.Connections, wv.BarPct = s.Connections, pct(s.Connections)
+		}
+		v.Workers = append(v.Workers, wv)
+	}
+	for _, fam := range slices.Sorted(maps.Keys(st.Rules)) {
+		v.Rules = append(v.Rules, rulesView{Family: fam, Text: st.Rules[fam]})
+	}
+	return v
+}
+
+// fmtSeconds and fmtBytes match fmtSec and fmtBytes in the page's script.
+func fmtSeconds(s float64) string {
+	switch {
+	case s < 0.001:
+		return strconv.FormatFloat(s*1e6, 'f', 0, 64) + "µs"
+	case s < 1:
+		return strconv.FormatFloat(s*1e3, 'f', 1, 64) + "ms"
+	case s < 120:
+		return strconv.FormatFloat(s, 'f', 1, 64) + "s"
+	case s < 7200:
+		return strconv.FormatFloat(s/60, 'f', 1, 64) + "m"
+	default:
+		return strconv.FormatFloat(s/3600, 'f', 1, 64) + "h"
+	}
+}
+
+func fmtBytes(b uint64) string {
+	switch {
+	case b == 0:
+		return "-"
+	case b < 1<<20:
+		return strconv.FormatFloat(float64(b)/(1<<10), 'f', 0, 64) + " KiB"
+	case b < 1<<30:
+		return strconv.FormatFloat(float64(b)/(1<<20), 'f', 1, 64) + " MiB"
+	default:
+		return strconv.FormatFloat(float64(b)/(1<<30), 'f', 2, 64) + " GiB"
+	}
+}
+
+var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap{
+	"short": func(build string) string {
+		if len(build) > 16 {
+			return build[:16] + "…"
+		}
+		return build
+	},
+}).Parse(statusHTML))
+
+const statusHTML = `<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ipcluster {{.St.Cluster}}</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2330; background: #f6f7f9; }
+h1 { font-size: 1.4em; margin: 0 0 .2em; }
+h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
+.meta { color: #555; }
+.badge { display: inline-block; padding: .1em .6em; border-radius: 1em; color: #fff; font-weight: 600; }
+.badge.ready { background: #2e7d32; } .badge.starting { background: #b26a00; } .badge.stopping { background: #b71c1c; }
+table { border-collapse: collapse; background: #fff; box-shadow: 0 1px 2px #0002; }
+th, td { padding: .3em .7em; text-align: left; border-bottom: 1px solid #e3e6ea; white-space: nowrap; }
+th { background: #e9edf3; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.state-active td.state { color: #2e7d32; font-weight: 600; }
+tr.state-retired td.state, tr.state-stopping td.state { color: #8a6d00; }
+tr.state-starting td.state, tr.state-spare td.state, tr.state-standby td.state { color: #1565c0; }
+tr.unresponsive { background: #fdecea; }
+.barcell { width: 220px; }
+.bar { height: .9em; background: #5c7cfa; border-radius: 2px; min-width: 1px; }
+pre { background: #fff; padding: .7em; overflow-x: auto; box-shadow: 0 1px 2px #0002; }
+#error { color: #b71c1c; }
+</style>
+</head>
+<body>
+<h1>ipcluster <span id="cluster">{{.St.Cluster}}</span> <span id="state" class="badge {{.State}}">{{.State}}</span></h1>
+<p class="meta">master pid <span id="master-pid">{{.St.MasterPID}}</span>,
+generation <span id="generation">{{.St.Generation}}</span>,
+build <span id="build" title="{{.St.Build}}">{{short .St.Build}}</span>,
+deploy <span id="deploy">{{or .St.Deploy "-"}}</span>,
+connections <span id="total-conns">{{.TotalConn}}</span>;
+updated <span id="updated"></span> <span id="error"></span></p>
+<noscript><p>Without JavaScript this page does not refresh: reload it, or read <a href="status.json">status.json</a>.</p></noscript>
+
+<h2>Slots</h2>
+<table id="slots">
+<thead><tr><th>slot</th><th>active pid</th><th>generation</th><th>build</th><th>state</th><th>uptime</th><th>RSS</th><th>lag</th><th>connections</th><th class="barcell">share</th></tr></thead>
+<tbody>
+{{- range .Slots}}
+<tr class="slot-row state-{{.State}}" data-slot="{{.Slot}}" data-pid="{{.PID}}"><td class="num">{{.Slot}}</td><td class="num">{{if .PID}}{{.PID}}{{else}}-{{end}}</td><td class="num">{{if .HasWorker}}{{.Generation}}{{else}}-{{end}}</td><td title="{{.Build}}">{{short .Build}}</td><td class="state">{{.State}}</td><td class="num">{{.Uptime}}</td><td class="num">{{.RSS}}</td><td class="num">{{.Lag}}</td><td class="num">{{.Connections}}</td><td class="barcell"><div class="bar" style="width: {{.BarPct}}%"></div></td></tr>
+{{- end}}
+</tbody>
+</table>
+
+<h2>Workers</h2>
+<table id="workers">
+<thead><tr><th>pid</th><th>slot</th><th>generation</th><th>build</th><th>state</th><th>uptime</th><th>RSS</th><th>lag</th><th>heartbeat</th><th>connections</th><th class="barcell">share</th></tr></thead>
+<tbody>
+{{- range .Workers}}
+<tr class="worker-row state-{{.State}}{{if .Unresponsive}} unresponsive{{end}}" data-pid="{{.PID}}"><td class="num">{{.PID}}</td><td class="num">{{if lt .Slot 0}}spare{{else}}{{.Slot}}{{end}}</td><td class="num">{{.Generation}}</td><td title="{{.Build}}">{{short .Build}}</td><td class="state">{{.State}}{{if .Unresponsive}} (unresponsive){{end}}</td><td class="num">{{.Uptime}}</td><td class="num">{{.RSS}}</td><td class="num">{{.Lag}}</td><td class="num">{{.Age}}</td><td class="num">{{.Connections}}</td><td class="barcell"><div class="bar" style="width: {{.BarPct}}%"></div></td></tr>
+{{- end}}
+</tbody>
+</table>
+
+<h2>Rules in force</h2>
+<div id="rules">
+{{- range .Rules}}
+<h3>{{.Family}}</h3><pre>{{.Text}}</pre>
+{{- else}}
+<p>none installed</p>
+{{- end}}
+</div>
+
+<script>
+"use strict";
+// Keep in step with fmtSeconds and fmtBytes in http.go.
+function fmtSec(s) {
+  if (s < 0.001) return (s * 1e6).toFixed(0) + "µs";
+  if (s < 1) return (s * 1e3).toFixed(1) + "ms";
+  if (s < 120) return s.toFixed(1) + "s";
+  if (s < 7200) return (s / 60).toFixed(1) + "m";
+  return (s / 3600).toFixed(1) + "h";
+}
+function fmtBytes(b) {
+  if (!b) return "-";
+  if (b < 1048576) return (b / 1024).toFixed(0) + " KiB";
+  if (b < 1073741824) return (b / 1048576).toFixed(1) + " MiB";
+  return (b / 1073741824).toFixed(2) + " GiB";
+}
+function short(b) { b = b || ""; return b.length > 16 ? b.slice(0, 16) + "…" : b; }
+function setText(id, text) { document.getElementById(id).textContent = text; }
+// cell appends a td; text only, never markup: the values come from workers.
+function cell(tr, text, cls, title) {
+  const td = document.createElement("td");
+  td.textContent = String(text);
+  if (cls) td.className = cls;
+  if (title) td.title = title;
+  tr.appendChild(td);
+}
+function bar(tr, pct) {
+  const td = document.createElement("td"), div = document.createElement("div");
+  td.className = "barcell"; div.className = "bar"; div.style.width = pct + "%";
+  td.appendChild(div); tr.appendChild(td);
+}
+function render(st) {
+  const workers = st.workers || [], slots = st.slots || [], byPID = new Map();
+  const slotConns = slots.map(() => 0);
+  let total = 0;
+  for (const w of workers) {
+    byPID.set(w.pid, w);
+    const c = w.stats ? w.stats.connections : 0;
+    total += c;
+    if (w.slot >= 0 && w.slot < slotConns.length) slotConns[w.slot] += c;
+  }
+  const pct = n => total ? Math.floor(n * 100 / total) : 0;
+  let ready = st.ready && !st.stopping && slots.every(s => s.active_pid);
+  const state = st.stopping ? "stopping" : ready ? "ready" : "starting";
+  setText("cluster", st.cluster);
+  setText("state", state);
+  document.getElementById("state").className = "badge " + state;
+  setText("master-pid", st.master_pid);
+  setText("generation", st.generation);
+  setText("build", short(st.build));
+  document.getElementById("build").title = st.build || "";
+  setText("deploy", st.deploy || "-");
+  setText("total-conns", total);
+
+  const sb = document.createElement("tbody");
+  for (const s of slots) {
+    const w = byPID.get(s.active_pid), tr = document.createElement("tr");
+    const stateText = w ? w.state : "no worker";
+    tr.className = "slot-row state-" + stateText;
+    tr.dataset.slot = s.slot; tr.dataset.pid = s.active_pid;
+    cell(tr, s.slot, "num");
+    cell(tr, s.active_pid || "-", "num");
+    cell(tr, w ? w.generation : "-", "num");
+    cell(tr, short(w && w.build), "", w && w.build);
+    cell(tr, stateText, "state");
+    cell(tr, w ? fmtSec(w.uptime_s) : "", "num");
+    cell(tr, w ? fmtBytes(w.rss_bytes) : "", "num");
+    cell(tr, w ? (w.stats ? fmtSec(w.stats.lag_s) : "-") : "", "num");
+    cell(tr, slotConns[s.slot], "num");
+    bar(tr, pct(slotConns[s.slot]));
+    sb.appendChild(tr);
+  }
+  document.querySelector("#slots tbody").replaceWith(sb);
+
+  const wb = document.createElement("tbody");
+  for (const w of workers) {
+    const tr = document.createElement("tr"), c = w.stats ? w.stats.connections : 0;
+    tr.className = "worker-row state-" + w.state + (w.unresponsive ? " unresponsive" : "");
+    tr.dataset.pid = w.pid;
+    cell(tr, w.pid, "num");
+    cell(tr, w.slot < 0 ? "spare" : w.slot, "num");
+    cell(tr, w.generation, "num");
+    cell(tr, short(w.build), "", w.build);
+    cell(tr, w.state + (w.unresponsive ? " (unresponsive)" : ""), "state");
+    cell(tr, fmtSec(w.uptime_s), "num");
+    cell(tr, fmtBytes(w.rss_bytes), "num");
+    cell(tr, w.stats ? fmtSec(w.stats.lag_s) : "-", "num");
+    cell(tr, w.stats ? fmtSec(w.heartbeat_age_s || 0) : "-", "num");
+    cell(tr, c, "num");
+    bar(tr, pct(c));
+    wb.appendChild(tr);
+  }
+  document.querySelector("#workers tbody").replaceWith(wb);
+
+  const rules = document.getElementById("rules");
+  rules.replaceChildren();
+  const fams = Object.keys(st.rules || {}).sort();
+  if (!fams.length) { const p = document.createElement("p"); p.textContent = "none installed"; rules.appendChild(p); }
+  for (const f of fams) {
+    const h = document.createElement("h3"), pre = document.createElement("pre");
+    h.textContent = f; pre.textContent = st.rules[f];
+    rules.append(h, pre);
+  }
+}
+async function refresh() {
+  try {
+    const r = await fetch("status.json", {cache: "no-store"});
+    if (!r.ok) throw new Error("HTTP " + r.status + ": " + (await r.text()).trim());
+    render(await r.json());
+    setText("updated", new Date().toLocaleTimeString());
+    setText("error", "");
+  } catch (e) {
+    setText("error", "refresh failed: " + e.message);
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+`
+
+// releaseRunDir undoes openRunDir when a later check fails. A cluster we
+// created is removed as if never started. One taken over from a running
+// master is left as a crashed master leaves it, generation and all: that
+// master has let go, its workers serve on, and the next master adopts them.
+func (m *master) releaseRunDir() {
+	if !m.tookOver {
+		m.closeRunDir()
+		return
+	}
+	m.ln.Close()
+	m.lock.Close()
+}

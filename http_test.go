@@ -1,0 +1,498 @@
+//go:build linux
+
+package ipcluster_test
+
+// The master's HTTP endpoints (Config.HTTPAddr), end to end: a master in a
+// lab's server namespace, scraped and probed from inside that namespace,
+// and its status page rendered by a headless Chromium started there too.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"image/png"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// httpPort is the endpoints' port on the lab's server address: each lab is
+// a namespace of its own, so tests running at once never collide on it.
+const httpPort = 9100
+
+// httpClient makes requests from inside ns. It never uses a proxy from
+// the environment: the lab's addresses are only reachable from the lab.
+func httpClient(ns *netlab.NS) *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				ap, err := netip.ParseAddrPort(addr)
+				if err != nil {
+					return nil, err
+				}
+				return ns.Dial(ctx, network, netip.Addr{}, ap)
+			},
+		},
+	}
+}
+
+// get fetches path from the endpoints at addr, from the server namespace.
+func get(lab *netlab.Lab, addr netip.AddrPort, path string) (int, string, error) {
+	resp, err := httpClient(lab.Server).Get("http://" + addr.String() + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// mustGet is get, failing the test on a transport error.
+func mustGet(t *testing.T, lab *netlab.Lab, addr netip.AddrPort, path string) (int, string) {
+	t.Helper()
+	code, body, err := get(lab, addr, path)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	return code, body
+}
+
+// scrape returns the samples of /metrics by series, as written:
+// `name{label="value",...}` (labels in the exposition's order, which
+// client_golang sorts by name) or bare `name`.
+func scrape(t *testing.T, lab *netlab.Lab, addr netip.AddrPort) map[string]float64 {
+	t.Helper()
+	code, body := mustGet(t, lab, addr, "/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics: %d %s", code, body)
+	}
+	samples := map[string]float64{}
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if i < 0 || err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		samples[line[:i]] = v
+	}
+	return samples
+}
+
+// sum adds the samples of a metric whose labels include every one of
+// labels (`pid="123"`), and says whether there was any.
+func sum(samples map[string]float64, name string, labels ...string) (float64, bool) {
+	var total float64
+	found := false
+	for series, v := range samples {
+		n, rest, _ := strings.Cut(series, "{")
+		if n != name {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(rest, l) {
+				ok = false
+			}
+		}
+		if ok {
+			total, found = total+v, true
+		}
+	}
+	return total, found
+}
+
+// waitMetrics scrapes until ok accepts the samples.
+func waitMetrics(t *testing.T, lab *netlab.Lab, addr netip.AddrPort, what string, ok func(map[string]float64) bool) map[string]float64 {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		s := scrape(t, lab, addr)
+		if ok(s) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s; last scrape:\n%s", what, dumpIPCluster(s))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// dumpIPCluster lists the ipcluster_ samples, for failure messages.
+func dumpIPCluster(s map[string]float64) string {
+	var b strings.Builder
+	for k, v := range s {
+		if strings.HasPrefix(k, "ipcluster_") {
+			fmt.Fprintf(&b, "%s %g\n", k, v)
+		}
+	}
+	return b.String()
+}
+
+func pidLabel(pid int) string { return `pid="` + strconv.Itoa(pid) + `"` }
+
+// The endpoints of a running cluster: metrics with sane values, a
+// retirement counted by cause and its worker's series gone once it exits,
+// the probes, the status in JSON and HTML, and /readyz turning 503 while
+// the master stops (and /healthz staying 200).
+func TestHTTPEndpoints(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	// linger: a held connection keeps its worker, and so the stopping
+	// master, alive until the test closes it.
+	c := startScenario(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond,
+		HTTPAddr: addr.String()}, "linger")
+	st := c.waitReady()
+	active0, active1 := activePID(st, 0), activePID(st, 1)
+
+	// A connection on slot 0 (198.18.1.0: low bit 0).
+	held, err := c.dial(lab.ClientAddrs4[0], netip.AddrPortFrom(lab.ServerAddr4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+
+	s := waitMetrics(t, lab, addr, "RSS and the held connection in the metrics", func(s map[string]float64) bool {
+		rss0, _ := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active0))
+		rss1, _ := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active1))
+		conns, _ := sum(s, "ipcluster_worker_connections", pidLabel(active0))
+		return rss0 > 0 && rss1 > 0 && conns == 1
+	})
+	for _, want := range []struct {
+		name   string
+		labels []string
+		ok     func(float64) bool
+		what   string
+	}{
+		{"ipcluster_ready", nil, eq(1), "1"},
+		{"ipcluster_stopping", nil, eq(0), "0"},
+		{"ipcluster_slots", nil, eq(2), "2"},
+		{"ipcluster_workers", []string{`state="active"`}, eq(2), "2"},
+		{"ipcluster_workers", nil, eq(2), "2 in all"},
+		{"ipcluster_worker_state", []string{pidLabel(active0), `slot="0"`, `state="active"`}, eq(1), "1"},
+		{"ipcluster_worker_state", []string{pidLabel(active1), `slot="1"`, `state="active"`}, eq(1), "1"},
+		{"ipcluster_worker_generation", []string{pidLabel(active0)}, eq(1), "1"},
+		{"ipcluster_worker_lag_seconds", []string{pidLabel(active0)}, between(0, 1), "0..1s"},
+		{"ipcluster_worker_uptime_seconds", []string{pidLabel(active0)}, between(0.001, 60), "0..60s"},
+		{"ipcluster_worker_heap_bytes", []string{pidLabel(active0)}, gt(0), "> 0"},
+		{"ipcluster_slot_up", []string{`slot="1"`}, eq(1), "1"},
+		{"ipcluster_slot_connections", []string{`slot="0"`}, eq(1), "1"},
+		{"ipcluster_slot_connections", []string{`slot="1"`}, eq(0), "0"},
+		{"ipcluster_slot_rss_bytes", []string{`slot="0"`}, gt(1 << 20), "> 1 MiB"},
+		{"ipcluster_slot_generation", []string{`slot="0"`}, eq(1), "1"},
+		{"ipcluster_master_generation", nil, eq(1), "1"},
+		{"ipcluster_worker_spawns_total", nil, gt(1.5), ">= 2"},
+		{"ipcluster_worker_crashes_total", nil, eq(0), "0"},
+		{"ipcluster_retirements_total", []string{`cause="requested"`}, eq(0), "0"},
+		{"ipcluster_deploys_total", []string{`outcome="committed"`}, eq(0), "0"},
+		{"ipcluster_retire_holds_total", []string{`cause="memory"`}, eq(0), "0"},
+		{"ipcluster_rule_writes_total", []string{`result="ok"`}, gt(0), "> 0"},
+		{"ipcluster_rule_write_duration_seconds_count", nil, gt(0), "> 0"},
+		{"ipcluster_rule_write_duration_seconds_sum", nil, between(1e-6, 10), "0..10s"},
+		{"ipcluster_worker_ready_duration_seconds_count", nil, gt(1.5), ">= 2"},
+		{"ipcluster_worker_ready_duration_seconds_sum", nil, between(1e-4, 20), "0..20s"},
+		{"go_goroutines", nil, gt(0), "> 0"},
+		{"process_resident_memory_bytes", nil, gt(1 << 20), "> 1 MiB"},
+	} {
+		v, ok := sum(s, want.name, want.labels...)
+		if !ok {
+			t.Errorf("no %s{%s}", want.name, strings.Join(want.labels, ","))
+		} else if !want.ok(v) {
+			t.Errorf("%s{%s} = %g, want %s", want.name, strings.Join(want.labels, ","), v, want.what)
+		}
+	}
+
+	if code, body := mustGet(t, lab, addr, "/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
+		t.Errorf("/healthz: %d %q", code, body)
+	}
+	if code, body := mustGet(t, lab, addr, "/readyz"); code != 200 {
+		t.Errorf("/readyz of a ready cluster: %d %q", code, body)
+	}
+	code, body := mustGet(t, lab, addr, "/status.json")
+	var js proto.Status
+	if err := json.Unmarshal([]byte(body), &js); code != 200 || err != nil {
+		t.Fatalf("/status.json: %d %v: %s", code, err, body)
+	}
+	if js.MasterPID != c.cmd.Process.Pid || len(js.Slots) != 2 || js.Slots[0].Active != active0 || len(js.Workers) != 2 {
+		t.Errorf("/status.json: %+v", js)
+	}
+	code, body = mustGet(t, lab, addr, "/status")
+	if code != 200 || strings.Count(body, `class="slot-row`) != 2 {
+		t.Fatalf("/status: %d, want 2 slot rows:\n%s", code, body)
+	}
+	for i, pid := range []int{active0, active1} {
+		if !strings.Contains(body, fmt.Sprintf(`data-slot="%d" data-pid="%d"`, i, pid)) {
+			t.Errorf("/status has no row for slot %d, worker %d", i, pid)
+		}
+	}
+
+	// A retirement asked for by the worker (SIGUSR1): counted by cause,
+	// and once the worker has exited its series are gone.
+	if err := syscall.Kill(active1, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	waitMetrics(t, lab, addr, "the retirement counted, and the retired worker's series gone", func(s map[string]float64) bool {
+		n, _ := sum(s, "ipcluster_retirements_total", `cause="requested"`)
+		_, old := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active1))
+		up, _ := sum(s, "ipcluster_slot_up", `slot="1"`)
+		exits, _ := sum(s, "ipcluster_worker_exits_total", `state="retired"`)
+		return n == 1 && !old && up == 1 && exits == 1
+	})
+	s = scrape(t, lab, addr)
+	if n, _ := sum(s, "ipcluster_worker_spawns_total"); n != 3 {
+		t.Errorf("spawns after one replacement: %g, want 3", n)
+	}
+	if n, _ := sum(s, "ipcluster_worker_crashes_total"); n != 0 {
+		t.Errorf("a retirement counted as a crash: %g", n)
+	}
+	if n, _ := sum(s, "ipcluster_retirement_duration_seconds_count"); n != 1 {
+		t.Errorf("retirement durations observed: %g, want 1", n)
+	}
+
+	// Stopping: routes withdrawn, so not ready; the held connection keeps
+	// its worker and the master running meanwhile.
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		code, body := mustGet(t, lab, addr, "/readyz")
+		if code == http.StatusServiceUnavailable && strings.Contains(body, "stopping") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz of a stopping master: %d %q", code, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code, body := mustGet(t, lab, addr, "/healthz"); code != 200 {
+		t.Errorf("/healthz of a stopping master: %d %q", code, body)
+	}
+	held.Close()
+	if err := c.wait(15 * time.Second); err != nil {
+		t.Fatalf("master after SIGTERM: %v\n%s", err, c.log())
+	}
+	if _, _, err := get(lab, addr, "/healthz"); err == nil {
+		t.Errorf("the endpoints still answer after the master returned")
+	}
+}
+
+func eq(want float64) func(float64) bool { return func(v float64) bool { return v == want } }
+func gt(lo float64) func(float64) bool   { return func(v float64) bool { return v > lo } }
+func between(lo, hi float64) func(float64) bool {
+	return func(v float64) bool { return v >= lo && v <= hi }
+}
+
+// An HTTPAddr in use fails Run before anything is touched: no worker, no
+// rule, no run directory.
+func TestHTTPAddrInUse(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 1})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	ln, err := lab.Server.Listen("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := specConfig{Name: "t", Workers: 2, Ports: []uint16{8080}, HTTPAddr: addr.String(),
+		RunDir: filepath.Join(t.TempDir(), "run")}
+	err, out := runHelper(t, lab, cfg, nil)
+	if err == nil {
+		t.Fatalf("master started with its HTTPAddr in use:\n%s", out)
+	}
+	if !strings.Contains(out, "Config.HTTPAddr") || !strings.Contains(out, "address already in use") {
+		t.Errorf("error does not name the field and the problem:\n%s", out)
+	}
+	if strings.Contains(out, "spawned") || strings.Contains(out, "worker ready") {
+		t.Errorf("workers started:\n%s", out)
+	}
+	if entries, err := os.ReadDir(cfg.RunDir); err == nil && len(entries) > 0 {
+		t.Errorf("run directory left behind: %v", entries)
+	}
+	checkNoRules(t, lab)
+}
+
+// A second master takes the cluster over and binds the same HTTPAddr,
+// which the first one closed as it returned.
+func TestHTTPAfterTakeover(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 2})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	c1 := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), HTTPAddr: addr.String()})
+	c1.waitReady()
+	if code, body := mustGet(t, lab, addr, "/readyz"); code != 200 {
+		t.Fatalf("/readyz before the takeover: %d %q", code, body)
+	}
+	c2 := startClusterSpec(t, lab, c1.spec.Config, func(s *spec) { *s = c1.spec })
+	if err := c1.wait(10 * time.Second); err != nil {
+		t.Fatalf("first master after the handover: %v\n%s", err, c1.log())
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		code, body, err := get(lab, addr, "/status.json")
+		var st proto.Status
+		if err == nil && code == 200 && json.Unmarshal([]byte(body), &st) == nil && st.MasterPID == c2.cmd.Process.Pid && st.Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new master's endpoints: %d %v %s\n%s", code, err, body, c2.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if code, body := mustGet(t, lab, addr, "/readyz"); code != 200 {
+		t.Errorf("/readyz after the takeover: %d %q", code, body)
+	}
+}
+
+// findChromium returns the headless browser's path, or skips (fails where
+// IPCLUSTER_REQUIRE_NETNS asks for the whole suite, as in CI).
+func findChromium(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("IPCLUSTER_REQUIRE_NETNS") != "" {
+		t.Fatal("chromium not found on PATH, and IPCLUSTER_REQUIRE_NETNS is set: apt-get install chromium")
+	}
+	t.Skip("chromium not found on PATH (apt-get install chromium); skipping the status page's browser test")
+	return ""
+}
+
+// runChromium runs headless Chromium in ns with args and the page's URL,
+// and returns its standard output.
+func runChromium(t *testing.T, ns *netlab.NS, bin, url string, args ...string) []byte {
+	t.Helper()
+	home := t.TempDir()
+	args = append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+		"--no-first-run", "--no-default-browser-check", "--no-proxy-server", "--disable-dev-shm-usage",
+		"--user-data-dir=" + filepath.Join(home, "profile")}, append(args, url)...)
+	var out, errb bytes.Buffer
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), "HOME="+home)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	// Its own process group, so a hung browser is killed with its
+	// renderers, and only them.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := ns.Start(cmd); err != nil {
+		t.Fatalf("start chromium: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("chromium %v: %v\n%s", args, err, errb.String())
+		}
+	case <-time.After(90 * time.Second):
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		t.Fatalf("chromium did not finish in 90s\n%s", errb.String())
+	}
+	return out.Bytes()
+}
+
+// The status page as a browser shows it: after its script has fetched
+// /status.json and redrawn the tables, one row per slot with its worker's
+// pid; and a screenshot that is a picture, not a blank page.
+func TestStatusPageChromium(t *testing.T) {
+	bin := findChromium(t)
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond, HTTPAddr: addr.String()})
+	c.waitReady()
+	// Three connections, two on slot 0 and one on slot 1, for the bars.
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	for _, src := range []netip.Addr{lab.ClientAddrs4[0], lab.ClientAddrs4[0], lab.ClientAddrs4[1]} {
+		conn, err := c.dial(src, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+	}
+	st := c.waitStatus("the connections reported", func(st *proto.Status) bool {
+		var n int64
+		for _, w := range st.Workers {
+			if w.Stats != nil {
+				n += w.Stats.Connections
+			}
+		}
+		return n == 3
+	})
+	url := "http://" + addr.String() + "/status"
+
+	dom := string(runChromium(t, lab.Server, bin, url, "--virtual-time-budget=3000", "--dump-dom"))
+	rows := regexp.MustCompile(`<tr class="slot-row[^"]*" data-slot="(\d+)" data-pid="(\d+)"`).FindAllStringSubmatch(dom, -1)
+	if len(rows) != 4 {
+		t.Fatalf("rendered page has %d slot rows, want 4:\n%s", len(rows), dom)
+	}
+	for _, r := range rows {
+		slot, _ := strconv.Atoi(r[1])
+		pid, _ := strconv.Atoi(r[2])
+		if slot >= len(st.Slots) || pid != activePID(st, slot) {
+			t.Errorf("row for slot %d shows pid %d, want %d", slot, pid, activePID(st, slot))
+		}
+	}
+	if !strings.Contains(dom, `<span id="total-conns">3</span>`) {
+		t.Errorf("rendered page does not count 3 connections:\n%s", dom)
+	}
+	// The server leaves "updated" empty: text there means the script
+	// fetched /status.json and redrew the page.
+	if m := regexp.MustCompile(`<span id="updated">([^<]*)</span>`).FindStringSubmatch(dom); m == nil || m[1] == "" {
+		t.Errorf("the page's script did not refresh it (no time in #updated):\n%s", dom)
+	}
+	if m := regexp.MustCompile(`<span id="error">([^<]*)</span>`).FindStringSubmatch(dom); m == nil || m[1] != "" {
+		t.Errorf("the page's refresh failed (#error: %q):\n%s", m, dom)
+	}
+
+	shot := filepath.Join(t.TempDir(), "status.png")
+	runChromium(t, lab.Server, bin, url, "--virtual-time-budget=3000", "--window-size=1200,800", "--screenshot="+shot)
+	f, err := os.Open(shot)
+	if err != nil {
+		t.Fatalf("no screenshot: %v", err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("screenshot is not a PNG: %v", err)
+	}
+	b := img.Bounds()
+	colors := map[[4]uint32]bool{}
+	for y := b.Min.Y; y < b.Max.Y; y += 2 {
+		for x := b.Min.X; x < b.Max.X; x += 2 {
+			r, g, bl, a := img.At(x, y).RGBA()
+			colors[[4]uint32{r, g, bl, a}] = true
+		}
+	}
+	t.Logf("screenshot %s: %dx%d, %d colours", shot, b.Dx(), b.Dy(), len(colors))
+	if b.Dx() != 1200 || b.Dy() != 800 || len(colors) < 8 {
+		t.Errorf("screenshot is %dx%d with %d colours: not the page", b.Dx(), b.Dy(), len(colors))
+	}
+	if dst := os.Getenv("IPCLUSTER_KEEP_SCREENSHOT"); dst != "" {
+		if data, err := os.ReadFile(shot); err == nil {
+			_ = os.WriteFile(dst, data, 0o644)
+		}
+	}
+}
