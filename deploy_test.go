@@ -85,9 +85,10 @@ func (d *deployLab) finish() loadResult {
 	case d.crashSlot < 0 && res.Failures != 0:
 		d.t.Errorf("load: %v", res)
 	case d.crashSlot >= 0:
-		// At most the load's concurrency in flight on the crashing
-		// worker, and a few refused before the rollback's rule write.
-		if res.Failures > 8 {
+		// The load's concurrency in flight on the crashing worker, and
+		// the attempts refused (each at once) before the rollback's rule
+		// write: a few milliseconds, more on a busy machine.
+		if res.Failures > 32 {
 			d.t.Errorf("%d failures around one crash: %v", res.Failures, res)
 		}
 		for _, e := range res.Errors {

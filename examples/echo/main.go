@@ -34,40 +34,35 @@ import (
 )
 
 func main() {
-	name := flag.String("name", "echo", "cluster name")
-	workers := flag.Int("workers", 4, "worker processes: a power of two from 1 to 256")
+	cfg := ipcluster.Config{}
+	flag.StringVar(&cfg.Name, "name", "echo", "cluster name")
+	flag.IntVar(&cfg.Workers, "workers", 4, "worker processes: a power of two from 1 to 256")
 	port := flag.Uint("port", 7000, "public TCP port")
 	addr := flag.String("addr", "", "public address clients connect to (default any local address)")
-	runDir := flag.String("rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
+	flag.StringVar(&cfg.RunDir, "rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
 	backend := flag.String("backend", "", `rule backend: "nftables" or "iptables" (default: nftables where the kernel has it)`)
-	spares := flag.Int("spares", 0, "standby workers kept ready to take over a slot")
+	flag.IntVar(&cfg.Spares, "spares", 0, "standby workers kept ready to take over a slot")
+	flag.StringVar(&cfg.HTTPAddr, "http", "", `address for /metrics, /healthz, /readyz and /status, e.g. "127.0.0.1:9100" (default none)`)
 	flag.Parse()
 
-	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	slog.SetDefault(logger)
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	slog.SetDefault(cfg.Logger)
+	cfg.Backend = ipcluster.Backend(*backend)
 
 	if *sandbox { // sandbox.go; drop this when you copy the example
-		os.Exit(runSandbox(*workers, *port))
+		os.Exit(runSandbox(cfg.Workers, *port))
 	}
-	if err := run(*name, *workers, *spares, *port, *addr, *runDir, ipcluster.Backend(*backend), logger); err != nil {
-		logger.Error("echo", "err", err)
+	if err := run(cfg, *port, *addr); err != nil {
+		cfg.Logger.Error("echo", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(name string, workers, spares int, port uint, addr, runDir string, backend ipcluster.Backend, logger *slog.Logger) error {
+func run(cfg ipcluster.Config, port uint, addr string) error {
 	if port == 0 || port > 65535 {
 		return fmt.Errorf("-port %d: use a port from 1 to 65535", port)
 	}
-	cfg := ipcluster.Config{
-		Name:    name,
-		Workers: workers,
-		Spares:  spares,
-		Ports:   []ipcluster.Port{{Public: uint16(port)}},
-		RunDir:  runDir,
-		Backend: backend,
-		Logger:  logger,
-	}
+	cfg.Ports = []ipcluster.Port{{Public: uint16(port)}}
 	if addr != "" {
 		a, err := netip.ParseAddr(addr)
 		if err != nil {
