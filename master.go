@@ -196,6 +196,7 @@ type master struct {
 
 	installed  bool // rules written at least once
 	installErr int  // failed first installs
+	ruleFails  int  // consecutive failed writes, for the retry backoff
 	rulesDirty bool
 	retrying   bool
 	ready      bool
@@ -1042,10 +1043,17 @@ func (m *master) syncRules(ctx context.Context) {
 		}
 	}
 	t0 := time.Now()
-	err := m.rules.apply(ctx, targets, m.workerPorts())
+	// The loop waits for the write: bound it, so that a hung
+	// iptables-restore (a held xtables lock, a stuck kernel) cannot stall
+	// the master for good. A killed iptables-restore commits nothing.
+	wctx, cancel := context.WithTimeout(ctx, ruleWriteTimeout)
+	err := m.rules.apply(wctx, targets, m.workerPorts())
+	cancel()
 	m.obs.ruleWrite(time.Since(t0), err)
 	if err != nil {
-		m.log.Error("writing rules failed; previous rules stay in force, retrying in 1s", "err", err)
+		m.ruleFails++
+		delay := ruleRetryDelay(m.ruleFails)
+		m.log.Error("writing rules failed; previous rules stay in force", "err", err, "retry", delay, "failures", m.ruleFails)
 		m.emit.send(EventRulesFailed{Err: err})
 		if !m.installed {
 			m.installErr++
@@ -1056,8 +1064,12 @@ func (m *master) syncRules(ctx context.Context) {
 			return
 		}
 		m.retrying = true
-		time.AfterFunc(time.Second, func() { m.send(evRetryRules{}) })
+		time.AfterFunc(delay, func() { m.send(evRetryRules{}) })
 		return
+	}
+	if m.ruleFails > 0 {
+		m.log.Info("rules written again after failed writes", "failures", m.ruleFails)
+		m.ruleFails = 0
 	}
 	m.rulesDirty = false
 	m.installed = true
@@ -1078,6 +1090,20 @@ func (m *master) syncRules(ctx context.Context) {
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
 		m.notifyReady()
 	}
+}
+
+// ruleWriteTimeout bounds one rule write (every family's iptables-save and
+// iptables-restore, or one nf_tables transaction). iptables-restore --wait
+// waits this long at most for the xtables lock. A variable for tests.
+var ruleWriteTimeout = 10 * time.Second
+
+// ruleRetryDelay is how long the master waits before writing the rules
+// again after n consecutive failures: 1s, 2s, 4s, then every 5s.
+func ruleRetryDelay(n int) time.Duration {
+	if n < 1 {
+		n = 1
+	}
+	return min(time.Second<<min(n-1, 3), 5*time.Second)
 }
 
 // retired tells a worker whose slot the rules no longer point at that it is
