@@ -300,10 +300,10 @@ func newMaster(cfg *Config) (*master, error) {
 // on the control socket.
 func (m *master) openRunDir() (err error) {
 	if err := os.MkdirAll(m.cfg.RunDir, 0o755); err != nil {
-		return fmt.Errorf("create run directory %s: %w", m.cfg.RunDir, err)
+		return fmt.Errorf("create run directory %s: %w; %s", m.cfg.RunDir, err, runDirFix)
 	}
 	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create cluster directory %s: %w", m.dir, err)
+		return fmt.Errorf("create cluster directory %s: %w; %s", m.dir, err, runDirFix)
 	}
 	if m.worker != nil {
 		if err := m.worker.checkReachable(m.cfg.RunDir); err != nil {
@@ -320,7 +320,7 @@ func (m *master) openRunDir() (err error) {
 	}()
 	if m.lock, err = lockFile(m.lockPath()); err != nil {
 		if !errors.Is(err, ErrAlreadyRunning) {
-			return err
+			return fmt.Errorf("%w; %s", err, runDirFix)
 		}
 		// Another master owns the cluster: this is a deploy.
 		if err := m.takeOver(fmt.Errorf("cluster %q: %w", m.cfg.Name, err)); err != nil {
@@ -346,6 +346,10 @@ func (m *master) openRunDir() (err error) {
 	m.ln.SetUnlinkOnClose(false) // we remove it ourselves, after the workers are gone
 	return shareSocket(m.sock, m.worker)
 }
+
+// runDirFix ends the errors of a run directory the master cannot write.
+const runDirFix = "Config.RunDir must be a directory the master can write (default " + DefaultRunDir +
+	"): point it elsewhere, or fix the path's type, permissions or read-only mount"
 
 // closeRunDir removes the socket, the lock and the directory, if ours.
 func (m *master) closeRunDir() {
