@@ -845,7 +845,8 @@ type EventDismissed struct {
 }
 
 // EventRulesFailed: the rules could not be written (the previous rules stay
-// in force and the master retries), or the kernel lost them (Err wraps
+// in force and the master retries after 1s, 2s, 4s, then every 5s; a write
+// that takes longer than 10s is abandoned), or the kernel lost them (Err wraps
 // ErrRulesLost; the master writes them again at once).
 type EventRulesFailed struct{ Err error }
 

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files in testdata/")
@@ -242,3 +244,63 @@ func TestParseSaveRejectsMalformed(t *testing.T) {
 }
 
 func asRuleError(err error, re **RuleError) bool { return errors.As(err, re) }
+
+// A hung iptables-restore (here a script that sleeps, found first on PATH;
+// nothing touches the kernel) cannot stall the master: the write is
+// abandoned after ruleWriteTimeout, reported with the command, and retried
+// later with a backoff.
+func TestRuleWriteIsBounded(t *testing.T) {
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Skip(err)
+	}
+	bin := t.TempDir()
+	for name, body := range map[string]string{
+		"iptables-save":    "printf '*nat\\n:PREROUTING ACCEPT [0:0]\\n:OUTPUT ACCEPT [0:0]\\nCOMMIT\\n'",
+		"iptables-restore": "echo hanging >&2; exec " + sleep + " 60",
+	} {
+		if err := os.WriteFile(filepath.Join(bin, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", bin)
+	defer func(d time.Duration) { ruleWriteTimeout = d }(ruleWriteTimeout)
+	ruleWriteTimeout = 300 * time.Millisecond
+
+	m, events := policyMaster(t, Config{Workers: 2, Addr: netip.MustParseAddr("198.18.0.1")})
+	m.rt = m.cfg.routing()
+	m.rules = newRuleWriter(m.rt, execRunner{})
+	m.started = time.Now().Add(-time.Hour) // past the first install's wait
+	m.rulesDirty = true
+	t0 := time.Now()
+	m.syncRules(context.Background())
+	if d := time.Since(t0); d > 5*time.Second {
+		t.Errorf("syncRules took %s with a hung iptables-restore", d)
+	}
+	m.flushEvents()
+	if len(*events) != 1 {
+		t.Fatalf("events %v, want one EventRulesFailed", *events)
+	}
+	ev, ok := (*events)[0].(EventRulesFailed)
+	var re *RuleError
+	if !ok || !errors.As(ev.Err, &re) || !errors.Is(ev.Err, context.DeadlineExceeded) ||
+		!strings.Contains(ev.Err.Error(), "iptables-restore --noflush --wait") {
+		t.Fatalf("event %v: want a RuleError naming iptables-restore that wraps the deadline", (*events)[0])
+	}
+	if m.installed || !m.retrying || !m.rulesDirty || m.ruleFails != 1 || m.installErr != 1 {
+		t.Errorf("after a timed-out write: installed %v retrying %v dirty %v failures %d/%d",
+			m.installed, m.retrying, m.rulesDirty, m.ruleFails, m.installErr)
+	}
+}
+
+func TestRuleRetryDelay(t *testing.T) {
+	want := []time.Duration{time.Second, time.Second, 2 * time.Second, 4 * time.Second, 5 * time.Second, 5 * time.Second}
+	for n, w := range want {
+		if got := ruleRetryDelay(n); got != w {
+			t.Errorf("ruleRetryDelay(%d) = %s, want %s", n, got, w)
+		}
+	}
+	if got := ruleRetryDelay(1 << 20); got != 5*time.Second {
+		t.Errorf("ruleRetryDelay(big) = %s", got)
+	}
+}

@@ -196,6 +196,7 @@ type master struct {
 
 	installed  bool // rules written at least once
 	installErr int  // failed first installs
+	ruleFails  int  // consecutive failed writes, for the retry backoff
 	rulesDirty bool
 	retrying   bool
 	ready      bool
@@ -299,10 +300,10 @@ func newMaster(cfg *Config) (*master, error) {
 // on the control socket.
 func (m *master) openRunDir() (err error) {
 	if err := os.MkdirAll(m.cfg.RunDir, 0o755); err != nil {
-		return fmt.Errorf("create run directory %s: %w", m.cfg.RunDir, err)
+		return fmt.Errorf("create run directory %s: %w; %s", m.cfg.RunDir, err, runDirFix)
 	}
 	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create cluster directory %s: %w", m.dir, err)
+		return fmt.Errorf("create cluster directory %s: %w; %s", m.dir, err, runDirFix)
 	}
 	if m.worker != nil {
 		if err := m.worker.checkReachable(m.cfg.RunDir); err != nil {
@@ -319,7 +320,7 @@ func (m *master) openRunDir() (err error) {
 	}()
 	if m.lock, err = lockFile(m.lockPath()); err != nil {
 		if !errors.Is(err, ErrAlreadyRunning) {
-			return err
+			return fmt.Errorf("%w; %s", err, runDirFix)
 		}
 		// Another master owns the cluster: this is a deploy.
 		if err := m.takeOver(fmt.Errorf("cluster %q: %w", m.cfg.Name, err)); err != nil {
@@ -345,6 +346,10 @@ func (m *master) openRunDir() (err error) {
 	m.ln.SetUnlinkOnClose(false) // we remove it ourselves, after the workers are gone
 	return shareSocket(m.sock, m.worker)
 }
+
+// runDirFix ends the errors of a run directory the master cannot write.
+const runDirFix = "Config.RunDir must be a directory the master can write (default " + DefaultRunDir +
+	"): point it elsewhere, or fix the path's type, permissions or read-only mount"
 
 // closeRunDir removes the socket, the lock and the directory, if ours.
 func (m *master) closeRunDir() {
@@ -1042,10 +1047,17 @@ func (m *master) syncRules(ctx context.Context) {
 		}
 	}
 	t0 := time.Now()
-	err := m.rules.apply(ctx, targets, m.workerPorts())
+	// The loop waits for the write: bound it, so that a hung
+	// iptables-restore (a held xtables lock, a stuck kernel) cannot stall
+	// the master for good. A killed iptables-restore commits nothing.
+	wctx, cancel := context.WithTimeout(ctx, ruleWriteTimeout)
+	err := m.rules.apply(wctx, targets, m.workerPorts())
+	cancel()
 	m.obs.ruleWrite(time.Since(t0), err)
 	if err != nil {
-		m.log.Error("writing rules failed; previous rules stay in force, retrying in 1s", "err", err)
+		m.ruleFails++
+		delay := ruleRetryDelay(m.ruleFails)
+		m.log.Error("writing rules failed; previous rules stay in force", "err", err, "retry", delay, "failures", m.ruleFails)
 		m.emit.send(EventRulesFailed{Err: err})
 		if !m.installed {
 			m.installErr++
@@ -1056,8 +1068,12 @@ func (m *master) syncRules(ctx context.Context) {
 			return
 		}
 		m.retrying = true
-		time.AfterFunc(time.Second, func() { m.send(evRetryRules{}) })
+		time.AfterFunc(delay, func() { m.send(evRetryRules{}) })
 		return
+	}
+	if m.ruleFails > 0 {
+		m.log.Info("rules written again after failed writes", "failures", m.ruleFails)
+		m.ruleFails = 0
 	}
 	m.rulesDirty = false
 	m.installed = true
@@ -1078,6 +1094,20 @@ func (m *master) syncRules(ctx context.Context) {
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
 		m.notifyReady()
 	}
+}
+
+// ruleWriteTimeout bounds one rule write (every family's iptables-save and
+// iptables-restore, or one nf_tables transaction). iptables-restore --wait
+// waits this long at most for the xtables lock. A variable for tests.
+var ruleWriteTimeout = 10 * time.Second
+
+// ruleRetryDelay is how long the master waits before writing the rules
+// again after n consecutive failures: 1s, 2s, 4s, then every 5s.
+func ruleRetryDelay(n int) time.Duration {
+	if n < 1 {
+		n = 1
+	}
+	return min(time.Second<<min(n-1, 3), 5*time.Second)
 }
 
 // retired tells a worker whose slot the rules no longer point at that it is
