@@ -327,7 +327,6 @@ func quantiles(ds []time.Duration) string {
 		quantile(ds, 0.99).Round(100*time.Microsecond), quantile(ds, 1).Round(100*time.Microsecond))
 }
 
-
 // holders lists the processes with path open, and their state.
 func holders(path string) []string {
 	ents, _ := os.ReadDir("/proc")
