@@ -502,34 +502,45 @@ func (w *ruleWriter) routes(ctx context.Context) ([]slotTarget, error) {
 		if err != nil {
 			return nil, err
 		}
-		// The rule of each slot and port, with the worker port left off.
-		zero := make([]slotTarget, w.r.workers)
-		for slot := range zero {
-			zero[slot] = slotTarget{}
-			for _, pub := range w.r.ports {
-				zero[slot][pub] = 0
-			}
-		}
-		got := make([]slotTarget, w.r.workers)
-		for i, line := range w.r.chainRules(f, zero) {
-			slot, pub := i/len(w.r.ports), w.r.ports[i%len(w.r.ports)]
-			prefix := strings.TrimPrefix(strings.TrimSuffix(line, "0"), "-A "+w.r.chain+" ")
-			for _, spec := range have.rules[w.r.chain] {
-				rest, ok := strings.CutPrefix(spec, prefix)
-				if !ok {
-					continue
-				}
-				if port, err := strconv.ParseUint(rest, 10, 16); err == nil && port > 0 {
-					if got[slot] == nil {
-						got[slot] = slotTarget{}
-					}
-					got[slot][pub] = uint16(port)
-				}
-			}
-		}
-		perFamily = append(perFamily, got)
+		perFamily = append(perFamily, w.r.routesIn(f, have))
 	}
 	return agreeingRoutes(perFamily, w.r), nil
+}
+
+// routesIn reads each slot's target from the cluster's chain of family f in
+// a parsed dump. A rule it does not recognise as one chainRules writes is
+// ignored, so a slot without a recognisable rule for every port has an
+// incomplete target (agreeingRoutes drops those).
+func (r *routing) routesIn(f *family, have *natTable) []slotTarget {
+	// The rule of each slot and port, with the worker port left off.
+	zero := make([]slotTarget, r.workers)
+	for slot := range zero {
+		zero[slot] = slotTarget{}
+		for _, pub := range r.ports {
+			zero[slot][pub] = 0
+		}
+	}
+	got := make([]slotTarget, r.workers)
+	for i, line := range r.chainRules(f, zero) {
+		slot, pub := i/len(r.ports), r.ports[i%len(r.ports)]
+		prefix := strings.TrimPrefix(strings.TrimSuffix(line, "0"), "-A "+r.chain+" ")
+		for _, spec := range have.rules[r.chain] {
+			rest, ok := strings.CutPrefix(spec, prefix)
+			if !ok {
+				continue
+			}
+			if port, err := strconv.ParseUint(rest, 10, 16); err == nil && port > 0 {
+				if got[slot] == nil {
+					got[slot] = slotTarget{}
+				}
+				got[slot][pub] = uint16(port)
+				// The kernel's walk of the chain ends at the first
+				// match (a DNAT): a later duplicate routes nothing.
+				break
+			}
+		}
+	}
+	return got
 }
 
 // agreeingRoutes keeps the slots whose route covers every public port and

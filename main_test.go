@@ -172,6 +172,9 @@ func TestMain(m *testing.M) {
 	if s := os.Getenv(envDial); s != "" {
 		os.Exit(dialMain(s))
 	}
+	if s := os.Getenv(envFakeWorker); s != "" {
+		os.Exit(fakeWorkerMain(s))
+	}
 	os.Exit(m.Run())
 }
 

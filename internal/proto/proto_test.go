@@ -80,33 +80,3 @@ func TestEncodeRefusesOversized(t *testing.T) {
 		t.Errorf("unknown type encoded: %v", err)
 	}
 }
-
-// FuzzDecode: no input makes the decoder panic, and whatever it accepts
-// encodes back to a frame it accepts again.
-func FuzzDecode(f *testing.F) {
-	for _, s := range []string{
-		`{"type":"hello","body":{"version":2,"role":"worker","cluster":"c","pid":1,"slot":0,"generation":1,"ports":[{"public":80,"proto":"tcp","worker":4000},{"public":80,"proto":"udp","worker":4001}]}}`,
-		`{"type":"heartbeat","body":{"stats":{"heap_bytes":1,"goroutines":2,"connections":3}}}`,
-		`{"type":"retire","body":{"reason":"x"}}`,
-		`{"type":"status"}`,
-		`{"type":"welcome","body":{"version":2,"heartbeat_ms":500}}`,
-	} {
-		f.Add([]byte(s))
-	}
-	f.Fuzz(func(t *testing.T, payload []byte) {
-		m, err := Decode(payload)
-		if err != nil {
-			return
-		}
-		fr, err := Encode(m.Type, m.Body)
-		if err != nil {
-			if errors.Is(err, ErrFrameTooLarge) {
-				return
-			}
-			t.Fatalf("decoded %q but cannot encode it: %v", payload, err)
-		}
-		if _, err := NewReader(bytes.NewReader(fr)).Read(); err != nil {
-			t.Fatalf("re-encoded frame rejected: %v", err)
-		}
-	})
-}
