@@ -3,6 +3,7 @@
 package ipcluster_test
 
 import (
+	"net"
 	"net/netip"
 	"os"
 	osexec "os/exec"
@@ -481,4 +482,58 @@ func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
 		t.Fatalf("after the handover: %+v %v", rep, err)
 	}
 	t.Logf("%d connection attempts during the handover, none refused", attempts)
+}
+
+// A client whose connection a crashed worker reset reuses its source port
+// soon after (as it may: a reset leaves no TIME_WAIT). Conntrack does not
+// reopen an entry closed by the server's reset, so without the master's
+// cleanup the new SYN would follow the old translation to the dead port
+// and be refused for the entry's 10s, long after the slot moved.
+func TestCrashedWorkerClientPortReuse(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	src := netip.AddrPortFrom(lab.ClientAddrs4[1], 41234) // slot 1, a fixed port
+	dial := func() (*echoConn, error) {
+		var ec *echoConn
+		err := lab.Client.Do(func() error {
+			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(src), Timeout: 3 * time.Second,
+				Control: func(_, _ string, rc syscall.RawConn) error {
+					return rc.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1) })
+				}}
+			conn, err := d.Dial("tcp", dst.String())
+			if err != nil {
+				return err
+			}
+			ec, err = readFirst(conn)
+			return err
+		})
+		return ec, err
+	}
+	held, err := dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := held.first.PID
+	if victim != activePID(st, 1) {
+		t.Fatalf("reached %d, want slot 1's %d", victim, activePID(st, 1))
+	}
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := held.probe(); err == nil {
+		t.Fatal("the killed worker's connection still answers")
+	}
+	held.Close()
+	c.waitStatus("slot 1 replaced", func(s *proto.Status) bool { return activePID(s, 1) != 0 && activePID(s, 1) != victim })
+	time.Sleep(100 * time.Millisecond) // the cleanup follows the rule write
+	again, err := dial()
+	if err != nil {
+		t.Fatalf("the same client port, after the slot moved: %v", err)
+	}
+	defer again.Close()
+	if again.first.PID == victim || again.first.Slot != 1 {
+		t.Fatalf("reached %+v", again.first)
+	}
 }

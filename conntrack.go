@@ -69,6 +69,21 @@ func (f udpFlowFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	return f[movedFlow{Public: flow.Forward.DstPort, Worker: flow.Reverse.SrcPort}]
 }
 
+// deadTCPFilter matches the TCP entries whose reply comes from the port of
+// a worker that exited. Such an entry can only misroute: conntrack does not
+// reopen an entry closed by a reset from the server side (a crashed
+// worker's, or the kernel's for its dead port) when the client reuses its
+// source port within the entry's 10s, so the client's new SYN follows the
+// old translation to the dead port and is refused again, long after the
+// slot moved. Deleted, the SYN goes through nat to the slot's new worker.
+// Established connections to a dead worker are dead already.
+type deadTCPFilter map[movedFlow]bool
+
+// MatchConntrackFlow implements netlink.CustomConntrackFilter.
+func (f deadTCPFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	return flow.Forward.Protocol == unix.IPPROTO_TCP && f[movedFlow{Public: flow.Forward.DstPort, Worker: flow.Reverse.SrcPort}]
+}
+
 func (f udpFlowFilter) String() string {
 	parts := make([]string, 0, len(f))
 	for m := range f {
@@ -157,6 +172,7 @@ func (m *master) noteStoppingUDP() {
 // failure is logged, not fatal: those flows stay on their old port until
 // they go idle, which is what they would do without this cleanup.
 func (m *master) cleanConntrack() {
+	m.cleanDeadTCP()
 	if len(m.udpMoved) == 0 || !m.installed {
 		return
 	}
@@ -172,5 +188,54 @@ func (m *master) cleanConntrack() {
 		}
 		m.log.Info("deleted conntrack entries of moved UDP flows",
 			"family", f.name, "flows", filter.String(), "deleted", n, "elapsed", time.Since(t0))
+	}
+}
+
+// noteDeadTCP records the TCP ports of a worker that exited, for
+// cleanDeadTCP.
+func (m *master) noteDeadTCP(ports slotTarget) {
+	if m.deadTCP == nil {
+		m.deadTCP = map[movedFlow]bool{}
+	}
+	for pub, wport := range ports {
+		if pub.Proto == TCP {
+			m.deadTCP[movedFlow{Public: pub.Public, Worker: wport}] = true
+		}
+	}
+}
+
+// cleanDeadTCP deletes the TCP entries of exited workers' ports, once no
+// installed route points at those ports (until then new entries would be
+// made to them again). A failure is logged: those client ports are
+// refused until their entries expire, as without this cleanup.
+func (m *master) cleanDeadTCP() {
+	if len(m.deadTCP) == 0 || !m.installed {
+		return
+	}
+	routed := map[movedFlow]bool{}
+	for _, t := range m.routed {
+		for pub, wport := range t {
+			routed[movedFlow{Public: pub.Public, Worker: wport}] = true
+		}
+	}
+	filter := deadTCPFilter{}
+	for fl := range m.deadTCP {
+		if !routed[fl] {
+			filter[fl] = true
+			delete(m.deadTCP, fl)
+		}
+	}
+	if len(filter) == 0 {
+		return
+	}
+	for _, f := range m.rt.families {
+		n, err := m.conntrack(f, filter)
+		if err != nil {
+			m.log.Warn("could not delete the conntrack entries of exited workers' TCP ports", "family", f.name, "deleted", n, "err", err)
+			continue
+		}
+		if n > 0 {
+			m.log.Debug("deleted conntrack entries of exited workers' TCP ports", "family", f.name, "deleted", n)
+		}
 	}
 }

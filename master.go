@@ -183,6 +183,7 @@ type master struct {
 	// rules moved them away from a worker port (see conntrack.go).
 	routed    []slotTarget
 	udpMoved  map[movedFlow]bool
+	deadTCP   map[movedFlow]bool // TCP ports of exited workers (conntrack.go)
 	conntrack conntrackDeleter
 
 	obs *observer // HTTP endpoints and metrics (http.go); nil without Config.HTTPAddr
@@ -272,6 +273,7 @@ func newMaster(cfg *Config) (*master, error) {
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
 		udpMoved:  map[movedFlow]bool{},
+		deadTCP:   map[movedFlow]bool{},
 		conntrack: deleteConntrack,
 		build:     build,
 		target:    &codeGen{build: build},
@@ -676,6 +678,7 @@ func (m *master) onExit(p *proc, status string) {
 	if m.stopping {
 		return
 	}
+	m.noteDeadTCP(p.ports)
 	if p.ports != nil && m.rt.guard && p.state != stateActive {
 		// Its ports leave the guard set: the OS may hand them to anyone.
 		// (An active worker's leave with the write that points its slot
