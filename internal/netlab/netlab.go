@@ -34,6 +34,7 @@ package netlab
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -54,6 +55,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -453,11 +455,65 @@ func NewT(t testing.TB, opts Options) *Lab {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		// A test that failed half-way may leave processes behind (say, a
+		// worker whose master it could not stop): they would keep the
+		// namespace, and its addresses, alive for good. Only processes
+		// inside this lab's own namespaces are killed.
+		if n := l.killStrays(); n > 0 {
+			t.Logf("netlab: killed %d processes left in the lab's namespaces", n)
+		}
 		if err := l.Close(); err != nil {
 			t.Error(err)
 		}
 	})
 	return l
+}
+
+// killStrays SIGKILLs every process whose network namespace is one of the
+// lab's, waits up to 5s for them to go, and returns how many it killed.
+func (l *Lab) killStrays() int {
+	inodes := map[uint64]bool{}
+	for _, ns := range []*NS{l.Server, l.Client} {
+		if ns == nil {
+			continue
+		}
+		if ino, err := ns.Inode(); err == nil {
+			inodes[ino] = true
+		}
+	}
+	self := os.Getpid()
+	var killed []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && inodes[st.Ino] {
+			if unix.Kill(pid, unix.SIGKILL) == nil {
+				killed = append(killed, pid)
+			}
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, pid := range killed {
+		for running(pid) && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return len(killed)
+}
+
+// running reports whether pid exists and is not a zombie (whose namespace
+// is already released).
+func running(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
 }
 
 // missingPrivileges says which capabilities the process lacks, or "".
