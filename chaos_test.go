@@ -24,8 +24,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -263,8 +262,8 @@ func TestChaos(t *testing.T) {
 	for _, w := range st.Workers {
 		known[w.PID] = true
 	}
-	for _, pid := range pidsIn(ino) {
-		if !known[pid] && alive(pid) {
+	for _, pid := range netlab.PIDsIn(ino) {
+		if !known[pid] && netlab.Running(pid) {
 			t.Errorf("stray process %d in the server namespace: %s", pid, cmdline(pid))
 		}
 	}
@@ -280,31 +279,14 @@ func TestChaos(t *testing.T) {
 	_ = syscall.Kill(st.MasterPID, syscall.SIGTERM)
 	waitGone(t, []int{st.MasterPID}, 30*time.Second)
 	checkNoRules(t, d.lab)
-	for _, pid := range pidsIn(ino) {
-		if alive(pid) {
+	for _, pid := range netlab.PIDsIn(ino) {
+		if netlab.Running(pid) {
 			t.Errorf("process %d left after the stop: %s", pid, cmdline(pid))
 		}
 	}
 	if _, err := os.Stat(d.c.spec.Config.RunDir + "/t"); err == nil {
 		t.Errorf("run directory left after the stop")
 	}
-}
-
-// pidsIn lists the processes in the network namespace of inode ino.
-func pidsIn(ino uint64) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		var st unix.Stat_t
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && st.Ino == ino {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 func cmdline(pid int) string {

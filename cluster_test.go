@@ -464,7 +464,7 @@ func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	attempts := 0
-	for alive(old) && time.Now().Before(deadline) {
+	for netlab.Running(old) && time.Now().Before(deadline) {
 		attempts++
 		rep, err := ask(lab.Client, lab.ClientAddrs4[1], dst)
 		if err != nil {
@@ -474,7 +474,7 @@ func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
 			t.Fatalf("reached slot %d", rep.Slot)
 		}
 	}
-	if alive(old) {
+	if netlab.Running(old) {
 		t.Fatalf("signalled worker %d still running", old)
 	}
 	rep, err := ask(lab.Client, lab.ClientAddrs4[1], dst)

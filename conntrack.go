@@ -51,43 +51,50 @@ import (
 // source port Worker.
 type movedFlow struct{ Public, Worker uint16 }
 
-// udpFlowFilter matches the conntrack entries of moved UDP flows. It
-// implements netlink.CustomConntrackFilter.
-type udpFlowFilter map[movedFlow]bool
+// staleFlows matches the conntrack entries the rules no longer want, in
+// one dump of the table. It implements netlink.CustomConntrackFilter.
+//
+//   - udp: flows moved away from a worker port (see above).
+//   - tcp: the ports of workers that exited. Such an entry can only
+//     misroute: conntrack does not reopen an entry closed by a reset from
+//     the server side (a crashed worker's, or the kernel's for its dead
+//     port) when the client reuses its source port within the entry's 10s,
+//     so the client's new SYN follows the old translation to the dead port
+//     and is refused again, long after the slot moved. Deleted, the SYN goes
+//     through nat to the slot's new worker. Established connections to a
+//     dead worker are dead already; a live worker's are never matched.
+type staleFlows struct {
+	udp, tcp map[movedFlow]bool
+	matched  *[2]uint // UDP and TCP entries matched, for the logs
+}
 
-// MatchConntrackFlow matches a UDP entry whose reply comes from a moved
-// worker port. The public port must match too, so an unrelated flow that
-// happens to use the same port number elsewhere (say, an outgoing query to
-// a server on that port) is left alone.
-func (f udpFlowFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
-	if flow.Forward.Protocol != unix.IPPROTO_UDP {
-		// Never TCP: an established connection must stay with the worker
-		// that accepted it. Deleting its entry would send its next packet
-		// through nat to the new worker, which resets it.
+// MatchConntrackFlow matches an entry whose reply comes from a listed
+// worker port of its protocol. The public port must match too, so an
+// unrelated flow that happens to use the same port number elsewhere (say,
+// an outgoing query to a server on that port) is left alone.
+func (f staleFlows) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	key := movedFlow{Public: flow.Forward.DstPort, Worker: flow.Reverse.SrcPort}
+	i := 0
+	switch {
+	case flow.Forward.Protocol == unix.IPPROTO_UDP && f.udp[key]:
+	case flow.Forward.Protocol == unix.IPPROTO_TCP && f.tcp[key]:
+		i = 1
+	default:
 		return false
 	}
-	return f[movedFlow{Public: flow.Forward.DstPort, Worker: flow.Reverse.SrcPort}]
+	if f.matched != nil {
+		f.matched[i]++
+	}
+	return true
 }
 
-// deadTCPFilter matches the TCP entries whose reply comes from the port of
-// a worker that exited. Such an entry can only misroute: conntrack does not
-// reopen an entry closed by a reset from the server side (a crashed
-// worker's, or the kernel's for its dead port) when the client reuses its
-// source port within the entry's 10s, so the client's new SYN follows the
-// old translation to the dead port and is refused again, long after the
-// slot moved. Deleted, the SYN goes through nat to the slot's new worker.
-// Established connections to a dead worker are dead already.
-type deadTCPFilter map[movedFlow]bool
-
-// MatchConntrackFlow implements netlink.CustomConntrackFilter.
-func (f deadTCPFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
-	return flow.Forward.Protocol == unix.IPPROTO_TCP && f[movedFlow{Public: flow.Forward.DstPort, Worker: flow.Reverse.SrcPort}]
-}
-
-func (f udpFlowFilter) String() string {
-	parts := make([]string, 0, len(f))
-	for m := range f {
+func (f staleFlows) String() string {
+	parts := make([]string, 0, len(f.udp)+len(f.tcp))
+	for m := range f.udp {
 		parts = append(parts, strconv.Itoa(int(m.Public))+"/udp→"+strconv.Itoa(int(m.Worker)))
+	}
+	for m := range f.tcp {
+		parts = append(parts, strconv.Itoa(int(m.Public))+"/tcp→"+strconv.Itoa(int(m.Worker)))
 	}
 	slices.Sort(parts)
 	return strings.Join(parts, ",")
@@ -167,32 +174,57 @@ func (m *master) noteStoppingUDP() {
 	}
 }
 
-// cleanConntrack deletes the conntrack entries of the UDP flows whose worker
-// port the installed rules no longer point at, in every family served. A
-// failure is logged, not fatal: those flows stay on their old port until
-// they go idle, which is what they would do without this cleanup.
+// cleanConntrack deletes, in every family served, the conntrack entries of
+// the UDP flows whose worker port the installed rules no longer point at,
+// and those of exited workers' TCP ports once no route points at them
+// (until then new entries would be made to them again). A failure is
+// logged, not fatal: those flows stay where they are until their entries
+// expire, which is what they would do without this cleanup.
 func (m *master) cleanConntrack() {
-	m.cleanDeadTCP()
-	if len(m.udpMoved) == 0 || !m.installed {
+	if !m.installed {
 		return
 	}
-	filter := udpFlowFilter(m.udpMoved)
+	filter := staleFlows{udp: m.udpMoved, tcp: map[movedFlow]bool{}}
+	routed := map[movedFlow]bool{}
+	for _, t := range m.routed {
+		for pub, wport := range t {
+			if pub.Proto == TCP {
+				routed[movedFlow{Public: pub.Public, Worker: wport}] = true
+			}
+		}
+	}
+	for fl := range m.deadTCP {
+		if !routed[fl] {
+			filter.tcp[fl] = true
+			delete(m.deadTCP, fl)
+		}
+	}
+	if len(filter.udp)+len(filter.tcp) == 0 {
+		return
+	}
 	m.udpMoved = map[movedFlow]bool{}
 	for _, f := range m.rt.families {
 		t0 := time.Now()
-		n, err := m.conntrack(f, filter)
+		filter.matched = new([2]uint)
+		_, err := m.conntrack(f, filter)
 		if err != nil {
-			m.log.Warn("could not delete the conntrack entries of moved UDP flows; they stay on their old worker port until idle",
-				"family", f.name, "flows", filter.String(), "deleted", n, "err", err)
+			m.log.Warn("could not delete the conntrack entries of moved UDP flows or exited workers' TCP ports; they stay until they expire",
+				"family", f.name, "flows", filter.String(), "err", err)
 			continue
 		}
-		m.log.Info("deleted conntrack entries of moved UDP flows",
-			"family", f.name, "flows", filter.String(), "deleted", n, "elapsed", time.Since(t0))
+		if len(filter.udp) > 0 {
+			m.log.Info("deleted conntrack entries of moved UDP flows",
+				"family", f.name, "flows", staleFlows{udp: filter.udp}.String(), "deleted", filter.matched[0], "elapsed", time.Since(t0))
+		}
+		if filter.matched[1] > 0 {
+			m.log.Debug("deleted conntrack entries of exited workers' TCP ports",
+				"family", f.name, "ports", staleFlows{tcp: filter.tcp}.String(), "deleted", filter.matched[1])
+		}
 	}
 }
 
 // noteDeadTCP records the TCP ports of a worker that exited, for
-// cleanDeadTCP.
+// cleanConntrack.
 func (m *master) noteDeadTCP(ports slotTarget) {
 	if m.deadTCP == nil {
 		m.deadTCP = map[movedFlow]bool{}
@@ -200,42 +232,6 @@ func (m *master) noteDeadTCP(ports slotTarget) {
 	for pub, wport := range ports {
 		if pub.Proto == TCP {
 			m.deadTCP[movedFlow{Public: pub.Public, Worker: wport}] = true
-		}
-	}
-}
-
-// cleanDeadTCP deletes the TCP entries of exited workers' ports, once no
-// installed route points at those ports (until then new entries would be
-// made to them again). A failure is logged: those client ports are
-// refused until their entries expire, as without this cleanup.
-func (m *master) cleanDeadTCP() {
-	if len(m.deadTCP) == 0 || !m.installed {
-		return
-	}
-	routed := map[movedFlow]bool{}
-	for _, t := range m.routed {
-		for pub, wport := range t {
-			routed[movedFlow{Public: pub.Public, Worker: wport}] = true
-		}
-	}
-	filter := deadTCPFilter{}
-	for fl := range m.deadTCP {
-		if !routed[fl] {
-			filter[fl] = true
-			delete(m.deadTCP, fl)
-		}
-	}
-	if len(filter) == 0 {
-		return
-	}
-	for _, f := range m.rt.families {
-		n, err := m.conntrack(f, filter)
-		if err != nil {
-			m.log.Warn("could not delete the conntrack entries of exited workers' TCP ports", "family", f.name, "deleted", n, "err", err)
-			continue
-		}
-		if n > 0 {
-			m.log.Debug("deleted conntrack entries of exited workers' TCP ports", "family", f.name, "deleted", n)
 		}
 	}
 }

@@ -28,7 +28,7 @@ func flow(proto uint8, public, wport uint16) *netlink.ConntrackFlow {
 }
 
 func TestUDPFlowFilterMatchesOnlyMovedUDP(t *testing.T) {
-	f := udpFlowFilter{{Public: 8080, Worker: 40001}: true, {Public: 53, Worker: 40002}: true}
+	f := staleFlows{udp: map[movedFlow]bool{{Public: 8080, Worker: 40001}: true, {Public: 53, Worker: 40002}: true}}
 	for _, tc := range []struct {
 		name string
 		flow *netlink.ConntrackFlow
@@ -58,7 +58,7 @@ type fakeConntrack struct {
 }
 
 func (c *fakeConntrack) delete(f *family, filter netlink.CustomConntrackFilter) (uint, error) {
-	c.calls = append(c.calls, f.name+": "+filter.(udpFlowFilter).String())
+	c.calls = append(c.calls, f.name+": "+filter.(staleFlows).String())
 	return 3, c.fail
 }
 

@@ -48,6 +48,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"syscall"
@@ -644,5 +645,7 @@ func (m *master) setDeploy(phase DeployOutcome, text string) {
 	m.deployPhase, m.lastDeploy = phase, text
 }
 
-func (m *master) generationPath() string { return m.dir + "/generation" }
-func (m *master) lockPath() string       { return m.dir + "/lock" }
+// Files of the cluster's run directory.
+func (m *master) generationPath() string { return filepath.Join(m.dir, "generation") }
+func (m *master) lockPath() string       { return filepath.Join(m.dir, "lock") }
+func (m *master) workersPath() string    { return workersPath(m.cfg) }

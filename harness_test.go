@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -262,24 +261,12 @@ func clusterRules(natOut, chain string) []string {
 	return lines
 }
 
-// alive reports whether a process still runs. A zombie counts as gone: a
-// worker orphaned by a killed master is reparented to init, and whether
-// init reaps it is the machine's business, not the cluster's.
-func alive(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	i := bytes.LastIndexByte(b, ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
-}
-
 // waitGone waits for pids to disappear.
 func waitGone(t testing.TB, pids []int, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for _, pid := range pids {
-		for alive(pid) {
+		for netlab.Running(pid) {
 			if time.Now().After(deadline) {
 				t.Errorf("process %d still exists after %s", pid, timeout)
 				break

@@ -360,8 +360,8 @@ func (m *master) closeRunDir() {
 		os.Remove(m.sock)
 	}
 	if m.lock != nil {
-		os.Remove(filepath.Join(m.dir, "generation"))
-		os.Remove(filepath.Join(m.dir, "workers"))
+		os.Remove(m.generationPath())
+		os.Remove(m.workersPath())
 		// Unlink before unlocking: a master waiting on this inode then
 		// finds it gone and retries (see lockFile).
 		os.Remove(m.lock.Name())

@@ -89,7 +89,7 @@ func TestLeakingWorkerRetiredUnderLoad(t *testing.T) {
 	if err := probeAll(held); err != nil {
 		t.Fatalf("held connections after the retirement: %v", err)
 	}
-	if !alive(leaker) {
+	if !netlab.Running(leaker) {
 		t.Fatalf("retired worker %d exited with connections open", leaker)
 	}
 	for _, h := range held {
@@ -474,8 +474,8 @@ func TestMemoryWatermarks(t *testing.T) {
 	if len(asked) != 2 || asked[0] != r3 || asked[1] != r1 || len(killed) != 0 {
 		t.Fatalf("low watermark: asked %v killed %v, want r3 %d then r1 %d asked to finish", asked, killed, r3, r1)
 	}
-	if err := probeAll(held2); err != nil || !alive(r2) {
-		t.Fatalf("r2 %d after the low watermark: alive %v, %v", r2, alive(r2), err)
+	if err := probeAll(held2); err != nil || !netlab.Running(r2) {
+		t.Fatalf("r2 %d after the low watermark: alive %v, %v", r2, netlab.Running(r2), err)
 	}
 	waitGone(t, []int{r3, r1}, 15*time.Second) // after StopTimeout
 

@@ -36,7 +36,7 @@ type resizeState struct {
 // resizedWorkers returns the slot count a previous master of this cluster
 // resized it to, or 0.
 func resizedWorkers(cfg *Config) int {
-	b, err := os.ReadFile(filepath.Join(cfg.RunDir, cfg.Name, "workers"))
+	b, err := os.ReadFile(workersPath(cfg))
 	if err != nil {
 		return 0
 	}
@@ -46,6 +46,9 @@ func resizedWorkers(cfg *Config) int {
 	}
 	return n
 }
+
+// workersPath is where the resized slot count is kept.
+func workersPath(cfg *Config) string { return filepath.Join(cfg.RunDir, cfg.Name, "workers") }
 
 // checkWorkers says what is wrong with n as the cluster's slot count.
 func checkWorkers(cfg *Config, n int) error {
@@ -168,7 +171,7 @@ func (m *master) setWorkers(n int) {
 			m.noteAdoptedUDP(p.ports)
 		}
 	}
-	path := filepath.Join(m.dir, "workers")
+	path := m.workersPath()
 	if n == m.cfg.Workers {
 		os.Remove(path)
 	} else if err := os.WriteFile(path, []byte(strconv.Itoa(n)+"\n"), 0o600); err != nil {

@@ -13,14 +13,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"math/bits"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -37,23 +34,11 @@ const (
 )
 
 func runSandbox(workers int, port uint) int {
-	if err := sandboxMain(workers, port); err != nil {
-		slog.Error("sandbox", "err", err)
-		return 1
-	}
-	return 0
+	return sbx.Run(16, func(ctx context.Context, cl *sbx.Cluster) error { return show(ctx, cl, workers, port) })
 }
 
-func sandboxMain(workers int, port uint) (err error) {
-	// From here on ^C must tear the lab down, never kill this process.
-	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-
-	cl, err := sbx.Start(16)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, cl.Close()) }()
+// show demonstrates the running cluster, then says what to try.
+func show(ctx context.Context, cl *sbx.Cluster, workers int, port uint) error {
 	lab := cl.Lab
 
 	dst := netip.AddrPortFrom(lab.ServerAddr4, uint16(port))
@@ -65,14 +50,7 @@ func sandboxMain(workers int, port uint) (err error) {
 		return err
 	}
 	printCommands(lab, dst, cl.PID, cl.RunDir, pids)
-
-	select {
-	case <-ctx.Done():
-		fmt.Println("\nstopping the cluster and removing the namespaces")
-		return nil
-	case <-cl.Done:
-		return fmt.Errorf("master exited: %v", cl.Err())
-	}
+	return nil
 }
 
 // answer is a worker's line.

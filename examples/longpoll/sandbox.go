@@ -14,15 +14,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/netip"
 	"net/url"
 	"os"
-	"os/signal"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -38,24 +35,11 @@ const (
 )
 
 func runSandbox(workers int, port uint) int {
-	if err := sandboxMain(workers, port); err != nil {
-		slog.Error("sandbox", "err", err)
-		return 1
-	}
-	return 0
+	return sbx.Run(16, func(ctx context.Context, cl *sbx.Cluster) error { return show(ctx, cl, workers, port) })
 }
 
-func sandboxMain(workers int, port uint) (err error) {
-	// From here on ^C must tear the lab down, never kill this process.
-	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stopSignals()
-
-	cl, err := sbx.Start(16)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, cl.Close()) }()
-
+// show demonstrates the running cluster, then says what to try.
+func show(ctx context.Context, cl *sbx.Cluster, workers int, port uint) error {
 	base := "http://" + netip.AddrPortFrom(cl.Lab.ServerAddr4, uint16(port)).String()
 	if err := waitReady(ctx, cl, base); err != nil {
 		return err
@@ -64,14 +48,7 @@ func sandboxMain(workers int, port uint) (err error) {
 		return err
 	}
 	printCommands(cl, base, port)
-
-	select {
-	case <-ctx.Done():
-		fmt.Println("\nstopping the cluster and removing the namespaces")
-		return nil
-	case <-cl.Done:
-		return fmt.Errorf("master exited: %v", cl.Err())
-	}
+	return nil
 }
 
 // client is an HTTP client in the lab's client namespace, connecting from

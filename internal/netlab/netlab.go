@@ -456,10 +456,8 @@ func NewT(t testing.TB, opts Options) *Lab {
 	}
 	t.Cleanup(func() {
 		// A test that failed half-way may leave processes behind (say, a
-		// worker whose master it could not stop): they would keep the
-		// namespace, and its addresses, alive for good. Only processes
-		// inside this lab's own namespaces are killed.
-		if n := l.killStrays(); n > 0 {
+		// worker whose master it could not stop).
+		if n := l.KillProcesses(); n > 0 {
 			t.Logf("netlab: killed %d processes left in the lab's namespaces", n)
 		}
 		if err := l.Close(); err != nil {
@@ -469,45 +467,57 @@ func NewT(t testing.TB, opts Options) *Lab {
 	return l
 }
 
-// killStrays SIGKILLs every process whose network namespace is one of the
-// lab's, waits up to 5s for them to go, and returns how many it killed.
-func (l *Lab) killStrays() int {
-	inodes := map[uint64]bool{}
+// KillProcesses SIGKILLs every process whose network namespace is one of
+// the lab's, waits up to 5s for them to go, and returns how many it killed.
+// Workers outlive a master that was killed or failed half-way; left
+// running, they would keep the lab's namespaces, and its addresses, alive
+// for good.
+func (l *Lab) KillProcesses() int {
+	var killed []int
 	for _, ns := range []*NS{l.Server, l.Client} {
 		if ns == nil {
 			continue
 		}
-		if ino, err := ns.Inode(); err == nil {
-			inodes[ino] = true
-		}
-	}
-	self := os.Getpid()
-	var killed []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
+		ino, err := ns.Inode()
+		if err != nil {
 			continue
 		}
-		var st unix.Stat_t
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && inodes[st.Ino] {
-			if unix.Kill(pid, unix.SIGKILL) == nil {
+		for _, pid := range PIDsIn(ino) {
+			if pid != os.Getpid() && unix.Kill(pid, unix.SIGKILL) == nil {
 				killed = append(killed, pid)
 			}
 		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for _, pid := range killed {
-		for running(pid) && time.Now().Before(deadline) {
+		for Running(pid) && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	return len(killed)
 }
 
-// running reports whether pid exists and is not a zombie (whose namespace
-// is already released).
-func running(pid int) bool {
+// PIDsIn lists the processes whose network namespace has inode ino.
+func PIDsIn(ino uint64) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && st.Ino == ino {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// Running reports whether pid exists and is not a zombie. A zombie counts
+// as gone: it has released its namespaces and descriptors, and whether its
+// parent (init, for an orphaned worker) reaps it is not the test's business.
+func Running(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return false

@@ -14,6 +14,7 @@
 package sandbox
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -124,6 +125,39 @@ func Start(clients int) (c *Cluster, err error) {
 	return c, nil
 }
 
+// Run is an example's -sandbox mode: it starts the cluster in a lab (see
+// Start), runs show (a demo, then what to try), waits for ^C or the
+// master's exit, and tears everything down. It returns the exit status.
+func Run(clients int, show func(ctx context.Context, c *Cluster) error) int {
+	if err := run(clients, show); err != nil {
+		slog.Error("sandbox", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func run(clients int, show func(context.Context, *Cluster) error) (err error) {
+	// From here on ^C must tear the lab down, never kill this process.
+	ctx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stopSignals()
+
+	c, err := Start(clients)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, c.Close()) }()
+	if err := show(ctx, c); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		fmt.Println("\nstopping the cluster and removing the namespaces")
+		return nil
+	case <-c.Done:
+		return fmt.Errorf("master exited: %v", c.Err())
+	}
+}
+
 // Err is how the master exited; valid once Done is closed.
 func (c *Cluster) Err() error { return c.err }
 
@@ -150,19 +184,16 @@ func (c *Cluster) Close() error {
 		if c.cmd != nil {
 			c.stopMaster()
 		}
-		if c.netns != 0 {
-			// Workers outlive a killed master; anything still in the
-			// lab's server namespace is ours and would keep it alive.
-			for _, pid := range pidsInNetns(c.netns) {
-				slog.Warn("killing process left in the lab", "pid", pid)
-				_ = unix.Kill(pid, unix.SIGKILL)
-			}
-		}
 		var errs []error
 		if c.RunDir != "" {
 			errs = append(errs, os.RemoveAll(c.RunDir))
 		}
 		if c.Lab != nil {
+			// Workers outlive a killed master; anything still in the
+			// lab is ours and would keep it alive.
+			if n := c.Lab.KillProcesses(); n > 0 {
+				slog.Warn("killed processes left in the lab", "count", n)
+			}
 			if err := c.Lab.Close(); err != nil {
 				errs = append(errs, fmt.Errorf("remove lab namespaces: %w", err))
 			}
@@ -193,21 +224,4 @@ func (c *Cluster) stopMaster() {
 		_ = c.cmd.Process.Kill()
 		<-c.done
 	}
-}
-
-// pidsInNetns lists the processes whose network namespace has inode ino.
-func pidsInNetns(ino uint64) []int {
-	entries, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		var st unix.Stat_t
-		if unix.Stat("/proc/"+e.Name()+"/ns/net", &st) == nil && st.Ino == ino {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
