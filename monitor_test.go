@@ -74,7 +74,9 @@ func equalU64(a, b []uint64) bool {
 func TestRuntimeStatsReadsTheRuntime(t *testing.T) {
 	var r runtimeStats
 	st := r.read()
-	if st.HeapBytes == 0 || st.GCCount == 0 && st.GCPauseSec != 0 {
+	// A pause without a completed cycle is possible: a cycle's first
+	// stop-the-world pause comes before it completes (seen in CI).
+	if st.HeapBytes == 0 {
 		t.Errorf("first read: %+v", st)
 	}
 	n := st.GCCount
