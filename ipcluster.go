@@ -64,8 +64,11 @@ const (
 // envSlotSpare is EnvSlot's value for a spare (Config.Spares).
 const envSlotSpare = "spare"
 
-// Errors. Each error returned by this package wraps one of these, so callers
-// can test with errors.Is.
+// Errors. The failures a caller may act on wrap one of these, so callers can
+// test with errors.Is: a bad Config, missing privileges or binaries, a
+// cluster already running. Other errors (a system call that failed, a rule
+// write the kernel refused) wrap the underlying error and say what was
+// being done.
 var (
 	// ErrNotSupported: the platform is not Linux.
 	ErrNotSupported = errors.New("ipcluster: only supported on Linux")
@@ -732,7 +735,7 @@ type EventWorkerReady struct {
 // EventWorkerExited: a worker process ended.
 type EventWorkerExited struct {
 	PID, Slot, Generation int
-	State                 string // what it was: starting, active, retired, stopping
+	State                 string // what it was: starting, active, retired, stopping, spare or standby
 	Status                string // exit status or signal
 }
 
@@ -862,7 +865,7 @@ type EventStats struct {
 // (zero before its first report).
 type WorkerStats struct {
 	PID, Slot, Generation int
-	State                 string // starting, active, retired, stopping
+	State                 string // starting, active, retired, stopping, spare or standby (see the README's status)
 
 	// Read by the master from /proc/<pid>: RSS every MonitorInterval, PSS
 	// every tenth (0 where the kernel has no smaps_rollup). 0 before the

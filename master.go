@@ -2,7 +2,7 @@
 
 package ipcluster
 
-// The master's state machine. One goroutine, loop(), owns every field of
+// The master's state machine. One goroutine, run(), owns every field of
 // master; the helpers (acceptor, one reader per peer, one waiter per worker
 // process, signals) only send it events. A newcomer reading the lifecycle
 // should start at handle().
