@@ -91,6 +91,7 @@ type observer struct {
 	exits, retirements, retireHolds          *prometheus.CounterVec
 	deploys, ruleWrites, dismissals          *prometheus.CounterVec
 	memoryPressure                           *prometheus.CounterVec
+	backend                                  *prometheus.GaugeVec
 	ruleWriteSeconds, readySeconds           prometheus.Histogram
 	retireSeconds                            prometheus.Histogram
 }
@@ -173,8 +174,20 @@ func newObserver(log *slog.Logger) *observer {
 	o.retireSeconds = histogram("ipcluster_retirement_duration_seconds",
 		"Time from the decision to retire a worker to the rule write that moved its slot.",
 		prometheus.ExponentialBuckets(0.01, 2, 14)) // 10ms .. 80s
+	o.backend = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ipcluster_rule_backend_info",
+		Help: "1 for the rule backend in force (backend) and Config.Backend as set (config: auto, nftables or iptables)."},
+		[]string{"backend", "config"})
+	o.reg.MustRegister(o.backend)
 	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return o
+}
+
+// ruleBackend records the rule backend in force.
+func (o *observer) ruleBackend(c backendChoice) {
+	if o != nil {
+		o.backend.Reset()
+		o.backend.WithLabelValues(string(c.name), c.config).Set(1)
+	}
 }
 
 // spawned counts a worker process started.
@@ -655,6 +668,7 @@ pre { background: #fff; padding: .7em; overflow-x: auto; box-shadow: 0 1px 2px #
 generation <span id="generation">{{.St.Generation}}</span>,
 build <span id="build" title="{{.St.Build}}">{{short .St.Build}}</span>,
 deploy <span id="deploy">{{or .St.Deploy "-"}}</span>,
+backend <span id="backend">{{or .St.Backend "-"}}</span> (<span id="backend-reason">{{or .St.BackendReason "-"}}</span>),
 connections <span id="total-conns">{{.TotalConn}}</span>;
 updated <span id="updated"></span> <span id="error"></span></p>
 <noscript><p>Without JavaScript this page does not refresh: reload it, or read <a href="status.json">status.json</a>.</p></noscript>
@@ -740,6 +754,8 @@ function render(st) {
   setText("build", short(st.build));
   document.getElementById("build").title = st.build || "";
   setText("deploy", st.deploy || "-");
+  setText("backend", st.backend || "-");
+  setText("backend-reason", st.backend_reason || "-");
   setText("total-conns", total);
 
   const sb = document.createElement("tbody");

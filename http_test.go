@@ -27,6 +27,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/ctl"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -154,8 +155,9 @@ func pidLabel(pid int) string { return `pid="` + strconv.Itoa(pid) + `"` }
 
 // The endpoints of a running cluster: metrics with sane values, a
 // retirement counted by cause and its worker's series gone once it exits,
-// the probes, the status in JSON and HTML, and /readyz turning 503 while
-// the master stops (and /healthz staying 200).
+// the probes, the status in JSON and HTML (with the rule backend, as in
+// the metric and the start-up log), and /readyz turning 503 while the
+// master stops (and /healthz staying 200).
 func TestHTTPEndpoints(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
@@ -207,6 +209,7 @@ func TestHTTPEndpoints(t *testing.T) {
 		{"ipcluster_worker_crashes_total", nil, eq(0), "0"},
 		{"ipcluster_retirements_total", []string{`cause="requested"`}, eq(0), "0"},
 		{"ipcluster_deploys_total", []string{`outcome="committed"`}, eq(0), "0"},
+		{"ipcluster_rule_backend_info", []string{`backend="nftables"`, `config="auto"`}, eq(1), "1"},
 		{"ipcluster_retire_holds_total", []string{`cause="memory"`}, eq(0), "0"},
 		{"ipcluster_rule_writes_total", []string{`result="ok"`}, gt(0), "> 0"},
 		{"ipcluster_rule_write_duration_seconds_count", nil, gt(0), "> 0"},
@@ -223,6 +226,9 @@ func TestHTTPEndpoints(t *testing.T) {
 			t.Errorf("%s{%s} = %g, want %s", want.name, strings.Join(want.labels, ","), v, want.what)
 		}
 	}
+	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=nftables backend_reason="auto: nf_tables answers"`).MatchString(log) {
+		t.Errorf("the start-up log line does not name the backend and why:\n%s", log)
+	}
 
 	if code, body := mustGet(t, lab, addr, "/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
 		t.Errorf("/healthz: %d %q", code, body)
@@ -238,9 +244,15 @@ func TestHTTPEndpoints(t *testing.T) {
 	if js.MasterPID != c.cmd.Process.Pid || len(js.Slots) != 2 || js.Slots[0].Active != active0 || len(js.Workers) != 2 {
 		t.Errorf("/status.json: %+v", js)
 	}
+	if js.Backend != "nftables" || js.BackendReason != "auto: nf_tables answers" {
+		t.Errorf("/status.json backend %q (%q), want nftables (auto: nf_tables answers)", js.Backend, js.BackendReason)
+	}
 	code, body = mustGet(t, lab, addr, "/status")
 	if code != 200 || strings.Count(body, `class="slot-row`) != 2 {
 		t.Fatalf("/status: %d, want 2 slot rows:\n%s", code, body)
+	}
+	if !strings.Contains(body, `<span id="backend">nftables</span> (<span id="backend-reason">auto: nf_tables answers</span>)`) {
+		t.Errorf("/status does not show the backend and why:\n%s", body)
 	}
 	for i, pid := range []int{active0, active1} {
 		if !strings.Contains(body, fmt.Sprintf(`data-slot="%d" data-pid="%d"`, i, pid)) {
@@ -296,6 +308,39 @@ func TestHTTPEndpoints(t *testing.T) {
 	}
 	if _, _, err := get(lab, addr, "/healthz"); err == nil {
 		t.Errorf("the endpoints still answer after the master returned")
+	}
+}
+
+// A backend set in Config: named as such in the status, ipclusterctl's
+// status, /status.json, the metric and the start-up log.
+func TestHTTPBackendConfigured(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 1})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+		Backend: "iptables", HTTPAddr: addr.String()})
+	st := c.waitReady()
+	if st.Backend != "iptables" || st.BackendReason != "Config.Backend" {
+		t.Errorf("status backend %q (%q), want iptables (Config.Backend)", st.Backend, st.BackendReason)
+	}
+	var out, errb bytes.Buffer
+	if code := ctl.Main([]string{"-rundir", c.spec.Config.RunDir, "-name", c.spec.Config.Name, "status"}, &out, &errb); code != 0 ||
+		!strings.Contains(out.String(), "\nbackend: iptables (Config.Backend)\n") {
+		t.Errorf("ipclusterctl status: exit %d, want the backend named:\n%s%s", code, out.String(), errb.String())
+	}
+	code, body := mustGet(t, lab, addr, "/status.json")
+	var js proto.Status
+	if err := json.Unmarshal([]byte(body), &js); code != 200 || err != nil || js.Backend != "iptables" || js.BackendReason != "Config.Backend" {
+		t.Errorf("/status.json: %d %v: backend %q (%q)", code, err, js.Backend, js.BackendReason)
+	}
+	s := scrape(t, lab, addr)
+	if v, _ := sum(s, "ipcluster_rule_backend_info", `backend="iptables"`, `config="iptables"`); v != 1 {
+		t.Errorf("ipcluster_rule_backend_info{backend=\"iptables\",config=\"iptables\"} = %g, want 1:\n%s", v, dumpIPCluster(s))
+	}
+	if n, _ := sum(s, "ipcluster_rule_backend_info"); n != 1 {
+		t.Errorf("%g rule backends in force, want 1", n)
+	}
+	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=iptables backend_reason=Config.Backend`).MatchString(log) {
+		t.Errorf("the start-up log line does not name the backend and why:\n%s", log)
 	}
 }
 
