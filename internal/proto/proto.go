@@ -250,6 +250,9 @@ type WorkerStatus struct {
 	State      string  `json:"state"`
 	Ports      []Port  `json:"ports,omitempty"`
 	UptimeSec  float64 `json:"uptime_s"`
+	// StartTime is when the worker was spawned (or adopted), in seconds
+	// since the Unix epoch; 0 from a master of an earlier release.
+	StartTime float64 `json:"start_time,omitempty"`
 	// RSSBytes and PSSBytes are read by the master from /proc, as of the
 	// last monitor sample.
 	RSSBytes uint64 `json:"rss_bytes"`
