@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -32,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -180,7 +182,8 @@ func newObserver(log *slog.Logger) *observer {
 		Help: "1 for the rule backend in force (backend) and Config.Backend as set (config: auto, nftables or iptables)."},
 		[]string{"backend", "config"})
 	o.reg.MustRegister(o.backend)
-	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		conntrackCollector{dir: procfs.ConntrackDir, log: log})
 	return o
 }
 
@@ -542,6 +545,40 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
+}
+
+// conntrackCollector reads the conntrack table's fill at each scrape,
+// from the master's network namespace, which is the cluster's: a full
+// table drops every new connection, whatever the workers' health.
+// Without the nf_conntrack module (no nat rule was ever written on this
+// host) there is no table and no series.
+type conntrackCollector struct {
+	dir string
+	log *slog.Logger
+}
+
+var (
+	descConntrackEntries = prometheus.NewDesc("ipcluster_nf_conntrack_entries",
+		"Entries in the conntrack table of the cluster's network namespace (nf_conntrack_count).", nil, nil)
+	descConntrackLimit = prometheus.NewDesc("ipcluster_nf_conntrack_entries_limit",
+		"Size of the conntrack table (nf_conntrack_max): new connections are dropped once the entries reach it.", nil, nil)
+)
+
+func (c conntrackCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descConntrackEntries
+	ch <- descConntrackLimit
+}
+
+func (c conntrackCollector) Collect(ch chan<- prometheus.Metric) {
+	n, limit, err := procfs.Conntrack(c.dir)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			c.log.Debug("reading the conntrack table's size", "err", err)
+		}
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(descConntrackEntries, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(descConntrackLimit, prometheus.GaugeValue, float64(limit))
 }
 
 func boolValue(b bool) float64 {

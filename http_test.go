@@ -173,7 +173,8 @@ func checkWorkerLabels(t *testing.T, s map[string]float64) {
 
 // The endpoints of a running cluster: metrics with sane values (per-worker
 // series by slot and state, the pid in one info series per worker, start
-// times, deploy outcomes, the rule backend), a retirement counted by cause and its worker's series
+// times, deploy outcomes, the conntrack table of the lab's namespace, the
+// rule backend), a retirement counted by cause and its worker's series
 // gone once it exits, the probes, the status in JSON and HTML (with the
 // backend, as in the start-up log), and /readyz turning 503 while the
 // master stops (and /healthz staying 200).
@@ -235,6 +236,9 @@ func TestHTTPEndpoints(t *testing.T) {
 		{"ipcluster_deploys_total", nil, eq(0), "0 in all"},
 		{"ipcluster_deploy_in_progress", nil, eq(0), "0"},
 		{"ipcluster_rule_backend_info", []string{`backend="nftables"`, `config="auto"`}, eq(1), "1"},
+		// The held connection's entry at least: the lab's table, not the host's.
+		{"ipcluster_nf_conntrack_entries", nil, between(1, 1e7), ">= 1"},
+		{"ipcluster_nf_conntrack_entries_limit", nil, gt(1000), "> 1000"},
 		{"process_start_time_seconds", nil, between(now-120, now+1), "within the last 2 minutes"},
 		{"ipcluster_retire_holds_total", []string{`cause="memory"`}, eq(0), "0"},
 		{"ipcluster_rule_writes_total", []string{`result="ok"`}, gt(0), "> 0"},
@@ -253,6 +257,11 @@ func TestHTTPEndpoints(t *testing.T) {
 		}
 	}
 	checkWorkerLabels(t, s)
+	if n, limit := s["ipcluster_nf_conntrack_entries"], s["ipcluster_nf_conntrack_entries_limit"]; n > limit {
+		t.Errorf("conntrack entries %g above the limit %g", n, limit)
+	} else {
+		t.Logf("the lab's conntrack table: %g entries of %g", n, limit)
+	}
 	for _, gone := range []string{"ipcluster_worker_uptime_seconds", "ipcluster_worker_state", "ipcluster_worker_generation"} {
 		if _, ok := sum(s, gone); ok {
 			t.Errorf("%s still served", gone)
