@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -32,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -91,6 +93,7 @@ type observer struct {
 	exits, retirements, retireHolds          *prometheus.CounterVec
 	deploys, ruleWrites, dismissals          *prometheus.CounterVec
 	memoryPressure                           *prometheus.CounterVec
+	backend                                  *prometheus.GaugeVec
 	ruleWriteSeconds, readySeconds           prometheus.Histogram
 	retireSeconds                            prometheus.Histogram
 }
@@ -158,8 +161,10 @@ func newObserver(log *slog.Logger) *observer {
 	o.retireHolds = counterVec("ipcluster_retire_holds_total",
 		"Retirements held back by RetireLimit (once per worker), by cause.", "cause",
 		string(CauseMemory), string(CauseLag), string(CauseUnresponsive), string(CauseHealthCheck))
-	o.deploys = counterVec("ipcluster_deploys_total", "Deploy phases reached, by outcome.", "outcome",
-		string(DeployStarted), string(DeployCommitted), string(DeployRolledBack), string(DeployFailed), string(DeployHandedOver))
+	// Outcomes only: a deploy in progress is ipcluster_deploy_in_progress,
+	// and a master that handed the cluster over returns at once.
+	o.deploys = counterVec("ipcluster_deploys_total", "Deploys (and restarts) ended, by outcome.", "outcome",
+		string(DeployCommitted), string(DeployRolledBack), string(DeployFailed))
 	o.ruleWrites = counterVec("ipcluster_rule_writes_total", "Rule writes, by result (ok or error).", "result", "ok", "error")
 	o.dismissals = counterVec("ipcluster_dismissals_total",
 		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
@@ -173,8 +178,21 @@ func newObserver(log *slog.Logger) *observer {
 	o.retireSeconds = histogram("ipcluster_retirement_duration_seconds",
 		"Time from the decision to retire a worker to the rule write that moved its slot.",
 		prometheus.ExponentialBuckets(0.01, 2, 14)) // 10ms .. 80s
-	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	o.backend = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ipcluster_rule_backend_info",
+		Help: "1 for the rule backend in force (backend) and Config.Backend as set (config: auto, nftables or iptables)."},
+		[]string{"backend", "config"})
+	o.reg.MustRegister(o.backend)
+	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		conntrackCollector{dir: procfs.ConntrackDir, log: log})
 	return o
+}
+
+// ruleBackend records the rule backend in force.
+func (o *observer) ruleBackend(c backendChoice) {
+	if o != nil {
+		o.backend.Reset()
+		o.backend.WithLabelValues(string(c.name), c.config).Set(1)
+	}
 }
 
 // spawned counts a worker process started.
@@ -227,7 +245,10 @@ func (o *observer) event(ev Event) {
 	case EventRetireHeld:
 		o.retireHolds.WithLabelValues(string(ev.Cause)).Inc()
 	case EventDeploy:
-		o.deploys.WithLabelValues(string(ev.Outcome)).Inc()
+		switch ev.Outcome {
+		case DeployCommitted, DeployRolledBack, DeployFailed:
+			o.deploys.WithLabelValues(string(ev.Outcome)).Inc()
+		}
 	case EventRulesFailed:
 		// Failed writes are counted where they happen (ruleWrite).
 		if errors.Is(ev.Err, ErrRulesLost) {
@@ -379,7 +400,7 @@ func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
 // Descriptions of the metrics read from a status snapshot.
 var (
 	slotLabels   = []string{"slot"}
-	workerLabels = []string{"slot", "pid"}
+	workerLabels = []string{"slot", "state"}
 
 	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when every slot has had a ready worker and the rules are installed.", nil, nil)
 	descStopping   = prometheus.NewDesc("ipcluster_stopping", "1 while the master stops gracefully.", nil, nil)
@@ -387,6 +408,7 @@ var (
 	descWorkers    = prometheus.NewDesc("ipcluster_workers", "Worker processes, by state.", []string{"state"}, nil)
 	descGeneration = prometheus.NewDesc("ipcluster_master_generation", "This master's generation.", nil, nil)
 	descBuild      = prometheus.NewDesc("ipcluster_build_info", "The build (Config.Version) new workers are spawned from.", []string{"build"}, nil)
+	descDeploying  = prometheus.NewDesc("ipcluster_deploy_in_progress", "1 while a deploy (or restart) rolls the slots.", nil, nil)
 
 	descSlotUp          = prometheus.NewDesc("ipcluster_slot_up", "1 when the slot has an active worker.", slotLabels, nil)
 	descSlotGeneration  = prometheus.NewDesc("ipcluster_slot_generation", "Generation of the slot's active worker.", slotLabels, nil)
@@ -395,14 +417,14 @@ var (
 	descSlotConnections = prometheus.NewDesc("ipcluster_slot_connections",
 		"Open connections of the slot's workers: its active worker and those still draining from it.", slotLabels, nil)
 
-	descWorkerState        = prometheus.NewDesc("ipcluster_worker_state", "1 for the worker's state.", append(workerLabels, "state"), nil)
-	descWorkerGeneration   = prometheus.NewDesc("ipcluster_worker_generation", "Generation of the master that spawned the worker.", workerLabels, nil)
+	descWorkerInfo = prometheus.NewDesc("ipcluster_worker_info", "1 for each worker process, with what identifies it.",
+		[]string{"slot", "state", "pid", "generation", "build"}, nil)
+	descWorkerStart        = prometheus.NewDesc("ipcluster_worker_start_time_seconds", "When the worker was spawned (or adopted), in seconds since the Unix epoch; the earliest of several.", workerLabels, nil)
 	descWorkerRSS          = prometheus.NewDesc("ipcluster_worker_rss_bytes", "Worker RSS, read by the master from /proc.", workerLabels, nil)
 	descWorkerPSS          = prometheus.NewDesc("ipcluster_worker_pss_bytes", "Worker PSS, read by the master from /proc (0 before the first read).", workerLabels, nil)
-	descWorkerUptime       = prometheus.NewDesc("ipcluster_worker_uptime_seconds", "Time since the worker was spawned (or adopted).", workerLabels, nil)
-	descWorkerHeartbeatAge = prometheus.NewDesc("ipcluster_worker_heartbeat_age_seconds", "Time since the worker's last heartbeat arrived.", workerLabels, nil)
-	descWorkerLag          = prometheus.NewDesc("ipcluster_worker_lag_seconds", "Worker's smoothed scheduling lag.", workerLabels, nil)
-	descWorkerSchedP99     = prometheus.NewDesc("ipcluster_worker_sched_latency_p99_seconds", "p99 of the worker's goroutine scheduling latency over its last heartbeat interval.", workerLabels, nil)
+	descWorkerHeartbeatAge = prometheus.NewDesc("ipcluster_worker_heartbeat_age_seconds", "Time since the worker's last heartbeat arrived; the oldest of several.", workerLabels, nil)
+	descWorkerLag          = prometheus.NewDesc("ipcluster_worker_lag_seconds", "Worker's smoothed scheduling lag; the largest of several.", workerLabels, nil)
+	descWorkerSchedP99     = prometheus.NewDesc("ipcluster_worker_sched_latency_p99_seconds", "p99 of the worker's goroutine scheduling latency over its last heartbeat interval; the largest of several.", workerLabels, nil)
 	descWorkerConnections  = prometheus.NewDesc("ipcluster_worker_connections", "Worker's open connections.", workerLabels, nil)
 	descWorkerAccepted     = prometheus.NewDesc("ipcluster_worker_accepted_connections_total", "Connections the worker accepted since it started.", workerLabels, nil)
 	descWorkerHeap         = prometheus.NewDesc("ipcluster_worker_heap_bytes", "Worker's Go heap in use.", workerLabels, nil)
@@ -413,13 +435,39 @@ var (
 // for each rather than gaps.
 var workerStates = []procState{stateStarting, stateActive, stateRetired, stateStopping, stateSpare, stateStandby}
 
+// workerKey labels the per-worker series: slot and state, not pid, so a
+// worker crashing in a loop does not make a dozen new series each time;
+// the pid (with generation and build) is in the one ipcluster_worker_info
+// series of each worker. A spare has no slot: "spare". The series stay
+// bounded by slots × states, which is why workers sharing a key (the
+// retired workers of a slot still draining, say) share the series: their
+// sizes and counts add up, lag and heartbeat age take the worst, the
+// start time the earliest.
+type workerKey struct{ slot, state string }
+
+// workerSum is the per-worker figures of the workers of one key.
+type workerSum struct {
+	start, beatAge, lag, schedP99 float64
+	rss, pss, heap, accepted      uint64
+	conns                         int64
+	goroutines                    int
+	beats                         bool // any of them has sent a heartbeat
+}
+
+func slotLabel(slot int) string {
+	if slot < 0 {
+		return "spare"
+	}
+	return strconv.Itoa(slot)
+}
+
 // statusCollector turns one status snapshot into const metrics.
 type statusCollector struct{ st *proto.Status }
 
 func (c statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descReady, descStopping, descSlots, descWorkers, descGeneration, descBuild,
+	for _, d := range []*prometheus.Desc{descReady, descStopping, descSlots, descWorkers, descGeneration, descBuild, descDeploying,
 		descSlotUp, descSlotGeneration, descSlotRSS, descSlotLag, descSlotConnections,
-		descWorkerState, descWorkerGeneration, descWorkerRSS, descWorkerPSS, descWorkerUptime, descWorkerHeartbeatAge,
+		descWorkerInfo, descWorkerStart, descWorkerRSS, descWorkerPSS, descWorkerHeartbeatAge,
 		descWorkerLag, descWorkerSchedP99, descWorkerConnections, descWorkerAccepted, descWorkerHeap, descWorkerGoroutines} {
 		ch <- d
 	}
@@ -435,30 +483,51 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descSlots, float64(len(st.Slots)))
 	gauge(descGeneration, float64(st.Generation))
 	gauge(descBuild, 1, st.Build)
+	gauge(descDeploying, boolValue(st.DeployPhase == string(DeployStarted)))
 	byState := map[string]int{}
 	slotConns := make([]int64, len(st.Slots))
 	byPID := map[int]*proto.WorkerStatus{}
+	sums := map[workerKey]*workerSum{}
 	for i := range st.Workers {
 		w := &st.Workers[i]
 		byPID[w.PID] = w
 		byState[w.State]++
-		slot, pid := strconv.Itoa(w.Slot), strconv.Itoa(w.PID)
-		gauge(descWorkerState, 1, slot, pid, w.State)
-		gauge(descWorkerGeneration, float64(w.Generation), slot, pid)
-		gauge(descWorkerRSS, float64(w.RSSBytes), slot, pid)
-		gauge(descWorkerPSS, float64(w.PSSBytes), slot, pid)
-		gauge(descWorkerUptime, w.UptimeSec, slot, pid)
+		k := workerKey{slotLabel(w.Slot), w.State}
+		gauge(descWorkerInfo, 1, k.slot, k.state, strconv.Itoa(w.PID), strconv.Itoa(w.Generation), w.Build)
+		sum := sums[k]
+		if sum == nil {
+			sum = &workerSum{start: w.StartTime}
+			sums[k] = sum
+		}
+		sum.start = min(sum.start, w.StartTime)
+		sum.rss += w.RSSBytes
+		sum.pss += w.PSSBytes
 		if s := w.Stats; s != nil {
-			gauge(descWorkerHeartbeatAge, w.HeartbeatAgeSec, slot, pid)
-			gauge(descWorkerLag, s.LagSec, slot, pid)
-			gauge(descWorkerSchedP99, s.SchedP99Sec, slot, pid)
-			gauge(descWorkerConnections, float64(s.Connections), slot, pid)
-			ch <- prometheus.MustNewConstMetric(descWorkerAccepted, prometheus.CounterValue, float64(s.Accepted), slot, pid)
-			gauge(descWorkerHeap, float64(s.HeapBytes), slot, pid)
-			gauge(descWorkerGoroutines, float64(s.Goroutines), slot, pid)
+			sum.beats = true
+			sum.beatAge = max(sum.beatAge, w.HeartbeatAgeSec)
+			sum.lag = max(sum.lag, s.LagSec)
+			sum.schedP99 = max(sum.schedP99, s.SchedP99Sec)
+			sum.conns += s.Connections
+			sum.accepted += s.Accepted
+			sum.heap += s.HeapBytes
+			sum.goroutines += s.Goroutines
 			if w.Slot >= 0 && w.Slot < len(slotConns) {
 				slotConns[w.Slot] += s.Connections
 			}
+		}
+	}
+	for k, sum := range sums {
+		gauge(descWorkerStart, sum.start, k.slot, k.state)
+		gauge(descWorkerRSS, float64(sum.rss), k.slot, k.state)
+		gauge(descWorkerPSS, float64(sum.pss), k.slot, k.state)
+		if sum.beats {
+			gauge(descWorkerHeartbeatAge, sum.beatAge, k.slot, k.state)
+			gauge(descWorkerLag, sum.lag, k.slot, k.state)
+			gauge(descWorkerSchedP99, sum.schedP99, k.slot, k.state)
+			gauge(descWorkerConnections, float64(sum.conns), k.slot, k.state)
+			ch <- prometheus.MustNewConstMetric(descWorkerAccepted, prometheus.CounterValue, float64(sum.accepted), k.slot, k.state)
+			gauge(descWorkerHeap, float64(sum.heap), k.slot, k.state)
+			gauge(descWorkerGoroutines, float64(sum.goroutines), k.slot, k.state)
 		}
 	}
 	for _, s := range workerStates {
@@ -476,6 +545,40 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
+}
+
+// conntrackCollector reads the conntrack table's fill at each scrape,
+// from the master's network namespace, which is the cluster's: a full
+// table drops every new connection, whatever the workers' health.
+// Without the nf_conntrack module (no nat rule was ever written on this
+// host) there is no table and no series.
+type conntrackCollector struct {
+	dir string
+	log *slog.Logger
+}
+
+var (
+	descConntrackEntries = prometheus.NewDesc("ipcluster_nf_conntrack_entries",
+		"Entries in the conntrack table of the cluster's network namespace (nf_conntrack_count).", nil, nil)
+	descConntrackLimit = prometheus.NewDesc("ipcluster_nf_conntrack_entries_limit",
+		"Size of the conntrack table (nf_conntrack_max): new connections are dropped once the entries reach it.", nil, nil)
+)
+
+func (c conntrackCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descConntrackEntries
+	ch <- descConntrackLimit
+}
+
+func (c conntrackCollector) Collect(ch chan<- prometheus.Metric) {
+	n, limit, err := procfs.Conntrack(c.dir)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			c.log.Debug("reading the conntrack table's size", "err", err)
+		}
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(descConntrackEntries, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(descConntrackLimit, prometheus.GaugeValue, float64(limit))
 }
 
 func boolValue(b bool) float64 {
@@ -655,6 +758,7 @@ pre { background: #fff; padding: .7em; overflow-x: auto; box-shadow: 0 1px 2px #
 generation <span id="generation">{{.St.Generation}}</span>,
 build <span id="build" title="{{.St.Build}}">{{short .St.Build}}</span>,
 deploy <span id="deploy">{{or .St.Deploy "-"}}</span>,
+backend <span id="backend">{{or .St.Backend "-"}}</span> (<span id="backend-reason">{{or .St.BackendReason "-"}}</span>),
 connections <span id="total-conns">{{.TotalConn}}</span>;
 updated <span id="updated"></span> <span id="error"></span></p>
 <noscript><p>Without JavaScript this page does not refresh: reload it, or read <a href="status.json">status.json</a>.</p></noscript>
@@ -740,6 +844,8 @@ function render(st) {
   setText("build", short(st.build));
   document.getElementById("build").title = st.build || "";
   setText("deploy", st.deploy || "-");
+  setText("backend", st.backend || "-");
+  setText("backend-reason", st.backend_reason || "-");
   setText("total-conns", total);
 
   const sb = document.createElement("tbody");

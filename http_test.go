@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"image/png"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -27,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/ctl"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -152,10 +154,30 @@ func dumpIPCluster(s map[string]float64) string {
 
 func pidLabel(pid int) string { return `pid="` + strconv.Itoa(pid) + `"` }
 
-// The endpoints of a running cluster: metrics with sane values, a
-// retirement counted by cause and its worker's series gone once it exits,
-// the probes, the status in JSON and HTML, and /readyz turning 503 while
-// the master stops (and /healthz staying 200).
+// slotActive selects a slot's active worker in the per-worker series.
+func slotActive(slot int) []string {
+	return []string{`slot="` + strconv.Itoa(slot) + `"`, `state="active"`}
+}
+
+// checkWorkerLabels fails for a per-worker series with a pid label: one
+// that every crash would replace. Only ipcluster_worker_info names pids.
+func checkWorkerLabels(t *testing.T, s map[string]float64) {
+	t.Helper()
+	for series := range s {
+		if strings.HasPrefix(series, "ipcluster_worker_") && !strings.HasPrefix(series, "ipcluster_worker_info{") &&
+			strings.Contains(series, `pid="`) {
+			t.Errorf("per-worker series with a pid label: %s", series)
+		}
+	}
+}
+
+// The endpoints of a running cluster: metrics with sane values (per-worker
+// series by slot and state, the pid in one info series per worker, start
+// times, deploy outcomes, the conntrack table of the lab's namespace, the
+// rule backend), a retirement counted by cause and its worker's series
+// gone once it exits, the probes, the status in JSON and HTML (with the
+// backend, as in the start-up log), and /readyz turning 503 while the
+// master stops (and /healthz staying 200).
 func TestHTTPEndpoints(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
@@ -175,11 +197,12 @@ func TestHTTPEndpoints(t *testing.T) {
 	defer held.Close()
 
 	s := waitMetrics(t, lab, addr, "RSS and the held connection in the metrics", func(s map[string]float64) bool {
-		rss0, _ := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active0))
-		rss1, _ := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active1))
-		conns, _ := sum(s, "ipcluster_worker_connections", pidLabel(active0))
+		rss0, _ := sum(s, "ipcluster_worker_rss_bytes", slotActive(0)...)
+		rss1, _ := sum(s, "ipcluster_worker_rss_bytes", slotActive(1)...)
+		conns, _ := sum(s, "ipcluster_worker_connections", slotActive(0)...)
 		return rss0 > 0 && rss1 > 0 && conns == 1
 	})
+	now := float64(time.Now().Unix())
 	for _, want := range []struct {
 		name   string
 		labels []string
@@ -191,12 +214,13 @@ func TestHTTPEndpoints(t *testing.T) {
 		{"ipcluster_slots", nil, eq(2), "2"},
 		{"ipcluster_workers", []string{`state="active"`}, eq(2), "2"},
 		{"ipcluster_workers", nil, eq(2), "2 in all"},
-		{"ipcluster_worker_state", []string{pidLabel(active0), `slot="0"`, `state="active"`}, eq(1), "1"},
-		{"ipcluster_worker_state", []string{pidLabel(active1), `slot="1"`, `state="active"`}, eq(1), "1"},
-		{"ipcluster_worker_generation", []string{pidLabel(active0)}, eq(1), "1"},
-		{"ipcluster_worker_lag_seconds", []string{pidLabel(active0)}, between(0, 1), "0..1s"},
-		{"ipcluster_worker_uptime_seconds", []string{pidLabel(active0)}, between(0.001, 60), "0..60s"},
-		{"ipcluster_worker_heap_bytes", []string{pidLabel(active0)}, gt(0), "> 0"},
+		{"ipcluster_worker_info", []string{pidLabel(active0), `slot="0"`, `state="active"`, `generation="1"`, `build="`}, eq(1), "1"},
+		{"ipcluster_worker_info", []string{pidLabel(active1), `slot="1"`, `state="active"`, `generation="1"`}, eq(1), "1"},
+		{"ipcluster_worker_info", nil, eq(2), "2: one per worker"},
+		{"ipcluster_worker_lag_seconds", slotActive(0), between(0, 1), "0..1s"},
+		{"ipcluster_worker_start_time_seconds", slotActive(0), between(now-60, now+1), "within the last minute"},
+		{"ipcluster_worker_heap_bytes", slotActive(0), gt(0), "> 0"},
+		{"ipcluster_worker_accepted_connections_total", slotActive(0), eq(1), "1"},
 		{"ipcluster_slot_up", []string{`slot="1"`}, eq(1), "1"},
 		{"ipcluster_slot_connections", []string{`slot="0"`}, eq(1), "1"},
 		{"ipcluster_slot_connections", []string{`slot="1"`}, eq(0), "0"},
@@ -207,6 +231,15 @@ func TestHTTPEndpoints(t *testing.T) {
 		{"ipcluster_worker_crashes_total", nil, eq(0), "0"},
 		{"ipcluster_retirements_total", []string{`cause="requested"`}, eq(0), "0"},
 		{"ipcluster_deploys_total", []string{`outcome="committed"`}, eq(0), "0"},
+		{"ipcluster_deploys_total", []string{`outcome="rolled-back"`}, eq(0), "0"},
+		{"ipcluster_deploys_total", []string{`outcome="failed"`}, eq(0), "0"},
+		{"ipcluster_deploys_total", nil, eq(0), "0 in all"},
+		{"ipcluster_deploy_in_progress", nil, eq(0), "0"},
+		{"ipcluster_rule_backend_info", []string{`backend="nftables"`, `config="auto"`}, eq(1), "1"},
+		// The held connection's entry at least: the lab's table, not the host's.
+		{"ipcluster_nf_conntrack_entries", nil, between(1, 1e7), ">= 1"},
+		{"ipcluster_nf_conntrack_entries_limit", nil, gt(1000), "> 1000"},
+		{"process_start_time_seconds", nil, between(now-120, now+1), "within the last 2 minutes"},
 		{"ipcluster_retire_holds_total", []string{`cause="memory"`}, eq(0), "0"},
 		{"ipcluster_rule_writes_total", []string{`result="ok"`}, gt(0), "> 0"},
 		{"ipcluster_rule_write_duration_seconds_count", nil, gt(0), "> 0"},
@@ -223,6 +256,25 @@ func TestHTTPEndpoints(t *testing.T) {
 			t.Errorf("%s{%s} = %g, want %s", want.name, strings.Join(want.labels, ","), v, want.what)
 		}
 	}
+	checkWorkerLabels(t, s)
+	if n, limit := s["ipcluster_nf_conntrack_entries"], s["ipcluster_nf_conntrack_entries_limit"]; n > limit {
+		t.Errorf("conntrack entries %g above the limit %g", n, limit)
+	} else {
+		t.Logf("the lab's conntrack table: %g entries of %g", n, limit)
+	}
+	for _, gone := range []string{"ipcluster_worker_uptime_seconds", "ipcluster_worker_state", "ipcluster_worker_generation"} {
+		if _, ok := sum(s, gone); ok {
+			t.Errorf("%s still served", gone)
+		}
+	}
+	for series := range s {
+		if strings.HasPrefix(series, "ipcluster_deploys_total{") && !regexp.MustCompile(`outcome="(committed|rolled-back|failed)"`).MatchString(series) {
+			t.Errorf("deploys_total with a phase that is not an outcome: %s", series)
+		}
+	}
+	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=nftables backend_reason="auto: nf_tables answers"`).MatchString(log) {
+		t.Errorf("the start-up log line does not name the backend and why:\n%s", log)
+	}
 
 	if code, body := mustGet(t, lab, addr, "/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
 		t.Errorf("/healthz: %d %q", code, body)
@@ -238,9 +290,20 @@ func TestHTTPEndpoints(t *testing.T) {
 	if js.MasterPID != c.cmd.Process.Pid || len(js.Slots) != 2 || js.Slots[0].Active != active0 || len(js.Workers) != 2 {
 		t.Errorf("/status.json: %+v", js)
 	}
+	if js.Backend != "nftables" || js.BackendReason != "auto: nf_tables answers" {
+		t.Errorf("/status.json backend %q (%q), want nftables (auto: nf_tables answers)", js.Backend, js.BackendReason)
+	}
+	for _, w := range js.Workers {
+		if w.StartTime < now-60 || w.StartTime > now+1 {
+			t.Errorf("/status.json: worker %d started at %f, not within the last minute of %f", w.PID, w.StartTime, now)
+		}
+	}
 	code, body = mustGet(t, lab, addr, "/status")
 	if code != 200 || strings.Count(body, `class="slot-row`) != 2 {
 		t.Fatalf("/status: %d, want 2 slot rows:\n%s", code, body)
+	}
+	if !strings.Contains(body, `<span id="backend">nftables</span> (<span id="backend-reason">auto: nf_tables answers</span>)`) {
+		t.Errorf("/status does not show the backend and why:\n%s", body)
 	}
 	for i, pid := range []int{active0, active1} {
 		if !strings.Contains(body, fmt.Sprintf(`data-slot="%d" data-pid="%d"`, i, pid)) {
@@ -255,12 +318,17 @@ func TestHTTPEndpoints(t *testing.T) {
 	}
 	waitMetrics(t, lab, addr, "the retirement counted, and the retired worker's series gone", func(s map[string]float64) bool {
 		n, _ := sum(s, "ipcluster_retirements_total", `cause="requested"`)
-		_, old := sum(s, "ipcluster_worker_rss_bytes", pidLabel(active1))
+		_, old := sum(s, "ipcluster_worker_info", pidLabel(active1))
+		_, retired := sum(s, "ipcluster_worker_rss_bytes", `state="retired"`)
 		up, _ := sum(s, "ipcluster_slot_up", `slot="1"`)
 		exits, _ := sum(s, "ipcluster_worker_exits_total", `state="retired"`)
-		return n == 1 && !old && up == 1 && exits == 1
+		return n == 1 && !old && !retired && up == 1 && exits == 1
 	})
 	s = scrape(t, lab, addr)
+	checkWorkerLabels(t, s)
+	if n, _ := sum(s, "ipcluster_worker_info", `slot="1"`, `state="active"`); n != 1 {
+		t.Errorf("slot 1's new worker: %g info series, want 1", n)
+	}
 	if n, _ := sum(s, "ipcluster_worker_spawns_total"); n != 3 {
 		t.Errorf("spawns after one replacement: %g, want 3", n)
 	}
@@ -297,6 +365,110 @@ func TestHTTPEndpoints(t *testing.T) {
 	if _, _, err := get(lab, addr, "/healthz"); err == nil {
 		t.Errorf("the endpoints still answer after the master returned")
 	}
+}
+
+// A backend set in Config: named as such in the status, ipclusterctl's
+// status, /status.json, the metric and the start-up log.
+func TestHTTPBackendConfigured(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 1})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+		Backend: "iptables", HTTPAddr: addr.String()})
+	st := c.waitReady()
+	if st.Backend != "iptables" || st.BackendReason != "Config.Backend" {
+		t.Errorf("status backend %q (%q), want iptables (Config.Backend)", st.Backend, st.BackendReason)
+	}
+	var out, errb bytes.Buffer
+	if code := ctl.Main([]string{"-rundir", c.spec.Config.RunDir, "-name", c.spec.Config.Name, "status"}, &out, &errb); code != 0 ||
+		!strings.Contains(out.String(), "\nbackend: iptables (Config.Backend)\n") {
+		t.Errorf("ipclusterctl status: exit %d, want the backend named:\n%s%s", code, out.String(), errb.String())
+	}
+	code, body := mustGet(t, lab, addr, "/status.json")
+	var js proto.Status
+	if err := json.Unmarshal([]byte(body), &js); code != 200 || err != nil || js.Backend != "iptables" || js.BackendReason != "Config.Backend" {
+		t.Errorf("/status.json: %d %v: backend %q (%q)", code, err, js.Backend, js.BackendReason)
+	}
+	s := scrape(t, lab, addr)
+	if v, _ := sum(s, "ipcluster_rule_backend_info", `backend="iptables"`, `config="iptables"`); v != 1 {
+		t.Errorf("ipcluster_rule_backend_info{backend=\"iptables\",config=\"iptables\"} = %g, want 1:\n%s", v, dumpIPCluster(s))
+	}
+	if n, _ := sum(s, "ipcluster_rule_backend_info"); n != 1 {
+		t.Errorf("%g rule backends in force, want 1", n)
+	}
+	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=iptables backend_reason=Config.Backend`).MatchString(log) {
+		t.Errorf("the start-up log line does not name the backend and why:\n%s", log)
+	}
+}
+
+// deploys_total counts outcomes: a deploy whose new master fails counts
+// failed on the master that carries on; one that commits counts committed
+// on the new master; neither counts a phase ("started", "handed-over").
+func TestHTTPDeployOutcomes(t *testing.T) {
+	exe := filepath.Join(t.TempDir(), "server")
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ship := func(b []byte) {
+		if err := os.WriteFile(exe+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(exe+".new", exe); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ship(self)
+	var addr netip.AddrPort
+	d := startDeployLab(t, 2, func(s *spec) {
+		s.Exe = exe
+		s.Config.HTTPAddr = netip.AddrPortFrom(netip.MustParseAddr(s.Config.Addr), httpPort).String()
+		addr = netip.MustParseAddrPort(s.Config.HTTPAddr)
+	})
+	outcomes := func(s map[string]float64) map[string]float64 {
+		m := map[string]float64{}
+		for series, v := range s {
+			if o, ok := strings.CutPrefix(series, `ipcluster_deploys_total{outcome="`); ok {
+				m[strings.TrimSuffix(o, `"}`)] = v
+			}
+		}
+		return m
+	}
+	check := func(s map[string]float64, want map[string]float64) {
+		t.Helper()
+		if got := outcomes(s); !maps.Equal(got, want) {
+			t.Errorf("deploys_total by outcome: %v, want %v", got, want)
+		}
+	}
+
+	ship([]byte("#!/bin/sh\necho broken build >&2\nexit 7\n"))
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitEvent(t, d.events, 10*time.Second, func(e loggedEvent) bool { return e.Type == "EventDeploy" })
+	check(scrape(t, d.lab, addr), map[string]float64{"committed": 0, "rolled-back": 0, "failed": 1})
+
+	ship(self)
+	d.setVersion("v2")
+	st0, _ := d.c.status()
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.c.wait(10 * time.Second); err != nil {
+		t.Fatalf("old master after the handover: %v\n%s", err, d.c.log())
+	}
+	st := d.waitStatus("every slot on v2", func(st *proto.Status) bool {
+		return servedBy(st, "v2", workerPIDs(st0)) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	stopMasterByPID(t, st.MasterPID)
+	s := waitMetrics(t, d.lab, addr, "the new master's metrics", func(s map[string]float64) bool {
+		n, _ := sum(s, "ipcluster_deploys_total", `outcome="committed"`)
+		return n == 1
+	})
+	check(s, map[string]float64{"committed": 1, "rolled-back": 0, "failed": 0})
+	if v, ok := sum(s, "ipcluster_deploy_in_progress"); !ok || v != 0 {
+		t.Errorf("ipcluster_deploy_in_progress after the commit: %g (present %v), want 0", v, ok)
+	}
+	d.releaseHeld()
 }
 
 func eq(want float64) func(float64) bool { return func(v float64) bool { return v == want } }

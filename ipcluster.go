@@ -233,7 +233,9 @@ type Config struct {
 	IPv6SlotPrefix int
 
 	// Backend selects the rule writer. Default BackendAuto: nftables where
-	// the kernel has it, else iptables.
+	// the kernel has it, else iptables. The start-up log line, the status
+	// and the metric ipcluster_rule_backend_info say which is in force,
+	// and why.
 	Backend Backend
 
 	// AllowDirect lets clients connect to a worker's own port, bypassing

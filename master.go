@@ -188,6 +188,8 @@ type master struct {
 
 	obs *observer // HTTP endpoints and metrics (http.go); nil without Config.HTTPAddr
 
+	backend backendChoice // the rule backend rules is, and why (nftables.go)
+
 	// Monitor sampling (monitor.go): the loop's /proc reader, and PSS
 	// requests to the PSS sampler goroutine, one at a time.
 	memSampler  procfs.Sampler
@@ -243,7 +245,7 @@ func newMaster(cfg *Config) (*master, error) {
 		cfg.Workers = n
 	}
 	rt := cfg.routing()
-	rules, err := newRuleBackend(cfg, rt, cfg.Logger)
+	rules, backend, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
 		return nil, err
 	}
@@ -255,6 +257,7 @@ func newMaster(cfg *Config) (*master, error) {
 		cfg:      cfg,
 		rt:       rt,
 		rules:    rules,
+		backend:  backend,
 		log:      cfg.Logger.With("cluster", cfg.Name),
 		exe:      exe,
 		args:     os.Args[1:],
@@ -423,7 +426,9 @@ func (m *master) run(ctx context.Context) error {
 	defer m.obs.serve(m)() // shut down after close(m.done): waiting handlers give up at once
 	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
-		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock)
+		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock,
+		"backend", m.backend.name, "backend_reason", m.backend.reason)
+	m.obs.ruleBackend(m.backend)
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGHUP)
@@ -1328,6 +1333,7 @@ func (m *master) status() *proto.Status {
 		Successor:   m.successorPID(),
 		Stopping:    m.stopping,
 	}
+	st.Backend, st.BackendReason = string(m.backend.name), m.backend.reason
 	for i, p := range m.slots {
 		s := proto.SlotStatus{Slot: i}
 		if p != nil {
@@ -1342,6 +1348,7 @@ func (m *master) status() *proto.Status {
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
 			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
+		ws.StartTime = float64(p.spawned.UnixNano()) / 1e9
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {
 				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})

@@ -531,11 +531,11 @@ func (w *nftWriter) elemText(f *family, k nftKey, wport uint16) string {
 func (w *nftWriter) changes() int { return w.txns }
 
 // newRuleBackend picks the rule writer Config.Backend asks for, checking
-// before anything is touched that it can work here. The writer also clears,
-// once its own rules are in force, what the other backend may have left for
-// this cluster: a crashed master of an earlier release, or one configured
-// with the other backend.
-func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, error) {
+// before anything is touched that it can work here, and says which it
+// picked and why. The writer also clears, once its own rules are in force,
+// what the other backend may have left for this cluster: a crashed master
+// of an earlier release, or one configured with the other backend.
+func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, backendChoice, error) {
 	conn, err := nftNewConn()
 	if err == nil {
 		if err = nftProbe(conn, rt); err != nil {
@@ -552,21 +552,57 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, er
 	if iptErr == nil {
 		ipt = newRuleWriter(rt, execRunner{})
 	}
+	choice, err := chooseBackend(cfg.Backend, nftErr, iptErr)
 	switch {
-	case cfg.Backend == BackendIPTables && iptErr != nil:
-		return nil, iptErr
+	case err != nil:
+		if nft != nil {
+			_ = conn.CloseLasting()
+		}
+		return nil, choice, err
+	case choice.name == BackendNFTables:
+		return &clearsOther{ruleBackend: nft, other: ipt, log: log}, choice, nil
 	case cfg.Backend == BackendIPTables:
-		return &clearsOther{ruleBackend: ipt, other: nft, log: log}, nil
-	case nftErr == nil:
-		return &clearsOther{ruleBackend: nft, other: ipt, log: log}, nil
-	case cfg.Backend == BackendNFTables:
-		return nil, fmt.Errorf("%w: %w; load the nf_tables modules (nf_tables, nft_nat, nft_fib_inet), "+
-			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, nftErr)
-	case iptErr != nil:
-		return nil, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", nftErr, iptErr)
+		return &clearsOther{ruleBackend: ipt, other: nft, log: log}, choice, nil
 	}
-	log.Info("nf_tables unavailable; writing rules with iptables", "err", nftErr)
-	return ipt, nil
+	return ipt, choice, nil // auto's fallback: nf_tables is not there to clear
+}
+
+// backendChoice is the rule backend in force and why, for the status, the
+// metrics and the start-up log.
+type backendChoice struct {
+	name Backend // BackendNFTables or BackendIPTables
+	// config is Config.Backend as set: "auto" when left empty.
+	config string
+	// reason is why: "Config.Backend", "auto: nf_tables answers" or
+	// "auto: nf_tables unavailable: <the probe's error>".
+	reason string
+}
+
+// chooseBackend decides from Config.Backend and what each backend's check
+// found (nil: it can work here).
+func chooseBackend(want Backend, nftErr, iptErr error) (backendChoice, error) {
+	c := backendChoice{name: want, config: string(want), reason: "Config.Backend"}
+	switch {
+	case want == BackendIPTables && iptErr != nil:
+		return c, iptErr
+	case want == BackendIPTables:
+		return c, nil
+	case want == BackendNFTables && nftErr != nil:
+		return c, fmt.Errorf("%w: %w; load the nf_tables modules (nf_tables, nft_nat, nft_fib_inet), "+
+			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, nftErr)
+	case want == BackendNFTables:
+		return c, nil
+	}
+	c.config = "auto"
+	switch {
+	case nftErr == nil:
+		c.name, c.reason = BackendNFTables, "auto: nf_tables answers"
+		return c, nil
+	case iptErr != nil:
+		return c, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", nftErr, iptErr)
+	}
+	c.name, c.reason = BackendIPTables, "auto: nf_tables unavailable: "+nftErr.Error()
+	return c, nil
 }
 
 // clearsOther is a rule backend that, after its first successful apply,

@@ -381,6 +381,9 @@ func writeStatus(w io.Writer, st *proto.Status, now time.Time) {
 	if st.Deploy != "" {
 		fmt.Fprintf(w, "deploy: %s\n", st.Deploy)
 	}
+	if st.Backend != "" {
+		fmt.Fprintf(w, "backend: %s (%s)\n", st.Backend, st.BackendReason)
+	}
 	fmt.Fprintln(w)
 	workers := slices.Clone(st.Workers)
 	active := map[int]bool{}

@@ -300,3 +300,33 @@ func CgroupMemoryMax(root string, cgroup []byte) uint64 {
 	}
 	return limit
 }
+
+// ConntrackDir holds the conntrack table's sysctls. /proc/sys/net shows
+// the network namespace of the thread that opens it, so a reader sees its
+// own namespace's table.
+const ConntrackDir = "/proc/sys/net/netfilter"
+
+// Conntrack reads the conntrack table's entry count and its limit
+// (nf_conntrack_count and nf_conntrack_max) under dir, ConntrackDir but
+// for tests. Without the nf_conntrack module loaded the files do not
+// exist, and the error wraps fs.ErrNotExist.
+func Conntrack(dir string) (count, limit uint64, err error) {
+	read := func(name string) (uint64, error) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return 0, err
+		}
+		v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("parse %s: %w", filepath.Join(dir, name), err)
+		}
+		return v, nil
+	}
+	if count, err = read("nf_conntrack_count"); err != nil {
+		return 0, 0, err
+	}
+	if limit, err = read("nf_conntrack_max"); err != nil {
+		return 0, 0, err
+	}
+	return count, limit, nil
+}

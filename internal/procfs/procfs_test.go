@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -168,5 +169,32 @@ func TestCgroupMemoryMax(t *testing.T) {
 	}
 	if lim, err := MemoryLimit(); err != nil || lim == 0 {
 		t.Errorf("MemoryLimit() = %d, %v", lim, err)
+	}
+}
+
+func TestConntrack(t *testing.T) {
+	dir := t.TempDir()
+	if _, _, err := Conntrack(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("without the module: %v, want fs.ErrNotExist", err)
+	}
+	for name, v := range map[string]string{"nf_conntrack_count": "1234\n", "nf_conntrack_max": "262144\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(v), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, lim, err := Conntrack(dir); err != nil || n != 1234 || lim != 262144 {
+		t.Errorf("Conntrack = %d, %d, %v; want 1234, 262144", n, lim, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "nf_conntrack_max"), []byte("lots\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Conntrack(dir); err == nil || !strings.Contains(err.Error(), "nf_conntrack_max") {
+		t.Errorf("a bad file: %v, want an error naming it", err)
+	}
+	// This machine's own table, as the master reads it.
+	if n, lim, err := Conntrack(ConntrackDir); err == nil && (lim == 0 || n > lim) {
+		t.Errorf("%s: count %d, max %d", ConntrackDir, n, lim)
+	} else {
+		t.Logf("%s: count %d, max %d, %v", ConntrackDir, n, lim, err)
 	}
 }

@@ -227,6 +227,13 @@ type Status struct {
 	Workers   []WorkerStatus `json:"workers"`
 	// Rules is the rule text the master believes is installed, per family.
 	Rules map[string]string `json:"rules,omitempty"`
+	// Backend is the rule backend in force, "nftables" or "iptables", and
+	// BackendReason why: "Config.Backend" when it was set, else the
+	// automatic choice ("auto: nf_tables answers", or "auto: nf_tables
+	// unavailable: " and the kernel's error). Empty from a master of an
+	// earlier release.
+	Backend       string `json:"backend,omitempty"`
+	BackendReason string `json:"backend_reason,omitempty"`
 }
 
 // SlotStatus is one slot.
@@ -243,6 +250,9 @@ type WorkerStatus struct {
 	State      string  `json:"state"`
 	Ports      []Port  `json:"ports,omitempty"`
 	UptimeSec  float64 `json:"uptime_s"`
+	// StartTime is when the worker was spawned (or adopted), in seconds
+	// since the Unix epoch; 0 from a master of an earlier release.
+	StartTime float64 `json:"start_time,omitempty"`
 	// RSSBytes and PSSBytes are read by the master from /proc, as of the
 	// last monitor sample.
 	RSSBytes uint64 `json:"rss_bytes"`
