@@ -1,0 +1,36 @@
+//go:build linux
+
+package netlab
+
+import (
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// requireToolsEnv makes Tool fail instead of skip, for runs that installed
+// every program the tests use: test.sh sets it once it has, and CI runs
+// test.sh, so a test can never be skipped there for a missing program.
+const requireToolsEnv = "IPCLUSTER_REQUIRE_TOOLS"
+
+// Tool returns the path of the first of names found on PATH, for a test
+// that runs that program (alternative names first to last, e.g. "chromium",
+// "chromium-browser"). When none is installed it skips the test, naming pkg,
+// the Debian package that provides it; with IPCLUSTER_REQUIRE_TOOLS=1 in
+// the environment it fails the test instead.
+func Tool(t testing.TB, pkg string, names ...string) string {
+	t.Helper()
+	for _, name := range names {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	msg := strings.Join(names, " or ") + " not found on PATH: install the Debian package " + pkg +
+		" (apt-get install " + pkg + "; sudo ./test.sh installs every package the tests use)"
+	if os.Getenv(requireToolsEnv) == "1" {
+		t.Fatal(msg + " (and " + requireToolsEnv + "=1 is set)")
+	}
+	t.Skip(msg + "; skipping")
+	return ""
+}
