@@ -51,8 +51,27 @@ have() {
 	done
 }
 
-packages=()
-reasons=()
+check() { # fills packages and reasons with what is missing
+	packages=()
+	reasons=()
+	local cc
+	cc="$(go env CC)"
+	want gcc "the race detector (go test -race builds with cgo)" "${cc%% *}"
+	if [[ ! -e /usr/include/stdlib.h ]]; then
+		packages+=(libc6-dev)
+		reasons+=("libc6-dev: the C headers the race detector's cgo build needs")
+	fi
+	want iproute2 "ip, run by the test lab's own test" ip
+	want iptables "the iptables rule backend and its tests" \
+		iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore
+	if ! have chromium && ! have chromium-browser && ! have google-chrome; then
+		packages+=(chromium)
+		reasons+=("chromium: the headless browser of the status page's test")
+	fi
+	if [[ ${IPCLUSTER_BENCH_TOOLS:-} == 1 ]]; then
+		want haproxy "the data-path benchmark's HAProxy comparison" haproxy
+	fi
+}
 want() { # package, why, then the programs it provides (all needed)
 	local pkg=$1 why=$2
 	shift 2
@@ -61,23 +80,8 @@ want() { # package, why, then the programs it provides (all needed)
 		reasons+=("$pkg: $why")
 	fi
 }
-cc="$(go env CC)"
-want gcc "the race detector (go test -race builds with cgo)" "${cc%% *}"
-if [[ ! -e /usr/include/stdlib.h ]]; then
-	packages+=(libc6-dev)
-	reasons+=("libc6-dev: the C headers the race detector's cgo build needs")
-fi
-want iproute2 "ip, run by the test lab's own test" ip
-want iptables "the iptables rule backend and its tests" \
-	iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore
-if ! have chromium && ! have chromium-browser && ! have google-chrome; then
-	packages+=(chromium)
-	reasons+=("chromium: the headless browser of the status page's test")
-fi
-if [[ ${IPCLUSTER_BENCH_TOOLS:-} == 1 ]]; then
-	want haproxy "the data-path benchmark's HAProxy comparison" haproxy
-fi
 
+check
 if ((${#packages[@]})); then
 	command -v apt-get >/dev/null ||
 		die "missing, and no apt-get to install them: ${reasons[*]}"
@@ -85,6 +89,9 @@ if ((${#packages[@]})); then
 	printf '  %s\n' "${reasons[@]}"
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+	hash -r
+	check
+	((${#packages[@]} == 0)) || die "still missing after apt-get install: ${reasons[*]}"
 fi
 
 if (($# == 0)); then
