@@ -17,10 +17,10 @@
 // Namespaces are named ipct-<8 hex digits> under /var/run/netns, so that
 // `ip netns exec` works on them; each name is a symlink to the namespace's
 // bind mount in /var/run/ipcluster-netlab, out of reach of what `ip netns
-// add` does to /var/run/netns (see newNS). Lab.Close removes them; if the process dies
-// first (a crash, a test timeout, ^C, SIGKILL), a watchdog process that the
-// first New of each process starts removes them instead, so nothing is left
-// behind. The watchdog is the program's own executable, re-executed: this
+// add` does to /var/run/netns (see newNS). Lab.Close removes them; if the
+// process dies first (a crash, a test timeout, ^C, SIGKILL), a watchdog
+// process that the first New of each process starts removes them instead,
+// so nothing is left behind. The watchdog is the program's own executable, re-executed: this
 // package's init function turns it into the watchdog when it finds its
 // environment variable.
 //
