@@ -84,6 +84,10 @@ const (
 	// requireEnv makes NewT fail instead of skip without privileges, for CI
 	// where a silently skipped suite would hide a broken runner.
 	requireEnv = "IPCLUSTER_REQUIRE_NETNS"
+	// requireToolsEnv makes Tool fail instead of skip, for runs that
+	// installed every program the tests use: test.sh sets it once it has,
+	// and CI runs test.sh, so no test is skipped there for want of one.
+	requireToolsEnv = "IPCLUSTER_REQUIRE_TOOLS"
 )
 
 var errClosed = errors.New("netlab: namespace is closed (or was not created by New)")

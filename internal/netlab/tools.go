@@ -9,11 +9,6 @@ import (
 	"testing"
 )
 
-// requireToolsEnv makes Tool fail instead of skip, for runs that installed
-// every program the tests use: test.sh sets it once it has, and CI runs
-// test.sh, so a test can never be skipped there for a missing program.
-const requireToolsEnv = "IPCLUSTER_REQUIRE_TOOLS"
-
 // Tool returns the path of the first of names found on PATH, for a test
 // that runs that program (alternative names first to last, e.g. "chromium",
 // "chromium-browser"). When none is installed it skips the test, naming pkg,
