@@ -9,6 +9,7 @@
 # tests need beyond Go:
 #
 #   gcc, libc6-dev  the race detector: go test -race builds with cgo
+#   ca-certificates go's module downloads, over HTTPS
 #   iproute2        ip, which the test lab's own test runs (ip netns add/del)
 #   iptables        the iptables rule backend, which its tests run
 #   chromium        the headless browser of the status page's test
@@ -60,6 +61,10 @@ check() { # fills packages and reasons with what is missing
 	if [[ ! -e /usr/include/stdlib.h ]]; then
 		packages+=(libc6-dev)
 		reasons+=("libc6-dev: the C headers the race detector's cgo build needs")
+	fi
+	if [[ ! -e /etc/ssl/certs/ca-certificates.crt ]]; then
+		packages+=(ca-certificates)
+		reasons+=("ca-certificates: go's module downloads, over HTTPS")
 	fi
 	want iproute2 "ip, run by the test lab's own test" ip
 	want iptables "the iptables rule backend and its tests" \
