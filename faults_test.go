@@ -27,14 +27,11 @@ import (
 	"github.com/ipcluster/ipcluster/internal/netlab"
 )
 
-// lookBin finds a binary the test needs, or skips.
-func lookBin(t *testing.T, name string) string {
+// lookBin finds a binary the test needs, from the Debian package pkg, or
+// skips (see netlab.Tool).
+func lookBin(t *testing.T, pkg, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Skipf("%s not installed: %v", name, err)
-	}
-	return p
+	return netlab.Tool(t, pkg, name)
 }
 
 // writeScripts writes executable shell scripts (name → body) in a new
@@ -121,7 +118,7 @@ func masterFailsAtStart(t *testing.T, c *cluster, lab *netlab.Lab, want ...strin
 func TestFaultRestoreMissingAtStart(t *testing.T) {
 	bin := t.TempDir()
 	for _, name := range []string{"iptables", "iptables-save"} {
-		if err := os.Symlink(lookBin(t, name), filepath.Join(bin, name)); err != nil {
+		if err := os.Symlink(lookBin(t, "iptables", name), filepath.Join(bin, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -136,7 +133,7 @@ func TestFaultRestoreMissingAtStart(t *testing.T) {
 // last wrote, keeps the other slots serving, retries, and once the fault
 // clears routes the slot to the killed worker's replacement.
 func TestFaultRestoreWhileRunning(t *testing.T) {
-	real := lookBin(t, "iptables-restore")
+	real := lookBin(t, "iptables", "iptables-restore")
 	for _, tc := range []struct {
 		fault    string
 		failures int    // EventRulesFailed to wait for while faulty
@@ -222,10 +219,10 @@ exec ` + real + ` "$@"`})
 // a slot changes: iptables-restore --wait waits for it, and the change is
 // written once the lock is free, without a failure.
 func TestFaultXtablesLockHeld(t *testing.T) {
-	flock := lookBin(t, "flock")
+	flock := lookBin(t, "util-linux", "flock")
 	wrap := t.TempDir()
 	for name, legacy := range map[string]string{"iptables": "iptables-legacy", "iptables-save": "iptables-legacy-save", "iptables-restore": "iptables-legacy-restore"} {
-		if err := os.Symlink(lookBin(t, legacy), filepath.Join(wrap, name)); err != nil {
+		if err := os.Symlink(lookBin(t, "iptables", legacy), filepath.Join(wrap, name)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -331,7 +328,7 @@ func TestFaultRunDirUnwritable(t *testing.T) {
 		masterFailsAtStart(t, c, lab, "create run directory "+file, "not a directory", "Config.RunDir must be a directory the master can write")
 	})
 	t.Run("readonly", func(t *testing.T) {
-		unshare := lookBin(t, "unshare")
+		unshare := lookBin(t, "util-linux", "unshare")
 		lab := netlab.NewT(t, netlab.Options{Clients: 4})
 		dir := t.TempDir()
 		// The master runs in a mount namespace of its own where dir is

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -72,6 +73,9 @@ func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*
 	c.spec.Netns = ino
 	if edit != nil {
 		edit(&c.spec)
+	}
+	if c.spec.Config.Backend == "iptables" {
+		needIPTables(t)
 	}
 	c.start(nil)
 	t.Cleanup(func() {
@@ -217,9 +221,22 @@ func ask(ns *netlab.NS, src netip.Addr, dst netip.AddrPort) (reply, error) {
 	return c.first, nil
 }
 
-// nat returns the server namespace's nat table for a family.
+// needIPTables skips the test (or fails it, under IPCLUSTER_REQUIRE_TOOLS=1)
+// unless the iptables binaries are installed: the iptables backend runs
+// them, and so do the tests that read its rules.
+func needIPTables(t testing.TB) {
+	t.Helper()
+	for _, bin := range []string{"iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"} {
+		netlab.Tool(t, "iptables", bin)
+	}
+}
+
+// nat returns the server namespace's nat table for a family, as
+// iptables-save prints it, for the iptables backend's tests: without
+// iptables installed, it skips the test (see needIPTables).
 func nat(t *testing.T, lab *netlab.Lab, v6 bool) string {
 	t.Helper()
+	needIPTables(t)
 	bin := "iptables-save"
 	if v6 {
 		bin = "ip6tables-save"
@@ -248,6 +265,47 @@ func runIn(t *testing.T, ns *netlab.NS, name string, args ...string) string {
 		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, errb.String())
 	}
 	return out.String()
+}
+
+// iptablesLeft returns the lines of the server namespace's nat table for a
+// family that mention substr (a chain name, e.g. "IPC-t"), for the checks
+// that a cluster wrote or left no iptables rules, whatever its backend.
+// With iptables installed it reads them with iptables-save, which sees
+// either of iptables' variants; without, nothing can have written legacy
+// rules, and it lists over netlink what iptables-nft would have written:
+// chains in the family's nf_tables tables, and rules jumping to them.
+func iptablesLeft(t *testing.T, lab *netlab.Lab, v6 bool, substr string) string {
+	t.Helper()
+	bin, family := "iptables-save", nftables.TableFamilyIPv4
+	if v6 {
+		bin, family = "ip6tables-save", nftables.TableFamilyIPv6
+	}
+	if _, err := exec.LookPath(bin); err == nil {
+		return strings.Join(clusterRules(nat(t, lab, v6), substr), "\n")
+	}
+	conn := nftConn(t, lab)
+	chains, err := conn.ListChainsOfTableFamily(family)
+	if err != nil {
+		t.Fatalf("list nf_tables chains: %v", err)
+	}
+	var lines []string
+	for _, ch := range chains {
+		if strings.Contains(ch.Name, substr) {
+			lines = append(lines, fmt.Sprintf("table %s: chain %s", ch.Table.Name, ch.Name))
+		}
+		rules, err := conn.GetRules(ch.Table, ch)
+		if err != nil {
+			t.Fatalf("list rules of chain %s in table %s: %v", ch.Name, ch.Table.Name, err)
+		}
+		for _, r := range rules {
+			for _, e := range r.Exprs {
+				if v, ok := e.(*expr.Verdict); ok && strings.Contains(v.Chain, substr) {
+					lines = append(lines, fmt.Sprintf("table %s: chain %s: rule to %s", ch.Table.Name, ch.Name, v.Chain))
+				}
+			}
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 // clusterRules returns the lines of nat that mention the cluster's chain.
@@ -330,7 +388,7 @@ func nftConn(t *testing.T, lab *netlab.Lab) *nftables.Conn {
 func checkNoRules(t *testing.T, lab *netlab.Lab) {
 	t.Helper()
 	for _, v6 := range []bool{false, true} {
-		if out := nat(t, lab, v6); strings.Contains(out, "IPC-t") {
+		if out := iptablesLeft(t, lab, v6, "IPC-t"); out != "" {
 			t.Errorf("iptables rules left (v6=%v):\n%s", v6, out)
 		}
 	}
@@ -342,5 +400,34 @@ func checkNoRules(t *testing.T, lab *netlab.Lab) {
 		if tb.Name == "ipcluster-t" {
 			t.Errorf("nf_tables table inet %s left", tb.Name)
 		}
+	}
+}
+
+// Without iptables-save on PATH, iptablesLeft still finds what iptables-nft
+// wrote, over netlink: a chain of the cluster's name and a rule jumping
+// to it.
+func TestIPTablesLeftOverNetlink(t *testing.T) {
+	needIPTables(t)
+	lab := netlab.NewT(t, netlab.Options{Clients: 1})
+	if v := runIn(t, lab.Server, "iptables", "--version"); !strings.Contains(v, "nf_tables") {
+		t.Skipf("iptables is not iptables-nft (%s): its rules are not in nf_tables", strings.TrimSpace(v))
+	}
+	restore := exec.Command("iptables-restore", "--noflush")
+	restore.Stdin = strings.NewReader("*nat\n:IPC-t - [0:0]\n-A OUTPUT -j IPC-t\nCOMMIT\n")
+	if err := lab.Server.Start(restore); err != nil {
+		t.Fatal(err)
+	}
+	if err := restore.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", t.TempDir()) // no iptables-save
+	got := iptablesLeft(t, lab, false, "IPC-t")
+	for _, want := range []string{"table nat: chain IPC-t", "table nat: chain OUTPUT: rule to IPC-t"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("iptablesLeft without iptables-save:\n%s\nwant a line %q", got, want)
+		}
+	}
+	if got := iptablesLeft(t, lab, true, "IPC-t"); got != "" {
+		t.Errorf("IPv6 rules found where only IPv4 ones were written:\n%s", got)
 	}
 }

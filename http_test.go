@@ -536,20 +536,11 @@ func TestHTTPAfterTakeover(t *testing.T) {
 	}
 }
 
-// findChromium returns the headless browser's path, or skips (fails where
-// IPCLUSTER_REQUIRE_NETNS asks for the whole suite, as in CI).
+// findChromium returns the headless browser's path, or skips (fails under
+// IPCLUSTER_REQUIRE_TOOLS=1, as test.sh sets: see netlab.Tool).
 func findChromium(t *testing.T) string {
 	t.Helper()
-	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	if os.Getenv("IPCLUSTER_REQUIRE_NETNS") != "" {
-		t.Fatal("chromium not found on PATH, and IPCLUSTER_REQUIRE_NETNS is set: apt-get install chromium")
-	}
-	t.Skip("chromium not found on PATH (apt-get install chromium); skipping the status page's browser test")
-	return ""
+	return netlab.Tool(t, "chromium", "chromium", "chromium-browser", "google-chrome")
 }
 
 // runChromium runs headless Chromium in ns with args and the page's URL,

@@ -38,6 +38,9 @@ func backendIn(b *testing.B, lab *netlab.Lab, backend Backend, cfg Config) ruleB
 		b.Fatal(err)
 	}
 	if backend == BackendIPTables {
+		for _, bin := range []string{"iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"} {
+			netlab.Tool(b, "iptables", bin)
+		}
 		return newRuleWriter(cfg.routing(), execRunner{start: lab.Server.Start})
 	}
 	conn, err := lab.Server.NFTables()

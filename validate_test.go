@@ -78,7 +78,7 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 				t.Errorf("error does not name %q:\n%s", tc.want, out)
 			}
 			for _, v6 := range []bool{false, true} {
-				if o := nat(t, lab, v6); strings.Contains(o, "IPC-") {
+				if o := iptablesLeft(t, lab, v6, "IPC-"); o != "" {
 					t.Errorf("rules written for a bad config:\n%s", o)
 				}
 			}

@@ -15,10 +15,12 @@
 // the lab.
 //
 // Namespaces are named ipct-<8 hex digits> under /var/run/netns, so that
-// `ip netns exec` works on them. Lab.Close removes them; if the process dies
-// first (a crash, a test timeout, ^C, SIGKILL), a watchdog process that the
-// first New of each process starts removes them instead, so nothing is left
-// behind. The watchdog is the program's own executable, re-executed: this
+// `ip netns exec` works on them; each name is a symlink to the namespace's
+// bind mount in /var/run/ipcluster-netlab, out of reach of what `ip netns
+// add` does to /var/run/netns (see newNS). Lab.Close removes them; if the
+// process dies first (a crash, a test timeout, ^C, SIGKILL), a watchdog
+// process that the first New of each process starts removes them instead,
+// so nothing is left behind. The watchdog is the program's own executable, re-executed: this
 // package's init function turns it into the watchdog when it finds its
 // environment variable.
 //
@@ -71,7 +73,8 @@ const (
 )
 
 const (
-	netnsDir   = "/var/run/netns" // where iproute2 looks for named namespaces
+	netnsDir   = "/var/run/netns"            // where iproute2 looks for named namespaces
+	mountDir   = "/var/run/ipcluster-netlab" // where the names in netnsDir point: see newNS
 	namePrefix = "ipct-"
 
 	defaultClients = 64
@@ -81,13 +84,17 @@ const (
 	// requireEnv makes NewT fail instead of skip without privileges, for CI
 	// where a silently skipped suite would hide a broken runner.
 	requireEnv = "IPCLUSTER_REQUIRE_NETNS"
+	// requireToolsEnv makes Tool fail instead of skip, for runs that
+	// installed every program the tests use: test.sh sets it once it has,
+	// and CI runs test.sh, so no test is skipped there for want of one.
+	requireToolsEnv = "IPCLUSTER_REQUIRE_TOOLS"
 )
 
 var errClosed = errors.New("netlab: namespace is closed (or was not created by New)")
 
 // NS is one named network namespace.
 type NS struct {
-	Name string // e.g. "ipct-1a2b3c4d", under /var/run/netns
+	Name string // e.g. "ipct-1a2b3c4d", under /var/run/netns (a symlink)
 
 	// mu guards h against Close: an fd number is reused by the next open
 	// after it is closed, so a Do racing with Close could otherwise setns
@@ -551,11 +558,24 @@ func missingPrivileges() string {
 // newNS creates a named network namespace and returns it open.
 //
 // The namespace is made by unshare on a dedicated thread, which is switched
-// back at once; the name is a bind mount of the namespace's fd, made from
-// this (unswitched) thread, as `ip netns add` would make it.
+// back at once, and kept by a bind mount of its fd on a file of mountDir,
+// made from this (unswitched) thread. Its name in netnsDir is a symlink to
+// that file, which is all `ip netns exec` and friends need: they open the
+// name, following the link.
+//
+// The mount is not made in netnsDir itself, as `ip netns add` does, because
+// of what `ip netns add` does to netnsDir: when netnsDir is not yet a mount
+// point, it bind-mounts netnsDir over itself, recursively, to make it
+// shared. Every namespace mounted there at that moment is then mounted
+// twice, once in the copy, which is what the path reaches from then on, and
+// once in the original, covered and out of reach: removing the name then
+// fails with EBUSY for as long as the host runs, and the namespace leaks.
+// Nothing mounts over mountDir, and a symlink is never a mount point.
 func newNS() (*NS, error) {
-	if err := os.MkdirAll(netnsDir, 0o755); err != nil {
-		return nil, fmt.Errorf("netlab: %w", err)
+	for _, dir := range []string{netnsDir, mountDir} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("netlab: %w", err)
+		}
 	}
 	// Start the watchdog (once per process) before claiming a name, so
 	// that a name is never left unwatched for longer than a pipe write.
@@ -568,35 +588,42 @@ func newNS() (*NS, error) {
 			return nil, fmt.Errorf("netlab: %w", err)
 		}
 		name := namePrefix + hex.EncodeToString(b[:])
-		target := filepath.Join(netnsDir, name)
+		file := filepath.Join(mountDir, name)
 		// O_EXCL claims the name: the watchdog is told about it only
 		// once it is ours, so it can never remove somebody else's.
-		f, err := os.OpenFile(target, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
+		f, err := os.OpenFile(file, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
 		if errors.Is(err, fs.ErrExist) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("netlab: create %s: %w", target, err)
+			return nil, fmt.Errorf("netlab: create %s: %w", file, err)
 		}
 		f.Close()
 		if err := watch(name); err != nil {
-			return nil, errors.Join(err, os.Remove(target))
+			return nil, errors.Join(err, os.Remove(file))
 		}
-		ns, err := mountNew(name, target)
-		if err != nil {
-			if rerr := removeNamed(name); rerr != nil {
-				return nil, errors.Join(err, rerr) // still watched
+		// removeNamed removes the name only if it is this link, so
+		// somebody else's (`ip netns add` of the same name) is safe.
+		err = os.Symlink(file, filepath.Join(netnsDir, name))
+		if err == nil {
+			var ns *NS
+			if ns, err = mountNew(name, file); err == nil {
+				return ns, nil
 			}
-			unwatch(name)
-			return nil, err
 		}
-		return ns, nil
+		if rerr := removeNamed(name); rerr != nil {
+			return nil, errors.Join(err, rerr) // still watched
+		}
+		unwatch(name)
+		if !errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("netlab: name namespace %s: %w", name, err)
+		}
 	}
 	return nil, errors.New("netlab: no free namespace name")
 }
 
-// mountNew creates a network namespace and bind-mounts it on target.
-func mountNew(name, target string) (*NS, error) {
+// mountNew creates a network namespace and bind-mounts it on file.
+func mountNew(name, file string) (*NS, error) {
 	fd := -1
 	err := onSwitchedThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
@@ -620,27 +647,129 @@ func mountNew(name, target string) (*NS, error) {
 	// The fd keeps the namespace alive from here on, on whatever thread,
 	// so the name can be mounted from this unswitched one; the mount keeps
 	// it alive (and named) after the fd is closed.
-	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", fd), target, "none", unix.MS_BIND, ""); err != nil {
+	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", fd), file, "none", unix.MS_BIND, ""); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("netlab: bind-mount namespace %s: %w", name, err)
 	}
 	return &NS{Name: name, h: netns.NsHandle(fd), open: true}, nil
 }
 
-// removeNamed unmounts and removes a namespace name, as `ip netns delete`
-// does. A name that is already gone, or was never mounted, is not an error.
+// removeNamed removes a namespace's name and unmounts and removes its file,
+// as `ip netns delete` does. What is already gone, or was never made, is
+// not an error; a name in netnsDir that is not this package's link to the
+// file is left alone.
+//
+// Removing a file that is a mount point anywhere in this mount namespace
+// fails with EBUSY. Nothing of this package mounts over its own mounts, but
+// a copy of mountDir's mounts made elsewhere (a recursive bind mount of
+// /run, say) would hold the file too: its copies are unmounted as well,
+// and the removal is retried for a while.
 func removeNamed(name string) error {
-	target := filepath.Join(netnsDir, name)
+	link, file := filepath.Join(netnsDir, name), filepath.Join(mountDir, name)
 	var errs []error
-	// MNT_DETACH: the mount may be busy (`ip netns exec` in progress).
-	err := unix.Unmount(target, unix.MNT_DETACH)
-	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("netlab: unmount %s: %w", target, err))
+	// The name first, so nobody opens the namespace on its way out.
+	if dst, err := os.Readlink(link); err == nil && dst == file {
+		if err := os.Remove(link); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("netlab: %w", err))
+		}
 	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("netlab: %w", err))
+	var err error
+	for wait := time.Millisecond; ; wait *= 2 {
+		if err = unmountAll(file); err != nil {
+			break
+		}
+		err = os.Remove(file)
+		if err == nil || errors.Is(err, fs.ErrNotExist) {
+			err = nil
+			break
+		}
+		if !errors.Is(err, unix.EBUSY) || wait > time.Second {
+			err = fmt.Errorf("netlab: %w%s", err, mountedAt(file))
+			break
+		}
+		time.Sleep(wait)
 	}
-	return errors.Join(errs...)
+	return errors.Join(append(errs, err)...)
+}
+
+// unmountAll unmounts every mount of file, and of its copies elsewhere.
+func unmountAll(file string) error {
+	paths := append([]string{file}, copiesOf(file)...)
+	for _, p := range paths {
+		// MNT_DETACH: the mount may be busy (`ip netns exec` in progress).
+		// Again until EINVAL, not a mount point: mounts may be stacked.
+		for range 16 {
+			err := unix.Unmount(p, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("netlab: unmount %s: %w", p, err)
+			}
+		}
+	}
+	return nil
+}
+
+// copiesOf lists the other mount points, in this mount namespace, of
+// namespace files named as file is in a directory named as mountDir is:
+// what a recursive bind mount of a directory above mountDir made of it.
+func copiesOf(file string) []string {
+	b, err := os.ReadFile("/proc/thread-self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	suffix := "/" + filepath.Base(mountDir) + "/" + filepath.Base(file)
+	real, err := filepath.EvalSymlinks(file) // /var/run is usually /run
+	if err != nil {
+		return nil // no file, no mount
+	}
+	var paths []string
+	for _, line := range strings.Split(string(b), "\n") {
+		// ID parent major:minor root mount-point options... - fstype ...
+		f := strings.Fields(line)
+		if len(f) < 5 || !strings.HasSuffix(f[4], suffix) {
+			continue
+		}
+		if p := unescapeMountinfo(f[4]); p != file && p != real {
+			paths = append(paths, p)
+		}
+	}
+	return paths
+}
+
+// mountedAt describes what is still mounted on file, for an error.
+func mountedAt(file string) string {
+	b, _ := os.ReadFile("/proc/thread-self/mountinfo")
+	var lines []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.Contains(line, "/"+filepath.Base(file)+" ") {
+			lines = append(lines, line)
+		}
+	}
+	if len(lines) == 0 {
+		return ""
+	}
+	return " (still mounted: " + strings.Join(lines, "; ") + ")"
+}
+
+// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // wire creates the veth pair and assigns addresses and neighbour entries.

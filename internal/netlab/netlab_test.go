@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -50,7 +51,8 @@ func TestNewAndClose(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The name is a bind mount of the namespace itself.
+		// The name leads to the namespace itself (a symlink to its bind
+		// mount).
 		if got := nsInode(t, filepath.Join("/var/run/netns", ns.Name)); got != ino {
 			t.Errorf("/var/run/netns/%s has inode %d, want the namespace's %d", ns.Name, got, ino)
 		}
@@ -76,8 +78,10 @@ func TestNewAndClose(t *testing.T) {
 		t.Errorf("second Close: %v", err)
 	}
 	for _, ns := range []*NS{l.Server, l.Client} {
-		if _, err := os.Lstat(filepath.Join("/var/run/netns", ns.Name)); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("namespace %s left behind: %v", ns.Name, err)
+		for _, dir := range []string{"/var/run/netns", mountDir} {
+			if _, err := os.Lstat(filepath.Join(dir, ns.Name)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("namespace %s left behind in %s: %v", ns.Name, dir, err)
+			}
 		}
 		if err := ns.Do(func() error { return nil }); !errors.Is(err, errClosed) {
 			t.Errorf("Do after Close: %v, want errClosed", err)
@@ -767,4 +771,185 @@ func TestValidName(t *testing.T) {
 			t.Errorf("validName(%q) = %v", name, got)
 		}
 	}
+}
+
+// ipnetnsEnv runs TestIPNetnsHelper for real; its value is the inode of
+// the parent's mount namespace, which the helper must not be in.
+const ipnetnsEnv = "NETLAB_TEST_IPNETNS_HELPER"
+
+// TestIPNetns creates and removes namespaces while `ip netns add` and `ip
+// netns del` run concurrently on names of their own, in a mount namespace
+// of its own where /run/netns starts as a plain directory: the first `ip
+// netns add` then bind-mounts /run/netns over itself, copying every mount
+// below it. Nothing may be left behind: no name, no mount, no error.
+func TestIPNetns(t *testing.T) {
+	if os.Getenv(ipnetnsEnv) != "" {
+		t.Skip("in the helper")
+	}
+	if why := missingPrivileges(); why != "" {
+		if os.Getenv(requireEnv) == "1" {
+			t.Fatal(why)
+		}
+		t.Skip(why)
+	}
+	Tool(t, "iproute2", "ip")
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/mnt", &st); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestIPNetnsHelper$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), ipnetnsEnv+"="+strconv.FormatUint(st.Ino, 10))
+	// A mount namespace of its own (which Go makes recursively private
+	// before exec), so that nothing the helper mounts or unmounts, /run
+	// included, is seen by the host.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: TestIPNetnsHelper")) {
+		t.Fatalf("helper: %v\n%s", err, out)
+	}
+	t.Logf("helper:\n%s", out)
+}
+
+// TestIPNetnsHelper is TestIPNetns's child, in a mount namespace of its
+// own.
+func TestIPNetnsHelper(t *testing.T) {
+	parent := os.Getenv(ipnetnsEnv)
+	if parent == "" {
+		t.Skip("helper for TestIPNetns")
+	}
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/mnt", &st); err != nil {
+		t.Fatal(err)
+	}
+	if strconv.FormatUint(st.Ino, 10) == parent {
+		t.Fatal("the helper shares its parent's mount namespace; it would change the host's mounts")
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		t.Fatal(err)
+	}
+	// A /run of its own: /run/netns a plain directory in it, as on a
+	// machine where `ip netns add` has not run since boot.
+	if err := unix.Mount("netlab-test", "/run", "tmpfs", 0, "mode=0755"); err != nil {
+		t.Fatal(err)
+	}
+	baseline := mountIDs(t)
+	ip := Tool(t, "iproute2", "ip")
+	ipNetns := func(args ...string) error {
+		out, err := exec.Command(ip, append([]string{"netns"}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ip netns %s: %w: %s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	const rounds, workers, perWorker = 8, 3, 3
+	var created int
+	for round := range rounds {
+		// /run/netns a plain directory again, so this round's first `ip
+		// netns add` copies what is mounted below it.
+		for unix.Unmount("/run/netns", unix.MNT_DETACH) == nil {
+		}
+		if err := os.MkdirAll("/run/netns", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// Namespaces that exist when `ip netns add` copies /run/netns...
+		var early []*NS
+		for range 2 {
+			ns, err := newNS()
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			early = append(early, ns)
+		}
+		// ... and namespaces made and removed while it does, and while
+		// other names come and go.
+		var wg sync.WaitGroup
+		errs := make(chan error, 2*workers*perWorker+len(early))
+		for w := range workers {
+			wg.Go(func() {
+				for range perWorker {
+					ns, err := newNS()
+					if err != nil {
+						errs <- err
+						continue
+					}
+					errs <- ns.close()
+				}
+			})
+			wg.Go(func() {
+				for i := range perWorker {
+					name := fmt.Sprintf("netlab-test-%d-%d-%d", round, w, i)
+					if err := ipNetns("add", name); err != nil {
+						errs <- err
+						continue
+					}
+					errs <- ipNetns("del", name)
+				}
+			})
+		}
+		wg.Wait()
+		for _, ns := range early {
+			errs <- ns.close()
+		}
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Errorf("round %d: %v", round, err)
+			}
+		}
+		created += len(early) + workers*perWorker
+	}
+	// A recursive bind mount of /run holds a copy of every namespace
+	// mounted below it, which removal must unmount too.
+	ns, err := newNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rcopy := t.TempDir()
+	if err := unix.Mount("/run", rcopy, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.close(); err != nil {
+		t.Errorf("with /run bind-mounted on %s: %v", rcopy, err)
+	}
+	if err := unix.Unmount(rcopy, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	created++
+
+	ents, _ := os.ReadDir("/run/netns")
+	for _, e := range ents {
+		t.Errorf("left in /run/netns: %s", e.Name())
+	}
+	if ents, err := os.ReadDir(mountDir); err == nil {
+		for _, e := range ents {
+			t.Errorf("left in %s: %s", mountDir, e.Name())
+		}
+	}
+	for id, point := range mountIDs(t) {
+		// /run/netns itself, over which `ip netns add` mounted it, is
+		// iproute2's; the rounds left mounts of it, not below it.
+		if _, ok := baseline[id]; !ok && point != "/run/netns" {
+			t.Errorf("left mounted: %s", point)
+		}
+	}
+	t.Logf("%d rounds: %d namespaces created and removed, %d `ip netns add`/`del` pairs alongside", rounds, created, rounds*workers*perWorker)
+}
+
+// mountIDs returns the mount points of the calling thread's mount
+// namespace by mount ID.
+func mountIDs(t *testing.T) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/thread-self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if f := strings.Fields(line); len(f) > 4 {
+			ids[f[0]] = f[4]
+		}
+	}
+	return ids
 }

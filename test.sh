@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The test suite, as the README says to run it and CI (.ci/run) runs it:
+#
+#   sudo ./test.sh                   # every package
+#   sudo ./test.sh -run TestChaos .  # arguments replace ./..., as go test's
+#
+# Root, because the tests build network namespaces (never touching the
+# machine's own). First it installs with apt-get, only if missing, what the
+# tests need beyond Go:
+#
+#   gcc, libc6-dev  the race detector: go test -race builds with cgo
+#   ca-certificates go's module downloads, over HTTPS
+#   iproute2        ip, which the test lab's own test runs (ip netns add/del)
+#   iptables        the iptables rule backend, which its tests run
+#   chromium        the headless browser of the status page's test
+#
+# and, with IPCLUSTER_BENCH_TOOLS=1 (as CI sets), haproxy too, which the
+# data-path benchmark (go run ./bench/datapath) compares with. Then it runs
+#
+#   go test -race -count=1 -timeout 12m ./...
+#
+# with IPCLUSTER_REQUIRE_NETNS=1 and IPCLUSTER_REQUIRE_TOOLS=1, so that a
+# test that cannot build its namespaces or find its program fails instead
+# of skipping. (A plain go test skips those tests instead, naming the
+# package to install.)
+set -euo pipefail
+
+cd "$(dirname "$0")"
+
+die() {
+	echo "test.sh: $*" >&2
+	exit 1
+}
+
+[[ $EUID -eq 0 ]] || die "run me as root (sudo ./test.sh): the tests build network namespaces, and apt-get installs what they need"
+
+# sudo resets PATH, which then lacks Go's usual places.
+if ! command -v go >/dev/null; then
+	for dir in /usr/local/go/bin /usr/lib/go/bin; do
+		if [[ -x $dir/go ]]; then
+			PATH="$PATH:$dir"
+			break
+		fi
+	done
+fi
+command -v go >/dev/null || die "go not found on PATH (sudo resets it): run sudo env PATH=\"\$PATH\" ./test.sh"
+
+have() {
+	local bin
+	for bin in "$@"; do
+		command -v "$bin" >/dev/null || return 1
+	done
+}
+
+check() { # fills packages and reasons with what is missing
+	packages=()
+	reasons=()
+	local cc
+	cc="$(go env CC)"
+	want gcc "the race detector (go test -race builds with cgo)" "${cc%% *}"
+	if [[ ! -e /usr/include/stdlib.h ]]; then
+		packages+=(libc6-dev)
+		reasons+=("libc6-dev: the C headers the race detector's cgo build needs")
+	fi
+	if [[ ! -e /etc/ssl/certs/ca-certificates.crt ]]; then
+		packages+=(ca-certificates)
+		reasons+=("ca-certificates: go's module downloads, over HTTPS")
+	fi
+	want iproute2 "ip, run by the test lab's own test" ip
+	want iptables "the iptables rule backend and its tests" \
+		iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore
+	if ! have chromium && ! have chromium-browser && ! have google-chrome; then
+		packages+=(chromium)
+		reasons+=("chromium: the headless browser of the status page's test")
+	fi
+	if [[ ${IPCLUSTER_BENCH_TOOLS:-} == 1 ]]; then
+		want haproxy "the data-path benchmark's HAProxy comparison" haproxy
+	fi
+}
+want() { # package, why, then the programs it provides (all needed)
+	local pkg=$1 why=$2
+	shift 2
+	if ! have "$@"; then
+		packages+=("$pkg")
+		reasons+=("$pkg: $why")
+	fi
+}
+
+check
+if ((${#packages[@]})); then
+	command -v apt-get >/dev/null ||
+		die "missing, and no apt-get to install them: ${reasons[*]}"
+	echo "test.sh: installing what the tests need and this machine lacks:"
+	printf '  %s\n' "${reasons[@]}"
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+	hash -r
+	check
+	((${#packages[@]} == 0)) || die "still missing after apt-get install: ${reasons[*]}"
+fi
+
+if (($# == 0)); then
+	set -- ./...
+fi
+export IPCLUSTER_REQUIRE_NETNS=1 IPCLUSTER_REQUIRE_TOOLS=1
+set -x
+exec go test -race -count=1 -timeout 12m "$@"
