@@ -85,6 +85,11 @@ var (
 	// (nftables backend; say, after `nft flush ruleset`). The master
 	// writes them again; EventRulesFailed reports it.
 	ErrRulesLost = errors.New("ipcluster: rules lost from the kernel")
+	// ErrPortInUse: another cluster's rules in the master's network
+	// namespace (another Name, either backend) already route a public
+	// port of this cluster on an overlapping address; see PortInUseError.
+	// Checked at start and at a deploy, before anything is touched.
+	ErrPortInUse = errors.New("ipcluster: public port already routed by another cluster")
 	// ErrAlreadyRunning: another master holds the cluster's lock.
 	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
 	// ErrNotStartedByMaster: the process carries the worker environment but
