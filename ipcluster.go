@@ -215,7 +215,10 @@ type Config struct {
 	Workers int
 
 	// Ports are the public ports, TCP or UDP. Required; a port number may
-	// be listed once per protocol (TCP 443 and UDP 443 may both be).
+	// be listed once per protocol (TCP 443 and UDP 443 may both be). A
+	// port that another cluster (another Name) in the same network
+	// namespace already routes on an overlapping Addr is refused at start
+	// with ErrPortInUse.
 	Ports []Port
 
 	// Addr is the public destination address clients connect to. The zero
