@@ -28,6 +28,9 @@ package ipcluster
 // refusal there would stop a start the operator knows is fine, with no way
 // to override it.
 //
+// The check is made once, at start: two masters started at the same
+// moment may both pass it before either has written its rules.
+//
 // The scan costs a few netlink dumps; iptables-save runs only when the
 // iptables binaries exist and, for iptables-nft, only when the nf_tables
 // table they write (ip nat, ip6 nat) exists.
@@ -244,6 +247,7 @@ type scanResult struct {
 	foreign []foreignRule
 	removes map[string]string // cluster + "/" + backend → the command that removes its rules
 	skipped []string          // what could not be read, for a warning
+	noNFT   error             // nf_tables could not be listed at all
 }
 
 // scan reads what clusters and other nat rules route in the families of r.
@@ -252,7 +256,11 @@ func (s *routeScan) scan(ctx context.Context, r *routing) *scanResult {
 	natTables := map[*family]bool{} // nf_tables "ip nat" / "ip6 nat" exist
 	nftOK := false
 	if s.nft != nil {
-		if err := s.scanNFT(r, res, natTables); err != nil {
+		tables, err := s.nft.ListTables()
+		if err != nil {
+			// A kernel without nf_tables: no table to find there.
+			res.noNFT = err
+		} else if err := s.scanNFT(r, tables, res, natTables); err != nil {
 			res.skipped = append(res.skipped, "nf_tables: "+err.Error())
 		} else {
 			nftOK = true
@@ -303,11 +311,7 @@ func (s *routeScan) scan(ctx context.Context, r *routing) *scanResult {
 
 // scanNFT reads the ipcluster tables' maps and the other tables' nat
 // chains, and notes which iptables-nft nat tables exist.
-func (s *routeScan) scanNFT(r *routing, res *scanResult, natTables map[*family]bool) error {
-	tables, err := s.nft.ListTables()
-	if err != nil {
-		return fmt.Errorf("list tables: %w", err)
-	}
+func (s *routeScan) scanNFT(r *routing, tables []*nftables.Table, res *scanResult, natTables map[*family]bool) error {
 	var foreign []*nftables.Table
 	for _, t := range tables {
 		switch {
@@ -759,6 +763,9 @@ func findSaves() (map[*family]bool, bool) {
 
 // check turns a scan's findings into the error and warnings.
 func (res *scanResult) check(r *routing, log *slog.Logger) error {
+	if res.noNFT != nil {
+		log.Info("nf_tables unreadable; checked only iptables for other clusters on this cluster's ports", "cluster", r.name, "err", res.noNFT)
+	}
 	for _, what := range res.skipped {
 		log.Warn("could not read every nat rule when checking for other clusters on this cluster's ports", "cluster", r.name, "skipped", what)
 	}
