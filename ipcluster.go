@@ -88,6 +88,11 @@ var (
 	// (nftables backend; say, after `nft flush ruleset`). The master
 	// writes them again; EventRulesFailed reports it.
 	ErrRulesLost = errors.New("ipcluster: rules lost from the kernel")
+	// ErrPortInUse: another cluster's rules in the master's network
+	// namespace (another Name, either backend) already route a public
+	// port of this cluster on an overlapping address; see PortInUseError.
+	// Checked at start and at a deploy, before anything is touched.
+	ErrPortInUse = errors.New("ipcluster: public port already routed by another cluster")
 	// ErrAlreadyRunning: another master holds the cluster's lock.
 	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
 	// ErrNotStartedByMaster: the process carries the worker environment but
@@ -213,7 +218,10 @@ type Config struct {
 	Workers int
 
 	// Ports are the public ports, TCP or UDP. Required; a port number may
-	// be listed once per protocol (TCP 443 and UDP 443 may both be).
+	// be listed once per protocol (TCP 443 and UDP 443 may both be). A
+	// port that another cluster (another Name) in the same network
+	// namespace already routes on an overlapping Addr is refused at start
+	// with ErrPortInUse.
 	Ports []Port
 
 	// Addr is the public destination address clients connect to. The zero

@@ -208,7 +208,7 @@ type master struct {
 }
 
 func runMaster(ctx context.Context, cfg *Config) error {
-	m, err := newMaster(cfg)
+	m, err := newMaster(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -218,7 +218,7 @@ func runMaster(ctx context.Context, cfg *Config) error {
 // newMaster checks everything that can be checked before the system is
 // touched, then takes the cluster's lock and socket. On error nothing is
 // left behind.
-func newMaster(cfg *Config) (*master, error) {
+func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	st, err := procfs.ReadStatus(0)
 	if err != nil {
 		return nil, fmt.Errorf("read own capabilities: %w", err)
@@ -245,6 +245,11 @@ func newMaster(cfg *Config) (*master, error) {
 		cfg.Workers = n
 	}
 	rt := cfg.routing()
+	// Before the backend's probe writes its test table: a refused start
+	// leaves nothing behind.
+	if err := checkRoutesFree(ctx, rt, cfg.Logger); err != nil {
+		return nil, err
+	}
 	rules, backend, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
 		return nil, err
