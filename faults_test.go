@@ -201,7 +201,7 @@ exec ` + real + ` "$@"`})
 				time.Sleep(100 * time.Millisecond)
 			}
 			t.Logf("recovered %s after the fault cleared", time.Since(t1).Round(time.Millisecond))
-			st = c.waitStatus("slot 1 replaced", func(st *ipStatus) bool { return activePID(st, 1) == rep.PID })
+			c.waitStatus("slot 1 replaced", func(st *ipStatus) bool { return activePID(st, 1) == rep.PID })
 			c.checkKernelRules(t)
 			checkSlotsAnswer(t, lab, 8080, workers)
 			log := c.log()

@@ -489,7 +489,7 @@ func TestHTTPAddrInUse(t *testing.T) {
 	defer ln.Close()
 	cfg := specConfig{Name: "t", Workers: 2, Ports: []uint16{8080}, HTTPAddr: addr.String(),
 		RunDir: filepath.Join(t.TempDir(), "run")}
-	err, out := runHelper(t, lab, cfg, nil)
+	out, err := runHelper(t, lab, cfg, nil)
 	if err == nil {
 		t.Fatalf("master started with its HTTPAddr in use:\n%s", out)
 	}

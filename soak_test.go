@@ -185,7 +185,7 @@ func TestSoakLeaks(t *testing.T) {
 		if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		st = status("crash replaced", func(st *proto.Status) bool { p := activePID(st, slot); return p != 0 && p != old })
+		status("crash replaced", func(st *proto.Status) bool { p := activePID(st, slot); return p != 0 && p != old })
 		if i%2 == 0 { // every worker rolled
 			prev := workerPIDs(status("settled", settled(workers)))
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -49,12 +49,6 @@ const (
 	envWatchdogPID  = "WATCHDOG_PID"
 )
 
-// isNotifyEnv reports whether an environment variable is for the process
-// systemd notifies about: never for a worker.
-func isNotifyEnv(name string) bool {
-	return name == envNotifySocket || name == envWatchdogUSec || name == envWatchdogPID
-}
-
 // notifier sends sd_notify messages in order from its own goroutine: a
 // send to the notify socket can block (systemd busy, its queue full), and
 // the master's loop must never wait on it. Messages beyond notifyQueue

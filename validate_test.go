@@ -21,7 +21,7 @@ import (
 
 // runHelper runs a master for cfg in the lab to completion and returns its
 // exit error and output.
-func runHelper(t *testing.T, lab *netlab.Lab, cfg specConfig, prepare func(*exec.Cmd)) (error, string) {
+func runHelper(t *testing.T, lab *netlab.Lab, cfg specConfig, prepare func(*exec.Cmd)) (string, error) {
 	t.Helper()
 	c := &cluster{t: t, lab: lab, done: make(chan struct{})}
 	ino, err := lab.Server.Inode()
@@ -34,7 +34,7 @@ func runHelper(t *testing.T, lab *netlab.Lab, cfg specConfig, prepare func(*exec
 		_ = c.cmd.Process.Kill()
 		t.Fatalf("bad config did not make the master exit: %v\n%s", err, c.log())
 	}
-	return c.err, c.log()
+	return c.log(), c.err
 }
 
 // Each bad Config is refused with its error, and leaves no rule, run
@@ -70,7 +70,7 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 			if tc.edit != nil {
 				tc.edit(&cfg)
 			}
-			err, out := runHelper(t, lab, cfg, tc.prepare)
+			out, err := runHelper(t, lab, cfg, tc.prepare)
 			if err == nil {
 				t.Fatalf("master accepted a bad config:\n%s", out)
 			}

@@ -14,7 +14,6 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -451,9 +450,9 @@ func TestBuildOtherOS(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the example for darwin")
 	}
-	gobin := runtime.GOROOT() + "/bin/go"
-	if _, err := os.Stat(gobin); err != nil {
-		t.Skipf("no go tool: %v", err)
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skipf("no go tool on PATH: %v", err)
 	}
 	cmd := exec.Command(gobin, "build", "-o", os.DevNull, ".")
 	cmd.Env = append(os.Environ(), "GOOS=darwin", "GOARCH=arm64", "CGO_ENABLED=0")
