@@ -449,8 +449,10 @@ func TestLiveResize(t *testing.T) {
 			merged := []int{activePID(st, 2), activePID(st, 3)}
 
 			d.c.resize(t, 2)
+			// EventResized comes once the rules route the new slot
+			// mask: clients are asked where they land only then.
 			st = d.waitStatus("2 slots again", func(st *proto.Status) bool {
-				if len(st.Slots) != 2 {
+				if len(st.Slots) != 2 || countEvents(t, d.events, "EventResized") < 2 {
 					return false
 				}
 				for _, w := range st.Workers {

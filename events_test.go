@@ -111,12 +111,19 @@ func decodeEvent[T any](t testing.TB, e loggedEvent) T {
 // hasEvent reports whether the events log holds an event of type typ.
 func hasEvent(t testing.TB, path, typ string) bool {
 	t.Helper()
+	return countEvents(t, path, typ) > 0
+}
+
+// countEvents is the number of events of type typ in the log at path.
+func countEvents(t testing.TB, path, typ string) int {
+	t.Helper()
+	n := 0
 	for _, e := range readEvents(t, path) {
 		if e.Type == typ {
-			return true
+			n++
 		}
 	}
-	return false
+	return n
 }
 
 // The events log's format, without a cluster: every event a line, error

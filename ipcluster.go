@@ -806,8 +806,8 @@ const (
 	DeployHandedOver DeployOutcome = "handed-over"
 )
 
-// EventResized: the cluster's slot count changed (a control client asked);
-// Err is set, and To equals From, if a growth was abandoned because its
+// EventResized: the cluster's slot count changed (a control client asked),
+// sent once the rules that route the new slot count are written; Err is set, and To equals From, if a growth was abandoned because its
 // new workers kept failing to start.
 type EventResized struct {
 	From, To int

@@ -177,6 +177,7 @@ type master struct {
 	adopting     bool         // waiting for a previous master's workers
 	kernelRoutes []slotTarget // the routes it left
 	resizing     *resizeState // a growth waiting for its new workers (resize.go)
+	resized      *resizeState // a resize whose new routes are still to be written: announced then
 
 	// routed is what the installed rules point each slot at; udpMoved
 	// the UDP flows whose conntrack entries are to be deleted, because the
@@ -1092,6 +1093,7 @@ func (m *master) syncRules(ctx context.Context) {
 	m.installed = true
 	m.noteMovedUDP(m.routed, targets)
 	m.routed = targets
+	m.resizeWritten()
 	now := time.Now()
 	m.log.Debug("rules written", "elapsed", now.Sub(t0))
 	for _, p := range m.procs {

@@ -109,6 +109,17 @@ func (m *master) progressResize() {
 	}
 	m.resizing = nil
 	m.setWorkers(r.to)
+	m.resized = r
+}
+
+// resizeWritten announces a resize once the rule write that switched the
+// slot mask has succeeded: only then do clients reach their new slots.
+func (m *master) resizeWritten() {
+	r := m.resized
+	if r == nil {
+		return
+	}
+	m.resized = nil
 	elapsed := time.Since(r.started)
 	m.log.Info("resize done", "from", r.from, "to", r.to, "elapsed", elapsed)
 	m.emit.send(EventResized{From: r.from, To: r.to, Elapsed: elapsed})
@@ -155,8 +166,7 @@ func (m *master) shrink(n int) {
 	}
 	m.slots, m.pending = m.slots[:n], m.pending[:n]
 	m.setWorkers(n)
-	m.log.Info("resize done", "from", from, "to", n)
-	m.emit.send(EventResized{From: from, To: n, Elapsed: time.Since(now)})
+	m.resized = &resizeState{from: from, to: n, started: now}
 }
 
 // setWorkers switches the routes to n slots: a new slot mask, so the next
