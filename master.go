@@ -782,8 +782,10 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	}
 	p := m.procs[pr.pid]
 	if p == nil && h.Slot == spareSlot {
-		// It serves nobody: it finishes when refused.
-		refuse("spare of an earlier master; not adopted")
+		// It serves nobody: it finishes when refused. Every deploy with
+		// spares does this, so no warning.
+		m.log.Info("refused a spare of an earlier master; it finishes", "peer_pid", pr.pid)
+		pr.refuse("spare of an earlier master; not adopted")
 		return
 	}
 	if p == nil {
