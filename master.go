@@ -68,12 +68,16 @@ type proc struct {
 	pid, slot, gen int
 	build          string // the code it runs (Config.Version of its master)
 	state          procState
-	spawned        time.Time
-	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
-	pidfd          *os.File  // adopted workers only: readable once it exits
-	peer           *peer     // nil until its hello
-	ports          slotTarget
-	mem            procMem // as of the last monitor sample
+	spawned        time.Time // when this master spawned it, or met it (adopted)
+	// started is when the process started: the status's uptime counts
+	// from it. For an adopted worker it is read from /proc, so that its
+	// uptime does not restart with every master.
+	started time.Time
+	cmd     *exec.Cmd // nil for a worker adopted from an earlier master
+	pidfd   *os.File  // adopted workers only: readable once it exits
+	peer    *peer     // nil until its hello
+	ports   slotTarget
+	mem     procMem // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
 	beat  beatReport
@@ -618,6 +622,7 @@ func (m *master) spawn(slot int) {
 		return
 	}
 	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, build: m.target.build, state: stateStarting, spawned: time.Now(), cmd: cmd}
+	p.started = p.spawned
 	m.procs[p.pid] = p
 	m.obs.spawned()
 	if slot != spareSlot {
@@ -800,6 +805,12 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, build: h.Build, spawned: time.Now(),
 			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
 		p.ports = ports
+		p.started = p.spawned
+		if t, err := procfs.StartTime(p.pid); err == nil {
+			p.started = t
+		} else {
+			m.log.Info("adopted worker's start time unknown; its uptime counts from now", append(p.logAttrs(), "err", err)...)
+		}
 		m.procs[p.pid] = p
 		go watchPidfd(p, m.send)
 		if m.adoptsActive(h, ports) {
@@ -1343,7 +1354,7 @@ func (m *master) status() *proto.Status {
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
-			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
+			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {
 				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})

@@ -6,12 +6,17 @@ package ipcluster_test
 // adopted worker reports.
 
 import (
+	"bytes"
+	"os"
+	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -48,5 +53,84 @@ func testNormalDeployLogs(t *testing.T, spares int) {
 	d.releaseHeld()
 	if lines := alarmLine.FindAllString(d.c.log(), -1); len(lines) > 0 {
 		t.Errorf("a normal deploy logged %d WARN/ERROR lines:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+}
+
+// Workers keep the program's name in ps, top and ss (the kernel's comm of
+// every thread) and as argv[0], though the master execs them through
+// /proc/self/exe: after a start, and after a crash and respawn.
+func TestWorkersKeepProgramName(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	st := c.waitReady()
+	name := filepath.Base(os.Args[0])
+	comm := name[:min(len(name), 15)]
+	check := func(pids []int) {
+		t.Helper()
+		for _, pid := range pids {
+			dir := "/proc/" + strconv.Itoa(pid)
+			cmdline, err := os.ReadFile(dir + "/cmdline")
+			if err != nil {
+				t.Fatal(err)
+			}
+			argv0, _, _ := bytes.Cut(cmdline, []byte{0})
+			if filepath.Base(string(argv0)) != name {
+				t.Errorf("worker %d: argv[0] %q, want %s", pid, argv0, name)
+			}
+			tasks, err := os.ReadDir(dir + "/task")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, task := range tasks {
+				b, err := os.ReadFile(dir + "/task/" + task.Name() + "/comm")
+				if err != nil {
+					continue // a thread that ended
+				}
+				if got := strings.TrimSpace(string(b)); got != comm {
+					t.Errorf("worker %d thread %s is named %q, want %q", pid, task.Name(), got, comm)
+				}
+			}
+		}
+	}
+	check(workerPIDs(st))
+	old := activePID(st, 1)
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	st = c.waitStatus("slot 1 respawned", func(st *proto.Status) bool {
+		return st.Ready && activePID(st, 1) != 0 && activePID(st, 1) != old
+	})
+	check([]int{activePID(st, 1)})
+}
+
+// kill -9 of the master, and a new master adopts the workers: their uptime
+// goes on from the processes' start, not from the adoption.
+func TestAdoptedWorkerKeepsUptime(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{})
+	cfg := specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), ConnectTimeout: 2 * time.Second}
+	c := startCluster(t, lab, cfg)
+	c.waitReady()
+	time.Sleep(2 * time.Second) // an uptime the adoption cannot reach by itself
+	st0 := c.waitReady()
+	t0 := time.Now()
+	if err := c.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-c.done
+	c2 := startClusterSpec(t, lab, c.spec.Config, func(s *spec) { *s = c.spec })
+	var since float64 // from the kill to the status that shows the adoption
+	st := c2.waitStatus("the old workers adopted", func(st *proto.Status) bool {
+		since = time.Since(t0).Seconds()
+		return st.Ready && activePID(st, 0) == activePID(st0, 0) && activePID(st, 1) == activePID(st0, 1)
+	})
+	for _, w0 := range st0.Workers {
+		for _, w := range st.Workers {
+			// The start time is good to a clock tick; the old master
+			// took it a moment after the fork.
+			if w.PID == w0.PID && w.UptimeSec < w0.UptimeSec+since-0.1 {
+				t.Errorf("adopted worker %d: uptime %.2fs, want at least %.2fs (%.2fs before the master was killed, %.2fs since)",
+					w.PID, w.UptimeSec, w0.UptimeSec+since, w0.UptimeSec, since)
+			}
+		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -25,6 +26,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -204,6 +206,12 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		retireAsked: make(chan string, 1),
 	}
 	w.setLogger()
+	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
+	// so the kernel named this process "exe": take the program's name
+	// back, for ps, top and ss.
+	if err := procfs.SetComm(filepath.Base(os.Args[0])); err != nil {
+		w.log.Info("keeping the kernel's name for this process", "err", err)
+	}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
 	go w.probe.run(w.ctx)
