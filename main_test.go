@@ -215,6 +215,8 @@ func helperMain(raw string) int {
 		// chain, writes what happened to ReportDir/tryrules-<pid>, and
 		// serves as echo.
 		"tryrules": tryRulesWorker,
+		// http: HTTP through Worker.ServeHTTP (see httpWorker).
+		"http": httpWorker,
 		"crash2s": func(w *ipcluster.Worker) error {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)
