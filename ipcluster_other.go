@@ -28,6 +28,8 @@ func (w *Worker) RequestRetire(reason string)             {}
 func (w *Worker) SetStats(fn func() any)                  {}
 func (w *Worker) ServeHTTP(*http.Server, ...uint16) error { return ErrNotSupported }
 
+func deployReporter() func(error) { return func(error) {} }
+
 func runWorker(context.Context, *Config, func(*Worker) error) error { return ErrNotSupported }
 func runMaster(context.Context, *Config) error                      { return ErrNotSupported }
 
