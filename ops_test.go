@@ -58,10 +58,21 @@ func testNormalDeployLogs(t *testing.T, spares int) {
 
 // Workers keep the program's name in ps, top and ss (the kernel's comm of
 // every thread) and as argv[0], though the master execs them through
-// /proc/self/exe: after a start, and after a crash and respawn.
+// /proc/self/exe: after a start, and after a crash and respawn; as the
+// master's user and as WorkerUser.
 func TestWorkersKeepProgramName(t *testing.T) {
+	for _, user := range []string{"", "nobody"} {
+		t.Run("user="+user, func(t *testing.T) { testWorkersKeepProgramName(t, user) })
+	}
+}
+
+func testWorkersKeepProgramName(t *testing.T, user string) {
 	lab := netlab.NewT(t, netlab.Options{})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	cfg := specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), WorkerUser: user}
+	if user != "" {
+		cfg.RunDir = openTempDir(t, 0o755) // the workers reach the socket
+	}
+	c := startCluster(t, lab, cfg)
 	st := c.waitReady()
 	name := filepath.Base(os.Args[0])
 	comm := name[:min(len(name), 15)]
