@@ -52,6 +52,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,22 +80,32 @@ const envDeployReport = "IPCLUSTER_DEPLOY_REPORT"
 // maxDeployReport bounds what is read of a successor's report.
 const maxDeployReport = 4 << 10
 
+// deployReport is the file of envDeployReport, until this master has
+// taken the cluster over (takeOver clears it): after that its predecessor
+// is gone, and an error of this master's is its own to report.
+var deployReport atomic.Pointer[string]
+
 // deployReporter returns, in a master started for a deploy, a function
 // that writes Run's error to the file its predecessor reads (see
-// envDeployReport); elsewhere one that does nothing. The variable is
-// removed from the environment, so nothing this process starts inherits it.
+// envDeployReport) if it has not taken the cluster over; elsewhere one
+// that does nothing. The variable is removed from the environment, so
+// nothing this process starts inherits it.
 func deployReporter() func(error) {
 	path := os.Getenv(envDeployReport)
 	if path == "" {
 		return func(error) {}
 	}
 	os.Unsetenv(envDeployReport)
+	deployReport.Store(&path)
 	return func(err error) {
-		if err != nil {
-			_ = os.WriteFile(path, []byte(err.Error()+"\n"), 0o600)
+		if p := deployReport.Swap(nil); p != nil && err != nil {
+			_ = os.WriteFile(*p, []byte(err.Error()+"\n"), 0o600)
 		}
 	}
 }
+
+// deployReportPath is the file a successor leaves its error in.
+func (m *master) deployReportPath() string { return filepath.Join(m.dir, "deploy-error") }
 
 // readDeployReport reads and removes a successor's report: its error, or
 // "" if it left none.
@@ -315,6 +326,7 @@ func (m *master) takeOver(held error) error {
 			_, _ = m.lock.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 		}
 		m.tookOver = true
+		deployReport.Store(nil) // the master that started us, if one did, is done
 		m.log.Info("took the cluster over", "from_pid", b.MasterPID, "from_generation", b.Generation)
 		return nil
 	}
@@ -697,7 +709,4 @@ func (m *master) setDeploy(phase DeployOutcome, text string) {
 // Files of the cluster's run directory.
 func (m *master) generationPath() string { return filepath.Join(m.dir, "generation") }
 func (m *master) lockPath() string       { return filepath.Join(m.dir, "lock") }
-func (m *master) deployReportPath() string {
-	return filepath.Join(m.dir, "deploy-error")
-}
-func (m *master) workersPath() string { return workersPath(m.cfg) }
+func (m *master) workersPath() string    { return workersPath(m.cfg) }

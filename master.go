@@ -68,16 +68,13 @@ type proc struct {
 	pid, slot, gen int
 	build          string // the code it runs (Config.Version of its master)
 	state          procState
-	spawned        time.Time // when this master spawned it, or met it (adopted)
-	// started is when the process started: the status's uptime counts
-	// from it. For an adopted worker it is read from /proc, so that its
-	// uptime does not restart with every master.
-	started time.Time
-	cmd     *exec.Cmd // nil for a worker adopted from an earlier master
-	pidfd   *os.File  // adopted workers only: readable once it exits
-	peer    *peer     // nil until its hello
-	ports   slotTarget
-	mem     procMem // as of the last monitor sample
+	spawned        time.Time
+	started        time.Time // the process's start, uptime's origin; read from /proc for an adopted worker
+	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
+	pidfd          *os.File  // adopted workers only: readable once it exits
+	peer           *peer     // nil until its hello
+	ports          slotTarget
+	mem            procMem // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
 	beat  beatReport
