@@ -26,14 +26,23 @@ var alarmLine = regexp.MustCompile(`(?m)^.*level=(WARN|ERROR).*$`)
 
 // A deploy that goes as planned (SIGHUP, a new version, canary, rolling,
 // commit, old workers drained) needs no human: it logs no WARN or ERROR,
-// from either master or any worker, with spares or without.
+// from either master or any worker, with spares or without. Nor does a
+// restart (SIGUSR2), the same roll inside one master.
 func TestNormalDeployLogsNoWarning(t *testing.T) {
-	for _, spares := range []int{0, 1} {
-		t.Run("spares="+itoa(spares), func(t *testing.T) { testNormalDeployLogs(t, spares) })
+	for _, tc := range []struct {
+		name   string
+		spares int
+		sig    syscall.Signal
+	}{
+		{"deploy", 0, syscall.SIGHUP},
+		{"deploy with a spare", 1, syscall.SIGHUP},
+		{"restart", 0, syscall.SIGUSR2},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testNormalDeployLogs(t, tc.spares, tc.sig) })
 	}
 }
 
-func testNormalDeployLogs(t *testing.T, spares int) {
+func testNormalDeployLogs(t *testing.T, spares int, sig syscall.Signal) {
 	d := startDeployLab(t, 4, func(s *spec) {
 		s.Config.Spares = spares
 		// What a busy machine may take, so that only the deploy itself
@@ -43,17 +52,25 @@ func testNormalDeployLogs(t *testing.T, spares int) {
 	st0, _ := d.c.status()
 	oldPIDs := workerPIDs(st0)
 	d.load()
-	d.setVersion("v2")
-	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	version := "v1"
+	if sig == syscall.SIGHUP {
+		version = "v2"
+		d.setVersion(version)
+	}
+	if err := d.c.cmd.Process.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.c.wait(10 * time.Second); err != nil {
-		t.Fatalf("old master after the handover: %v\n%s", err, d.c.log())
+	if sig == syscall.SIGHUP {
+		if err := d.c.wait(10 * time.Second); err != nil {
+			t.Fatalf("old master after the handover: %v\n%s", err, d.c.log())
+		}
 	}
-	st := d.waitStatus("every slot on v2", func(st *proto.Status) bool {
-		return servedBy(st, "v2", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
+	st := d.waitStatus("every slot on "+version, func(st *proto.Status) bool {
+		return servedBy(st, version, oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
 	})
-	stopMasterByPID(t, st.MasterPID)
+	if st.MasterPID != st0.MasterPID {
+		stopMasterByPID(t, st.MasterPID)
+	}
 	d.finish()
 	d.releaseHeld()
 	if lines := alarmLine.FindAllString(d.c.log(), -1); len(lines) > 0 {
