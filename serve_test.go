@@ -114,6 +114,7 @@ func TestServeHTTPEndsIdleKeepAlive(t *testing.T) {
 			}
 
 			stopped := make(chan error, 1)
+			t0 := time.Now()
 			if end == "retired" {
 				// SIGUSR1: the worker asks to be replaced.
 				if err := syscall.Kill(rep.PID, syscall.SIGUSR1); err != nil {
@@ -138,6 +139,8 @@ func TestServeHTTPEndsIdleKeepAlive(t *testing.T) {
 				t.Errorf("idle keep-alive connection: read %d bytes, %v; want EOF, the server closing it", n, err)
 			}
 			waitGone(t, []int{rep.PID}, 20*time.Second)
+			t.Logf("worker %d %s with an idle keep-alive connection and a request in flight: exited %s later (DrainTimeout %s, StopTimeout %s)",
+				rep.PID, end, time.Since(t0).Round(time.Millisecond), cfg.DrainTimeout, cfg.StopTimeout)
 			if end == "stopped" {
 				select {
 				case err := <-stopped:
