@@ -2,11 +2,14 @@ package ctl
 
 import (
 	"bytes"
+	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -155,5 +158,38 @@ func TestExitCodeDeadMaster(t *testing.T) {
 	var errb bytes.Buffer
 	if code := Main([]string{"-rundir", dir, "-name", "t", "status"}, &bytes.Buffer{}, &errb); code != exitNoMaster || !strings.Contains(errb.String(), "adopts them") {
 		t.Errorf("exit %d, want %d: %s", code, exitNoMaster, errb.String())
+	}
+}
+
+// envMain makes the test binary run Main with the arguments in it (one per
+// line) and exit with its status: TestExitCodeNotMasterUser runs it as
+// another user.
+const envMain = "IPCLUSTER_CTL_TEST_MAIN"
+
+func TestMain(m *testing.M) {
+	if args := os.Getenv(envMain); args != "" {
+		os.Exit(Main(strings.Split(args, "\n"), os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// As a user the socket is closed to: permission denied, exit status 4.
+func TestExitCodeNotMasterUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs ipclusterctl as nobody")
+	}
+	f := startFake(t, &fakeMaster{statuses: []*proto.Status{status(1, "", "")}})
+	// t.TempDir is root's alone, as the run directory of a master with
+	// no WorkerUser is its user's.
+	// /proc/self/exe: the kernel resolves it for the child, so go test's
+	// private build directory need not be open to nobody.
+	cmd := exec.Command("/proc/self/exe", "-test.run=^$")
+	cmd.Env = append(os.Environ(), envMain+"=-rundir\n"+f.runDir+"\n-name\nt\nstatus")
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != exitDenied || !strings.Contains(string(out), "permission denied") {
+		t.Errorf("as nobody: %v, want exit status %d saying permission denied:\n%s", err, exitDenied, out)
 	}
 }
