@@ -5,6 +5,8 @@ package ipcluster_test
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -21,7 +23,8 @@ func (d *deployLab) ctl(args ...string) (code int, stdout, stderr string) {
 }
 
 // ipclusterctl against a real master: every command, a deploy that commits
-// and one that rolls back (exit status 1), and the error without a master.
+// and one that rolls back (exit status 6), and the error without a master
+// (exit status 3).
 func TestCtl(t *testing.T) {
 	d := startDeployLab(t, 4, func(s *spec) { s.VersionScenarios = map[string]string{"v3": "exit"} })
 
@@ -61,8 +64,8 @@ func TestCtl(t *testing.T) {
 
 	d.setVersion("v3") // its workers exit at start
 	code, _, errOut := d.ctl("deploy")
-	if code != 1 || !strings.Contains(errOut, "rolled back") {
-		t.Errorf("deploy v3: exit %d, want 1 with the rollback named", code)
+	if code != 6 || !strings.Contains(errOut, "rolled back") {
+		t.Errorf("deploy v3: exit %d, want 6 with the rollback named", code)
 	}
 	s, _ = d.c.status()
 	stopMasterByPID(t, s.MasterPID)
@@ -75,7 +78,29 @@ func TestCtl(t *testing.T) {
 	}
 
 	var errb bytes.Buffer
-	if code := ctl.Main([]string{"-rundir", t.TempDir(), "status"}, &bytes.Buffer{}, &errb); code != 2 || !strings.Contains(errb.String(), "no cluster under") {
+	if code := ctl.Main([]string{"-rundir", t.TempDir(), "status"}, &bytes.Buffer{}, &errb); code != 3 || !strings.Contains(errb.String(), "no cluster under") {
 		t.Errorf("without a master: exit %d: %s", code, errb.String())
+	}
+}
+
+// A deploy whose new master fails before taking over (its Config is bad):
+// ipclusterctl exits 7 and prints the new master's own error, which the old
+// master read from the file the new one left (deployReporter); the old
+// master serves on.
+func TestCtlDeployFailedPrintsNewMasterError(t *testing.T) {
+	d := startDeployLab(t, 4, func(s *spec) { s.VersionWorkers = map[string]int{"bad": 3} })
+	st0, _ := d.c.status()
+	d.setVersion("bad")
+	code, _, errOut := d.ctl("deploy")
+	const want = "Config.Workers: 3 is not a power of two"
+	if code != 7 || !strings.Contains(errOut, "deploy failed: new master pid") || !strings.Contains(errOut, want) || strings.Contains(errOut, "failed: failed") {
+		t.Errorf("deploy of a bad Config: exit %d, want 7 and the new master's error %q:\n%s", code, want, errOut)
+	}
+	st, err := d.c.status()
+	if err != nil || st.MasterPID != st0.MasterPID || !strings.Contains(st.Deploy, want) {
+		t.Errorf("after the failed deploy: %+v, %v; want master %d serving on, its status naming the error", st, err, st0.MasterPID)
+	}
+	if _, err := os.Stat(filepath.Join(d.c.spec.Config.RunDir, d.c.spec.Config.Name, "deploy-error")); !os.IsNotExist(err) {
+		t.Errorf("the new master's report is left in the run directory: %v", err)
 	}
 }

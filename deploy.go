@@ -51,6 +51,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -67,6 +69,56 @@ const deployMaxFailures = 3
 // successorTimeout bounds how long a master waits for the master it
 // started on SIGHUP to take over.
 const successorTimeout = 30 * time.Second
+
+// envDeployReport names, in a master started for a deploy, the file where
+// Run writes its error if it fails: the master that started it reads the
+// file when it exits before taking over, and reports that error (say
+// "Config.Workers: 3 is not a power of two") rather than an exit status.
+// A file, not a pipe: the successor outlives the master that reads it.
+const envDeployReport = "IPCLUSTER_DEPLOY_REPORT"
+
+// maxDeployReport bounds what is read of a successor's report.
+const maxDeployReport = 4 << 10
+
+// deployReport is the file of envDeployReport, until this master has
+// taken the cluster over (takeOver clears it): after that its predecessor
+// is gone, and an error of this master's is its own to report.
+var deployReport atomic.Pointer[string]
+
+// deployReporter returns, in a master started for a deploy, a function
+// that writes Run's error to the file its predecessor reads (see
+// envDeployReport) if it has not taken the cluster over; elsewhere one
+// that does nothing. The variable is removed from the environment, so
+// nothing this process starts inherits it.
+func deployReporter() func(error) {
+	path := os.Getenv(envDeployReport)
+	if path == "" {
+		return func(error) {}
+	}
+	os.Unsetenv(envDeployReport)
+	deployReport.Store(&path)
+	return func(err error) {
+		if p := deployReport.Swap(nil); p != nil && err != nil {
+			_ = os.WriteFile(*p, []byte(err.Error()+"\n"), 0o600)
+		}
+	}
+}
+
+// deployReportPath is the file a successor leaves its error in.
+func (m *master) deployReportPath() string { return filepath.Join(m.dir, "deploy-error") }
+
+// readDeployReport reads and removes a successor's report: its error, or
+// "" if it left none.
+func readDeployReport(path string) string {
+	defer os.Remove(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	b, _ := io.ReadAll(io.LimitReader(f, maxDeployReport))
+	return strings.TrimSpace(string(b))
+}
 
 // codeGen is code workers can be spawned from: a build and its executable.
 type codeGen struct {
@@ -274,6 +326,7 @@ func (m *master) takeOver(held error) error {
 			_, _ = m.lock.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 		}
 		m.tookOver = true
+		deployReport.Store(nil) // the master that started us, if one did, is done
 		m.log.Info("took the cluster over", "from_pid", b.MasterPID, "from_generation", b.Generation)
 		return nil
 	}
@@ -316,6 +369,9 @@ func (m *master) startSuccessor() {
 	}
 	cmd := exec.Command(m.exe, m.args...)
 	cmd.Env = append(slices.Clip(m.env), m.sd.successorEnv()...) // it talks to systemd in our stead
+	// If it fails, it leaves its error there (deployReporter).
+	_ = os.Remove(m.deployReportPath())
+	cmd.Env = append(cmd.Env, envDeployReport+"="+m.deployReportPath())
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	// Its own session: it outlives this master, which exits once it has
 	// handed over.
@@ -354,9 +410,14 @@ func (m *master) onSuccessorExit(ev evSuccessorExit) {
 		return
 	}
 	m.successor = nil
-	if !m.handedOver {
-		m.deployFailed(fmt.Sprintf("new master pid %d exited before taking over: %s", ev.cmd.Process.Pid, ev.status))
+	if m.handedOver {
+		return
 	}
+	if report := readDeployReport(m.deployReportPath()); report != "" {
+		m.deployFailed(fmt.Sprintf("new master pid %d: %s (%s)", ev.cmd.Process.Pid, report, ev.status))
+		return
+	}
+	m.deployFailed(fmt.Sprintf("new master pid %d exited before taking over: %s (it reported no error: see its log)", ev.cmd.Process.Pid, ev.status))
 }
 
 func (m *master) onSuccessorTimeout(ev evSuccessorTimeout) {

@@ -11,9 +11,10 @@
 // processes Run listens on an OS-chosen port for each public port, TCP or
 // UDP, connects back to the master over the Unix socket, and calls the
 // application's function with a *Worker, which hands out the listeners
-// (TCP) and packet conns (UDP) and names the slot. Workers run in their
-// own session and outlive the master: a master crash drops no connection,
-// and the next master adopts them.
+// (TCP) and packet conns (UDP) and names the slot; an HTTP server is
+// served with Worker.ServeHTTP, which shuts it down when the worker's
+// service ends. Workers run in their own session and outlive the master: a
+// master crash drops no connection, and the next master adopts them.
 //
 // # Routing
 //

@@ -2,10 +2,8 @@ package ipcluster_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log"
-	"net"
 	"net/http"
 	"net/netip"
 	"time"
@@ -25,23 +23,44 @@ func Example() {
 		srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(rw, "hello %s from slot %d\n", r.RemoteAddr, w.Slot())
 		})}
-		// Told to finish (the cluster stops): stop serving.
+		// Serves until the worker is retired or told to finish, then
+		// shuts the server down gracefully.
+		return w.ServeHTTP(srv)
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+}
+
+// Serving HTTP: ServeHTTP serves until the worker is retired (its slot moved
+// to another worker) or told to finish (the cluster stops), then shuts the
+// server down: idle keep-alive connections close at once, so the worker
+// exits as soon as its requests in flight are answered, instead of when
+// its clients or DrainTimeout close them. Here it serves one of two ports;
+// the other carries a line protocol.
+func ExampleWorker_ServeHTTP() {
+	cfg := ipcluster.Config{
+		Name:  "web",
+		Ports: []ipcluster.Port{{Public: 8080}, {Public: 7000}},
+	}
+	err := ipcluster.Run(context.Background(), cfg, func(w *ipcluster.Worker) error {
 		go func() {
-			<-w.Context().Done()
-			_ = srv.Shutdown(context.Background())
+			ln := w.Listener(7000) // closed with the worker's service
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprintf(c, "slot %d\n", w.Slot())
+				c.Close()
+			}
 		}()
-		// Serve returns when the listener closes: when the worker is
-		// retired (its slot moved to another worker) or told to finish.
-		err := srv.Serve(w.Listener(8080))
-		if w.Context().Err() == nil {
-			// Retired: finish in-flight requests and close idle
-			// keep-alive connections, so the worker drains and exits.
-			_ = srv.Shutdown(context.Background())
+		srv := &http.Server{
+			Handler:           http.FileServer(http.Dir("/srv/www")),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
 		}
-		if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
-			return nil
-		}
-		return err
+		return w.ServeHTTP(srv, 8080)
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -90,7 +109,7 @@ func ExampleConfig_health() {
 	err := ipcluster.Run(context.Background(), cfg, func(w *ipcluster.Worker) error {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/healthz", func(rw http.ResponseWriter, r *http.Request) { fmt.Fprintln(rw, "ok") })
-		return http.Serve(w.Listener(8080), mux)
+		return w.ServeHTTP(&http.Server{Handler: mux})
 	})
 	if err != nil {
 		log.Fatal(err)

@@ -712,7 +712,13 @@ func IsWorker() bool { return os.Getenv(EnvWorker) != "" }
 // In a worker process, Run listens on an OS-chosen port for each public
 // port, reports to the master and calls work, then returns once the worker
 // is done: told to die, or retired with its connections drained.
-func Run(ctx context.Context, cfg Config, work func(*Worker) error) error {
+func Run(ctx context.Context, cfg Config, work func(*Worker) error) (err error) {
+	if !IsWorker() {
+		// A master started for a deploy tells the one that started it
+		// why it failed.
+		report := deployReporter()
+		defer func() { report(err) }()
+	}
 	if work == nil {
 		return &ConfigError{Field: "work (Run's argument)", Problem: "nil", Fix: "pass the function workers run"}
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/http"
 )
 
 // Worker is the handle a worker process's function receives. On platforms
@@ -25,6 +26,9 @@ func (w *Worker) Retired() <-chan struct{}                { return nil }
 func (w *Worker) Connections() int64                      { return 0 }
 func (w *Worker) RequestRetire(reason string)             {}
 func (w *Worker) SetStats(fn func() any)                  {}
+func (w *Worker) ServeHTTP(*http.Server, ...uint16) error { return ErrNotSupported }
+
+func deployReporter() func(error) { return func(error) {} }
 
 func runWorker(context.Context, *Config, func(*Worker) error) error { return ErrNotSupported }
 func runMaster(context.Context, *Config) error                      { return ErrNotSupported }

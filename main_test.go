@@ -61,6 +61,9 @@ type spec struct {
 	// "exit" (exit at once, before Run), "noready" (never call Run) and
 	// "crash2s" (echo, then exit 2s after being called).
 	VersionScenarios map[string]string
+	// VersionWorkers overrides Config.Workers of a master whose version
+	// (VersionFile) is a key: a build shipped with a bad Config.
+	VersionWorkers map[string]int
 	// Exe, if set, is the binary the harness starts as the master instead
 	// of this test binary (a copy a test may replace, as a deploy does).
 	Exe string `json:"-"`
@@ -215,6 +218,8 @@ func helperMain(raw string) int {
 		// chain, writes what happened to ReportDir/tryrules-<pid>, and
 		// serves as echo.
 		"tryrules": tryRulesWorker,
+		// http: HTTP through Worker.ServeHTTP (see httpWorker).
+		"http": httpWorker,
 		"crash2s": func(w *ipcluster.Worker) error {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)
@@ -255,6 +260,9 @@ func helperMain(raw string) int {
 			return 2
 		}
 		cfg.Version = strings.TrimSpace(string(b))
+		if n, ok := s.VersionWorkers[cfg.Version]; ok {
+			cfg.Workers = n
+		}
 	}
 	switch s.HealthCheck {
 	case "":

@@ -69,6 +69,7 @@ type proc struct {
 	build          string // the code it runs (Config.Version of its master)
 	state          procState
 	spawned        time.Time
+	started        time.Time // the process's start, uptime's origin; read from /proc for an adopted worker
 	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
 	pidfd          *os.File  // adopted workers only: readable once it exits
 	peer           *peer     // nil until its hello
@@ -629,6 +630,7 @@ func (m *master) spawn(slot int) {
 		return
 	}
 	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, build: m.target.build, state: stateStarting, spawned: time.Now(), cmd: cmd}
+	p.started = p.spawned
 	m.procs[p.pid] = p
 	m.obs.spawned()
 	if slot != spareSlot {
@@ -793,8 +795,10 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	}
 	p := m.procs[pr.pid]
 	if p == nil && h.Slot == spareSlot {
-		// It serves nobody: it finishes when refused.
-		refuse("spare of an earlier master; not adopted")
+		// It serves nobody: it finishes when refused. Every deploy with
+		// spares does this, so no warning.
+		m.log.Info("refused a spare of an earlier master; it finishes", "peer_pid", pr.pid)
+		pr.refuse("spare of an earlier master; not adopted")
 		return
 	}
 	if p == nil {
@@ -809,6 +813,12 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, build: h.Build, spawned: time.Now(),
 			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
 		p.ports = ports
+		p.started = p.spawned
+		if t, err := procfs.StartTime(p.pid); err == nil {
+			p.started = t
+		} else {
+			m.log.Info("adopted worker's start time unknown; its uptime counts from now", append(p.logAttrs(), "err", err)...)
+		}
 		m.procs[p.pid] = p
 		go watchPidfd(p, m.send)
 		if m.adoptsActive(h, ports) {
@@ -1354,8 +1364,8 @@ func (m *master) status() *proto.Status {
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
-			UptimeSec: now.Sub(p.spawned).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
-		ws.StartTime = float64(p.spawned.UnixNano()) / 1e9
+			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
+		ws.StartTime = float64(p.started.UnixNano()) / 1e9
 		for _, pub := range m.rt.ports {
 			if w, ok := p.ports[pub]; ok {
 				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})

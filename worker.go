@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -25,6 +26,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -204,6 +206,12 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		retireAsked: make(chan string, 1),
 	}
 	w.setLogger()
+	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
+	// so the kernel named this process "exe": take the program's name
+	// back, for ps, top and ss.
+	if err := procfs.SetComm(filepath.Base(os.Args[0])); err != nil {
+		w.log.Info("keeping the kernel's name for this process", "err", err)
+	}
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
 	go w.probe.run(w.ctx)
@@ -284,6 +292,8 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	var dieDeadline <-chan time.Time
 	var dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
 	var unsentRetire string             // a retirement request made while no master listened
+	var lostAt time.Time                // when the master went away, while it is away
+	var lonely <-chan time.Time         // fires if no master comes back for noMasterWarnAfter
 	dying, connected := false, true
 	ctxDone := ctx.Done()
 	die := func(why string) {
@@ -352,16 +362,27 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		case <-lost:
 			connected = false
 			w.setConn(nil)
-			w.log.Warn("lost the master; serving on and reconnecting")
+			// Every deploy and takeover closes the workers' connections:
+			// only a master that does not come back needs a human.
+			w.log.Info("lost the master; serving on and reconnecting")
+			lostAt, lonely = time.Now(), time.After(noMasterWarnAfter)
 			reconnect = time.After(0)
+		case <-lonely:
+			lonely = nil
+			w.log.Warn("no master for a while; serving on the rules in the kernel and reconnecting", "since", lostAt, "socket", w.socket)
 		case <-reconnect:
 			reconnect = nil
 			conn, r, welcome, err := w.dial()
 			if err != nil {
 				if errors.Is(err, proto.ErrRefused) {
 					// A master that refuses us wants us gone: finish
-					// what we serve, then leave.
-					w.log.Warn("new master refused this worker; draining", "err", err)
+					// what we serve, then leave. A spare (it serves
+					// nobody) is refused by every deploy's new master.
+					lvl := slog.LevelWarn
+					if w.slot == spareSlot {
+						lvl = slog.LevelInfo
+					}
+					w.log.Log(context.Background(), lvl, "new master refused this worker; draining", "err", err)
 					w.retire("refused by master")
 					break
 				}
@@ -375,7 +396,8 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			connected = true
 			beat.Reset(heartbeatEvery(welcome))
 			go w.read(r, conn, msgs, lost)
-			w.log.Info("reconnected to master")
+			w.log.Info("reconnected to master", "after", time.Since(lostAt).Round(time.Millisecond))
+			lonely = nil
 			if unsentRetire != "" {
 				w.RequestRetire(unsentRetire)
 				unsentRetire = ""
@@ -624,6 +646,11 @@ func (c *trackedConn) Close() error {
 	c.once.Do(func() { c.w.conns.Add(-1) })
 	return c.TCPConn.Close()
 }
+
+// noMasterWarnAfter is how long a worker serves without a master before it
+// warns: a takeover reconnects it in milliseconds, a master that crashed is
+// restarted (by systemd, say) in seconds.
+const noMasterWarnAfter = 10 * time.Second
 
 // udpDrainIdle is how long a retired worker's UDP sockets must go without a
 // datagram before they close. The master moves the slot's flows away when it

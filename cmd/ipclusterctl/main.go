@@ -5,8 +5,11 @@
 //	ipclusterctl -rundir /run/ipcluster -name chat status
 //	ipclusterctl -name chat deploy
 //
-// It exits 0 on success, 1 when the command failed (a deploy rolled back),
-// and 2 on bad usage or when no master can be reached.
+// It exits 0 on success, and with a status of its own for each kind of
+// failure: 2 bad usage, 3 no master, 4 permission denied, 5 a request the
+// master refused, 6 a deploy or restart rolled back, 7 a deploy whose new
+// master failed (its error is printed), 8 gave up waiting, 1 anything else.
+// `ipclusterctl -h` lists them.
 package main
 
 import (

@@ -27,11 +27,9 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -134,32 +132,18 @@ func serve(w *ipcluster.Worker, port uint16, grace time.Duration) error {
 	stopExpiry := expireSessions(w.Context(), chat.hub, log)
 	defer stopExpiry()
 
-	ln := w.Listener(port)
-	log.Info("worker serving", "port", port, "listen", ln.Addr().String(), "version", w.Version())
-	// Serve returns once the library closes the listener, on retirement
-	// or when told to finish. Do not close it (srv.Shutdown) on
-	// <-w.Retired() yourself: the library waits until no connection is
-	// left in the accept queue, and closing earlier would reset the
-	// clients queued there.
-	err := srv.Serve(ln)
-	if !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+	log.Info("worker serving", "port", port, "listen", w.Listener(port).Addr().String(), "version", w.Version())
+	// ServeHTTP serves until the worker is retired or told to finish,
+	// then shuts the server down: idle keep-alive connections close at
+	// once (each would keep the worker alive, and take its client's next
+	// requests, until IdleTimeout), and the requests in progress finish:
+	// long-polls, which end within 25s, and SSE streams, closed by the
+	// end of their grace period. Their connections close as they end,
+	// without keep-alive, so the clients' next requests reach the new
+	// worker. Told to finish, chat.stop has every poll and stream end at
+	// once, and ServeHTTP cuts what is left after StopTimeout.
+	if err := w.ServeHTTP(srv, port); err != nil {
 		return fmt.Errorf("serve HTTP on public port %d: %w", port, err)
-	}
-	// Shutdown closes idle keep-alive connections now (each would keep
-	// the worker alive, and take its client's next requests, until
-	// IdleTimeout) and waits for the requests in progress: long-polls,
-	// which end within 25s, and SSE streams, closed by the end of their
-	// grace period. Their connections close as they end, without
-	// keep-alive, so the clients' next requests reach the new worker.
-	if err := srv.Shutdown(w.Context()); err != nil {
-		// Told to finish meanwhile: chat.stop has told every poll and
-		// stream to end; give them a moment to write their last
-		// answer, then cut what is left.
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			_ = srv.Close()
-		}
 	}
 	log.Info("worker done", "messages", chat.hub.messages.Load())
 	return nil

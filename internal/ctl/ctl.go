@@ -28,7 +28,7 @@ const usage = `usage: ipclusterctl [flags] <command> [args]
 commands:
   status [--json]     slots, workers, the deploy and the rules in force
   deploy              deploy the binary on disk (as kill -HUP <master>); waits
-                      for the outcome and exits 1 unless it is committed
+                      for the outcome, and fails unless it is committed
   restart             restart every worker with the same build (as SIGUSR2); waits
   retire <slot|pid>   retire one active worker (a number below the slot count
                       is a slot, any other a pid); waits for its slot to move
@@ -36,12 +36,38 @@ commands:
   kill-retired        kill every retired worker (as SIGUSR1 to the master)
   stop                stop the cluster gracefully (as SIGTERM); waits
 
+exit status:
+  0  done
+  1  failed otherwise (an unexpected answer)
+  2  bad usage
+  3  no master: no cluster under -rundir, no control socket, or nobody
+     listening on it (the master died; its workers serve on)
+  4  permission denied: run as the master's user or root
+  5  the master refused the request (say, a deploy already under way, or
+     a resize to a number that is not a power of two); it says why
+  6  the deploy or restart rolled back: the old build serves every slot
+  7  the deploy failed: the new master did not take over (its error is
+     printed); the running master serves on, untouched
+  8  gave up waiting (-timeout) for the command to complete
+
 flags:
 `
 
-// Main runs the command line args and returns the exit status: 0 on
-// success, 1 when the command failed (a deploy rolled back, say), 2 for
-// bad usage or when no master can be reached.
+// Exit statuses, one per kind of failure (see usage).
+const (
+	exitOK           = 0
+	exitFailed       = 1
+	exitUsage        = 2
+	exitNoMaster     = 3
+	exitDenied       = 4
+	exitRefused      = 5
+	exitRolledBack   = 6
+	exitDeployFailed = 7
+	exitTimeout      = 8
+)
+
+// Main runs the command line args and returns the exit status (see usage
+// and the exit* constants).
 func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("ipclusterctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -54,17 +80,20 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
-		return 2
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
-		return 2
+		return exitUsage
 	}
 	c := &cli{out: stdout, timeout: *timeout}
 	var err error
 	if c.socket, c.name, err = findSocket(*socket, *runDir, *name); err != nil {
 		fmt.Fprintln(stderr, "ipclusterctl:", err)
-		return 2
+		return exitCode(err)
 	}
 	cmd, rest := fs.Arg(0), fs.Args()[1:]
 	switch cmd {
@@ -85,28 +114,50 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	default:
 		fmt.Fprintf(stderr, "ipclusterctl: unknown command %q\n", cmd)
 		fs.Usage()
-		return 2
+		return exitUsage
 	}
+	if err != nil {
+		fmt.Fprintln(stderr, "ipclusterctl:", err)
+	}
+	return exitCode(err)
+}
+
+// Kinds of failure, each with its exit status (exitCode). Refusals of a
+// request wrap proto.ErrRefused.
+var (
+	errNoMaster     = errors.New("no master")
+	errDenied       = errors.New("permission denied")
+	errRolledBack   = errors.New("rolled back")
+	errDeployFailed = errors.New("deploy failed")
+	errTimeout      = errors.New("gave up waiting")
+)
+
+func exitCode(err error) int {
 	var ue usageError
 	switch {
 	case err == nil:
-		return 0
+		return exitOK
 	case errors.As(err, &ue):
-		fmt.Fprintln(stderr, "ipclusterctl:", err)
-		return 2
+		return exitUsage
 	case errors.Is(err, errNoMaster):
-		fmt.Fprintln(stderr, "ipclusterctl:", err)
-		return 2
+		return exitNoMaster
+	case errors.Is(err, errDenied):
+		return exitDenied
+	case errors.Is(err, errRolledBack):
+		return exitRolledBack
+	case errors.Is(err, errDeployFailed):
+		return exitDeployFailed
+	case errors.Is(err, errTimeout):
+		return exitTimeout
+	case errors.Is(err, proto.ErrRefused):
+		return exitRefused
 	}
-	fmt.Fprintln(stderr, "ipclusterctl:", err)
-	return 1
+	return exitFailed
 }
 
 type usageError struct{ msg string }
 
 func (e usageError) Error() string { return e.msg }
-
-var errNoMaster = errors.New("no master")
 
 // findSocket picks the control socket: given, or under runDir for name, or
 // for the only cluster there.
@@ -152,14 +203,20 @@ func (c *cli) dial(ctx context.Context) (*proto.Client, error) {
 	case errors.Is(err, os.ErrNotExist):
 		return nil, fmt.Errorf("%w is running cluster %q: %s does not exist (start the program, or pass -rundir and -name)", errNoMaster, c.name, c.socket)
 	case errors.Is(err, syscall.EACCES) || errors.Is(err, os.ErrPermission):
-		return nil, fmt.Errorf("%w: permission denied connecting to %s: run ipclusterctl as the master's user or root", errNoMaster, c.socket)
+		return nil, fmt.Errorf("%w connecting to %s: run ipclusterctl as the master's user or root", errDenied, c.socket)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return nil, fmt.Errorf("%w listens on %s: its master died; its workers keep serving, and starting the program again adopts them", errNoMaster, c.socket)
+	case errors.Is(err, proto.ErrRefused) && strings.Contains(err.Error(), deniedReason):
+		return nil, fmt.Errorf("%w by the master at %s (run ipclusterctl as the master's user or root): %w", errDenied, c.socket, err)
 	case errors.Is(err, proto.ErrRefused):
-		return nil, fmt.Errorf("%w: %w", errNoMaster, err)
+		return nil, fmt.Errorf("the master at %s refused to talk: %w", c.socket, err)
 	}
 	return nil, fmt.Errorf("%w: connect to %s: %w", errNoMaster, c.socket, err)
 }
+
+// deniedReason begins the master's refusal of a peer whose user it does
+// not serve (control.go admit, master.go onHello).
+const deniedReason = "permission denied"
 
 // request sends one request on a fresh connection.
 func (c *cli) request(typ string, body any) (proto.Msg, error) {
@@ -201,7 +258,7 @@ func (c *cli) wait(what string, done func(*proto.Status) (bool, error)) error {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("gave up waiting for %s after %s (last error: %v)", what, c.timeout, last)
+	return fmt.Errorf("%w for %s after %s (last error: %v)", errTimeout, what, c.timeout, last)
 }
 
 func (c *cli) status(args []string) error {
@@ -230,18 +287,34 @@ func (c *cli) status(args []string) error {
 // deploy asks for a deploy and follows it to its end, across the change of
 // master.
 func (c *cli) deploy() error {
-	m, err := c.request(proto.TypeDeploy, nil)
+	// The status before the request: a new master that fails at once
+	// may have failed before the first status after it.
+	before, err := c.getStatus()
 	if err != nil {
 		return err
 	}
-	before, _ := c.getStatus()
+	failed := func(st *proto.Status) error {
+		if st.DeployPhase == "failed" && st.Successor == 0 && st.Deploy != before.Deploy {
+			return fmt.Errorf("%w: %s", errDeployFailed, strings.TrimPrefix(st.Deploy, "failed: "))
+		}
+		return nil
+	}
+	m, err := c.request(proto.TypeDeploy, nil)
+	if err != nil {
+		// Refused because the new master could not even be started: a
+		// failed deploy too.
+		if st, serr := c.getStatus(); errors.Is(err, proto.ErrRefused) && serr == nil && failed(st) != nil {
+			return failed(st)
+		}
+		return err
+	}
 	succ := m.Body.(*proto.Deploy).SuccessorPID
 	fmt.Fprintf(c.out, "deploy: new master pid %d started; waiting for it to take over\n", succ)
 	tookOver := false
 	return c.wait("the deploy", func(st *proto.Status) (bool, error) {
 		if st.MasterPID != succ {
-			if st.DeployPhase == "failed" && st.Successor == 0 && (before == nil || st.Deploy != before.Deploy || before.Successor != 0) {
-				return true, fmt.Errorf("deploy failed: %s", st.Deploy)
+			if err := failed(st); err != nil {
+				return true, err
 			}
 			return false, nil
 		}
@@ -254,7 +327,7 @@ func (c *cli) deploy() error {
 			fmt.Fprintf(c.out, "deploy: %s\n", st.Deploy)
 			return true, nil
 		case "rolled-back":
-			return true, fmt.Errorf("deploy %s", st.Deploy)
+			return true, fmt.Errorf("deploy %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		case "":
 			if st.Ready {
 				fmt.Fprintln(c.out, "deploy: every worker already runs this build; nothing to roll")
@@ -283,7 +356,7 @@ func (c *cli) restart() error {
 			fmt.Fprintf(c.out, "restart: %s\n", st.Deploy)
 			return true, nil
 		case "rolled-back":
-			return true, fmt.Errorf("restart %s", st.Deploy)
+			return true, fmt.Errorf("restart %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		}
 		return false, nil
 	})
@@ -368,7 +441,7 @@ func (c *cli) stop() error {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("the master has not finished stopping after %s", c.timeout)
+	return fmt.Errorf("%w: the master has not finished stopping after %s", errTimeout, c.timeout)
 }
 
 // writeStatus prints the status as a table of workers, then the rules.
