@@ -419,7 +419,7 @@ var (
 
 	descWorkerInfo = prometheus.NewDesc("ipcluster_worker_info", "1 for each worker process, with what identifies it.",
 		[]string{"slot", "state", "pid", "generation", "build"}, nil)
-	descWorkerStart        = prometheus.NewDesc("ipcluster_worker_start_time_seconds", "When the worker was spawned (or adopted), in seconds since the Unix epoch; the earliest of several.", workerLabels, nil)
+	descWorkerStart        = prometheus.NewDesc("ipcluster_worker_start_time_seconds", "When the worker process started (read from /proc for a worker adopted from an earlier master), in seconds since the Unix epoch; the earliest of several.", workerLabels, nil)
 	descWorkerRSS          = prometheus.NewDesc("ipcluster_worker_rss_bytes", "Worker RSS, read by the master from /proc.", workerLabels, nil)
 	descWorkerPSS          = prometheus.NewDesc("ipcluster_worker_pss_bytes", "Worker PSS, read by the master from /proc (0 before the first read).", workerLabels, nil)
 	descWorkerHeartbeatAge = prometheus.NewDesc("ipcluster_worker_heartbeat_age_seconds", "Time since the worker's last heartbeat arrived; the oldest of several.", workerLabels, nil)
