@@ -67,6 +67,10 @@ type spec struct {
 	// ReportDir is a directory (writable by every user) where scenarios
 	// that find something out write it: "tryrules".
 	ReportDir string
+	// FailFile, if set, makes every worker that starts while the file
+	// exists exit at once, before Run: a test breaks a slot's
+	// replacements by creating it.
+	FailFile string
 	// Env, if set, is added to the master's environment (the harness's own
 	// systemd variables never are: see cluster.start).
 	Env []string `json:"-"`
@@ -219,6 +223,12 @@ func helperMain(raw string) int {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)
 		},
+	}
+	if ipcluster.IsWorker() && s.FailFile != "" {
+		if _, err := os.Stat(s.FailFile); err == nil {
+			fmt.Fprintln(os.Stderr, "helper: exiting at start, as", s.FailFile, "exists")
+			return 4
+		}
 	}
 	if ipcluster.IsWorker() {
 		switch name := s.VersionScenarios[os.Getenv(ipcluster.EnvBuild)]; name {

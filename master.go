@@ -200,7 +200,7 @@ type master struct {
 	ruleFails  int  // consecutive failed writes, for the retry backoff
 	rulesDirty bool
 	retrying   bool
-	ready      bool
+	wasReady   bool // every slot has been served at once: start-up is over (EventReady sent, systemd told); notReady says if the cluster is ready now
 	stopping   bool
 	stopErr    error
 }
@@ -915,7 +915,7 @@ func (m *master) onReady(p *proc) {
 		// A slot that lost its worker, or whose worker is being retired,
 		// takes the spare rather than wait for its own replacement.
 		for slot, q := range m.slots {
-			if (q == nil && m.ready) || (q != nil && q.retireCause != "") {
+			if (q == nil && m.wasReady) || (q != nil && q.retireCause != "") {
 				if m.giveSpare(slot) {
 					break
 				}
@@ -1090,8 +1090,8 @@ func (m *master) syncRules(ctx context.Context) {
 			m.retired(p, now)
 		}
 	}
-	if !m.ready && m.allSlotsReady() {
-		m.ready = true
+	if !m.wasReady && m.allSlotsReady() {
+		m.wasReady = true
 		elapsed := time.Since(m.started)
 		m.log.Info("all slots ready", "workers", len(m.slots), "elapsed", elapsed)
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
@@ -1148,6 +1148,28 @@ func (m *master) workerPorts() []slotTarget {
 		}
 	}
 	return out
+}
+
+// notReady says why the cluster should not be sent clients now, or "" if
+// it may: every slot has an active worker, the rules are written, and the
+// master is not stopping. It is the one notion of ready: the status (and
+// so ipclusterctl and /status), /readyz, the ipcluster_ready metric and
+// systemd's STATUS line all show it.
+func (m *master) notReady() string {
+	switch {
+	case m.stopping:
+		return "the master is stopping"
+	case !m.installed:
+		return "the rules are not installed yet (waiting for the first worker of every slot)"
+	}
+	// During a growth the new slots are not routed yet: clients are
+	// served by the old ones.
+	for slot, p := range m.slots[:m.rt.workers] {
+		if p == nil {
+			return "slot " + strconv.Itoa(slot) + " has no active worker"
+		}
+	}
+	return ""
 }
 
 func (m *master) allSlotsReady() bool {
@@ -1316,11 +1338,13 @@ func watchPidfd(p *proc, send func(any)) {
 
 // status is the reply to a client's status request.
 func (m *master) status() *proto.Status {
+	notReady := m.notReady()
 	st := &proto.Status{
 		Cluster:     m.cfg.Name,
 		MasterPID:   os.Getpid(),
 		Generation:  m.gen,
-		Ready:       m.ready,
+		Ready:       notReady == "",
+		NotReady:    notReady,
 		Rules:       m.rules.rulesText(),
 		Build:       m.target.build,
 		Deploy:      m.lastDeploy,

@@ -69,7 +69,7 @@ func (m *master) startResize(n int) error {
 	switch {
 	case m.stopping:
 		return fmt.Errorf("the master is stopping")
-	case m.adopting || !m.ready:
+	case m.adopting || !m.wasReady:
 		return fmt.Errorf("the cluster is not ready yet; try again once every slot is served")
 	case m.dep != nil:
 		return fmt.Errorf("a deploy is under way; resize once it is over")

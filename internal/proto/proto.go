@@ -209,7 +209,11 @@ type Status struct {
 	Cluster    string `json:"cluster"`
 	MasterPID  int    `json:"master_pid"`
 	Generation int    `json:"generation"`
-	Ready      bool   `json:"ready"`
+	// Ready: clients may be sent to the cluster now (every routed slot
+	// has an active worker, the rules are written, the master is not
+	// stopping). NotReady says why not; empty when Ready.
+	Ready    bool   `json:"ready"`
+	NotReady string `json:"not_ready,omitempty"`
 	// Stopping: the master is stopping gracefully (its routes are
 	// withdrawn; its workers finish).
 	Stopping bool `json:"stopping,omitempty"`
