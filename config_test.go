@@ -54,6 +54,7 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "localhost:9100" }},
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "127.0.0.1:0" }},
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "[::1]:99999" }},
+		{"StableAfter", func(c *Config) { c.StableAfter = -time.Second }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -130,6 +131,9 @@ func TestDefaults(t *testing.T) {
 		c.MemoryHighWatermark != DefaultMemoryHighWatermark || c.RetiredNice != DefaultRetiredNice ||
 		c.HealthCheckInterval != DefaultHealthCheckInterval || c.HealthCheckFailures != DefaultHealthCheckFailures {
 		t.Errorf("health defaults not applied: %+v", c)
+	}
+	if c.StableAfter != DefaultStableAfter {
+		t.Errorf("StableAfter %s, want %s", c.StableAfter, DefaultStableAfter)
 	}
 	if err := c.validate(); err != nil {
 		t.Error(err)

@@ -27,6 +27,7 @@ const (
 	DefaultHeartbeatInterval = time.Second
 	DefaultStopTimeout       = 30 * time.Second
 	DefaultMonitorInterval   = time.Second
+	DefaultStableAfter       = 5 * time.Second
 	DefaultIPv4SlotPrefix    = 32 // the client address's own low bits
 	DefaultIPv6SlotPrefix    = 64 // the low bits of the client's /64 prefix
 	MaxWorkers               = 256
@@ -253,6 +254,17 @@ type Config struct {
 	// ready before it is killed and spawned again. Default 3s.
 	ConnectTimeout time.Duration
 
+	// StableAfter is how long a worker must serve after it became ready
+	// before its exit counts as a crash rather than a failed start. A
+	// worker that exits, or whose function returns, sooner has failed to
+	// start, and its slot's next worker is started with backoff (at once,
+	// then 200ms, doubling to 6.4s), as for one that never became ready;
+	// a spare is not given to the slot meanwhile. Only a worker that has
+	// served StableAfter clears its slot's count, so a worker that served
+	// longer is replaced at once when it crashes. The same holds for
+	// spares, from the time they are ready. Default 5s.
+	StableAfter time.Duration
+
 	// HeartbeatInterval is how often workers report their stats.
 	// Default 1s (the original pinged every 500ms): a crash is seen at
 	// once from the process exit, not from missing heartbeats, so these
@@ -445,6 +457,7 @@ func (c Config) withDefaults() Config {
 	if c.MonitorInterval == 0 {
 		c.MonitorInterval = DefaultMonitorInterval
 	}
+	setDefault(&c.StableAfter, DefaultStableAfter)
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -538,6 +551,10 @@ func (c *Config) validate() error {
 	}
 	if c.ConnectTimeout < 0 || c.HeartbeatInterval < 0 || c.StopTimeout < 0 {
 		bad("ConnectTimeout/HeartbeatInterval/StopTimeout", "negative duration", "use a positive duration or zero for the default")
+	}
+	if c.StableAfter < 0 {
+		bad("StableAfter", fmt.Sprintf("%s is negative", c.StableAfter),
+			"use a positive duration (how long a worker must serve before its exit is a crash, not a failed start), or zero for the default of 5s")
 	}
 	if c.HeartbeatInterval > 0 && c.HeartbeatInterval < 10*time.Millisecond {
 		bad("HeartbeatInterval", fmt.Sprintf("%s is below 10ms", c.HeartbeatInterval), "use 10ms or more")

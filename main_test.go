@@ -117,6 +117,8 @@ type specConfig struct {
 	CanaryPeriod time.Duration
 	DeployPace   time.Duration
 
+	StableAfter time.Duration
+
 	WorkerUser, WorkerGroup string
 	HTTPAddr                string
 }
@@ -152,6 +154,7 @@ func (s specConfig) config() ipcluster.Config {
 		Version:             s.Version,
 		CanaryPeriod:        s.CanaryPeriod,
 		DeployPace:          s.DeployPace,
+		StableAfter:         s.StableAfter,
 		WorkerUser:          s.WorkerUser,
 		WorkerGroup:         s.WorkerGroup,
 		HTTPAddr:            s.HTTPAddr,
@@ -223,6 +226,16 @@ func helperMain(raw string) int {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)
 		},
+		// panic: the work function panics at once, as a bad build's
+		// start-up would; panic1s: echo, and a panic after 1s; return:
+		// the function returns nil at once (the worker then asks to be
+		// retired).
+		"panic": func(w *ipcluster.Worker) error { panic("helper: work panics at start") },
+		"panic1s": func(w *ipcluster.Worker) error {
+			time.AfterFunc(time.Second, func() { panic("helper: work panics after 1s") })
+			return echoWorker(w)
+		},
+		"return": func(w *ipcluster.Worker) error { return nil },
 	}
 	if ipcluster.IsWorker() && s.FailFile != "" {
 		if _, err := os.Stat(s.FailFile); err == nil {

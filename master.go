@@ -21,6 +21,12 @@ package ipcluster
 // and, when the cluster stops, every worker becomes stopping. The health
 // policies that retire active workers and end retired ones are in
 // monitor.go.
+//
+// A worker that exits, or whose function returns, within Config.StableAfter
+// of becoming ready has failed to start, like one that never got there: its
+// slot's replacement then waits out the backoff (respawnLater), spares
+// included. Only a worker that served StableAfter clears its slot's
+// failures, so a long-lived worker's crash is still replaced at once.
 
 import (
 	"context"
@@ -87,7 +93,8 @@ type proc struct {
 	retiredAt     time.Time // when the rules moved its slot away
 
 	// Health policy state (monitor.go).
-	activeSince  time.Time // when it began serving its slot
+	activeSince  time.Time // when it began serving its slot (a spare: became one)
+	settled      bool      // served StableAfter since activeSince; its slot's failures were cleared
 	unresponsive bool      // no heartbeat for PingTimeout
 	held         bool      // a retirement held back by RetireLimit was reported
 	dismissedAt  time.Time // told to finish while not serving a slot
@@ -158,6 +165,10 @@ type master struct {
 	failures map[int]int   // consecutive failed starts per slot (spareSlot for spares), for backoff
 	procs    map[int]*proc // every worker process, by pid
 	peers    map[*peer]bool
+
+	// respawnAt: the slots waiting out their backoff (respawnLater), and
+	// until when; no spare is given to them nor worker spawned meanwhile.
+	respawnAt map[int]time.Time
 
 	// Health policies (monitor.go): when the recent policy retirements
 	// happened, for RetireLimit; the memory watermark last crossed.
@@ -272,6 +283,7 @@ func newMaster(cfg *Config) (*master, error) {
 		peers:    map[*peer]bool{},
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
+		respawnAt: map[int]time.Time{},
 		udpMoved:  map[movedFlow]bool{},
 		deadTCP:   map[movedFlow]bool{},
 		conntrack: deleteConntrack,
@@ -468,6 +480,7 @@ func (m *master) run(ctx context.Context) error {
 			m.checkRules(ctx)
 		case <-monitor.C:
 			m.sample()
+			m.noteSettled(time.Now())
 		case <-healthC:
 			m.startHealthChecks()
 		case <-ctxDone:
@@ -551,6 +564,13 @@ func (m *master) handle(ev any) {
 			m.spareRetry = false
 			m.fillSpares()
 		case ev.slot < len(m.pending) && m.pending[ev.slot] == nil: // a resize may have dropped it
+			delete(m.respawnAt, ev.slot)
+			// A slot without a worker, or whose worker is being
+			// replaced, may take a spare; otherwise (a deploy's new
+			// worker failed) it needs this build's own.
+			if q := m.slots[ev.slot]; (q == nil || q.retireCause != "") && m.giveSpare(ev.slot) {
+				break
+			}
 			m.spawn(ev.slot)
 		}
 	case evRetryRules:
@@ -650,6 +670,10 @@ func (m *master) respawnLater(slot int) {
 		m.spareRetry = true
 		m.log.Info("restarting spare", "in", delay, "failures", m.failures[slot])
 	} else {
+		if _, ok := m.respawnAt[slot]; ok {
+			return // one timer is enough
+		}
+		m.respawnAt[slot] = time.Now().Add(delay)
 		m.log.Info("respawning worker", "slot", slot, "in", delay, "failures", m.failures[slot])
 	}
 	time.AfterFunc(delay, func() { m.send(evRespawn{slot}) })
@@ -700,7 +724,11 @@ func (m *master) onExit(p *proc, status string) {
 		}
 	case stateSpare:
 		m.spares = slices.DeleteFunc(m.spares, func(q *proc) bool { return q == p })
-		m.fillSpares()
+		if m.countStart(p, spareSlot) > 1 {
+			m.respawnLater(spareSlot)
+		} else {
+			m.fillSpares()
+		}
 	case stateActive:
 		if m.deployTrouble(p, true, "new worker exited while serving: "+status) {
 			return // its slot is back on its old worker
@@ -710,11 +738,70 @@ func (m *master) onExit(p *proc, status string) {
 		// way, and one rule write is quicker than two.
 		if m.slots[p.slot] == p {
 			m.slots[p.slot] = nil
-			if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
-				m.spawn(p.slot)
+			if p.retireCause == "" { // else its replacement is under way, and counted
+				m.countStart(p, p.slot)
 			}
+			m.replace(p.slot)
 		}
 	}
+}
+
+// countStart counts, for the backoff of slot (spareSlot for a spare), how
+// p's service ended: within StableAfter of becoming ready it was a failed
+// start; after, a crash of a worker that worked, which clears the slot's
+// failures. It returns the slot's failures.
+func (m *master) countStart(p *proc, slot int) int {
+	if p.settled || time.Since(p.activeSince) >= m.cfg.StableAfter {
+		m.failures[slot] = 0
+	} else {
+		m.failures[slot]++
+		m.log.Info("worker failed soon after it became ready; counted as a failed start",
+			append(p.logAttrs(), "served", time.Since(p.activeSince), "stable_after", m.cfg.StableAfter, "failures", m.failures[slot])...)
+	}
+	return m.failures[slot]
+}
+
+// noteSettled clears the failed starts of every slot (and of the spares)
+// whose worker has now been ready for StableAfter, and is not being
+// replaced (a worker whose function returned waits in its slot for its
+// replacement: it does not serve). Each worker does so once: a slot
+// whose long-lived worker is being replaced keeps counting its
+// replacements' failures.
+func (m *master) noteSettled(now time.Time) {
+	for _, p := range m.procs {
+		if p.settled || p.retireCause != "" || p.state != stateActive && p.state != stateSpare || now.Sub(p.activeSince) < m.cfg.StableAfter {
+			continue
+		}
+		p.settled = true
+		slot := p.slot
+		if p.state == stateSpare {
+			slot = spareSlot
+		}
+		if m.failures[slot] > 0 {
+			m.log.Info("worker stable; its slot's failed starts are forgotten", append(p.logAttrs(), "failures", m.failures[slot])...)
+			m.failures[slot] = 0
+		}
+	}
+}
+
+// replace finds slot a worker, its own having exited or being retired: a
+// spare, or a new worker, at once; or, while its recent starts keep
+// failing, after the backoff.
+func (m *master) replace(slot int) {
+	switch {
+	case m.inBackoff(slot):
+		// evRespawn gives it a spare or a worker then.
+	case m.failures[slot] > 1:
+		m.respawnLater(slot)
+	case !m.giveSpare(slot) && m.pending[slot] == nil:
+		m.spawn(slot)
+	}
+}
+
+// inBackoff reports whether slot waits out its backoff (respawnLater).
+func (m *master) inBackoff(slot int) bool {
+	at, ok := m.respawnAt[slot]
+	return ok && time.Now().Before(at)
 }
 
 func (m *master) onHello(pr *peer, h *proto.Hello) {
@@ -893,9 +980,15 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			m.onReady(p)
 		}
 	case proto.TypeRetire:
-		reason := msg.Body.(*proto.Reason).Reason
-		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", reason)...)
-		m.retire(p, CauseRequested, "requested: "+reason)
+		r := msg.Body.(*proto.Reason)
+		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", r.Reason)...)
+		if r.Returned && p.state == stateActive && m.slots[p.slot] == p && p.retireCause == "" {
+			// A function that returns soon after the worker became ready
+			// is a failed start, like a crash: its replacement, which
+			// may well do the same, waits out the backoff.
+			m.countStart(p, p.slot)
+		}
+		m.retire(p, CauseRequested, "requested: "+r.Reason)
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()
@@ -907,9 +1000,11 @@ func (m *master) onReady(p *proc) {
 	if p.timer != nil {
 		p.timer.Stop()
 	}
-	m.failures[p.slot] = 0
+	// The slot's failures are not cleared here: a worker that fails right
+	// after its ready report has not started (see noteSettled).
 	if p.slot == spareSlot {
 		p.state = stateSpare
+		p.activeSince = time.Now()
 		m.spares = append(m.spares, p)
 		m.log.Info("spare ready", append(p.logAttrs(), "elapsed", time.Since(p.spawned))...)
 		// A slot that lost its worker, or whose worker is being retired,
@@ -946,7 +1041,7 @@ func (m *master) activate(p *proc, slot int) {
 	old := m.slots[slot]
 	p.slot = slot
 	p.state = stateActive
-	p.activeSince = time.Now()
+	p.activeSince, p.settled = time.Now(), false
 	m.slots[slot] = p
 	m.rulesDirty = true
 	switch {
@@ -972,7 +1067,7 @@ func (m *master) activate(p *proc, slot int) {
 // slot's clients are then served after one rule write. A replacement still
 // starting for the slot is no longer needed and is killed.
 func (m *master) giveSpare(slot int) bool {
-	if len(m.spares) == 0 || m.stopping {
+	if len(m.spares) == 0 || m.stopping || m.inBackoff(slot) {
 		return false
 	}
 	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil && q.build == m.target.build })
@@ -1017,9 +1112,7 @@ func (m *master) retire(p *proc, cause RetireCause, reason string) {
 		return
 	}
 	p.retireCause, p.retireReason, p.retireAt = cause, reason, time.Now()
-	if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
-		m.spawn(p.slot)
-	}
+	m.replace(p.slot)
 }
 
 func (m *master) onClosed(pr *peer, err error) {

@@ -90,6 +90,8 @@ func (m *master) startResize(n int) error {
 	m.slots = append(m.slots, make([]*proc, n-cur)...)
 	m.pending = append(m.pending, make([]*proc, n-cur)...)
 	for slot := cur; slot < n; slot++ {
+		delete(m.failures, slot) // a slot merged away earlier may have left its count
+		delete(m.respawnAt, slot)
 		m.spawn(slot)
 	}
 	return nil

@@ -321,8 +321,13 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			if !dying && !w.isRetired() {
 				// The function returned while still serving its slot:
 				// have the master move the slot before this worker goes.
+				reason := fmt.Sprintf("worker function returned: %v", err)
 				w.log.Warn("worker function returned while active; asking to be retired", "err", err)
-				w.RequestRetire(fmt.Sprintf("worker function returned: %v", err))
+				if connected {
+					w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason, Returned: true})
+				} else {
+					unsentRetire = reason
+				}
 			}
 		case reason := <-w.retireAsked:
 			if !connected {

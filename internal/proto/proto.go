@@ -202,6 +202,10 @@ type Heartbeat struct {
 // Reason travels with retire and die.
 type Reason struct {
 	Reason string `json:"reason,omitempty"`
+	// Returned, on a worker's retire request: its function returned
+	// while it served its slot. Soon after the worker became ready, the
+	// master counts that as a failed start.
+	Returned bool `json:"returned,omitempty"`
 }
 
 // Status is the master's answer to a status request.
