@@ -65,7 +65,8 @@ type spec struct {
 	// of this test binary (a copy a test may replace, as a deploy does).
 	Exe string `json:"-"`
 	// ReportDir is a directory (writable by every user) where scenarios
-	// that find something out write it: "tryrules".
+	// that find something out write it: "tryrules"; or where the test
+	// tells them something: "gated".
 	ReportDir string
 	// FailFile, if set, makes every worker that starts while the file
 	// exists exit at once, before Run: a test breaks a slot's
@@ -117,7 +118,9 @@ type specConfig struct {
 	CanaryPeriod time.Duration
 	DeployPace   time.Duration
 
-	StableAfter time.Duration
+	StableAfter  time.Duration
+	WorkerReady  bool
+	ReadyTimeout time.Duration
 
 	WorkerUser, WorkerGroup string
 	HTTPAddr                string
@@ -155,6 +158,8 @@ func (s specConfig) config() ipcluster.Config {
 		CanaryPeriod:        s.CanaryPeriod,
 		DeployPace:          s.DeployPace,
 		StableAfter:         s.StableAfter,
+		WorkerReady:         s.WorkerReady,
+		ReadyTimeout:        s.ReadyTimeout,
 		WorkerUser:          s.WorkerUser,
 		WorkerGroup:         s.WorkerGroup,
 		HTTPAddr:            s.HTTPAddr,
@@ -236,6 +241,14 @@ func helperMain(raw string) int {
 			return echoWorker(w)
 		},
 		"return": func(w *ipcluster.Worker) error { return nil },
+		// gated (with WorkerReady): echo, calling Worker.Ready only
+		// once the test creates ReportDir/ready-<pid>; readyecho: echo,
+		// ready at once.
+		"gated": gatedWorker,
+		"readyecho": func(w *ipcluster.Worker) error {
+			w.Ready()
+			return echoWorker(w)
+		},
 	}
 	if ipcluster.IsWorker() && s.FailFile != "" {
 		if _, err := os.Stat(s.FailFile); err == nil {
@@ -426,6 +439,28 @@ func leakOnceWorker(w *ipcluster.Worker) error {
 			}
 		}()
 	}
+	return echoWorker(w)
+}
+
+// gatedWorker serves as echo, and calls Ready once the test has created
+// ReportDir/ready-<pid> (see openGate).
+func gatedWorker(w *ipcluster.Worker) error {
+	gate := filepath.Join(helperSpec.ReportDir, "ready-"+itoa(os.Getpid()))
+	go func() {
+		for {
+			if _, err := os.Stat(gate); err == nil {
+				w.Logger().Info("helper: gate open; calling Ready")
+				w.Ready()
+				w.Ready() // safe to call more than once
+				return
+			}
+			select {
+			case <-w.Context().Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
 	return echoWorker(w)
 }
 

@@ -22,11 +22,13 @@ package ipcluster
 // policies that retire active workers and end retired ones are in
 // monitor.go.
 //
-// A worker that exits, or whose function returns, within Config.StableAfter
-// of becoming ready has failed to start, like one that never got there: its
-// slot's replacement then waits out the backoff (respawnLater), spares
-// included. Only a worker that served StableAfter clears its slot's
-// failures, so a long-lived worker's crash is still replaced at once.
+// "Ready" is the worker's word: with Config.WorkerReady, the application's
+// (Worker.Ready), otherwise the library's once it listens. A worker that
+// exits, or whose function returns, within Config.StableAfter of becoming
+// ready has failed to start, like one that never got there: its slot's
+// replacement then waits out the backoff (respawnLater), spares included.
+// Only a worker that served StableAfter clears its slot's failures, so a
+// long-lived worker's crash is still replaced at once.
 
 import (
 	"context"
@@ -451,6 +453,8 @@ func (m *master) run(ctx context.Context) error {
 	m.fillSpares()
 	// Until every slot is ready (or the connect timeout passes) the rules of
 	// a crashed predecessor, if any, keep serving: install once, at the end.
+	// Not ReadyTimeout, with WorkerReady: the slots whose workers are
+	// ready then are served, the others as theirs get ready.
 	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evInstallDeadline{}) })
 	defer firstInstall.Stop()
 
@@ -554,7 +558,7 @@ func (m *master) handle(ev any) {
 	case evConnectTimeout:
 		p := ev.p
 		if m.procs[p.pid] == p && p.state == stateStarting {
-			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.cfg.ConnectTimeout)...)
+			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.readyTimeout(p))...)
 			m.kill(p)
 		}
 	case evRespawn:
@@ -643,7 +647,7 @@ func (m *master) spawn(slot int) {
 	if slot != spareSlot {
 		m.pending[slot] = p
 	}
-	p.timer = time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evConnectTimeout{p}) })
+	p.timer = time.AfterFunc(m.readyTimeout(p), func() { m.send(evConnectTimeout{p}) })
 	go func() {
 		err := cmd.Wait()
 		status := cmd.ProcessState.String()
@@ -802,6 +806,14 @@ func (m *master) replace(slot int) {
 func (m *master) inBackoff(slot int) bool {
 	at, ok := m.respawnAt[slot]
 	return ok && time.Now().Before(at)
+}
+
+// readyTimeout is how long p has from now to report ready.
+func (m *master) readyTimeout(p *proc) time.Duration {
+	if p.slot == spareSlot {
+		return m.cfg.ConnectTimeout // a spare reports ready as soon as it listens
+	}
+	return m.cfg.startTimeout()
 }
 
 func (m *master) onHello(pr *peer, h *proto.Hello) {
@@ -1070,6 +1082,9 @@ func (m *master) giveSpare(slot int) bool {
 	if len(m.spares) == 0 || m.stopping || m.inBackoff(slot) {
 		return false
 	}
+	if m.cfg.WorkerReady && m.pending[slot] != nil {
+		return false // the spare would have to get ready too: no quicker
+	}
 	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil && q.build == m.target.build })
 	if i < 0 {
 		return false // none can be told its slot now; they reconnect
@@ -1080,10 +1095,21 @@ func (m *master) giveSpare(slot int) bool {
 		m.pending[slot] = nil // its exit then respawns nothing
 		m.kill(q)
 	}
-	m.activate(sp, slot)
-	// The spare's listeners are open: connections routed to it wait in
-	// their accept queues until the application, called now, accepts.
 	sp.peer.send(proto.TypeAssign, &proto.Assign{Slot: slot})
+	if m.cfg.WorkerReady {
+		// The application starts now, and the slot moves once it says
+		// it is ready (onReady): until then the slot keeps its route,
+		// to its retiring worker or to none.
+		sp.slot, sp.state = slot, stateStarting
+		m.pending[slot] = sp
+		sp.timer = time.AfterFunc(m.readyTimeout(sp), func() { m.send(evConnectTimeout{sp}) })
+		m.log.Info("spare given a slot; waiting for the application to be ready", sp.logAttrs()...)
+	} else {
+		// The spare's listeners are open: connections routed to it wait
+		// in their accept queues until the application, called now,
+		// accepts.
+		m.activate(sp, slot)
+	}
 	m.fillSpares()
 	return true
 }
