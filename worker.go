@@ -162,9 +162,9 @@ func (w *Worker) RequestRetire(reason string) {
 // Ready tells the master that this worker can take traffic, with
 // Config.WorkerReady: its slot moves to it only then. Call it from the
 // work function (or a goroutine it starts) once the application is ready
-// to serve: caches warm, connections to its backends open. Connections
-// cannot reach the worker before then, except those already routed to a
-// spare's listeners; they wait in the accept queues. Safe to call more
+// to serve: caches warm, connections to its backends open. No route
+// points at the worker before then, so its listeners see only DialWorker's
+// connections (and direct ones, with Config.AllowDirect). Safe to call more
 // than once, and from any goroutine; without WorkerReady it does nothing,
 // as the worker reported ready before the function was called.
 func (w *Worker) Ready() {
