@@ -54,6 +54,9 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "localhost:9100" }},
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "127.0.0.1:0" }},
 		{"HTTPAddr", func(c *Config) { c.HTTPAddr = "[::1]:99999" }},
+		{"StableAfter", func(c *Config) { c.StableAfter = -time.Second }},
+		{"ReadyTimeout", func(c *Config) { c.ReadyTimeout = time.Minute }},
+		{"ReadyTimeout", func(c *Config) { c.WorkerReady, c.ReadyTimeout = true, -time.Second }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -130,6 +133,12 @@ func TestDefaults(t *testing.T) {
 		c.MemoryHighWatermark != DefaultMemoryHighWatermark || c.RetiredNice != DefaultRetiredNice ||
 		c.HealthCheckInterval != DefaultHealthCheckInterval || c.HealthCheckFailures != DefaultHealthCheckFailures {
 		t.Errorf("health defaults not applied: %+v", c)
+	}
+	if c.StableAfter != DefaultStableAfter || c.ReadyTimeout != 0 {
+		t.Errorf("StableAfter %s, ReadyTimeout %s: want %s and none without WorkerReady", c.StableAfter, c.ReadyTimeout, DefaultStableAfter)
+	}
+	if r := (Config{Name: "x", Ports: []Port{{Public: 1}}, WorkerReady: true}).withDefaults(); r.ReadyTimeout != DefaultReadyTimeout || r.validate() != nil {
+		t.Errorf("WorkerReady: ReadyTimeout %s, want %s", r.ReadyTimeout, DefaultReadyTimeout)
 	}
 	if err := c.validate(); err != nil {
 		t.Error(err)

@@ -686,7 +686,7 @@ func (m *master) dismissSpares() {
 
 // restartAll rolls every active worker with this master's build (SIGUSR2).
 func (m *master) restartAll(why string) {
-	if m.adopting || !m.ready {
+	if m.adopting || !m.wasReady {
 		m.log.Warn("restart ignored: the cluster is not ready yet", "reason", why)
 		return
 	}

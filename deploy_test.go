@@ -529,3 +529,52 @@ func TestDeployOfBrokenBinaryFails(t *testing.T) {
 		t.Fatalf("slot 2 after the crash: %+v %v", rep, err)
 	}
 }
+
+// With WorkerReady, a deploy's new workers take their slots only once the
+// application calls Ready: a build whose workers never do rolls back after
+// three failed starts, having moved no slot, so no attempt fails; a build
+// whose workers do commits.
+func TestDeployWaitsForAppReady(t *testing.T) {
+	d := startDeployLab(t, 4, func(s *spec) {
+		s.Scenario = "readyecho"
+		s.VersionScenarios = map[string]string{"v2": "gated"} // whose gates no one opens
+		s.ReportDir = t.TempDir()
+		s.Config.WorkerReady, s.Config.ReadyTimeout = true, 2*time.Second
+	})
+	st0, _ := d.c.status()
+	oldPIDs := workerPIDs(st0)
+	d.load()
+	d.setVersion("v2")
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	e := waitEvent(t, d.events, 60*time.Second, func(e loggedEvent) bool {
+		if e.Type != "EventDeploy" {
+			return false
+		}
+		o := decodeEvent[ipcluster.EventDeploy](t, e).Outcome
+		return o == ipcluster.DeployRolledBack || o == ipcluster.DeployCommitted
+	})
+	if ev := decodeEvent[ipcluster.EventDeploy](t, e); ev.Outcome != ipcluster.DeployRolledBack || !strings.Contains(ev.Reason, "failed to start") {
+		t.Fatalf("deploy of workers that never call Ready: %+v, want rolled back after failed starts", ev)
+	}
+	st := d.waitStatus("every slot back on its old worker", func(st *proto.Status) bool {
+		for slot := range st.Slots {
+			if activePID(st, slot) != activePID(st0, slot) {
+				return false
+			}
+		}
+		return st.Ready && strings.HasPrefix(st.Deploy, "rolled back")
+	})
+	stopMasterByPID(t, st.MasterPID)
+
+	d.setVersion("v3")
+	if err := syscall.Kill(st.MasterPID, syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	st = d.waitStatus("every slot on v3", func(st *proto.Status) bool {
+		return servedBy(st, "v3", oldPIDs) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	stopMasterByPID(t, st.MasterPID)
+	d.finish()
+}

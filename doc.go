@@ -16,6 +16,13 @@
 // service ends. Workers run in their own session and outlive the master: a
 // master crash drops no connection, and the next master adopts them.
 //
+// A worker reports ready before it calls the function, unless
+// Config.WorkerReady is set: then the function calls Worker.Ready once the
+// application can serve, and no slot moves to the worker before that. A
+// worker that exits, or whose function returns, within Config.StableAfter
+// of becoming ready has failed to start, and its slot is started again
+// with backoff rather than at once.
+//
 // # Routing
 //
 // For each slot and public port the master routes the clients whose

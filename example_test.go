@@ -115,3 +115,44 @@ func ExampleConfig_health() {
 		log.Fatal(err)
 	}
 }
+
+// A worker that must load data before it serves says so with Ready: its
+// slot moves to it only then, at start, after a crash, a retirement or a
+// deploy, and until then the slot keeps its previous worker (or, at the
+// first start, no route). A worker that does not call Ready within
+// ReadyTimeout is killed and started again with backoff.
+func ExampleWorker_Ready() {
+	cfg := ipcluster.Config{
+		Name:         "web",
+		Ports:        []ipcluster.Port{{Public: 8080}},
+		WorkerReady:  true,
+		ReadyTimeout: time.Minute, // loading the data takes a while
+	}
+	err := ipcluster.Run(context.Background(), cfg, func(w *ipcluster.Worker) error {
+		prices, err := loadPrices(w.Context())
+		if err != nil {
+			return err // before Ready: a failed start, retried with backoff
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			fmt.Fprintln(rw, prices[r.URL.Path])
+		})}
+		go func() {
+			<-w.Context().Done()
+			_ = srv.Shutdown(context.Background())
+		}()
+		w.Ready() // clients of this slot come here from now on
+		err = srv.Serve(w.Listener(8080))
+		if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+}
+
+// loadPrices stands for whatever an application loads before it serves.
+func loadPrices(ctx context.Context) (map[string]string, error) {
+	return map[string]string{"/tea": "3"}, ctx.Err()
+}

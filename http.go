@@ -332,36 +332,21 @@ func healthz(m *master, w http.ResponseWriter, r *http.Request) {
 	plainOK(w, "ok")
 }
 
-// readyz: every slot is served and the rules are installed, so a balancer
-// may send this host clients. Stopping is not ready: that is how a
-// draining host tells its balancer.
+// readyz: the master's own notion of ready (master.notReady, carried by
+// the status): every slot is served and the rules are installed, so a
+// balancer may send this host clients. Stopping is not ready: that is how
+// a draining host tells its balancer.
 func readyz(m *master, w http.ResponseWriter, r *http.Request) {
 	st, err := m.snapshot(r.Context())
 	if err != nil {
 		unavailable(w, "not ready: "+err.Error())
 		return
 	}
-	if reason := notReady(st); reason != "" {
-		unavailable(w, "not ready: "+reason)
+	if !st.Ready {
+		unavailable(w, "not ready: "+st.NotReady)
 		return
 	}
 	plainOK(w, "ready")
-}
-
-// notReady says why a status is not ready, or "".
-func notReady(st *proto.Status) string {
-	switch {
-	case st.Stopping:
-		return "the master is stopping"
-	case !st.Ready:
-		return "the rules are not installed yet (waiting for the first worker of every slot)"
-	}
-	for _, s := range st.Slots {
-		if s.Active == 0 {
-			return "slot " + strconv.Itoa(s.Slot) + " has no active worker"
-		}
-	}
-	return ""
 }
 
 func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
@@ -402,7 +387,7 @@ var (
 	slotLabels   = []string{"slot"}
 	workerLabels = []string{"slot", "state"}
 
-	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when every slot has had a ready worker and the rules are installed.", nil, nil)
+	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when the cluster is ready, as /readyz says: every slot has an active worker, the rules are installed, and the master is not stopping.", nil, nil)
 	descStopping   = prometheus.NewDesc("ipcluster_stopping", "1 while the master stops gracefully.", nil, nil)
 	descSlots      = prometheus.NewDesc("ipcluster_slots", "Number of slots (Workers, or the size after a resize).", nil, nil)
 	descWorkers    = prometheus.NewDesc("ipcluster_workers", "Worker processes, by state.", []string{"state"}, nil)
@@ -639,7 +624,7 @@ func newStatusView(st *proto.Status) *statusView {
 	switch {
 	case st.Stopping:
 		v.State = "stopping"
-	case notReady(st) == "":
+	case st.Ready:
 		v.State = "ready"
 	}
 	byPID := map[int]*proto.WorkerStatus{}
@@ -834,11 +819,11 @@ function render(st) {
     if (w.slot >= 0 && w.slot < slotConns.length) slotConns[w.slot] += c;
   }
   const pct = n => total ? Math.floor(n * 100 / total) : 0;
-  let ready = st.ready && !st.stopping && slots.every(s => s.active_pid);
-  const state = st.stopping ? "stopping" : ready ? "ready" : "starting";
+  const state = st.stopping ? "stopping" : st.ready ? "ready" : "starting";
   setText("cluster", st.cluster);
   setText("state", state);
   document.getElementById("state").className = "badge " + state;
+  document.getElementById("state").title = st.not_ready || "";
   setText("master-pid", st.master_pid);
   setText("generation", st.generation);
   setText("build", short(st.build));

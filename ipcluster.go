@@ -27,6 +27,8 @@ const (
 	DefaultHeartbeatInterval = time.Second
 	DefaultStopTimeout       = 30 * time.Second
 	DefaultMonitorInterval   = time.Second
+	DefaultStableAfter       = 5 * time.Second
+	DefaultReadyTimeout      = 30 * time.Second
 	DefaultIPv4SlotPrefix    = 32 // the client address's own low bits
 	DefaultIPv6SlotPrefix    = 64 // the low bits of the client's /64 prefix
 	MaxWorkers               = 256
@@ -263,8 +265,39 @@ type Config struct {
 	RunDir string
 
 	// ConnectTimeout is how long a new worker has to connect and report
-	// ready before it is killed and spawned again. Default 3s.
+	// ready before it is killed and spawned again (with WorkerReady, see
+	// ReadyTimeout). Default 3s.
 	ConnectTimeout time.Duration
+
+	// StableAfter is how long a worker must serve after it became ready
+	// before its exit counts as a crash rather than a failed start. A
+	// worker that exits, or whose function returns, sooner has failed to
+	// start, and its slot's next worker is started with backoff (at once,
+	// then 200ms, doubling to 6.4s), as for one that never became ready;
+	// a spare is not given to the slot meanwhile. Only a worker that has
+	// served StableAfter clears its slot's count, so a worker that served
+	// longer is replaced at once when it crashes. The same holds for
+	// spares, from the time they are ready. Default 5s.
+	StableAfter time.Duration
+
+	// WorkerReady, if set, lets the application say when a worker can
+	// take traffic (caches warm, connections to its backends open): the
+	// worker calls the work function first, and reports ready to the
+	// master only when the function calls Worker.Ready. No slot moves to
+	// a worker before that: at start, on a crash, a retirement or a
+	// deploy, the slot keeps its previous route (or none) until the new
+	// worker is ready. A spare, given a slot, is called then and takes
+	// the route once it calls Ready. A worker whose function returns
+	// before calling Ready exits, a failed start. Default false: a worker
+	// reports ready as soon as it listens, before its function is called.
+	WorkerReady bool
+
+	// ReadyTimeout, with WorkerReady, is how long a new worker has from
+	// its start (a spare: from being given a slot) to call Worker.Ready
+	// before it is killed and started again with backoff; ConnectTimeout
+	// if that is longer. A deploy whose new workers are not ready in time
+	// three times rolls back. Default 30s; only valid with WorkerReady.
+	ReadyTimeout time.Duration
 
 	// HeartbeatInterval is how often workers report their stats.
 	// Default 1s (the original pinged every 500ms): a crash is seen at
@@ -458,6 +491,10 @@ func (c Config) withDefaults() Config {
 	if c.MonitorInterval == 0 {
 		c.MonitorInterval = DefaultMonitorInterval
 	}
+	setDefault(&c.StableAfter, DefaultStableAfter)
+	if c.WorkerReady {
+		setDefault(&c.ReadyTimeout, DefaultReadyTimeout)
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -552,6 +589,17 @@ func (c *Config) validate() error {
 	if c.ConnectTimeout < 0 || c.HeartbeatInterval < 0 || c.StopTimeout < 0 {
 		bad("ConnectTimeout/HeartbeatInterval/StopTimeout", "negative duration", "use a positive duration or zero for the default")
 	}
+	if c.StableAfter < 0 {
+		bad("StableAfter", fmt.Sprintf("%s is negative", c.StableAfter),
+			"use a positive duration (how long a worker must serve before its exit is a crash, not a failed start), or zero for the default of 5s")
+	}
+	switch {
+	case c.ReadyTimeout < 0:
+		bad("ReadyTimeout", fmt.Sprintf("%s is negative", c.ReadyTimeout), "use a positive duration, or zero for the default of 30s")
+	case c.ReadyTimeout > 0 && !c.WorkerReady:
+		bad("ReadyTimeout", fmt.Sprintf("%s is set without WorkerReady", c.ReadyTimeout),
+			"set WorkerReady too (the application then calls Worker.Ready), or leave ReadyTimeout zero: without it ConnectTimeout applies")
+	}
 	if c.HeartbeatInterval > 0 && c.HeartbeatInterval < 10*time.Millisecond {
 		bad("HeartbeatInterval", fmt.Sprintf("%s is below 10ms", c.HeartbeatInterval), "use 10ms or more")
 	}
@@ -626,6 +674,15 @@ func checkHostPort(addr string) string {
 		}
 	}
 	return ""
+}
+
+// startTimeout is how long a new worker has from its start to report
+// ready: ConnectTimeout, or with WorkerReady, ReadyTimeout if longer.
+func (c *Config) startTimeout() time.Duration {
+	if c.WorkerReady {
+		return max(c.ReadyTimeout, c.ConnectTimeout)
+	}
+	return c.ConnectTimeout
 }
 
 // routing derives the rule generator's view of a valid config.

@@ -25,6 +25,7 @@ func (w *Worker) Context() context.Context                { return context.Backg
 func (w *Worker) Retired() <-chan struct{}                { return nil }
 func (w *Worker) Connections() int64                      { return 0 }
 func (w *Worker) RequestRetire(reason string)             {}
+func (w *Worker) Ready()                                  {}
 func (w *Worker) SetStats(fn func() any)                  {}
 func (w *Worker) ServeHTTP(*http.Server, ...uint16) error { return ErrNotSupported }
 

@@ -68,8 +68,13 @@ type spec struct {
 	// of this test binary (a copy a test may replace, as a deploy does).
 	Exe string `json:"-"`
 	// ReportDir is a directory (writable by every user) where scenarios
-	// that find something out write it: "tryrules".
+	// that find something out write it: "tryrules"; or where the test
+	// tells them something: "gated".
 	ReportDir string
+	// FailFile, if set, makes every worker that starts while the file
+	// exists exit at once, before Run: a test breaks a slot's
+	// replacements by creating it.
+	FailFile string
 	// Env, if set, is added to the master's environment (the harness's own
 	// systemd variables never are: see cluster.start).
 	Env []string `json:"-"`
@@ -116,6 +121,10 @@ type specConfig struct {
 	CanaryPeriod time.Duration
 	DeployPace   time.Duration
 
+	StableAfter  time.Duration
+	WorkerReady  bool
+	ReadyTimeout time.Duration
+
 	WorkerUser, WorkerGroup string
 	HTTPAddr                string
 }
@@ -151,6 +160,9 @@ func (s specConfig) config() ipcluster.Config {
 		Version:             s.Version,
 		CanaryPeriod:        s.CanaryPeriod,
 		DeployPace:          s.DeployPace,
+		StableAfter:         s.StableAfter,
+		WorkerReady:         s.WorkerReady,
+		ReadyTimeout:        s.ReadyTimeout,
 		WorkerUser:          s.WorkerUser,
 		WorkerGroup:         s.WorkerGroup,
 		HTTPAddr:            s.HTTPAddr,
@@ -224,6 +236,30 @@ func helperMain(raw string) int {
 			time.AfterFunc(2*time.Second, func() { os.Exit(5) })
 			return echoWorker(w)
 		},
+		// panic: the work function panics at once, as a bad build's
+		// start-up would; panic1s: echo, and a panic after 1s; return:
+		// the function returns nil at once (the worker then asks to be
+		// retired).
+		"panic": func(w *ipcluster.Worker) error { panic("helper: work panics at start") },
+		"panic1s": func(w *ipcluster.Worker) error {
+			time.AfterFunc(time.Second, func() { panic("helper: work panics after 1s") })
+			return echoWorker(w)
+		},
+		"return": func(w *ipcluster.Worker) error { return nil },
+		// gated (with WorkerReady): echo, calling Worker.Ready only
+		// once the test creates ReportDir/ready-<pid>; readyecho: echo,
+		// ready at once.
+		"gated": gatedWorker,
+		"readyecho": func(w *ipcluster.Worker) error {
+			w.Ready()
+			return echoWorker(w)
+		},
+	}
+	if ipcluster.IsWorker() && s.FailFile != "" {
+		if _, err := os.Stat(s.FailFile); err == nil {
+			fmt.Fprintln(os.Stderr, "helper: exiting at start, as", s.FailFile, "exists")
+			return 4
+		}
 	}
 	if ipcluster.IsWorker() {
 		switch name := s.VersionScenarios[os.Getenv(ipcluster.EnvBuild)]; name {
@@ -411,6 +447,28 @@ func leakOnceWorker(w *ipcluster.Worker) error {
 			}
 		}()
 	}
+	return echoWorker(w)
+}
+
+// gatedWorker serves as echo, and calls Ready once the test has created
+// ReportDir/ready-<pid> (see openGate).
+func gatedWorker(w *ipcluster.Worker) error {
+	gate := filepath.Join(helperSpec.ReportDir, "ready-"+itoa(os.Getpid()))
+	go func() {
+		for {
+			if _, err := os.Stat(gate); err == nil {
+				w.Logger().Info("helper: gate open; calling Ready")
+				w.Ready()
+				w.Ready() // safe to call more than once
+				return
+			}
+			select {
+			case <-w.Context().Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
 	return echoWorker(w)
 }
 

@@ -21,6 +21,14 @@ package ipcluster
 // and, when the cluster stops, every worker becomes stopping. The health
 // policies that retire active workers and end retired ones are in
 // monitor.go.
+//
+// "Ready" is the worker's word: with Config.WorkerReady, the application's
+// (Worker.Ready), otherwise the library's once it listens. A worker that
+// exits, or whose function returns, within Config.StableAfter of becoming
+// ready has failed to start, like one that never got there: its slot's
+// replacement then waits out the backoff (respawnLater), spares included.
+// Only a worker that served StableAfter clears its slot's failures, so a
+// long-lived worker's crash is still replaced at once.
 
 import (
 	"context"
@@ -88,7 +96,8 @@ type proc struct {
 	retiredAt     time.Time // when the rules moved its slot away
 
 	// Health policy state (monitor.go).
-	activeSince  time.Time // when it began serving its slot
+	activeSince  time.Time // when it began serving its slot (a spare: became one)
+	settled      bool      // served StableAfter since activeSince; its slot's failures were cleared
 	unresponsive bool      // no heartbeat for PingTimeout
 	held         bool      // a retirement held back by RetireLimit was reported
 	dismissedAt  time.Time // told to finish while not serving a slot
@@ -160,6 +169,10 @@ type master struct {
 	procs    map[int]*proc // every worker process, by pid
 	peers    map[*peer]bool
 
+	// respawnAt: the slots waiting out their backoff (respawnLater), and
+	// until when; no spare is given to them nor worker spawned meanwhile.
+	respawnAt map[int]time.Time
+
 	// Health policies (monitor.go): when the recent policy retirements
 	// happened, for RetireLimit; the memory watermark last crossed.
 	retireTimes []time.Time
@@ -204,7 +217,7 @@ type master struct {
 	ruleFails  int  // consecutive failed writes, for the retry backoff
 	rulesDirty bool
 	retrying   bool
-	ready      bool
+	wasReady   bool // every slot has been served at once: start-up is over (EventReady sent, systemd told); notReady says if the cluster is ready now
 	stopping   bool
 	stopErr    error
 }
@@ -282,6 +295,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		peers:    map[*peer]bool{},
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
+		respawnAt: map[int]time.Time{},
 		udpMoved:  map[movedFlow]bool{},
 		deadTCP:   map[movedFlow]bool{},
 		conntrack: deleteConntrack,
@@ -451,6 +465,8 @@ func (m *master) run(ctx context.Context) error {
 	m.fillSpares()
 	// Until every slot is ready (or the connect timeout passes) the rules of
 	// a crashed predecessor, if any, keep serving: install once, at the end.
+	// Not ReadyTimeout, with WorkerReady: the slots whose workers are
+	// ready then are served, the others as theirs get ready.
 	firstInstall := time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evInstallDeadline{}) })
 	defer firstInstall.Stop()
 
@@ -480,6 +496,7 @@ func (m *master) run(ctx context.Context) error {
 			m.checkRules(ctx)
 		case <-monitor.C:
 			m.sample()
+			m.noteSettled(time.Now())
 		case <-healthC:
 			m.startHealthChecks()
 		case <-ctxDone:
@@ -553,7 +570,7 @@ func (m *master) handle(ev any) {
 	case evConnectTimeout:
 		p := ev.p
 		if m.procs[p.pid] == p && p.state == stateStarting {
-			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.cfg.ConnectTimeout)...)
+			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.readyTimeout(p))...)
 			m.kill(p)
 		}
 	case evRespawn:
@@ -563,6 +580,13 @@ func (m *master) handle(ev any) {
 			m.spareRetry = false
 			m.fillSpares()
 		case ev.slot < len(m.pending) && m.pending[ev.slot] == nil: // a resize may have dropped it
+			delete(m.respawnAt, ev.slot)
+			// A slot without a worker, or whose worker is being
+			// replaced, may take a spare; otherwise (a deploy's new
+			// worker failed) it needs this build's own.
+			if q := m.slots[ev.slot]; (q == nil || q.retireCause != "") && m.giveSpare(ev.slot) {
+				break
+			}
 			m.spawn(ev.slot)
 		}
 	case evRetryRules:
@@ -636,7 +660,7 @@ func (m *master) spawn(slot int) {
 	if slot != spareSlot {
 		m.pending[slot] = p
 	}
-	p.timer = time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evConnectTimeout{p}) })
+	p.timer = time.AfterFunc(m.readyTimeout(p), func() { m.send(evConnectTimeout{p}) })
 	go func() {
 		err := cmd.Wait()
 		status := cmd.ProcessState.String()
@@ -663,6 +687,10 @@ func (m *master) respawnLater(slot int) {
 		m.spareRetry = true
 		m.log.Info("restarting spare", "in", delay, "failures", m.failures[slot])
 	} else {
+		if _, ok := m.respawnAt[slot]; ok {
+			return // one timer is enough
+		}
+		m.respawnAt[slot] = time.Now().Add(delay)
 		m.log.Info("respawning worker", "slot", slot, "in", delay, "failures", m.failures[slot])
 	}
 	time.AfterFunc(delay, func() { m.send(evRespawn{slot}) })
@@ -713,7 +741,11 @@ func (m *master) onExit(p *proc, status string) {
 		}
 	case stateSpare:
 		m.spares = slices.DeleteFunc(m.spares, func(q *proc) bool { return q == p })
-		m.fillSpares()
+		if m.countStart(p, spareSlot) > 1 {
+			m.respawnLater(spareSlot)
+		} else {
+			m.fillSpares()
+		}
 	case stateActive:
 		if m.deployTrouble(p, true, "new worker exited while serving: "+status) {
 			return // its slot is back on its old worker
@@ -723,11 +755,78 @@ func (m *master) onExit(p *proc, status string) {
 		// way, and one rule write is quicker than two.
 		if m.slots[p.slot] == p {
 			m.slots[p.slot] = nil
-			if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
-				m.spawn(p.slot)
+			if p.retireCause == "" { // else its replacement is under way, and counted
+				m.countStart(p, p.slot)
 			}
+			m.replace(p.slot)
 		}
 	}
+}
+
+// countStart counts, for the backoff of slot (spareSlot for a spare), how
+// p's service ended: within StableAfter of becoming ready it was a failed
+// start; after, a crash of a worker that worked, which clears the slot's
+// failures. It returns the slot's failures.
+func (m *master) countStart(p *proc, slot int) int {
+	if p.settled || time.Since(p.activeSince) >= m.cfg.StableAfter {
+		m.failures[slot] = 0
+	} else {
+		m.failures[slot]++
+		m.log.Info("worker failed soon after it became ready; counted as a failed start",
+			append(p.logAttrs(), "served", time.Since(p.activeSince), "stable_after", m.cfg.StableAfter, "failures", m.failures[slot])...)
+	}
+	return m.failures[slot]
+}
+
+// noteSettled clears the failed starts of every slot (and of the spares)
+// whose worker has now been ready for StableAfter, and is not being
+// replaced (a worker whose function returned waits in its slot for its
+// replacement: it does not serve). Each worker does so once: a slot
+// whose long-lived worker is being replaced keeps counting its
+// replacements' failures.
+func (m *master) noteSettled(now time.Time) {
+	for _, p := range m.procs {
+		if p.settled || p.retireCause != "" || p.state != stateActive && p.state != stateSpare || now.Sub(p.activeSince) < m.cfg.StableAfter {
+			continue
+		}
+		p.settled = true
+		slot := p.slot
+		if p.state == stateSpare {
+			slot = spareSlot
+		}
+		if m.failures[slot] > 0 {
+			m.log.Info("worker stable; its slot's failed starts are forgotten", append(p.logAttrs(), "failures", m.failures[slot])...)
+			m.failures[slot] = 0
+		}
+	}
+}
+
+// replace finds slot a worker, its own having exited or being retired: a
+// spare, or a new worker, at once; or, while its recent starts keep
+// failing, after the backoff.
+func (m *master) replace(slot int) {
+	switch {
+	case m.inBackoff(slot):
+		// evRespawn gives it a spare or a worker then.
+	case m.failures[slot] > 1:
+		m.respawnLater(slot)
+	case !m.giveSpare(slot) && m.pending[slot] == nil:
+		m.spawn(slot)
+	}
+}
+
+// inBackoff reports whether slot waits out its backoff (respawnLater).
+func (m *master) inBackoff(slot int) bool {
+	at, ok := m.respawnAt[slot]
+	return ok && time.Now().Before(at)
+}
+
+// readyTimeout is how long p has from now to report ready.
+func (m *master) readyTimeout(p *proc) time.Duration {
+	if p.slot == spareSlot {
+		return m.cfg.ConnectTimeout // a spare reports ready as soon as it listens
+	}
+	return m.cfg.startTimeout()
 }
 
 func (m *master) onHello(pr *peer, h *proto.Hello) {
@@ -914,9 +1013,15 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			m.onReady(p)
 		}
 	case proto.TypeRetire:
-		reason := msg.Body.(*proto.Reason).Reason
-		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", reason)...)
-		m.retire(p, CauseRequested, "requested: "+reason)
+		r := msg.Body.(*proto.Reason)
+		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", r.Reason)...)
+		if r.Returned && p.state == stateActive && m.slots[p.slot] == p && p.retireCause == "" {
+			// A function that returns soon after the worker became ready
+			// is a failed start, like a crash: its replacement, which
+			// may well do the same, waits out the backoff.
+			m.countStart(p, p.slot)
+		}
+		m.retire(p, CauseRequested, "requested: "+r.Reason)
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()
@@ -928,15 +1033,17 @@ func (m *master) onReady(p *proc) {
 	if p.timer != nil {
 		p.timer.Stop()
 	}
-	m.failures[p.slot] = 0
+	// The slot's failures are not cleared here: a worker that fails right
+	// after its ready report has not started (see noteSettled).
 	if p.slot == spareSlot {
 		p.state = stateSpare
+		p.activeSince = time.Now()
 		m.spares = append(m.spares, p)
 		m.log.Info("spare ready", append(p.logAttrs(), "elapsed", time.Since(p.spawned))...)
 		// A slot that lost its worker, or whose worker is being retired,
 		// takes the spare rather than wait for its own replacement.
 		for slot, q := range m.slots {
-			if (q == nil && m.ready) || (q != nil && q.retireCause != "") {
+			if (q == nil && m.wasReady) || (q != nil && q.retireCause != "") {
 				if m.giveSpare(slot) {
 					break
 				}
@@ -967,7 +1074,7 @@ func (m *master) activate(p *proc, slot int) {
 	old := m.slots[slot]
 	p.slot = slot
 	p.state = stateActive
-	p.activeSince = time.Now()
+	p.activeSince, p.settled = time.Now(), false
 	m.slots[slot] = p
 	m.rulesDirty = true
 	switch {
@@ -993,8 +1100,11 @@ func (m *master) activate(p *proc, slot int) {
 // slot's clients are then served after one rule write. A replacement still
 // starting for the slot is no longer needed and is killed.
 func (m *master) giveSpare(slot int) bool {
-	if len(m.spares) == 0 || m.stopping {
+	if len(m.spares) == 0 || m.stopping || m.inBackoff(slot) {
 		return false
+	}
+	if m.cfg.WorkerReady && m.pending[slot] != nil {
+		return false // the spare would have to get ready too: no quicker
 	}
 	i := slices.IndexFunc(m.spares, func(q *proc) bool { return q.peer != nil && q.build == m.target.build })
 	if i < 0 {
@@ -1006,10 +1116,21 @@ func (m *master) giveSpare(slot int) bool {
 		m.pending[slot] = nil // its exit then respawns nothing
 		m.kill(q)
 	}
-	m.activate(sp, slot)
-	// The spare's listeners are open: connections routed to it wait in
-	// their accept queues until the application, called now, accepts.
 	sp.peer.send(proto.TypeAssign, &proto.Assign{Slot: slot})
+	if m.cfg.WorkerReady {
+		// The application starts now, and the slot moves once it says
+		// it is ready (onReady): until then the slot keeps its route,
+		// to its retiring worker or to none.
+		sp.slot, sp.state = slot, stateStarting
+		m.pending[slot] = sp
+		sp.timer = time.AfterFunc(m.readyTimeout(sp), func() { m.send(evConnectTimeout{sp}) })
+		m.log.Info("spare given a slot; waiting for the application to be ready", sp.logAttrs()...)
+	} else {
+		// The spare's listeners are open: connections routed to it wait
+		// in their accept queues until the application, called now,
+		// accepts.
+		m.activate(sp, slot)
+	}
 	m.fillSpares()
 	return true
 }
@@ -1038,9 +1159,7 @@ func (m *master) retire(p *proc, cause RetireCause, reason string) {
 		return
 	}
 	p.retireCause, p.retireReason, p.retireAt = cause, reason, time.Now()
-	if !m.giveSpare(p.slot) && m.pending[p.slot] == nil {
-		m.spawn(p.slot)
-	}
+	m.replace(p.slot)
 }
 
 func (m *master) onClosed(pr *peer, err error) {
@@ -1112,8 +1231,8 @@ func (m *master) syncRules(ctx context.Context) {
 			m.retired(p, now)
 		}
 	}
-	if !m.ready && m.allSlotsReady() {
-		m.ready = true
+	if !m.wasReady && m.allSlotsReady() {
+		m.wasReady = true
 		elapsed := time.Since(m.started)
 		m.log.Info("all slots ready", "workers", len(m.slots), "elapsed", elapsed)
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
@@ -1170,6 +1289,28 @@ func (m *master) workerPorts() []slotTarget {
 		}
 	}
 	return out
+}
+
+// notReady says why the cluster should not be sent clients now, or "" if
+// it may: every slot has an active worker, the rules are written, and the
+// master is not stopping. It is the one notion of ready: the status (and
+// so ipclusterctl and /status), /readyz, the ipcluster_ready metric and
+// systemd's STATUS line all show it.
+func (m *master) notReady() string {
+	switch {
+	case m.stopping:
+		return "the master is stopping"
+	case !m.installed:
+		return "the rules are not installed yet (waiting for the first worker of every slot)"
+	}
+	// During a growth the new slots are not routed yet: clients are
+	// served by the old ones.
+	for slot, p := range m.slots[:m.rt.workers] {
+		if p == nil {
+			return "slot " + strconv.Itoa(slot) + " has no active worker"
+		}
+	}
+	return ""
 }
 
 func (m *master) allSlotsReady() bool {
@@ -1338,11 +1479,13 @@ func watchPidfd(p *proc, send func(any)) {
 
 // status is the reply to a client's status request.
 func (m *master) status() *proto.Status {
+	notReady := m.notReady()
 	st := &proto.Status{
 		Cluster:     m.cfg.Name,
 		MasterPID:   os.Getpid(),
 		Generation:  m.gen,
-		Ready:       m.ready,
+		Ready:       notReady == "",
+		NotReady:    notReady,
 		Rules:       m.rules.rulesText(),
 		Build:       m.target.build,
 		Deploy:      m.lastDeploy,

@@ -69,7 +69,7 @@ func (m *master) startResize(n int) error {
 	switch {
 	case m.stopping:
 		return fmt.Errorf("the master is stopping")
-	case m.adopting || !m.ready:
+	case m.adopting || !m.wasReady:
 		return fmt.Errorf("the cluster is not ready yet; try again once every slot is served")
 	case m.dep != nil:
 		return fmt.Errorf("a deploy is under way; resize once it is over")
@@ -90,6 +90,8 @@ func (m *master) startResize(n int) error {
 	m.slots = append(m.slots, make([]*proc, n-cur)...)
 	m.pending = append(m.pending, make([]*proc, n-cur)...)
 	for slot := cur; slot < n; slot++ {
+		delete(m.failures, slot) // a slot merged away earlier may have left its count
+		delete(m.respawnAt, slot)
 		m.spawn(slot)
 	}
 	return nil

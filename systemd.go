@@ -155,11 +155,15 @@ func (n *notifier) successorEnv() []string {
 // notifyReady tells systemd the cluster serves, once it is ready and no
 // deploy is under way (a deploy's end calls it again).
 func (m *master) notifyReady() {
-	if !m.ready || m.dep != nil || m.successor != nil || m.stopping {
+	if !m.wasReady || m.dep != nil || m.successor != nil || m.stopping {
 		return
 	}
+	what := "serving"
+	if why := m.notReady(); why != "" {
+		what = "not ready: " + why
+	}
 	m.sd.send(daemon.SdNotifyReady, "MAINPID="+strconv.Itoa(os.Getpid()),
-		"STATUS="+m.statusLine("serving"))
+		"STATUS="+m.statusLine(what))
 }
 
 // notifyReloading tells systemd a deploy started: it shows the unit as

@@ -4,9 +4,10 @@ package ipcluster
 
 // The worker side. A worker listens first (so the port exists before the
 // master can route to it), says hello, reports ready, then runs the
-// application's function. It keeps its control connection with heartbeats,
-// and if the master goes away it keeps serving and reconnects to whichever
-// master takes the socket next.
+// application's function; with Config.WorkerReady it runs the function
+// first and reports ready when the function calls Worker.Ready. It keeps
+// its control connection with heartbeats, and if the master goes away it
+// keeps serving and reconnects to whichever master takes the socket next.
 
 import (
 	"context"
@@ -49,6 +50,11 @@ type Worker struct {
 	retired     chan struct{}
 	retireOnce  sync.Once
 	retireAsked chan string // requests to the master, from any goroutine
+
+	// appReady is closed by Ready (Config.WorkerReady), from any
+	// goroutine; runWorker's loop then reports ready.
+	appReady     chan struct{}
+	appReadyOnce sync.Once
 
 	conns    atomic.Int64
 	accepted atomic.Uint64
@@ -155,6 +161,18 @@ func (w *Worker) RequestRetire(reason string) {
 	}
 }
 
+// Ready tells the master that this worker can take traffic, with
+// Config.WorkerReady: its slot moves to it only then. Call it from the
+// work function (or a goroutine it starts) once the application is ready
+// to serve: caches warm, connections to its backends open. No route
+// points at the worker before then, so its listeners see only DialWorker's
+// connections (and direct ones, with Config.AllowDirect). Safe to call more
+// than once, and from any goroutine; without WorkerReady it does nothing,
+// as the worker reported ready before the function was called.
+func (w *Worker) Ready() {
+	w.appReadyOnce.Do(func() { close(w.appReady) })
+}
+
 // workerEnv reads the variables the master set.
 func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	name := os.Getenv(EnvWorker)
@@ -204,6 +222,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		packets:     map[uint16]*packetConn{},
 		retired:     make(chan struct{}),
 		retireAsked: make(chan string, 1),
+		appReady:    make(chan struct{}),
 	}
 	w.setLogger()
 	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
@@ -255,13 +274,22 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	if welcome.Retired {
 		w.retire("adopted as retired")
 	}
-	_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	if err := proto.Write(conn, proto.TypeReady, &proto.Heartbeat{Stats: w.stats()}); err != nil {
-		w.closeListeners()
-		return fmt.Errorf("worker slot %d: report ready: %w", slot, err)
+	// With WorkerReady the application reports ready (appReady); a spare
+	// is ready at once, as it runs no application code until given a
+	// slot, and then reports ready again when the application does.
+	var appReady <-chan struct{}
+	reported := true // ready sent for the slot the worker serves
+	if cfg.WorkerReady && w.slot != spareSlot {
+		appReady, reported = w.appReady, false
+	} else {
+		_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if err := proto.Write(conn, proto.TypeReady, &proto.Heartbeat{Stats: w.stats()}); err != nil {
+			w.closeListeners()
+			return fmt.Errorf("worker slot %d: report ready: %w", slot, err)
+		}
+		w.log.Debug("worker ready")
 	}
 	w.setConn(conn)
-	w.log.Debug("worker ready")
 
 	msgs := make(chan proto.Msg, 8)
 	lost := make(chan struct{}, 1)
@@ -326,13 +354,30 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			drainCheck.Reset(100 * time.Millisecond)
 		}
 		select {
+		case <-appReady:
+			appReady, reported = nil, true
+			// Not connected: the next master finds no route to this
+			// worker and adopts it as retired, so there is no one to tell.
+			w.sendMsg(proto.TypeReady, &proto.Heartbeat{Stats: w.stats()})
+			w.log.Debug("worker ready: the application says so")
 		case err := <-workDone:
 			worked = true
+			if !reported && !dying && !w.isRetired() {
+				// It never served: leave, and the master counts a
+				// failed start.
+				w.closeListeners()
+				return fmt.Errorf("worker slot %d: the work function returned before calling Worker.Ready (Config.WorkerReady): %v", w.slot, err)
+			}
 			if !dying && !w.isRetired() {
 				// The function returned while still serving its slot:
 				// have the master move the slot before this worker goes.
+				reason := fmt.Sprintf("worker function returned: %v", err)
 				w.log.Warn("worker function returned while active; asking to be retired", "err", err)
-				w.RequestRetire(fmt.Sprintf("worker function returned: %v", err))
+				if connected {
+					w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason, Returned: true})
+				} else {
+					unsentRetire = reason
+				}
 			}
 		case reason := <-w.retireAsked:
 			if !connected {
@@ -354,6 +399,9 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 					w.slot = m.Body.(*proto.Assign).Slot
 					w.setLogger()
 					w.log.Info("spare given a slot")
+					if cfg.WorkerReady {
+						appReady, reported = w.appReady, false
+					}
 					startWork()
 				}
 			case proto.TypeInfo:
@@ -408,13 +456,13 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			switch {
 			case sig == syscall.SIGUSR1:
 				w.RequestRetire("SIGUSR1")
-			case connected && !dying && !w.isRetired() && dieAfterRetire == nil && w.slot != spareSlot:
+			case connected && !dying && !w.isRetired() && dieAfterRetire == nil && w.slot != spareSlot && reported:
 				// Have the master move the slot first, so its clients
 				// are never refused; finish once replaced, or after
 				// a bounded wait if the master cannot replace us.
 				w.log.Info("signalled to finish; asking the master for a replacement first", "signal", sig.String())
 				w.RequestRetire(sig.String())
-				dieAfterRetire = time.After(2*cfg.ConnectTimeout + time.Second)
+				dieAfterRetire = time.After(2*cfg.startTimeout() + time.Second)
 			default:
 				die(sig.String())
 			}

@@ -446,9 +446,13 @@ func (c *cli) stop() error {
 
 // writeStatus prints the status as a table of workers, then the rules.
 func writeStatus(w io.Writer, st *proto.Status, now time.Time) {
+	// The master's own verdict, as its /readyz gives it.
 	ready := "not ready"
-	if st.Ready {
+	switch {
+	case st.Ready:
 		ready = "ready"
+	case st.NotReady != "":
+		ready += ": " + st.NotReady
 	}
 	fmt.Fprintf(w, "cluster %s  master pid %d  generation %d  build %s  %s\n", st.Cluster, st.MasterPID, st.Generation, st.Build, ready)
 	if st.Deploy != "" {

@@ -202,6 +202,10 @@ type Heartbeat struct {
 // Reason travels with retire and die.
 type Reason struct {
 	Reason string `json:"reason,omitempty"`
+	// Returned, on a worker's retire request: its function returned
+	// while it served its slot. Soon after the worker became ready, the
+	// master counts that as a failed start.
+	Returned bool `json:"returned,omitempty"`
 }
 
 // Status is the master's answer to a status request.
@@ -209,7 +213,11 @@ type Status struct {
 	Cluster    string `json:"cluster"`
 	MasterPID  int    `json:"master_pid"`
 	Generation int    `json:"generation"`
-	Ready      bool   `json:"ready"`
+	// Ready: clients may be sent to the cluster now (every routed slot
+	// has an active worker, the rules are written, the master is not
+	// stopping). NotReady says why not; empty when Ready.
+	Ready    bool   `json:"ready"`
+	NotReady string `json:"not_ready,omitempty"`
 	// Stopping: the master is stopping gracefully (its routes are
 	// withdrawn; its workers finish).
 	Stopping bool `json:"stopping,omitempty"`
