@@ -136,16 +136,8 @@ func ExampleWorker_Ready() {
 		srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 			fmt.Fprintln(rw, prices[r.URL.Path])
 		})}
-		go func() {
-			<-w.Context().Done()
-			_ = srv.Shutdown(context.Background())
-		}()
 		w.Ready() // clients of this slot come here from now on
-		err = srv.Serve(w.Listener(8080))
-		if errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
-			return nil
-		}
-		return err
+		return w.ServeHTTP(srv)
 	})
 	if err != nil {
 		log.Fatal(err)
