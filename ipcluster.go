@@ -740,6 +740,22 @@ func (c *Config) listenNetwork(p Protocol) (network, addr string) {
 	}
 }
 
+// listenTCP listens as a worker does for a TCP public port: plain TCP,
+// never Multipath TCP, which net.Listen has chosen by default on Linux
+// since Go 1.24. An MPTCP connection's extra subflows come from the
+// client's other addresses (its other interfaces), and routing by source
+// address sends each to another slot's worker, which knows nothing of the
+// connection and resets it: a worker can only ever use the first subflow,
+// so MPTCP buys nothing here and costs its clients throughput (a client
+// that asks for MPTCP got 0.7-0.8 of the keep-alive rate of a plain TCP
+// listener; bench/mptcp and docs/BENCHMARKS.md). Refused at the listener,
+// MPTCP falls back to TCP in the handshake.
+func listenTCP(network, addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), network, addr)
+}
+
 // WorkerDialMark is the packet mark (SO_MARK) of connections made with
 // DialWorker. The nftables backend's guard, which refuses connections to a
 // worker's own port that did not come through the cluster's routes, lets

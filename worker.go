@@ -248,7 +248,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 			}
 		} else {
 			var ln net.Listener
-			if ln, err = net.Listen(network, addr); err == nil {
+			if ln, err = listenTCP(network, addr); err == nil {
 				w.listeners[p.Public] = &listener{Listener: ln, w: w}
 			}
 		}
