@@ -161,8 +161,12 @@ func tryRulesWorker(w *ipcluster.Worker) error {
 		}
 	}
 	fmt.Fprintf(&report, "mem opened=%d of %d threads\n", opened, len(tasks))
+	// Renamed into place whole: the test reads it as soon as it exists.
 	path := filepath.Join(helperSpec.ReportDir, "tryrules-"+strconv.Itoa(os.Getpid()))
-	if err := os.WriteFile(path, []byte(report.String()), 0o644); err != nil {
+	if err := os.WriteFile(path+".tmp", []byte(report.String()), 0o644); err != nil {
+		return fmt.Errorf("write tryrules report: %w", err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
 		return fmt.Errorf("write tryrules report: %w", err)
 	}
 	return echoWorker(w)
