@@ -152,9 +152,8 @@ func (m *master) serve(conn *net.UnixConn) {
 // hello, and returns why not. The master's uid may take any role; the
 // worker uid (Config.WorkerUser) only that of a worker, which onHello
 // enforces once the role is known. A peer of the worker uid holding a
-// capability is refused: something (file capabilities given to the binary
-// after the master started, securebits) let them survive the change of uid,
-// and such a worker could rewrite the rules.
+// capability is refused: workers start with none (spawner.go), so it is not
+// one of ours, or something defeated that, and it could rewrite the rules.
 func (m *master) admit(pr *peer) string {
 	if pr.uid == m.uid {
 		return ""

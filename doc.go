@@ -94,8 +94,11 @@
 //
 // The master needs CAP_NET_ADMIN, and for the iptables backend the
 // iptables, iptables-restore and iptables-save binaries (and the ip6tables
-// ones to serve IPv6). Workers need no privilege: with Config.WorkerUser a
-// root master spawns them as that user, without any capability, and the
+// ones to serve IPv6). Workers need no privilege and hold none: the master
+// starts them from a thread of its own without capabilities and with
+// no_new_privs, so that exec grants them nothing, while its other threads
+// and the successor a deploy starts keep CAP_NET_ADMIN. With
+// Config.WorkerUser a root master also spawns them as that user, and the
 // control socket admits that user as a worker only.
 //
 // # Platforms

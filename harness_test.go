@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -112,6 +114,7 @@ func (c *cluster) start(prepare func(*exec.Cmd)) {
 	c.cmd.Env = append(append(env, c.spec.Env...), envSpec+"="+string(raw))
 	// A file, not a pipe: workers outlive the master and keep it open.
 	c.cmd.Stdout, c.cmd.Stderr = logFile, logFile
+	c.cmd.SysProcAttr = c.spec.SysProcAttr
 	if prepare != nil {
 		prepare(c.cmd)
 	}
@@ -157,16 +160,54 @@ func (c *cluster) log() string {
 	return string(b)
 }
 
-// status asks the master for its status.
+// status asks the master for its status. A master started as another
+// user (spec.SysProcAttr.Credential) is asked as that user: it admits no
+// other client.
 func (c *cluster) status() (*proto.Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	cl, err := proto.Dial(ctx, c.socket, c.spec.Config.Name)
+	var cl *proto.Client
+	dial := func() (err error) {
+		cl, err = proto.Dial(ctx, c.socket, c.spec.Config.Name)
+		return err
+	}
+	var err error
+	if sys := c.spec.SysProcAttr; sys != nil && sys.Credential != nil {
+		err = asEUID(int(sys.Credential.Uid), dial)
+	} else {
+		err = dial()
+	}
 	if err != nil {
 		return nil, err
 	}
 	defer cl.Close()
 	return cl.Status(ctx)
+}
+
+// asEUID runs f on an OS thread whose effective uid is uid meanwhile (a
+// socket connected there names uid in SO_PEERCRED). Only that thread
+// changes (the raw system call, not syscall.Setresuid, which changes every
+// thread); one whose switch back failed is never unlocked, so it dies
+// with its goroutine.
+func asEUID(uid int, f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		const keep = ^uintptr(0) // -1: leave the real and saved uids
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, keep, uintptr(uid), keep); e != 0 {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("set effective uid %d: %w", uid, e)
+			return
+		}
+		err := f()
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, keep, 0, keep); e != 0 {
+			errc <- fmt.Errorf("set effective uid back to 0: %w", e)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- err
+	}()
+	return <-errc
 }
 
 // waitStatus polls the status until ok accepts it.

@@ -326,18 +326,15 @@ type Config struct {
 	WorkerStdout, WorkerStderr *os.File
 
 	// WorkerUser, if set, is the user workers run as: a name or a numeric
-	// uid, looked up (os/user) when the master starts. The master spawns
-	// them with that uid, its primary group (or WorkerGroup) and its
-	// supplementary groups, so a root master's workers hold no
-	// capability at all: only the master keeps CAP_NET_ADMIN, and a
-	// compromised worker can neither change the nat rules nor take the
-	// cluster over (the control socket admits that uid as a worker only).
-	// The master then needs CAP_SETUID, CAP_SETGID and CAP_KILL (root has
-	// them), the user must be able to search every directory above
-	// RunDir/<Name> and to execute the binary, and the binary must carry
-	// no file capabilities (they would be granted to the workers again on
-	// exec). Default "": workers run as the master's user, with its
-	// capabilities.
+	// uid, looked up (os/user) when the master starts. Workers hold no
+	// capability either way (see Run); with WorkerUser a root master also
+	// spawns them with that uid, its primary group (or WorkerGroup) and its
+	// supplementary groups, so a compromised worker can neither signal
+	// the master nor take the cluster over (the control socket admits
+	// that uid as a worker only). The master must then run as root, with
+	// CAP_SETUID, CAP_SETGID and CAP_KILL, and the user must be able to
+	// search every directory above RunDir/<Name> and to execute the
+	// binary. Default "": workers run as the master's user.
 	WorkerUser string
 	// WorkerGroup, if set, replaces WorkerUser's primary group: a name or
 	// a numeric gid. It needs WorkerUser. Default "": the user's own.
@@ -781,6 +778,11 @@ func IsWorker() bool { return os.Getenv(EnvWorker) != "" }
 // same arguments), routes clients to them and blocks until ctx is done or
 // the process receives SIGTERM or SIGINT, then stops gracefully: rules
 // removed, workers told to finish, killed after StopTimeout.
+//
+// The master makes its process not dumpable (PR_SET_DUMPABLE 0) and
+// starts workers without any capability and with no_new_privs, whatever
+// its own privileges: a worker cannot change the rules, and an exec in a
+// worker (a setuid binary, one with file capabilities) grants it nothing.
 //
 // In a worker process, Run listens on an OS-chosen port for each public
 // port, reports to the master and calls work, then returns once the worker

@@ -78,6 +78,9 @@ type spec struct {
 	// Env, if set, is added to the master's environment (the harness's own
 	// systemd variables never are: see cluster.start).
 	Env []string `json:"-"`
+	// SysProcAttr, if set, is the master's (a test starts it as another
+	// user, or with ambient capabilities).
+	SysProcAttr *syscall.SysProcAttr `json:"-"`
 	// Netns is the inode of the namespace the helper must find itself in.
 	// It refuses to run anywhere else, so a broken lab can never write
 	// rules into the machine's own namespace.
@@ -181,6 +184,9 @@ func (s specConfig) config() ipcluster.Config {
 }
 
 func TestMain(m *testing.M) {
+	if os.Getenv(envCapsProbe) != "" {
+		os.Exit(capsProbeMain())
+	}
 	if s := os.Getenv(envSpec); s != "" {
 		os.Exit(helperMain(s))
 	}
@@ -227,8 +233,9 @@ func helperMain(raw string) int {
 		// are plain echo.
 		"deafonce": deafOnceWorker,
 		// tryrules: tries to add an nf_tables table and an iptables
-		// chain, writes what happened to ReportDir/tryrules-<pid>, and
-		// serves as echo.
+		// chain, to regain capabilities by re-executing its binary and
+		// to open the master's memory, writes what happened to
+		// ReportDir/tryrules-<pid>, and serves as echo.
 		"tryrules": tryRulesWorker,
 		// http: HTTP through Worker.ServeHTTP (see httpWorker).
 		"http": httpWorker,

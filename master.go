@@ -156,6 +156,7 @@ type master struct {
 	env       []string // the master's environment without worker variables
 	uid       int
 	worker    *workerCred // Config.WorkerUser; nil: workers run as the master's user
+	spawner   *spawner    // starts every worker, from a thread without capabilities
 	gen       int
 	started   time.Time
 
@@ -250,6 +251,14 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		if err := checkSpawnAs(st, wc, "/proc/self/exe"); err != nil {
 			return nil, err
 		}
+	} else {
+		self, err := selfCred()
+		if err != nil {
+			return nil, err
+		}
+		if err := self.checkExec("/proc/self/exe"); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.MemoryBudget == 0 {
 		cfg.MemoryBudget = defaultMemoryBudget()
@@ -273,7 +282,14 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err != nil {
 		return nil, fmt.Errorf("find own executable to spawn workers: %w", err)
 	}
+	// Workers hold no capability: they start from a thread that has none
+	// (spawner.go).
+	sp, err := newSpawner(wc != nil)
+	if err != nil {
+		return nil, err
+	}
 	m := &master{
+		spawner:  sp,
 		cfg:      cfg,
 		rt:       rt,
 		rules:    rules,
@@ -313,10 +329,12 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		}
 	}
 	if err := m.openRunDir(); err != nil {
+		sp.close()
 		return nil, err
 	}
 	if m.obs, err = listenHTTP(cfg, m.log, m.tookOver); err != nil {
 		m.releaseRunDir()
+		sp.close()
 		return nil, err
 	}
 	return m, nil
@@ -440,6 +458,7 @@ func writeGeneration(path string, gen int) {
 }
 
 func (m *master) run(ctx context.Context) error {
+	defer m.spawner.close()
 	m.emit = newEmitter(m.obs.observe(m.cfg.OnEvent))
 	defer m.emit.close()
 	m.sd = newNotifier(m.log)
@@ -642,12 +661,12 @@ func (m *master) spawn(slot int) {
 	// not take the workers down with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if m.worker != nil {
-		// Set in the child between fork and exec. No AmbientCaps: a
-		// root master's child loses every capability in the change of
-		// uid, and checkSpawnAs refused the ways they could survive it.
+		// Set in the child between fork and exec, with the CAP_SETUID
+		// and CAP_SETGID the spawner thread kept for it; the change from
+		// root to another uid then clears them. No AmbientCaps.
 		cmd.SysProcAttr.Credential = m.worker.credential()
 	}
-	if err := cmd.Start(); err != nil {
+	if err := m.spawner.start(cmd); err != nil {
 		m.log.Error("spawn worker", "slot", slot, "err", err)
 		m.failures[slot]++
 		m.respawnLater(slot)
@@ -935,6 +954,19 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	} else if h.Slot != p.slot || h.Generation != p.gen {
 		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
 		return
+	} else if p.cmd != nil {
+		// Spawned by this master, from the spawner thread: it holds no
+		// capability, or that thread failed at its one job.
+		caps, err := workerCaps(pr.pid)
+		if err != nil {
+			refuse("cannot check the capabilities of worker pid %d: %v", pr.pid, err)
+			return
+		}
+		if caps != 0 {
+			m.log.Error("a worker holds capabilities; refusing it", append(p.logAttrs(), "caps", fmt.Sprintf("%#x", caps))...)
+			refuse("worker pid %d holds capabilities %#x; workers must hold none", pr.pid, caps)
+			return
+		}
 	}
 	if p.peer != nil {
 		// The same process (the kernel vouches for the pid) reconnected

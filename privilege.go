@@ -4,21 +4,23 @@ package ipcluster
 
 // Least privilege: workers running as another user (Config.WorkerUser).
 //
-// Only the master needs CAP_NET_ADMIN. With WorkerUser set it spawns its
-// workers with that user's uid, gid and groups; a root master's children
-// lose every capability in the uid change (the kernel clears the
-// permitted, effective and ambient sets when no uid stays 0), and exec
-// gives them none back as long as the binary has no file capabilities.
-// The hazards are the ways capabilities survive the change, each refused
-// before anything is touched:
+// Only the master needs CAP_NET_ADMIN. Workers never hold a capability,
+// whoever they run as: the spawner thread (spawner.go) sees to that. With
+// WorkerUser set a root master also spawns them with that user's uid, gid
+// and groups, so that they cannot signal the master, take the cluster
+// over or touch its files either. What is checked before anything is
+// touched:
 //
-//   - a non-root master (CAP_SETUID by ambient or file capabilities): a
-//     change between two non-zero uids keeps the ambient set, which exec
-//     then turns into the worker's permitted set;
-//   - file capabilities on the binary: exec grants them to any uid.
+//   - the master runs as root (effective uid 0) with CAP_SETUID,
+//     CAP_SETGID and CAP_KILL. A non-root master would need these, which
+//     are worth root, and more (CAP_CHOWN for the run directory's group,
+//     CAP_SYS_NICE and CAP_SYS_PTRACE to renice and measure workers of
+//     another uid); its workers hold no capability without WorkerUser;
+//   - the user can execute the binary and reach the control socket.
 //
 // and, as a last line, the master refuses a worker of the worker uid that
-// shows any capability in /proc/<pid>/status (see serve).
+// shows any capability in /proc/<pid>/status (see admit), as it does any
+// worker it spawned itself (see onHello).
 //
 // The control socket admits the worker uid as role "worker" only: a
 // compromised worker must not stop, resize or take over the cluster.
@@ -41,7 +43,7 @@ import (
 
 // workerCred is who workers run as.
 type workerCred struct {
-	user   string // Config.WorkerUser, for messages
+	user   string // Config.WorkerUser, for messages; "" for the master's own (selfCred)
 	uid    int
 	gid    int      // primary group: WorkerGroup, or the user's
 	groups []uint32 // supplementary groups of the user
@@ -104,8 +106,14 @@ func lookupWorkerCred(cfg *Config) (*workerCred, error) {
 var capNames = map[int]string{procfs.CapSetUID: "CAP_SETUID", procfs.CapSetGID: "CAP_SETGID", procfs.CapKill: "CAP_KILL"}
 
 // checkSpawnAs checks that the master (status st, executable exe) can
-// start workers as wc, and that they would hold no capability.
+// start workers as wc.
 func checkSpawnAs(st *procfs.Status, wc *workerCred, exe string) error {
+	if st.UID[1] != 0 {
+		return &ConfigError{Field: "WorkerUser",
+			Problem: fmt.Sprintf("the master runs as uid %d: only a root master starts workers as another user "+
+				"(it would need CAP_SETUID, which is worth root, and CAP_CHOWN, CAP_SYS_NICE and CAP_SYS_PTRACE to manage them)", st.UID[1]),
+			Fix: "run the master as root, or leave WorkerUser empty: its workers hold no capability either way"}
+	}
 	var missing []string
 	for _, c := range []int{procfs.CapSetUID, procfs.CapSetGID, procfs.CapKill} {
 		if !st.HasCap(c) {
@@ -114,29 +122,47 @@ func checkSpawnAs(st *procfs.Status, wc *workerCred, exe string) error {
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("%w: Config.WorkerUser %q: the master lacks %s, needed to start workers as uid %d and to signal them; "+
-			"run the master as root, or leave WorkerUser empty", ErrNoPrivilege, wc.user, strings.Join(missing, ", "), wc.uid)
+			"run the master as root with its usual capabilities, or leave WorkerUser empty", ErrNoPrivilege, wc.user, strings.Join(missing, ", "), wc.uid)
 	}
-	if !slices.Contains(st.UID[:3], 0) && st.CapAmb != 0 {
-		return &ConfigError{Field: "WorkerUser",
-			Problem: fmt.Sprintf("the master runs as uid %d with ambient capabilities %#x, which the kernel keeps when a non-root process changes to uid %d: workers would hold them",
-				st.UID[1], st.CapAmb, wc.uid),
-			Fix: "run the master as root (whose capabilities the change to another uid drops), or leave WorkerUser empty"}
+	return wc.checkExec(exe)
+}
+
+// selfCred is who workers run as without WorkerUser: the master's
+// effective ids and groups (and, like every worker, no capability).
+func selfCred() (*workerCred, error) {
+	groups, err := unix.Getgroups()
+	if err != nil {
+		return nil, fmt.Errorf("read own groups: %w", err)
 	}
-	if n, err := unix.Getxattr(exe, "security.capability", nil); err == nil && n > 0 {
-		return &ConfigError{Field: "WorkerUser",
-			Problem: fmt.Sprintf("the binary %s has file capabilities, which exec grants to workers whatever their uid", exe),
-			Fix:     "remove them (setcap -r <binary>) and run the master as root, or leave WorkerUser empty"}
+	wc := &workerCred{uid: unix.Geteuid(), gid: unix.Getegid()}
+	for _, g := range groups {
+		wc.groups = append(wc.groups, uint32(g))
 	}
+	return wc, nil
+}
+
+// checkExec checks that wc, without capabilities, may execute the binary.
+// Workers exec it through /proc/self/exe, which needs no search
+// permission on its directories, but the file's own mode must let them:
+// a root master's workers have no CAP_DAC_OVERRIDE to pass it.
+func (wc *workerCred) checkExec(exe string) error {
 	var fst unix.Stat_t
 	if err := unix.Stat(exe, &fst); err != nil {
 		return fmt.Errorf("inspect own executable %s: %w", exe, err)
 	}
-	if !wc.may(&fst, 1) {
-		return &ConfigError{Field: "WorkerUser",
-			Problem: fmt.Sprintf("uid %d cannot execute the binary (mode %o, owner %d:%d)", wc.uid, fst.Mode&0o7777, fst.Uid, fst.Gid),
-			Fix:     "make it executable by that user (chmod o+rx, or a group it belongs to), or leave WorkerUser empty"}
+	if wc.may(&fst, 1) {
+		return nil
 	}
-	return nil
+	if path, err := os.Readlink(exe); err == nil {
+		exe = path // /proc/self/exe names nothing to chmod
+	}
+	if wc.user == "" {
+		return fmt.Errorf("workers run as the master's uid %d without capabilities, and could not execute the binary %s (mode %o, owner %d:%d): "+
+			"make it executable by that uid (say chmod 0755 %s)", wc.uid, exe, fst.Mode&0o7777, fst.Uid, fst.Gid, exe)
+	}
+	return &ConfigError{Field: "WorkerUser",
+		Problem: fmt.Sprintf("uid %d cannot execute the binary %s (mode %o, owner %d:%d)", wc.uid, exe, fst.Mode&0o7777, fst.Uid, fst.Gid),
+		Fix:     "make it executable by that user (chmod o+rx, or a group it belongs to), or leave WorkerUser empty"}
 }
 
 // may reports whether wc passes the permission bit (1 execute or search,

@@ -26,12 +26,14 @@ const (
 
 // Status holds fields of /proc/<pid>/status.
 type Status struct {
-	CapEff   uint64 // effective capabilities
-	CapPrm   uint64 // permitted capabilities
-	CapAmb   uint64 // ambient capabilities: kept across execve of a plain file
-	UID, GID [4]int // real, effective, saved set and filesystem ids; -1 if absent
-	RSSBytes uint64 // VmRSS
-	Threads  int
+	CapEff     uint64 // effective capabilities
+	CapPrm     uint64 // permitted capabilities
+	CapAmb     uint64 // ambient capabilities: kept across execve of a plain file
+	CapInh     uint64 // inheritable capabilities
+	UID, GID   [4]int // real, effective, saved set and filesystem ids; -1 if absent
+	RSSBytes   uint64 // VmRSS
+	Threads    int
+	NoNewPrivs bool // the no_new_privs bit (shown since Linux 4.10; false before)
 }
 
 // HasCap reports whether the effective set holds capability c.
@@ -69,16 +71,21 @@ func ParseStatus(b []byte) (*Status, error) {
 				return nil, fmt.Errorf("parse CapEff %q: %w", val, err)
 			}
 			s.CapEff, sawCap = v, true
-		case "CapPrm", "CapAmb":
+		case "CapPrm", "CapAmb", "CapInh":
 			v, err := strconv.ParseUint(string(val), 16, 64)
 			if err != nil {
 				return nil, fmt.Errorf("parse %s %q: %w", key, val, err)
 			}
-			if string(key) == "CapPrm" {
+			switch string(key) {
+			case "CapPrm":
 				s.CapPrm = v
-			} else {
+			case "CapAmb":
 				s.CapAmb = v
+			default:
+				s.CapInh = v
 			}
+		case "NoNewPrivs":
+			s.NoNewPrivs = string(val) == "1"
 		case "Uid", "Gid":
 			ids := &s.UID
 			if string(key) == "Gid" {

@@ -18,11 +18,12 @@ func TestParseStatus(t *testing.T) {
 	if s.RSSBytes != 2048*1024 || s.Threads != 7 || !s.HasCap(CapNetAdmin) || s.HasCap(0) {
 		t.Errorf("parsed %+v", s)
 	}
-	s, err = ParseStatus([]byte("Uid:\t0\t65534\t65534\t65534\nGid:\t1\t2\t3\t4\nCapPrm:\t00000000000000c0\nCapEff:\t0000000000000000\nCapAmb:\t0000000000001000\n"))
+	s, err = ParseStatus([]byte("Uid:\t0\t65534\t65534\t65534\nGid:\t1\t2\t3\t4\nCapInh:\t0000000000000020\nCapPrm:\t00000000000000c0\nCapEff:\t0000000000000000\nCapAmb:\t0000000000001000\nNoNewPrivs:\t1\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.UID != [4]int{0, 65534, 65534, 65534} || s.GID != [4]int{1, 2, 3, 4} || s.CapPrm != 0xc0 || s.CapEff != 0 || s.CapAmb != 1<<CapNetAdmin {
+	if s.UID != [4]int{0, 65534, 65534, 65534} || s.GID != [4]int{1, 2, 3, 4} || s.CapPrm != 0xc0 || s.CapEff != 0 || s.CapAmb != 1<<CapNetAdmin ||
+		s.CapInh != 1<<CapKill || !s.NoNewPrivs {
 		t.Errorf("parsed %+v", s)
 	}
 	if _, err := ParseStatus([]byte("Name:\tx\n")); err == nil {
