@@ -558,6 +558,9 @@ func TestDeployWaitsForAppReady(t *testing.T) {
 	if ev := decodeEvent[ipcluster.EventDeploy](t, e); ev.Outcome != ipcluster.DeployRolledBack || !strings.Contains(ev.Reason, "failed to start") {
 		t.Fatalf("deploy of workers that never call Ready: %+v, want rolled back after failed starts", ev)
 	}
+	if log := d.c.log(); !strings.Contains(log, "the work function must call Worker.Ready") {
+		t.Errorf("the log does not say what to do about workers that never call Ready:\n%s", log)
+	}
 	st := d.waitStatus("every slot back on its old worker", func(st *proto.Status) bool {
 		for slot := range st.Slots {
 			if activePID(st, slot) != activePID(st0, slot) {

@@ -589,7 +589,7 @@ func (m *master) handle(ev any) {
 	case evConnectTimeout:
 		p := ev.p
 		if m.procs[p.pid] == p && p.state == stateStarting {
-			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.readyTimeout(p))...)
+			m.log.Warn("worker did not report ready in time; killing it", append(p.logAttrs(), "timeout", m.readyTimeout(p), "fix", m.notReadyFix(p))...)
 			m.kill(p)
 		}
 	case evRespawn:
@@ -846,6 +846,19 @@ func (m *master) readyTimeout(p *proc) time.Duration {
 		return m.cfg.ConnectTimeout // a spare reports ready as soon as it listens
 	}
 	return m.cfg.startTimeout()
+}
+
+// notReadyFix says, for the log, what to do about a worker that did not
+// report ready within readyTimeout.
+func (m *master) notReadyFix(p *proc) string {
+	switch {
+	case p.peer == nil:
+		return "it never said hello on the control socket: whatever main does before ipcluster.Run must finish within Config.ConnectTimeout"
+	case m.cfg.WorkerReady && p.slot != spareSlot:
+		return "with Config.WorkerReady the work function must call Worker.Ready once it can serve, within Config.ReadyTimeout: call it, or raise ReadyTimeout"
+	default:
+		return "it said hello but not ready: raise Config.ConnectTimeout if the host is overloaded"
+	}
 }
 
 func (m *master) onHello(pr *peer, h *proto.Hello) {
