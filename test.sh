@@ -17,7 +17,7 @@
 # and, with IPCLUSTER_BENCH_TOOLS=1 (as CI sets), haproxy too, which the
 # data-path benchmark (go run ./bench/datapath) compares with. Then it runs
 #
-#   go test -race -count=1 -timeout 12m ./...
+#   go test -race -count=1 -timeout 15m ./...
 #
 # with IPCLUSTER_REQUIRE_NETNS=1 and IPCLUSTER_REQUIRE_TOOLS=1, so that a
 # test that cannot build its namespaces or find its program fails instead
@@ -104,4 +104,4 @@ if (($# == 0)); then
 fi
 export IPCLUSTER_REQUIRE_NETNS=1 IPCLUSTER_REQUIRE_TOOLS=1
 set -x
-exec go test -race -count=1 -timeout 12m "$@"
+exec go test -race -count=1 -timeout 15m "$@"
