@@ -255,11 +255,12 @@ type WorkerStatus struct {
 	PID        int     `json:"pid"`
 	Slot       int     `json:"slot"`
 	Generation int     `json:"generation"`
-	State      string  `json:"state"`
+	State      string  `json:"state"` // starting, active, retired, stopping, spare or standby
 	Ports      []Port  `json:"ports,omitempty"`
 	UptimeSec  float64 `json:"uptime_s"`
-	// StartTime is when the worker was spawned (or adopted), in seconds
-	// since the Unix epoch; 0 from a master of an earlier release.
+	// StartTime is when the worker process started (for a worker adopted
+	// from an earlier master, as /proc says), in seconds since the Unix
+	// epoch; 0 from a master of an earlier release.
 	StartTime float64 `json:"start_time,omitempty"`
 	// RSSBytes and PSSBytes are read by the master from /proc, as of the
 	// last monitor sample.
