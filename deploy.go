@@ -237,9 +237,7 @@ func (m *master) letGo() {
 		if p.timer != nil {
 			p.timer.Stop()
 		}
-		if p.pidfd != nil {
-			p.pidfd.Close()
-		}
+		p.process.close()
 	}
 	if m.lock != nil {
 		m.lock.Close() // the new master holds the same open lock
@@ -385,12 +383,8 @@ func (m *master) startSuccessor() {
 	m.notifyReloading("SIGHUP: new master pid " + strconv.Itoa(cmd.Process.Pid))
 	timer := time.AfterFunc(successorTimeout, func() { m.send(evSuccessorTimeout{cmd}) })
 	go func() {
-		err := cmd.Wait()
+		status := waitStatus(cmd)
 		timer.Stop()
-		status := cmd.ProcessState.String()
-		if cmd.ProcessState == nil {
-			status = err.Error()
-		}
 		m.send(evSuccessorExit{cmd: cmd, status: status})
 	}()
 }

@@ -35,33 +35,20 @@ func helloMaster(tb testing.TB, workerUser bool) (*master, *proc, *proc) {
 	if err := cfg.validate(); err != nil {
 		tb.Fatal(err)
 	}
-	m := &master{
-		cfg:      &cfg,
-		rt:       cfg.routing(),
-		log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
-		emit:     &emitter{fn: func(Event) {}},
-		uid:      os.Geteuid(),
-		slots:    make([]*proc, 2),
-		pending:  make([]*proc, 2),
-		failures: map[int]int{},
-		procs:    map[int]*proc{},
-		peers:    map[*peer]bool{},
-		udpMoved: map[movedFlow]bool{},
-		target:   &codeGen{},
-		events:   make(chan any, 16),
-		done:     make(chan struct{}),
-	}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	m := newState(&cfg, cfg.routing(), "")
+	m.emit = &emitter{fn: func(Event) {}}
 	if workerUser {
 		m.worker = &workerCred{user: "w", uid: fuzzWorkerUID}
 	}
 	ports := slotTarget{{Public: 8080}: 40000, {Public: 8080, Proto: UDP}: 40001}
-	active := &proc{pid: fuzzActivePID, slot: 0, gen: 1, state: stateActive, ports: ports}
-	starting := &proc{pid: fuzzStartingPID, slot: 1, gen: 1, state: stateStarting}
+	active, starting := fakeProc(fuzzActivePID, 0, 1), fakeProc(fuzzStartingPID, 1, 1)
+	active.state, active.ports = stateActive, ports
 	m.procs[active.pid], m.procs[starting.pid] = active, starting
 	m.slots[0] = active
 	// A replacement "already starting" for each slot: a retirement then
 	// spawns nothing.
-	m.pending[0], m.pending[1] = &proc{pid: -1}, &proc{pid: -2}
+	m.pending[0], m.pending[1] = fakeProc(-1, 0, 1), fakeProc(-2, 1, 1)
 	return m, active, starting
 }
 

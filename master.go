@@ -78,8 +78,7 @@ type proc struct {
 	state          procState
 	spawned        time.Time
 	started        time.Time // the process's start, uptime's origin; read from /proc for an adopted worker
-	cmd            *exec.Cmd // nil for a worker adopted from an earlier master
-	pidfd          *os.File  // adopted workers only: readable once it exits
+	process        process   // spawned or adopted (process.go); pid is its pid
 	peer           *peer     // nil until its hello
 	ports          slotTarget
 	mem            procMem // as of the last monitor sample
@@ -231,6 +230,39 @@ func runMaster(ctx context.Context, cfg *Config) error {
 	return m.run(ctx)
 }
 
+// newState is the master's state before anything is touched: every map
+// and channel the loop needs, for cfg (rt: its routing; build: this
+// master's own). newMaster fills in the rest from the system; tests that
+// run the loop's handlers on a master of their own start from it too, and
+// give their procs a fakeProcess (process_test.go).
+func newState(cfg *Config, rt *routing, build string) *master {
+	m := &master{
+		cfg:      cfg,
+		rt:       rt,
+		log:      cfg.Logger.With("cluster", cfg.Name),
+		uid:      os.Geteuid(),
+		gen:      1,
+		started:  time.Now(),
+		events:   make(chan any, 64),
+		pssReqs:  make(chan []int, 1),
+		done:     make(chan struct{}),
+		slots:    make([]*proc, cfg.Workers),
+		pending:  make([]*proc, cfg.Workers),
+		failures: map[int]int{},
+		procs:    map[int]*proc{},
+		peers:    map[*peer]bool{},
+		dir:      filepath.Join(cfg.RunDir, cfg.Name),
+
+		respawnAt: map[int]time.Time{},
+		udpMoved:  map[movedFlow]bool{},
+		deadTCP:   map[movedFlow]bool{},
+		build:     build,
+		target:    &codeGen{build: build},
+	}
+	m.sock = filepath.Join(m.dir, "control.sock")
+	return m
+}
+
 // newMaster checks everything that can be checked before the system is
 // touched, then takes the cluster's lock and socket. On error nothing is
 // left behind.
@@ -288,37 +320,10 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &master{
-		spawner:  sp,
-		cfg:      cfg,
-		rt:       rt,
-		rules:    rules,
-		backend:  backend,
-		log:      cfg.Logger.With("cluster", cfg.Name),
-		exe:      exe,
-		args:     os.Args[1:],
-		uid:      os.Geteuid(),
-		worker:   wc,
-		gen:      1,
-		started:  time.Now(),
-		events:   make(chan any, 64),
-		pssReqs:  make(chan []int, 1),
-		done:     make(chan struct{}),
-		slots:    make([]*proc, cfg.Workers),
-		pending:  make([]*proc, cfg.Workers),
-		failures: map[int]int{},
-		procs:    map[int]*proc{},
-		peers:    map[*peer]bool{},
-		dir:      filepath.Join(cfg.RunDir, cfg.Name),
-
-		respawnAt: map[int]time.Time{},
-		udpMoved:  map[movedFlow]bool{},
-		deadTCP:   map[movedFlow]bool{},
-		conntrack: deleteConntrack,
-		build:     build,
-		target:    &codeGen{build: build},
-	}
-	m.sock = filepath.Join(m.dir, "control.sock")
+	m := newState(cfg, rt, build)
+	m.spawner, m.rules, m.backend = sp, rules, backend
+	m.exe, m.args, m.worker = exe, os.Args[1:], wc
+	m.conntrack = deleteConntrack
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
@@ -672,22 +677,14 @@ func (m *master) spawn(slot int) {
 		m.respawnLater(slot)
 		return
 	}
-	p := &proc{pid: cmd.Process.Pid, slot: slot, gen: m.gen, build: m.target.build, state: stateStarting, spawned: time.Now(), cmd: cmd}
-	p.started = p.spawned
+	p := newProc(&childProcess{cmd}, slot, m.gen, m.target.build)
 	m.procs[p.pid] = p
 	m.obs.spawned()
 	if slot != spareSlot {
 		m.pending[slot] = p
 	}
 	p.timer = time.AfterFunc(m.readyTimeout(p), func() { m.send(evConnectTimeout{p}) })
-	go func() {
-		err := cmd.Wait()
-		status := cmd.ProcessState.String()
-		if cmd.ProcessState == nil {
-			status = err.Error()
-		}
-		m.send(evExit{p: p, status: status})
-	}()
+	m.watch(p)
 	m.log.Debug("worker spawned", p.logAttrs()...)
 }
 
@@ -723,9 +720,7 @@ func (m *master) onExit(p *proc, status string) {
 	if p.timer != nil {
 		p.timer.Stop()
 	}
-	if p.pidfd != nil {
-		p.pidfd.Close()
-	}
+	p.process.close()
 	if p.peer != nil {
 		p.peer.close()
 	}
@@ -936,22 +931,20 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		// A worker of an earlier master (which crashed) reconnecting. Its
 		// slot has been given to a fresh worker; let it drain as retired,
 		// and watch its exit through a pidfd since it is not our child.
-		fd, err := unix.PidfdOpen(pr.pid, unix.PIDFD_NONBLOCK)
+		pp, err := openPidfd(pr.pid)
 		if err != nil {
 			refuse("cannot watch pid %d: %v", pr.pid, err)
 			return
 		}
-		p = &proc{pid: pr.pid, slot: h.Slot, gen: h.Generation, build: h.Build, spawned: time.Now(),
-			pidfd: os.NewFile(uintptr(fd), "pidfd:"+strconv.Itoa(pr.pid))}
+		p = newProc(pp, h.Slot, h.Generation, h.Build)
 		p.ports = ports
-		p.started = p.spawned
 		if t, err := procfs.StartTime(p.pid); err == nil {
 			p.started = t
 		} else {
 			m.log.Info("adopted worker's start time unknown; its uptime counts from now", append(p.logAttrs(), "err", err)...)
 		}
 		m.procs[p.pid] = p
-		go watchPidfd(p, m.send)
+		m.watch(p)
 		if m.adoptsActive(h, ports) {
 			m.adopted(p)
 		} else {
@@ -967,7 +960,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 	} else if h.Slot != p.slot || h.Generation != p.gen {
 		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
 		return
-	} else if p.cmd != nil {
+	} else if p.process.spawned() {
 		// Spawned by this master, from the spawner thread: it holds no
 		// capability, or that thread failed at its one job.
 		caps, err := workerCaps(pr.pid)
@@ -1491,35 +1484,9 @@ func (m *master) killAll() {
 func (m *master) kill(p *proc) { m.signal(p, syscall.SIGKILL) }
 
 func (m *master) signal(p *proc, sig syscall.Signal) {
-	var err error
-	switch {
-	case p.cmd != nil:
-		err = p.cmd.Process.Signal(sig)
-	case p.pidfd != nil:
-		// Through the pidfd, never the bare pid: the pid may have been
-		// reused by an unrelated process since the worker exited.
-		err = unix.PidfdSendSignal(int(p.pidfd.Fd()), sig, nil, 0)
-	}
-	if err != nil && !errors.Is(err, os.ErrProcessDone) && !errors.Is(err, unix.ESRCH) {
+	if err := p.process.signal(sig); err != nil {
 		m.log.Warn("signal worker", append(p.logAttrs(), "signal", sig.String(), "err", err)...)
 	}
-}
-
-// watchPidfd reports the exit of a process that is not our child.
-func watchPidfd(p *proc, send func(any)) {
-	rc, err := p.pidfd.SyscallConn()
-	if err == nil {
-		err = rc.Read(func(fd uintptr) bool {
-			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			n, _ := unix.Poll(fds, 0)
-			return n > 0
-		})
-	}
-	status := "exited"
-	if err != nil {
-		status = "unknown: " + err.Error()
-	}
-	send(evExit{p: p, status: status})
 }
 
 // status is the reply to a client's status request.

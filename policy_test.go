@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -13,8 +14,8 @@ import (
 )
 
 // policyMaster is a master with no processes, rules or socket: enough to
-// run the policy decisions over hand-made procs. Signals to procs without a
-// cmd or pidfd are no-ops, so nothing outside the test is touched.
+// run the policy decisions over hand-made procs. Their processes are fakes
+// (fakeProc) that record signals, so nothing outside the test is touched.
 func policyMaster(t *testing.T, cfg Config) (*master, *[]Event) {
 	t.Helper()
 	cfg.Name, cfg.Ports = "t", []Port{{Public: 1}}
@@ -23,15 +24,9 @@ func policyMaster(t *testing.T, cfg Config) (*master, *[]Event) {
 		t.Fatal(err)
 	}
 	var events []Event
-	m := &master{
-		cfg:      &cfg,
-		log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
-		emit:     &emitter{fn: func(ev Event) { events = append(events, ev) }},
-		slots:    make([]*proc, cfg.Workers),
-		pending:  make([]*proc, cfg.Workers),
-		failures: map[int]int{},
-		procs:    map[int]*proc{},
-	}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	m := newState(&cfg, nil, "")
+	m.emit = &emitter{fn: func(ev Event) { events = append(events, ev) }}
 	// Events stay in the emitter's queue until flushEvents.
 	return m, &events
 }
@@ -47,7 +42,8 @@ func (m *master) flushEvents() {
 
 func addProc(m *master, pid int, st procState, conns int64, rss uint64, age time.Duration) *proc {
 	now := time.Now()
-	p := &proc{pid: pid, slot: pid % len(m.slots), state: st, spawned: now.Add(-age), activeSince: now.Add(-age)}
+	p := fakeProc(pid, pid%len(m.slots), 0)
+	p.state, p.spawned, p.activeSince = st, now.Add(-age), now.Add(-age)
 	p.mem.at, p.mem.RSSBytes = now, rss
 	p.beat = beatReport{at: now, stats: proto.Stats{Connections: conns}}
 	if st == stateRetired {
@@ -140,6 +136,13 @@ func TestMemoryBudgetWatermarks(t *testing.T) {
 			t.Errorf("active worker %d ended for the budget", p.pid)
 		}
 	}
+	// Without a connection, asking is a SIGTERM; the fakes saw them all.
+	term, kill := syscall.SIGTERM, syscall.SIGKILL
+	for p, want := range map[*proc][]syscall.Signal{live: nil, r1: {term}, r2: {term}, r3: {term, kill}} {
+		if got := signals(p); !slices.Equal(got, want) {
+			t.Errorf("worker %d got signals %v, want %v", p.pid, got, want)
+		}
+	}
 }
 
 func equalPressure(ev Event, want EventMemoryPressure) bool {
@@ -156,7 +159,7 @@ func TestRetireRateLimit(t *testing.T) {
 	for pid := 1; pid <= 3; pid++ {
 		p := addProc(m, pid, stateActive, 0, 200*mb, time.Hour)
 		m.slots[p.slot] = p
-		m.pending[p.slot] = &proc{pid: 100 + pid} // a replacement "starting": nothing is spawned
+		m.pending[p.slot] = fakeProc(100+pid, p.slot, 0) // a replacement "starting": nothing is spawned
 	}
 	now := time.Now()
 	for range 3 { // three samples
@@ -197,7 +200,7 @@ func TestStartupGrace(t *testing.T) {
 	old.beat.stats.LagSec = 0.5
 	for _, p := range []*proc{young, old} {
 		m.slots[p.slot] = p
-		m.pending[p.slot] = &proc{pid: 100 + p.pid}
+		m.pending[p.slot] = fakeProc(100+p.pid, p.slot, 0)
 	}
 	m.enforce(young.mem.at)
 	if young.retireCause != "" {
