@@ -64,14 +64,10 @@ func (c *fakeConntrack) delete(f *family, filter netlink.CustomConntrackFilter) 
 
 func testMaster(t *testing.T, cfg Config, ct *fakeConntrack) *master {
 	t.Helper()
-	return &master{
-		cfg:       &cfg,
-		rt:        testRouting(t, cfg),
-		log:       slog.New(slog.NewTextHandler(io.Discard, nil)),
-		udpMoved:  map[movedFlow]bool{},
-		conntrack: ct.delete,
-		installed: true,
-	}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	m := newState(&cfg, testRouting(t, cfg), "")
+	m.conntrack, m.installed = ct.delete, true
+	return m
 }
 
 // Only UDP ports whose slot now points elsewhere are cleaned, once, in
