@@ -900,16 +900,3 @@ setInterval(refresh, 2000);
 </body>
 </html>
 `
-
-// releaseRunDir undoes openRunDir when a later check fails. A cluster we
-// created is removed as if never started. One taken over from a running
-// master is left as a crashed master leaves it, generation and all: that
-// master has let go, its workers serve on, and the next master adopts them.
-func (m *master) releaseRunDir() {
-	if !m.tookOver {
-		m.closeRunDir()
-		return
-	}
-	m.ln.Close()
-	m.lock.Close()
-}
