@@ -316,6 +316,18 @@ func unavailable(w http.ResponseWriter, reason string) {
 	fmt.Fprintln(w, reason)
 }
 
+// snapshotOr503 asks the loop for a handler's status snapshot. When the
+// loop does not answer, it answers 503 itself, what and then why ("not
+// ready: ..."), and returns nil: the handler just returns.
+func snapshotOr503(m *master, w http.ResponseWriter, r *http.Request, what string) *proto.Status {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, what+": "+err.Error())
+		return nil
+	}
+	return st
+}
+
 func plainOK(w http.ResponseWriter, body string) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -325,8 +337,7 @@ func plainOK(w http.ResponseWriter, body string) {
 // healthz: the master's loop answers. A stopping master is still healthy;
 // /readyz is what turns traffic away.
 func healthz(m *master, w http.ResponseWriter, r *http.Request) {
-	if _, err := m.snapshot(r.Context()); err != nil {
-		unavailable(w, "unhealthy: "+err.Error())
+	if snapshotOr503(m, w, r, "unhealthy") == nil {
 		return
 	}
 	plainOK(w, "ok")
@@ -337,9 +348,8 @@ func healthz(m *master, w http.ResponseWriter, r *http.Request) {
 // balancer may send this host clients. Stopping is not ready: that is how
 // a draining host tells its balancer.
 func readyz(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "not ready: "+err.Error())
+	st := snapshotOr503(m, w, r, "not ready")
+	if st == nil {
 		return
 	}
 	if !st.Ready {
@@ -350,9 +360,8 @@ func readyz(m *master, w http.ResponseWriter, r *http.Request) {
 }
 
 func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no status: "+err.Error())
+	st := snapshotOr503(m, w, r, "no status")
+	if st == nil {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -366,9 +375,8 @@ func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
 // taken for this scrape: gauges are read at scrape time, so a worker's
 // series disappear with the worker instead of lingering in a GaugeVec.
 func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no metrics: "+err.Error())
+	st := snapshotOr503(m, w, r, "no metrics")
+	if st == nil {
 		return
 	}
 	snap := prometheus.NewRegistry()
@@ -580,9 +588,8 @@ func boolValue(b bool) float64 {
 // every 2s with the same markup (textContent only: names and builds come
 // from the host program and the workers).
 func statusPage(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no status: "+err.Error())
+	st := snapshotOr503(m, w, r, "no status")
+	if st == nil {
 		return
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
