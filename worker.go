@@ -793,3 +793,20 @@ func (w *Worker) closePacketConns() {
 		c.Close()
 	}
 }
+
+// listenTCP listens as a worker does for a TCP public port: plain TCP,
+// never Multipath TCP, which net.Listen has chosen by default on Linux
+// since Go 1.24. An MPTCP connection's extra subflows come from the
+// client's other addresses (its other interfaces), and routing by source
+// address sends each to another slot's worker, which knows nothing of the
+// connection and resets it: a worker can only ever use the first subflow,
+// so MPTCP buys nothing here and costs its clients throughput: a client
+// that asks for MPTCP gets 0.84 of the keep-alive rate and 0.90 of the
+// short-connection rate it gets from a plain TCP listener, while plain TCP
+// clients see no difference (bench/mptcp, docs/BENCHMARKS.md). Refused at
+// the listener, MPTCP falls back to TCP in the handshake.
+func listenTCP(network, addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), network, addr)
+}
