@@ -203,7 +203,7 @@ type master struct {
 	deadTCP   map[movedFlow]bool // TCP ports of exited workers (conntrack.go)
 	conntrack conntrackDeleter
 
-	obs *observer // HTTP endpoints and metrics (http.go); nil without Config.HTTPAddr
+	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
 

@@ -62,7 +62,7 @@ type Worker struct {
 	// are closed, never with a connection still in an accept queue.
 	listenersClosed atomic.Bool
 
-	// Health reporting (monitor.go). rt and appWarned belong to
+	// Health reporting (worker_stats.go). rt and appWarned belong to
 	// runWorker's goroutine, which alone builds reports.
 	probe     lagProbe
 	rt        runtimeStats
