@@ -4,7 +4,9 @@ package ipcluster
 
 // The master's end of the control socket: one acceptor, one reader
 // goroutine per peer. Readers only decode and forward to the master's loop;
-// every decision is taken there.
+// every decision is taken there, in the loop's half at the end of this
+// file: a hello's checks and a worker's admission or adoption (onHello),
+// and the dispatch of the messages that follow (onMsg).
 
 import (
 	"context"
@@ -17,6 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -211,4 +214,216 @@ func dialMarked(ctx context.Context, network, address string) (net.Conn, error) 
 		return nil, fmt.Errorf("dial worker at %s: %w", address, err)
 	}
 	return conn, nil
+}
+
+// ---- the loop's half ----
+
+func (m *master) onHello(pr *peer, h *proto.Hello) {
+	refuse := func(format string, args ...any) {
+		reason := fmt.Sprintf(format, args...)
+		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "reason", reason)
+		pr.refuse(reason)
+	}
+	if pr.uid != m.uid && h.Role != proto.RoleWorker {
+		// The worker uid (serve admits no other): operator commands
+		// and takeover are the master's user's alone.
+		refuse("permission denied: uid %d may only connect as a worker; role %q needs the master's uid %d", pr.uid, h.Role, m.uid)
+		return
+	}
+	switch {
+	case h.Version != proto.Version:
+		refuse("protocol version mismatch: peer speaks version %d, master speaks version %d; run the same ipcluster release on both sides", h.Version, proto.Version)
+		return
+	case h.Cluster != m.cfg.Name:
+		refuse("peer belongs to cluster %q, this master runs cluster %q", h.Cluster, m.cfg.Name)
+		return
+	case h.PID != pr.pid:
+		refuse("hello claims pid %d but the kernel says the peer is pid %d", h.PID, pr.pid)
+		return
+	}
+	if m.stopping {
+		refuse("master is stopping")
+		return
+	}
+	switch h.Role {
+	case proto.RoleClient:
+		pr.role = proto.RoleClient
+		m.peers[pr] = true
+		pr.send(proto.TypeWelcome, &proto.Welcome{Version: proto.Version})
+		return
+	case proto.RoleMaster:
+		// A new master of this cluster: it sends takeover next and gets
+		// the handover, not a welcome.
+		pr.role = proto.RoleMaster
+		m.peers[pr] = true
+		return
+	case proto.RoleWorker:
+	default:
+		refuse("unknown role %q", h.Role)
+		return
+	}
+	if h.Slot < spareSlot || h.Slot >= len(m.slots) {
+		refuse("slot %d is outside 0..%d (or %d for a spare)", h.Slot, len(m.slots)-1, spareSlot)
+		return
+	}
+	ports := slotTarget{}
+	for _, pp := range h.Ports {
+		prot, ok := parseProtocol(pp.Proto)
+		if !ok {
+			refuse("worker reported public port %d with protocol %q; want \"tcp\" or \"udp\"", pp.Public, pp.Proto)
+			return
+		}
+		ports[Port{Public: pp.Public, Proto: prot}] = pp.Worker
+	}
+	for _, pub := range m.rt.ports {
+		if ports[pub] == 0 {
+			refuse("worker reported no port for public port %s", pub)
+			return
+		}
+	}
+	p := m.procs[pr.pid]
+	if p == nil && h.Slot == spareSlot {
+		// It serves nobody: it finishes when refused. Every deploy with
+		// spares does this, so no warning.
+		m.log.Info("refused a spare of an earlier master; it finishes", "peer_pid", pr.pid)
+		pr.refuse("spare of an earlier master; not adopted")
+		return
+	}
+	if p == nil {
+		// A worker of an earlier master (which crashed) reconnecting. Its
+		// slot has been given to a fresh worker; let it drain as retired,
+		// and watch its exit through a pidfd since it is not our child.
+		pp, err := openPidfd(pr.pid)
+		if err != nil {
+			refuse("cannot watch pid %d: %v", pr.pid, err)
+			return
+		}
+		p = newProc(pp, h.Slot, h.Generation, h.Build)
+		p.ports = ports
+		if t, err := procfs.StartTime(p.pid); err == nil {
+			p.started = t
+		} else {
+			m.log.Info("adopted worker's start time unknown; its uptime counts from now", append(p.logAttrs(), "err", err)...)
+		}
+		m.procs[p.pid] = p
+		m.watch(p)
+		if m.adoptsActive(h, ports) {
+			m.adopted(p)
+		} else {
+			p.state = stateRetired
+			p.retireCause, p.retireReason, p.retireAt = CauseAdopted, "adopted from an earlier master", time.Now()
+			// Until this master has written its rules, the earlier
+			// master's rules may still route clients to this worker:
+			// it is told it is retired only once they no longer do.
+			p.retirePending = !m.installed
+			m.noteAdoptedUDP(ports)
+			m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
+		}
+	} else if h.Slot != p.slot || h.Generation != p.gen {
+		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
+		return
+	} else if p.process.spawned() {
+		// Spawned by this master, from the spawner thread: it holds no
+		// capability, or that thread failed at its one job.
+		caps, err := workerCaps(pr.pid)
+		if err != nil {
+			refuse("cannot check the capabilities of worker pid %d: %v", pr.pid, err)
+			return
+		}
+		if caps != 0 {
+			m.log.Error("a worker holds capabilities; refusing it", append(p.logAttrs(), "caps", fmt.Sprintf("%#x", caps))...)
+			refuse("worker pid %d holds capabilities %#x; workers must hold none", pr.pid, caps)
+			return
+		}
+	}
+	if p.peer != nil {
+		// The same process (the kernel vouches for the pid) reconnected
+		// before its old connection's close reached us: the new one wins.
+		p.peer.close()
+	}
+	p.peer = pr
+	p.ports = ports
+	pr.role = proto.RoleWorker
+	pr.proc = p
+	m.peers[pr] = true
+	pr.send(proto.TypeWelcome, &proto.Welcome{
+		Version:         proto.Version,
+		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
+		Retired:         p.state == stateRetired && !p.retirePending,
+	})
+}
+
+func (m *master) onMsg(pr *peer, msg proto.Msg) {
+	if pr.role == proto.RoleMaster {
+		if msg.Type == proto.TypeTakeover {
+			m.handOver(pr, msg.Body.(*proto.Takeover).Build)
+		}
+		return
+	}
+	if pr.role == proto.RoleClient {
+		switch msg.Type {
+		case proto.TypeStatus:
+			pr.send(proto.TypeStatus, m.status())
+		case proto.TypeRestart:
+			m.restartAll("restart requested over the control socket")
+			pr.send(proto.TypeRestart, nil)
+		case proto.TypeResize:
+			if err := m.startResize(msg.Body.(*proto.Resize).Workers); err != nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "resize: " + err.Error()})
+			} else {
+				pr.send(proto.TypeResize, msg.Body)
+			}
+		case proto.TypeDeploy:
+			if m.successor != nil || m.stopping {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: one is already under way, or the master is stopping"})
+				break
+			}
+			m.startSuccessor()
+			if m.successor == nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: " + m.lastDeploy})
+			} else {
+				pr.send(proto.TypeDeploy, &proto.Deploy{SuccessorPID: m.successor.Process.Pid})
+			}
+		case proto.TypeRetireOne:
+			req := msg.Body.(*proto.RetireOne)
+			p := m.activeWorker(req.Slot, req.PID)
+			if p == nil {
+				pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("retire: no active worker in slot %d or with pid %d", req.Slot, req.PID)})
+				break
+			}
+			m.retire(p, CauseRequested, "operator request over the control socket")
+			pr.send(proto.TypeRetireOne, &proto.RetireOne{Slot: p.slot, PID: p.pid})
+		case proto.TypeKillRetired:
+			pr.send(proto.TypeKillRetired, &proto.Count{N: m.killRetired()})
+		case proto.TypeStop:
+			pr.send(proto.TypeStop, nil)
+			m.stop("stop requested over the control socket")
+		default:
+			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
+		}
+		return
+	}
+	p := pr.proc
+	if p == nil || m.procs[p.pid] != p {
+		return
+	}
+	switch msg.Type {
+	case proto.TypeReady:
+		if p.state == stateStarting {
+			m.onReady(p)
+		}
+	case proto.TypeRetire:
+		r := msg.Body.(*proto.Reason)
+		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", r.Reason)...)
+		if r.Returned && p.state == stateActive && m.slots[p.slot] == p && p.retireCause == "" {
+			// A function that returns soon after the worker became ready
+			// is a failed start, like a crash: its replacement, which
+			// may well do the same, waits out the backoff.
+			m.countStart(p, p.slot)
+		}
+		m.retire(p, CauseRequested, "requested: "+r.Reason)
+	default:
+		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
+		pr.close()
+	}
 }

@@ -48,7 +48,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -103,9 +102,6 @@ func deployReporter() func(error) {
 		}
 	}
 }
-
-// deployReportPath is the file a successor leaves its error in.
-func (m *master) deployReportPath() string { return filepath.Join(m.dir, "deploy-error") }
 
 // readDeployReport reads and removes a successor's report: its error, or
 // "" if it left none.
@@ -699,8 +695,3 @@ func (m *master) restartAll(why string) {
 func (m *master) setDeploy(phase DeployOutcome, text string) {
 	m.deployPhase, m.lastDeploy = phase, text
 }
-
-// Files of the cluster's run directory.
-func (m *master) generationPath() string { return filepath.Join(m.dir, "generation") }
-func (m *master) lockPath() string       { return filepath.Join(m.dir, "lock") }
-func (m *master) workersPath() string    { return workersPath(m.cfg) }

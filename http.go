@@ -8,18 +8,16 @@ package ipcluster
 // The loop owns every field of master, so handlers never read them: they
 // ask the loop for a status snapshot (evSnapshot, the same status a control
 // client gets) and give up after snapshotTimeout. A loop that does not
-// answer is exactly what /healthz must report. Counters and histograms are
-// fed from the events (observer.event, on the emitter's goroutine) and from
-// two calls in the loop (spawn, rule writes); prometheus types are safe for
-// concurrent use, so no state is shared with the loop beyond them.
+// answer is exactly what /healthz must report. The metrics themselves are
+// in metrics.go, and the status page's markup and script in status.html.
 
 import (
 	"context"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
-	"io/fs"
 	"log/slog"
 	"maps"
 	"net"
@@ -30,10 +28,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
@@ -126,147 +122,6 @@ func listenHTTP(cfg *Config, log *slog.Logger, tookOver bool) (*observer, error)
 	return o, nil
 }
 
-func newObserver(log *slog.Logger) *observer {
-	o := &observer{log: log, reg: prometheus.NewRegistry()}
-	counter := func(name, help string) prometheus.Counter {
-		c := prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
-		o.reg.MustRegister(c)
-		return c
-	}
-	// Label values known in advance are created at zero: a rate() over a
-	// series that appears only with its first increment misses it.
-	counterVec := func(name, help, label string, values ...string) *prometheus.CounterVec {
-		c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, []string{label})
-		for _, v := range values {
-			c.WithLabelValues(v)
-		}
-		o.reg.MustRegister(c)
-		return c
-	}
-	histogram := func(name, help string, buckets []float64) prometheus.Histogram {
-		h := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets})
-		o.reg.MustRegister(h)
-		return h
-	}
-	o.spawns = counter("ipcluster_worker_spawns_total", "Worker processes started by this master.")
-	o.crashes = counter("ipcluster_worker_crashes_total",
-		"Workers that exited while active or starting (a start that failed or timed out counts).")
-	o.unresponsive = counter("ipcluster_worker_unresponsive_total", "Workers declared unresponsive: no heartbeat for PingTimeout.")
-	o.rulesLost = counter("ipcluster_rules_lost_total", "Times the kernel was found to have lost the cluster's rules.")
-	o.exits = counterVec("ipcluster_worker_exits_total", "Worker processes that exited, by the state they were in.", "state",
-		"starting", "active", "retired", "stopping", "spare", "standby")
-	o.retirements = counterVec("ipcluster_retirements_total", "Active workers retired, by cause.", "cause",
-		string(CauseMemory), string(CauseLag), string(CauseUnresponsive), string(CauseHealthCheck),
-		string(CauseRequested), string(CauseAdopted), string(CauseReplaced))
-	o.retireHolds = counterVec("ipcluster_retire_holds_total",
-		"Retirements held back by RetireLimit (once per worker), by cause.", "cause",
-		string(CauseMemory), string(CauseLag), string(CauseUnresponsive), string(CauseHealthCheck))
-	// Outcomes only: a deploy in progress is ipcluster_deploy_in_progress,
-	// and a master that handed the cluster over returns at once.
-	o.deploys = counterVec("ipcluster_deploys_total", "Deploys (and restarts) ended, by outcome.", "outcome",
-		string(DeployCommitted), string(DeployRolledBack), string(DeployFailed))
-	o.ruleWrites = counterVec("ipcluster_rule_writes_total", "Rule writes, by result (ok or error).", "result", "ok", "error")
-	o.dismissals = counterVec("ipcluster_dismissals_total",
-		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
-	o.memoryPressure = counterVec("ipcluster_memory_pressure_total",
-		"MemoryBudget watermarks crossed, by watermark.", "watermark", "low", "high")
-	o.ruleWriteSeconds = histogram("ipcluster_rule_write_duration_seconds", "Time to write the cluster's rules to the kernel.",
-		prometheus.ExponentialBuckets(0.0005, 2, 14)) // 0.5ms .. 4s
-	o.readySeconds = histogram("ipcluster_worker_ready_duration_seconds",
-		"Time from a worker's spawn to serving a slot (for a spare, to being given one).",
-		prometheus.ExponentialBuckets(0.01, 2, 12)) // 10ms .. 20s
-	o.retireSeconds = histogram("ipcluster_retirement_duration_seconds",
-		"Time from the decision to retire a worker to the rule write that moved its slot.",
-		prometheus.ExponentialBuckets(0.01, 2, 14)) // 10ms .. 80s
-	o.backend = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ipcluster_rule_backend_info",
-		Help: "1 for the rule backend in force (backend) and Config.Backend as set (config: auto, nftables or iptables)."},
-		[]string{"backend", "config"})
-	o.reg.MustRegister(o.backend)
-	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		conntrackCollector{dir: procfs.ConntrackDir, log: log})
-	return o
-}
-
-// ruleBackend records the rule backend in force.
-func (o *observer) ruleBackend(c backendChoice) {
-	if o != nil {
-		o.backend.Reset()
-		o.backend.WithLabelValues(string(c.name), c.config).Set(1)
-	}
-}
-
-// spawned counts a worker process started.
-func (o *observer) spawned() {
-	if o != nil {
-		o.spawns.Inc()
-	}
-}
-
-// ruleWrite records a rule write's duration and result.
-func (o *observer) ruleWrite(d time.Duration, err error) {
-	if o == nil {
-		return
-	}
-	o.ruleWriteSeconds.Observe(d.Seconds())
-	result := "ok"
-	if err != nil {
-		result = "error"
-	}
-	o.ruleWrites.WithLabelValues(result).Inc()
-}
-
-// observe returns an OnEvent function that counts every event, then passes
-// it on to fn (which may be nil: the metrics must not depend on the host
-// program asking for events).
-func (o *observer) observe(fn func(Event)) func(Event) {
-	if o == nil {
-		return fn
-	}
-	return func(ev Event) {
-		o.event(ev)
-		if fn != nil {
-			fn(ev)
-		}
-	}
-}
-
-func (o *observer) event(ev Event) {
-	switch ev := ev.(type) {
-	case EventWorkerReady:
-		o.readySeconds.Observe(ev.Elapsed.Seconds())
-	case EventWorkerExited:
-		o.exits.WithLabelValues(ev.State).Inc()
-		if ev.State == stateActive.String() || ev.State == stateStarting.String() {
-			o.crashes.Inc()
-		}
-	case EventRetired:
-		o.retirements.WithLabelValues(string(ev.Cause)).Inc()
-		o.retireSeconds.Observe(ev.Elapsed.Seconds())
-	case EventRetireHeld:
-		o.retireHolds.WithLabelValues(string(ev.Cause)).Inc()
-	case EventDeploy:
-		switch ev.Outcome {
-		case DeployCommitted, DeployRolledBack, DeployFailed:
-			o.deploys.WithLabelValues(string(ev.Outcome)).Inc()
-		}
-	case EventRulesFailed:
-		// Failed writes are counted where they happen (ruleWrite).
-		if errors.Is(ev.Err, ErrRulesLost) {
-			o.rulesLost.Inc()
-		}
-	case EventUnresponsive:
-		o.unresponsive.Inc()
-	case EventDismissed:
-		action := "asked"
-		if ev.Killed {
-			action = "killed"
-		}
-		o.dismissals.WithLabelValues(action).Inc()
-	case EventMemoryPressure:
-		o.memoryPressure.WithLabelValues(ev.Watermark).Inc()
-	}
-}
-
 // serve starts answering on the listener; the returned function shuts
 // the server down. Call that after m.done is closed, so handlers waiting
 // for the loop give up at once instead of after snapshotTimeout.
@@ -316,6 +171,18 @@ func unavailable(w http.ResponseWriter, reason string) {
 	fmt.Fprintln(w, reason)
 }
 
+// snapshotOr503 asks the loop for a handler's status snapshot. When the
+// loop does not answer, it answers 503 itself, what and then why ("not
+// ready: ..."), and returns nil: the handler just returns.
+func snapshotOr503(m *master, w http.ResponseWriter, r *http.Request, what string) *proto.Status {
+	st, err := m.snapshot(r.Context())
+	if err != nil {
+		unavailable(w, what+": "+err.Error())
+		return nil
+	}
+	return st
+}
+
 func plainOK(w http.ResponseWriter, body string) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -325,8 +192,7 @@ func plainOK(w http.ResponseWriter, body string) {
 // healthz: the master's loop answers. A stopping master is still healthy;
 // /readyz is what turns traffic away.
 func healthz(m *master, w http.ResponseWriter, r *http.Request) {
-	if _, err := m.snapshot(r.Context()); err != nil {
-		unavailable(w, "unhealthy: "+err.Error())
+	if snapshotOr503(m, w, r, "unhealthy") == nil {
 		return
 	}
 	plainOK(w, "ok")
@@ -337,9 +203,8 @@ func healthz(m *master, w http.ResponseWriter, r *http.Request) {
 // balancer may send this host clients. Stopping is not ready: that is how
 // a draining host tells its balancer.
 func readyz(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "not ready: "+err.Error())
+	st := snapshotOr503(m, w, r, "not ready")
+	if st == nil {
 		return
 	}
 	if !st.Ready {
@@ -350,9 +215,8 @@ func readyz(m *master, w http.ResponseWriter, r *http.Request) {
 }
 
 func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no status: "+err.Error())
+	st := snapshotOr503(m, w, r, "no status")
+	if st == nil {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -366,9 +230,8 @@ func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
 // taken for this scrape: gauges are read at scrape time, so a worker's
 // series disappear with the worker instead of lingering in a GaugeVec.
 func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no metrics: "+err.Error())
+	st := snapshotOr503(m, w, r, "no metrics")
+	if st == nil {
 		return
 	}
 	snap := prometheus.NewRegistry()
@@ -382,197 +245,6 @@ func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
 	}).ServeHTTP(w, r)
 }
 
-// Descriptions of the metrics read from a status snapshot.
-var (
-	slotLabels   = []string{"slot"}
-	workerLabels = []string{"slot", "state"}
-
-	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when the cluster is ready, as /readyz says: every slot has an active worker, the rules are installed, and the master is not stopping.", nil, nil)
-	descStopping   = prometheus.NewDesc("ipcluster_stopping", "1 while the master stops gracefully.", nil, nil)
-	descSlots      = prometheus.NewDesc("ipcluster_slots", "Number of slots (Workers, or the size after a resize).", nil, nil)
-	descWorkers    = prometheus.NewDesc("ipcluster_workers", "Worker processes, by state.", []string{"state"}, nil)
-	descGeneration = prometheus.NewDesc("ipcluster_master_generation", "This master's generation.", nil, nil)
-	descBuild      = prometheus.NewDesc("ipcluster_build_info", "The build (Config.Version) new workers are spawned from.", []string{"build"}, nil)
-	descDeploying  = prometheus.NewDesc("ipcluster_deploy_in_progress", "1 while a deploy (or restart) rolls the slots.", nil, nil)
-
-	descSlotUp          = prometheus.NewDesc("ipcluster_slot_up", "1 when the slot has an active worker.", slotLabels, nil)
-	descSlotGeneration  = prometheus.NewDesc("ipcluster_slot_generation", "Generation of the slot's active worker.", slotLabels, nil)
-	descSlotRSS         = prometheus.NewDesc("ipcluster_slot_rss_bytes", "RSS of the slot's active worker.", slotLabels, nil)
-	descSlotLag         = prometheus.NewDesc("ipcluster_slot_lag_seconds", "Smoothed scheduling lag of the slot's active worker.", slotLabels, nil)
-	descSlotConnections = prometheus.NewDesc("ipcluster_slot_connections",
-		"Open connections of the slot's workers: its active worker and those still draining from it.", slotLabels, nil)
-
-	descWorkerInfo = prometheus.NewDesc("ipcluster_worker_info", "1 for each worker process, with what identifies it.",
-		[]string{"slot", "state", "pid", "generation", "build"}, nil)
-	descWorkerStart        = prometheus.NewDesc("ipcluster_worker_start_time_seconds", "When the worker process started (read from /proc for a worker adopted from an earlier master), in seconds since the Unix epoch; the earliest of several.", workerLabels, nil)
-	descWorkerRSS          = prometheus.NewDesc("ipcluster_worker_rss_bytes", "Worker RSS, read by the master from /proc.", workerLabels, nil)
-	descWorkerPSS          = prometheus.NewDesc("ipcluster_worker_pss_bytes", "Worker PSS, read by the master from /proc (0 before the first read).", workerLabels, nil)
-	descWorkerHeartbeatAge = prometheus.NewDesc("ipcluster_worker_heartbeat_age_seconds", "Time since the worker's last heartbeat arrived; the oldest of several.", workerLabels, nil)
-	descWorkerLag          = prometheus.NewDesc("ipcluster_worker_lag_seconds", "Worker's smoothed scheduling lag; the largest of several.", workerLabels, nil)
-	descWorkerSchedP99     = prometheus.NewDesc("ipcluster_worker_sched_latency_p99_seconds", "p99 of the worker's goroutine scheduling latency over its last heartbeat interval; the largest of several.", workerLabels, nil)
-	descWorkerConnections  = prometheus.NewDesc("ipcluster_worker_connections", "Worker's open connections.", workerLabels, nil)
-	descWorkerAccepted     = prometheus.NewDesc("ipcluster_worker_accepted_connections_total", "Connections the worker accepted since it started.", workerLabels, nil)
-	descWorkerHeap         = prometheus.NewDesc("ipcluster_worker_heap_bytes", "Worker's Go heap in use.", workerLabels, nil)
-	descWorkerGoroutines   = prometheus.NewDesc("ipcluster_worker_goroutines", "Worker's goroutines.", workerLabels, nil)
-)
-
-// workerStates lists every state, so ipcluster_workers has a zero series
-// for each rather than gaps.
-var workerStates = []procState{stateStarting, stateActive, stateRetired, stateStopping, stateSpare, stateStandby}
-
-// workerKey labels the per-worker series: slot and state, not pid, so a
-// worker crashing in a loop does not make a dozen new series each time;
-// the pid (with generation and build) is in the one ipcluster_worker_info
-// series of each worker. A spare has no slot: "spare". The series stay
-// bounded by slots × states, which is why workers sharing a key (the
-// retired workers of a slot still draining, say) share the series: their
-// sizes and counts add up, lag and heartbeat age take the worst, the
-// start time the earliest.
-type workerKey struct{ slot, state string }
-
-// workerSum is the per-worker figures of the workers of one key.
-type workerSum struct {
-	start, beatAge, lag, schedP99 float64
-	rss, pss, heap, accepted      uint64
-	conns                         int64
-	goroutines                    int
-	beats                         bool // any of them has sent a heartbeat
-}
-
-func slotLabel(slot int) string {
-	if slot < 0 {
-		return "spare"
-	}
-	return strconv.Itoa(slot)
-}
-
-// statusCollector turns one status snapshot into const metrics.
-type statusCollector struct{ st *proto.Status }
-
-func (c statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descReady, descStopping, descSlots, descWorkers, descGeneration, descBuild, descDeploying,
-		descSlotUp, descSlotGeneration, descSlotRSS, descSlotLag, descSlotConnections,
-		descWorkerInfo, descWorkerStart, descWorkerRSS, descWorkerPSS, descWorkerHeartbeatAge,
-		descWorkerLag, descWorkerSchedP99, descWorkerConnections, descWorkerAccepted, descWorkerHeap, descWorkerGoroutines} {
-		ch <- d
-	}
-}
-
-func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
-	st := c.st
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	gauge(descReady, boolValue(st.Ready))
-	gauge(descStopping, boolValue(st.Stopping))
-	gauge(descSlots, float64(len(st.Slots)))
-	gauge(descGeneration, float64(st.Generation))
-	gauge(descBuild, 1, st.Build)
-	gauge(descDeploying, boolValue(st.DeployPhase == string(DeployStarted)))
-	byState := map[string]int{}
-	slotConns := make([]int64, len(st.Slots))
-	byPID := map[int]*proto.WorkerStatus{}
-	sums := map[workerKey]*workerSum{}
-	for i := range st.Workers {
-		w := &st.Workers[i]
-		byPID[w.PID] = w
-		byState[w.State]++
-		k := workerKey{slotLabel(w.Slot), w.State}
-		gauge(descWorkerInfo, 1, k.slot, k.state, strconv.Itoa(w.PID), strconv.Itoa(w.Generation), w.Build)
-		sum := sums[k]
-		if sum == nil {
-			sum = &workerSum{start: w.StartTime}
-			sums[k] = sum
-		}
-		sum.start = min(sum.start, w.StartTime)
-		sum.rss += w.RSSBytes
-		sum.pss += w.PSSBytes
-		if s := w.Stats; s != nil {
-			sum.beats = true
-			sum.beatAge = max(sum.beatAge, w.HeartbeatAgeSec)
-			sum.lag = max(sum.lag, s.LagSec)
-			sum.schedP99 = max(sum.schedP99, s.SchedP99Sec)
-			sum.conns += s.Connections
-			sum.accepted += s.Accepted
-			sum.heap += s.HeapBytes
-			sum.goroutines += s.Goroutines
-			if w.Slot >= 0 && w.Slot < len(slotConns) {
-				slotConns[w.Slot] += s.Connections
-			}
-		}
-	}
-	for k, sum := range sums {
-		gauge(descWorkerStart, sum.start, k.slot, k.state)
-		gauge(descWorkerRSS, float64(sum.rss), k.slot, k.state)
-		gauge(descWorkerPSS, float64(sum.pss), k.slot, k.state)
-		if sum.beats {
-			gauge(descWorkerHeartbeatAge, sum.beatAge, k.slot, k.state)
-			gauge(descWorkerLag, sum.lag, k.slot, k.state)
-			gauge(descWorkerSchedP99, sum.schedP99, k.slot, k.state)
-			gauge(descWorkerConnections, float64(sum.conns), k.slot, k.state)
-			ch <- prometheus.MustNewConstMetric(descWorkerAccepted, prometheus.CounterValue, float64(sum.accepted), k.slot, k.state)
-			gauge(descWorkerHeap, float64(sum.heap), k.slot, k.state)
-			gauge(descWorkerGoroutines, float64(sum.goroutines), k.slot, k.state)
-		}
-	}
-	for _, s := range workerStates {
-		gauge(descWorkers, float64(byState[s.String()]), s.String())
-	}
-	for _, s := range st.Slots {
-		slot := strconv.Itoa(s.Slot)
-		gauge(descSlotUp, boolValue(s.Active != 0), slot)
-		gauge(descSlotConnections, float64(slotConns[s.Slot]), slot)
-		if w := byPID[s.Active]; w != nil {
-			gauge(descSlotGeneration, float64(w.Generation), slot)
-			gauge(descSlotRSS, float64(w.RSSBytes), slot)
-			if w.Stats != nil {
-				gauge(descSlotLag, w.Stats.LagSec, slot)
-			}
-		}
-	}
-}
-
-// conntrackCollector reads the conntrack table's fill at each scrape,
-// from the master's network namespace, which is the cluster's: a full
-// table drops every new connection, whatever the workers' health.
-// Without the nf_conntrack module (no nat rule was ever written on this
-// host) there is no table and no series.
-type conntrackCollector struct {
-	dir string
-	log *slog.Logger
-}
-
-var (
-	descConntrackEntries = prometheus.NewDesc("ipcluster_nf_conntrack_entries",
-		"Entries in the conntrack table of the cluster's network namespace (nf_conntrack_count).", nil, nil)
-	descConntrackLimit = prometheus.NewDesc("ipcluster_nf_conntrack_entries_limit",
-		"Size of the conntrack table (nf_conntrack_max): new connections are dropped once the entries reach it.", nil, nil)
-)
-
-func (c conntrackCollector) Describe(ch chan<- *prometheus.Desc) {
-	ch <- descConntrackEntries
-	ch <- descConntrackLimit
-}
-
-func (c conntrackCollector) Collect(ch chan<- prometheus.Metric) {
-	n, limit, err := procfs.Conntrack(c.dir)
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			c.log.Debug("reading the conntrack table's size", "err", err)
-		}
-		return
-	}
-	ch <- prometheus.MustNewConstMetric(descConntrackEntries, prometheus.GaugeValue, float64(n))
-	ch <- prometheus.MustNewConstMetric(descConntrackLimit, prometheus.GaugeValue, float64(limit))
-}
-
-func boolValue(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
 // ---- the status page ----
 
 // statusPage renders the slot and worker tables on the server, so the page
@@ -580,9 +252,8 @@ func boolValue(b bool) float64 {
 // every 2s with the same markup (textContent only: names and builds come
 // from the host program and the workers).
 func statusPage(m *master, w http.ResponseWriter, r *http.Request) {
-	st, err := m.snapshot(r.Context())
-	if err != nil {
-		unavailable(w, "no status: "+err.Error())
+	st := snapshotOr503(m, w, r, "no status")
+	if st == nil {
 		return
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
@@ -710,206 +381,8 @@ var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap
 	},
 }).Parse(statusHTML))
 
-const statusHTML = `<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>ipcluster {{.St.Cluster}}</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2330; background: #f6f7f9; }
-h1 { font-size: 1.4em; margin: 0 0 .2em; }
-h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
-.meta { color: #555; }
-.badge { display: inline-block; padding: .1em .6em; border-radius: 1em; color: #fff; font-weight: 600; }
-.badge.ready { background: #2e7d32; } .badge.starting { background: #b26a00; } .badge.stopping { background: #b71c1c; }
-table { border-collapse: collapse; background: #fff; box-shadow: 0 1px 2px #0002; }
-th, td { padding: .3em .7em; text-align: left; border-bottom: 1px solid #e3e6ea; white-space: nowrap; }
-th { background: #e9edf3; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.state-active td.state { color: #2e7d32; font-weight: 600; }
-tr.state-retired td.state, tr.state-stopping td.state { color: #8a6d00; }
-tr.state-starting td.state, tr.state-spare td.state, tr.state-standby td.state { color: #1565c0; }
-tr.unresponsive { background: #fdecea; }
-.barcell { width: 220px; }
-.bar { height: .9em; background: #5c7cfa; border-radius: 2px; min-width: 1px; }
-pre { background: #fff; padding: .7em; overflow-x: auto; box-shadow: 0 1px 2px #0002; }
-#error { color: #b71c1c; }
-</style>
-</head>
-<body>
-<h1>ipcluster <span id="cluster">{{.St.Cluster}}</span> <span id="state" class="badge {{.State}}">{{.State}}</span></h1>
-<p class="meta">master pid <span id="master-pid">{{.St.MasterPID}}</span>,
-generation <span id="generation">{{.St.Generation}}</span>,
-build <span id="build" title="{{.St.Build}}">{{short .St.Build}}</span>,
-deploy <span id="deploy">{{or .St.Deploy "-"}}</span>,
-backend <span id="backend">{{or .St.Backend "-"}}</span> (<span id="backend-reason">{{or .St.BackendReason "-"}}</span>),
-connections <span id="total-conns">{{.TotalConn}}</span>;
-updated <span id="updated"></span> <span id="error"></span></p>
-<noscript><p>Without JavaScript this page does not refresh: reload it, or read <a href="status.json">status.json</a>.</p></noscript>
-
-<h2>Slots</h2>
-<table id="slots">
-<thead><tr><th>slot</th><th>active pid</th><th>generation</th><th>build</th><th>state</th><th>uptime</th><th>RSS</th><th>lag</th><th>connections</th><th class="barcell">share</th></tr></thead>
-<tbody>
-{{- range .Slots}}
-<tr class="slot-row state-{{.State}}" data-slot="{{.Slot}}" data-pid="{{.PID}}"><td class="num">{{.Slot}}</td><td class="num">{{if .PID}}{{.PID}}{{else}}-{{end}}</td><td class="num">{{if .HasWorker}}{{.Generation}}{{else}}-{{end}}</td><td title="{{.Build}}">{{short .Build}}</td><td class="state">{{.State}}</td><td class="num">{{.Uptime}}</td><td class="num">{{.RSS}}</td><td class="num">{{.Lag}}</td><td class="num">{{.Connections}}</td><td class="barcell"><div class="bar" style="width: {{.BarPct}}%"></div></td></tr>
-{{- end}}
-</tbody>
-</table>
-
-<h2>Workers</h2>
-<table id="workers">
-<thead><tr><th>pid</th><th>slot</th><th>generation</th><th>build</th><th>state</th><th>uptime</th><th>RSS</th><th>lag</th><th>heartbeat</th><th>connections</th><th class="barcell">share</th></tr></thead>
-<tbody>
-{{- range .Workers}}
-<tr class="worker-row state-{{.State}}{{if .Unresponsive}} unresponsive{{end}}" data-pid="{{.PID}}"><td class="num">{{.PID}}</td><td class="num">{{if lt .Slot 0}}spare{{else}}{{.Slot}}{{end}}</td><td class="num">{{.Generation}}</td><td title="{{.Build}}">{{short .Build}}</td><td class="state">{{.State}}{{if .Unresponsive}} (unresponsive){{end}}</td><td class="num">{{.Uptime}}</td><td class="num">{{.RSS}}</td><td class="num">{{.Lag}}</td><td class="num">{{.Age}}</td><td class="num">{{.Connections}}</td><td class="barcell"><div class="bar" style="width: {{.BarPct}}%"></div></td></tr>
-{{- end}}
-</tbody>
-</table>
-
-<h2>Rules in force</h2>
-<div id="rules">
-{{- range .Rules}}
-<h3>{{.Family}}</h3><pre>{{.Text}}</pre>
-{{- else}}
-<p>none installed</p>
-{{- end}}
-</div>
-
-<script>
-"use strict";
-// Keep in step with fmtSeconds and fmtBytes in http.go.
-function fmtSec(s) {
-  if (s < 0.001) return (s * 1e6).toFixed(0) + "µs";
-  if (s < 1) return (s * 1e3).toFixed(1) + "ms";
-  if (s < 120) return s.toFixed(1) + "s";
-  if (s < 7200) return (s / 60).toFixed(1) + "m";
-  return (s / 3600).toFixed(1) + "h";
-}
-function fmtBytes(b) {
-  if (!b) return "-";
-  if (b < 1048576) return (b / 1024).toFixed(0) + " KiB";
-  if (b < 1073741824) return (b / 1048576).toFixed(1) + " MiB";
-  return (b / 1073741824).toFixed(2) + " GiB";
-}
-function short(b) { b = b || ""; return b.length > 16 ? b.slice(0, 16) + "…" : b; }
-function setText(id, text) { document.getElementById(id).textContent = text; }
-// cell appends a td; text only, never markup: the values come from workers.
-function cell(tr, text, cls, title) {
-  const td = document.createElement("td");
-  td.textContent = String(text);
-  if (cls) td.className = cls;
-  if (title) td.title = title;
-  tr.appendChild(td);
-}
-function bar(tr, pct) {
-  const td = document.createElement("td"), div = document.createElement("div");
-  td.className = "barcell"; div.className = "bar"; div.style.width = pct + "%";
-  td.appendChild(div); tr.appendChild(td);
-}
-function render(st) {
-  const workers = st.workers || [], slots = st.slots || [], byPID = new Map();
-  const slotConns = slots.map(() => 0);
-  let total = 0;
-  for (const w of workers) {
-    byPID.set(w.pid, w);
-    const c = w.stats ? w.stats.connections : 0;
-    total += c;
-    if (w.slot >= 0 && w.slot < slotConns.length) slotConns[w.slot] += c;
-  }
-  const pct = n => total ? Math.floor(n * 100 / total) : 0;
-  const state = st.stopping ? "stopping" : st.ready ? "ready" : "starting";
-  setText("cluster", st.cluster);
-  setText("state", state);
-  document.getElementById("state").className = "badge " + state;
-  document.getElementById("state").title = st.not_ready || "";
-  setText("master-pid", st.master_pid);
-  setText("generation", st.generation);
-  setText("build", short(st.build));
-  document.getElementById("build").title = st.build || "";
-  setText("deploy", st.deploy || "-");
-  setText("backend", st.backend || "-");
-  setText("backend-reason", st.backend_reason || "-");
-  setText("total-conns", total);
-
-  const sb = document.createElement("tbody");
-  for (const s of slots) {
-    const w = byPID.get(s.active_pid), tr = document.createElement("tr");
-    const stateText = w ? w.state : "no worker";
-    tr.className = "slot-row state-" + stateText;
-    tr.dataset.slot = s.slot; tr.dataset.pid = s.active_pid;
-    cell(tr, s.slot, "num");
-    cell(tr, s.active_pid || "-", "num");
-    cell(tr, w ? w.generation : "-", "num");
-    cell(tr, short(w && w.build), "", w && w.build);
-    cell(tr, stateText, "state");
-    cell(tr, w ? fmtSec(w.uptime_s) : "", "num");
-    cell(tr, w ? fmtBytes(w.rss_bytes) : "", "num");
-    cell(tr, w ? (w.stats ? fmtSec(w.stats.lag_s) : "-") : "", "num");
-    cell(tr, slotConns[s.slot], "num");
-    bar(tr, pct(slotConns[s.slot]));
-    sb.appendChild(tr);
-  }
-  document.querySelector("#slots tbody").replaceWith(sb);
-
-  const wb = document.createElement("tbody");
-  for (const w of workers) {
-    const tr = document.createElement("tr"), c = w.stats ? w.stats.connections : 0;
-    tr.className = "worker-row state-" + w.state + (w.unresponsive ? " unresponsive" : "");
-    tr.dataset.pid = w.pid;
-    cell(tr, w.pid, "num");
-    cell(tr, w.slot < 0 ? "spare" : w.slot, "num");
-    cell(tr, w.generation, "num");
-    cell(tr, short(w.build), "", w.build);
-    cell(tr, w.state + (w.unresponsive ? " (unresponsive)" : ""), "state");
-    cell(tr, fmtSec(w.uptime_s), "num");
-    cell(tr, fmtBytes(w.rss_bytes), "num");
-    cell(tr, w.stats ? fmtSec(w.stats.lag_s) : "-", "num");
-    cell(tr, w.stats ? fmtSec(w.heartbeat_age_s || 0) : "-", "num");
-    cell(tr, c, "num");
-    bar(tr, pct(c));
-    wb.appendChild(tr);
-  }
-  document.querySelector("#workers tbody").replaceWith(wb);
-
-  const rules = document.getElementById("rules");
-  rules.replaceChildren();
-  const fams = Object.keys(st.rules || {}).sort();
-  if (!fams.length) { const p = document.createElement("p"); p.textContent = "none installed"; rules.appendChild(p); }
-  for (const f of fams) {
-    const h = document.createElement("h3"), pre = document.createElement("pre");
-    h.textContent = f; pre.textContent = st.rules[f];
-    rules.append(h, pre);
-  }
-}
-async function refresh() {
-  try {
-    const r = await fetch("status.json", {cache: "no-store"});
-    if (!r.ok) throw new Error("HTTP " + r.status + ": " + (await r.text()).trim());
-    render(await r.json());
-    setText("updated", new Date().toLocaleTimeString());
-    setText("error", "");
-  } catch (e) {
-    setText("error", "refresh failed: " + e.message);
-  }
-}
-refresh();
-setInterval(refresh, 2000);
-</script>
-</body>
-</html>
-`
-
-// releaseRunDir undoes openRunDir when a later check fails. A cluster we
-// created is removed as if never started. One taken over from a running
-// master is left as a crashed master leaves it, generation and all: that
-// master has let go, its workers serve on, and the next master adopts them.
-func (m *master) releaseRunDir() {
-	if !m.tookOver {
-		m.closeRunDir()
-		return
-	}
-	m.ln.Close()
-	m.lock.Close()
-}
+// statusHTML is the page's template: markup, style and the script that
+// redraws it.
+//
+//go:embed status.html
+var statusHTML string

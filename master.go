@@ -5,7 +5,8 @@ package ipcluster
 // The master's state machine. One goroutine, run(), owns every field of
 // master; the helpers (acceptor, one reader per peer, one waiter per worker
 // process, signals) only send it events. A newcomer reading the lifecycle
-// should start at handle().
+// should start at handle(). A worker's hello and messages are taken in
+// control.go (onHello, onMsg), the run directory in rundir.go.
 //
 // A worker goes through these states:
 //
@@ -46,8 +47,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -201,7 +200,7 @@ type master struct {
 	deadTCP   map[movedFlow]bool // TCP ports of exited workers (conntrack.go)
 	conntrack conntrackDeleter
 
-	obs *observer // HTTP endpoints and metrics (http.go); nil without Config.HTTPAddr
+	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
 
@@ -343,123 +342,6 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		return nil, err
 	}
 	return m, nil
-}
-
-// openRunDir creates the run directory, takes the cluster lock and listens
-// on the control socket.
-func (m *master) openRunDir() (err error) {
-	if err := os.MkdirAll(m.cfg.RunDir, 0o755); err != nil {
-		return fmt.Errorf("create run directory %s: %w; %s", m.cfg.RunDir, err, runDirFix)
-	}
-	if err := os.Mkdir(m.dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create cluster directory %s: %w; %s", m.dir, err, runDirFix)
-	}
-	if m.worker != nil {
-		if err := m.worker.checkReachable(m.cfg.RunDir); err != nil {
-			return err
-		}
-	}
-	if err := checkPrivateDir(m.dir, m.uid, m.worker); err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			m.closeRunDir()
-		}
-	}()
-	if m.lock, err = lockFile(m.lockPath()); err != nil {
-		if !errors.Is(err, ErrAlreadyRunning) {
-			return fmt.Errorf("%w; %s", err, runDirFix)
-		}
-		// Another master owns the cluster: this is a deploy.
-		if err := m.takeOver(fmt.Errorf("cluster %q: %w", m.cfg.Name, err)); err != nil {
-			return err
-		}
-		m.gen = nextGeneration(m.generationPath())
-		// The socket is as the previous master left it, and this
-		// master's WorkerUser may differ. The cluster is ours now:
-		// failing here would leave it without a master.
-		if err := shareSocket(m.sock, m.worker); err != nil {
-			m.log.Error("control socket keeps the previous master's permissions; workers may fail to connect", "err", err)
-		}
-		return nil
-	}
-	m.gen = nextGeneration(m.generationPath())
-	// We hold the lock, so a socket file left here belongs to a master that
-	// died: replace it.
-	_ = os.Remove(m.sock)
-	m.ln, err = net.ListenUnix("unix", &net.UnixAddr{Name: m.sock, Net: "unix"})
-	if err != nil {
-		return fmt.Errorf("listen on control socket %s: %w", m.sock, err)
-	}
-	m.ln.SetUnlinkOnClose(false) // we remove it ourselves, after the workers are gone
-	return shareSocket(m.sock, m.worker)
-}
-
-// runDirFix ends the errors of a run directory the master cannot write.
-const runDirFix = "Config.RunDir must be a directory the master can write (default " + DefaultRunDir +
-	"): point it elsewhere, or fix the path's type, permissions or read-only mount"
-
-// closeRunDir removes the socket, the lock and the directory, if ours.
-func (m *master) closeRunDir() {
-	if m.ln != nil {
-		m.ln.Close()
-		os.Remove(m.sock)
-	}
-	if m.lock != nil {
-		os.Remove(m.generationPath())
-		os.Remove(m.workersPath())
-		// Unlink before unlocking: a master waiting on this inode then
-		// finds it gone and retries (see lockFile).
-		os.Remove(m.lock.Name())
-		m.lock.Close()
-		os.Remove(m.dir) // only if empty: never delete what we did not create
-	}
-}
-
-// lockFile takes an exclusive lock on path and writes our pid in it. The
-// lock belongs to an inode; a master that stops unlinks the file while
-// holding it, so after locking we check the path still names our inode and
-// otherwise start again on the new file.
-func lockFile(path string) (*os.File, error) {
-	for {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-		if err != nil {
-			return nil, fmt.Errorf("open lock %s: %w", path, err)
-		}
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			owner, _ := os.ReadFile(path)
-			f.Close()
-			return nil, fmt.Errorf("%w: locked by master pid %s (%s); stop it first",
-				ErrAlreadyRunning, strings.TrimSpace(string(owner)), path)
-		}
-		var held, named unix.Stat_t
-		if unix.Fstat(int(f.Fd()), &held) == nil && unix.Stat(path, &named) == nil && held.Ino == named.Ino {
-			if err := f.Truncate(0); err == nil {
-				_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-			}
-			return f, nil
-		}
-		f.Close() // unlinked under us by a stopping master
-	}
-}
-
-// nextGeneration numbers this master one above the last one of the cluster
-// (which, if it crashed, left its number behind), so workers adopted from
-// it are told apart from ours.
-func nextGeneration(path string) int {
-	gen := 1
-	if b, err := os.ReadFile(path); err == nil {
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
-			gen = n + 1
-		}
-	}
-	writeGeneration(path, gen)
-	return gen
-}
-
-func writeGeneration(path string, gen int) {
-	_ = os.WriteFile(path, []byte(strconv.Itoa(gen)+"\n"), 0o600)
 }
 
 func (m *master) run(ctx context.Context) error {
@@ -853,216 +735,6 @@ func (m *master) notReadyFix(p *proc) string {
 		return "with Config.WorkerReady the work function must call Worker.Ready once it can serve, within Config.ReadyTimeout: call it, or raise ReadyTimeout"
 	default:
 		return "it said hello but not ready: raise Config.ConnectTimeout if the host is overloaded"
-	}
-}
-
-func (m *master) onHello(pr *peer, h *proto.Hello) {
-	refuse := func(format string, args ...any) {
-		reason := fmt.Sprintf(format, args...)
-		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "reason", reason)
-		pr.refuse(reason)
-	}
-	if pr.uid != m.uid && h.Role != proto.RoleWorker {
-		// The worker uid (serve admits no other): operator commands
-		// and takeover are the master's user's alone.
-		refuse("permission denied: uid %d may only connect as a worker; role %q needs the master's uid %d", pr.uid, h.Role, m.uid)
-		return
-	}
-	switch {
-	case h.Version != proto.Version:
-		refuse("protocol version mismatch: peer speaks version %d, master speaks version %d; run the same ipcluster release on both sides", h.Version, proto.Version)
-		return
-	case h.Cluster != m.cfg.Name:
-		refuse("peer belongs to cluster %q, this master runs cluster %q", h.Cluster, m.cfg.Name)
-		return
-	case h.PID != pr.pid:
-		refuse("hello claims pid %d but the kernel says the peer is pid %d", h.PID, pr.pid)
-		return
-	}
-	if m.stopping {
-		refuse("master is stopping")
-		return
-	}
-	switch h.Role {
-	case proto.RoleClient:
-		pr.role = proto.RoleClient
-		m.peers[pr] = true
-		pr.send(proto.TypeWelcome, &proto.Welcome{Version: proto.Version})
-		return
-	case proto.RoleMaster:
-		// A new master of this cluster: it sends takeover next and gets
-		// the handover, not a welcome.
-		pr.role = proto.RoleMaster
-		m.peers[pr] = true
-		return
-	case proto.RoleWorker:
-	default:
-		refuse("unknown role %q", h.Role)
-		return
-	}
-	if h.Slot < spareSlot || h.Slot >= len(m.slots) {
-		refuse("slot %d is outside 0..%d (or %d for a spare)", h.Slot, len(m.slots)-1, spareSlot)
-		return
-	}
-	ports := slotTarget{}
-	for _, pp := range h.Ports {
-		prot, ok := parseProtocol(pp.Proto)
-		if !ok {
-			refuse("worker reported public port %d with protocol %q; want \"tcp\" or \"udp\"", pp.Public, pp.Proto)
-			return
-		}
-		ports[Port{Public: pp.Public, Proto: prot}] = pp.Worker
-	}
-	for _, pub := range m.rt.ports {
-		if ports[pub] == 0 {
-			refuse("worker reported no port for public port %s", pub)
-			return
-		}
-	}
-	p := m.procs[pr.pid]
-	if p == nil && h.Slot == spareSlot {
-		// It serves nobody: it finishes when refused. Every deploy with
-		// spares does this, so no warning.
-		m.log.Info("refused a spare of an earlier master; it finishes", "peer_pid", pr.pid)
-		pr.refuse("spare of an earlier master; not adopted")
-		return
-	}
-	if p == nil {
-		// A worker of an earlier master (which crashed) reconnecting. Its
-		// slot has been given to a fresh worker; let it drain as retired,
-		// and watch its exit through a pidfd since it is not our child.
-		pp, err := openPidfd(pr.pid)
-		if err != nil {
-			refuse("cannot watch pid %d: %v", pr.pid, err)
-			return
-		}
-		p = newProc(pp, h.Slot, h.Generation, h.Build)
-		p.ports = ports
-		if t, err := procfs.StartTime(p.pid); err == nil {
-			p.started = t
-		} else {
-			m.log.Info("adopted worker's start time unknown; its uptime counts from now", append(p.logAttrs(), "err", err)...)
-		}
-		m.procs[p.pid] = p
-		m.watch(p)
-		if m.adoptsActive(h, ports) {
-			m.adopted(p)
-		} else {
-			p.state = stateRetired
-			p.retireCause, p.retireReason, p.retireAt = CauseAdopted, "adopted from an earlier master", time.Now()
-			// Until this master has written its rules, the earlier
-			// master's rules may still route clients to this worker:
-			// it is told it is retired only once they no longer do.
-			p.retirePending = !m.installed
-			m.noteAdoptedUDP(ports)
-			m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
-		}
-	} else if h.Slot != p.slot || h.Generation != p.gen {
-		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
-		return
-	} else if p.process.spawned() {
-		// Spawned by this master, from the spawner thread: it holds no
-		// capability, or that thread failed at its one job.
-		caps, err := workerCaps(pr.pid)
-		if err != nil {
-			refuse("cannot check the capabilities of worker pid %d: %v", pr.pid, err)
-			return
-		}
-		if caps != 0 {
-			m.log.Error("a worker holds capabilities; refusing it", append(p.logAttrs(), "caps", fmt.Sprintf("%#x", caps))...)
-			refuse("worker pid %d holds capabilities %#x; workers must hold none", pr.pid, caps)
-			return
-		}
-	}
-	if p.peer != nil {
-		// The same process (the kernel vouches for the pid) reconnected
-		// before its old connection's close reached us: the new one wins.
-		p.peer.close()
-	}
-	p.peer = pr
-	p.ports = ports
-	pr.role = proto.RoleWorker
-	pr.proc = p
-	m.peers[pr] = true
-	pr.send(proto.TypeWelcome, &proto.Welcome{
-		Version:         proto.Version,
-		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
-		Retired:         p.state == stateRetired && !p.retirePending,
-	})
-}
-
-func (m *master) onMsg(pr *peer, msg proto.Msg) {
-	if pr.role == proto.RoleMaster {
-		if msg.Type == proto.TypeTakeover {
-			m.handOver(pr, msg.Body.(*proto.Takeover).Build)
-		}
-		return
-	}
-	if pr.role == proto.RoleClient {
-		switch msg.Type {
-		case proto.TypeStatus:
-			pr.send(proto.TypeStatus, m.status())
-		case proto.TypeRestart:
-			m.restartAll("restart requested over the control socket")
-			pr.send(proto.TypeRestart, nil)
-		case proto.TypeResize:
-			if err := m.startResize(msg.Body.(*proto.Resize).Workers); err != nil {
-				pr.send(proto.TypeError, &proto.Refuse{Reason: "resize: " + err.Error()})
-			} else {
-				pr.send(proto.TypeResize, msg.Body)
-			}
-		case proto.TypeDeploy:
-			if m.successor != nil || m.stopping {
-				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: one is already under way, or the master is stopping"})
-				break
-			}
-			m.startSuccessor()
-			if m.successor == nil {
-				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: " + m.lastDeploy})
-			} else {
-				pr.send(proto.TypeDeploy, &proto.Deploy{SuccessorPID: m.successor.Process.Pid})
-			}
-		case proto.TypeRetireOne:
-			req := msg.Body.(*proto.RetireOne)
-			p := m.activeWorker(req.Slot, req.PID)
-			if p == nil {
-				pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("retire: no active worker in slot %d or with pid %d", req.Slot, req.PID)})
-				break
-			}
-			m.retire(p, CauseRequested, "operator request over the control socket")
-			pr.send(proto.TypeRetireOne, &proto.RetireOne{Slot: p.slot, PID: p.pid})
-		case proto.TypeKillRetired:
-			pr.send(proto.TypeKillRetired, &proto.Count{N: m.killRetired()})
-		case proto.TypeStop:
-			pr.send(proto.TypeStop, nil)
-			m.stop("stop requested over the control socket")
-		default:
-			pr.send(proto.TypeError, &proto.Refuse{Reason: fmt.Sprintf("unknown request %q", msg.Type)})
-		}
-		return
-	}
-	p := pr.proc
-	if p == nil || m.procs[p.pid] != p {
-		return
-	}
-	switch msg.Type {
-	case proto.TypeReady:
-		if p.state == stateStarting {
-			m.onReady(p)
-		}
-	case proto.TypeRetire:
-		r := msg.Body.(*proto.Reason)
-		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", r.Reason)...)
-		if r.Returned && p.state == stateActive && m.slots[p.slot] == p && p.retireCause == "" {
-			// A function that returns soon after the worker became ready
-			// is a failed start, like a crash: its replacement, which
-			// may well do the same, waits out the backoff.
-			m.countStart(p, p.slot)
-		}
-		m.retire(p, CauseRequested, "requested: "+r.Reason)
-	default:
-		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
-		pr.close()
 	}
 }
 

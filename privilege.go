@@ -26,7 +26,6 @@ package ipcluster
 // compromised worker must not stop, resize or take over the cluster.
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/user"
@@ -205,66 +204,4 @@ func workerCaps(pid int) (uint64, error) {
 		return 0, fmt.Errorf("read capabilities of pid %d: %w", pid, err)
 	}
 	return st.CapEff | st.CapPrm | st.CapAmb, nil
-}
-
-// errNotDir is checkPrivateDir's complaint about a symlink or a file.
-var errNotDir = errors.New("not a directory (a symlink or file?): remove it")
-
-// checkPrivateDir makes sure dir is a real directory owned by uid and
-// closed to others: the control socket inside it admits workers. With
-// wc nil it is 0700. With worker credentials it is 0710, its group the
-// workers' gid: they may pass through it to the socket, not list it nor
-// create anything in it. The owner check stays as it is: a directory
-// someone else owns could be theirs to swap under us. Mode and group are
-// set through an open descriptor, so a symlink planted in between changes
-// nothing.
-func checkPrivateDir(dir string, uid int, wc *workerCred) error {
-	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
-	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
-		return fmt.Errorf("cluster directory %s is %w", dir, errNotDir)
-	}
-	if err != nil {
-		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return fmt.Errorf("inspect cluster directory %s: %w", dir, err)
-	}
-	if int(st.Uid) != uid {
-		return fmt.Errorf("cluster directory %s is owned by uid %d, not the master's uid %d: remove it or fix its owner", dir, st.Uid, uid)
-	}
-	mode := uint32(0o700)
-	if wc != nil {
-		mode = 0o710
-		if int(st.Gid) != wc.gid {
-			if err := f.Chown(-1, wc.gid); err != nil {
-				return fmt.Errorf("give cluster directory %s to the workers' group %d: %w", dir, wc.gid, err)
-			}
-		}
-	}
-	if st.Mode&0o7777 != mode {
-		if err := f.Chmod(os.FileMode(mode)); err != nil {
-			return fmt.Errorf("set cluster directory %s to mode %o: %w", dir, mode, err)
-		}
-	}
-	return nil
-}
-
-// shareSocket sets the control socket's mode: 0600, or with worker
-// credentials 0660 and the workers' group, so that they can connect.
-// Connecting needs write permission on the socket file; who is then
-// admitted is the kernel's SO_PEERCRED, checked in serve.
-func shareSocket(sock string, wc *workerCred) error {
-	mode := os.FileMode(0o600)
-	if wc != nil {
-		mode = 0o660
-		if err := os.Lchown(sock, -1, wc.gid); err != nil {
-			return fmt.Errorf("give control socket %s to the workers' group %d: %w", sock, wc.gid, err)
-		}
-	}
-	if err := os.Chmod(sock, mode); err != nil {
-		return fmt.Errorf("set control socket %s to mode %o: %w", sock, mode, err)
-	}
-	return nil
 }

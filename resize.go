@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -46,9 +45,6 @@ func resizedWorkers(cfg *Config) int {
 	}
 	return n
 }
-
-// workersPath is where the resized slot count is kept.
-func workersPath(cfg *Config) string { return filepath.Join(cfg.RunDir, cfg.Name, "workers") }
 
 // checkWorkers says what is wrong with n as the cluster's slot count.
 func checkWorkers(cfg *Config, n int) error {

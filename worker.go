@@ -62,7 +62,7 @@ type Worker struct {
 	// are closed, never with a connection still in an accept queue.
 	listenersClosed atomic.Bool
 
-	// Health reporting (monitor.go). rt and appWarned belong to
+	// Health reporting (worker_stats.go). rt and appWarned belong to
 	// runWorker's goroutine, which alone builds reports.
 	probe     lagProbe
 	rt        runtimeStats
@@ -792,4 +792,21 @@ func (w *Worker) closePacketConns() {
 	for _, c := range w.packets {
 		c.Close()
 	}
+}
+
+// listenTCP listens as a worker does for a TCP public port: plain TCP,
+// never Multipath TCP, which net.Listen has chosen by default on Linux
+// since Go 1.24. An MPTCP connection's extra subflows come from the
+// client's other addresses (its other interfaces), and routing by source
+// address sends each to another slot's worker, which knows nothing of the
+// connection and resets it: a worker can only ever use the first subflow,
+// so MPTCP buys nothing here and costs its clients throughput: a client
+// that asks for MPTCP gets 0.84 of the keep-alive rate and 0.90 of the
+// short-connection rate it gets from a plain TCP listener, while plain TCP
+// clients see no difference (bench/mptcp, docs/BENCHMARKS.md). Refused at
+// the listener, MPTCP falls back to TCP in the handshake.
+func listenTCP(network, addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), network, addr)
 }

@@ -215,7 +215,7 @@ func (c *cli) dial(ctx context.Context) (*proto.Client, error) {
 }
 
 // deniedReason begins the master's refusal of a peer whose user it does
-// not serve (control.go admit, master.go onHello).
+// not serve (control.go: admit, onHello).
 const deniedReason = "permission denied"
 
 // request sends one request on a fresh connection.
