@@ -18,11 +18,13 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
 // Defaults for the zero fields of Config.
 const (
-	DefaultRunDir            = "/run/ipcluster"
+	DefaultRunDir            = proto.DefaultRunDir
 	DefaultConnectTimeout    = 3 * time.Second
 	DefaultHeartbeatInterval = time.Second
 	DefaultStopTimeout       = 30 * time.Second

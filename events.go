@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
 // Event is something that happened in the cluster; see the Event* types.
@@ -79,15 +81,15 @@ type DeployOutcome string
 
 // Deploy outcomes.
 const (
-	DeployStarted    DeployOutcome = "started"     // new workers are being started; the canary goes first
-	DeployCommitted  DeployOutcome = "committed"   // every slot runs the new build; the old workers are retired
-	DeployRolledBack DeployOutcome = "rolled-back" // every slot runs the old build again; the new workers are retired
+	DeployStarted    DeployOutcome = proto.PhaseStarted    // new workers are being started; the canary goes first
+	DeployCommitted  DeployOutcome = proto.PhaseCommitted  // every slot runs the new build; the old workers are retired
+	DeployRolledBack DeployOutcome = proto.PhaseRolledBack // every slot runs the old build again; the new workers are retired
 	// DeployFailed: the new master started for a deploy (SIGHUP) exited or
 	// did not take over in time; this master carries on.
-	DeployFailed DeployOutcome = "failed"
+	DeployFailed DeployOutcome = proto.PhaseFailed
 	// DeployHandedOver: this master gave the cluster to a new master (the
 	// one started by SIGHUP, or started by hand) and returns from Run.
-	DeployHandedOver DeployOutcome = "handed-over"
+	DeployHandedOver DeployOutcome = proto.PhaseHandedOver
 )
 
 // EventResized: the cluster's slot count changed (a control client asked),

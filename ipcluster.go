@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+
+	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
 // Environment variables that mark a process as a worker. The master sets
@@ -131,6 +133,16 @@ const WorkerDialMark = 0x69706300
 // CAP_NET_ADMIN, which the master has.
 func DialWorker(ctx context.Context, network, address string) (net.Conn, error) {
 	return dialMarked(ctx, network, address)
+}
+
+// ControlSocket is the path of the control socket of cluster name under
+// runDir (Config.RunDir, "" for DefaultRunDir): the socket ipclusterctl and
+// other control clients speak to (docs/protocol.md).
+func ControlSocket(runDir, name string) string {
+	if runDir == "" {
+		runDir = DefaultRunDir
+	}
+	return proto.SocketPath(runDir, name)
 }
 
 // IsWorker reports whether this process was started by a master as a worker.

@@ -258,7 +258,7 @@ func newState(cfg *Config, rt *routing, build string) *master {
 		build:     build,
 		target:    &codeGen{build: build},
 	}
-	m.sock = filepath.Join(m.dir, "control.sock")
+	m.sock = ControlSocket(cfg.RunDir, cfg.Name)
 	return m
 }
 

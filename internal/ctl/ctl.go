@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -72,7 +71,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("ipclusterctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	name := fs.String("name", "", "cluster name (default: the only cluster under -rundir)")
-	runDir := fs.String("rundir", "/run/ipcluster", "the cluster's Config.RunDir")
+	runDir := fs.String("rundir", proto.DefaultRunDir, "the cluster's Config.RunDir")
 	socket := fs.String("socket", "", "control socket path (default: <rundir>/<name>/control.sock)")
 	timeout := fs.Duration("timeout", 10*time.Minute, "how long to wait for a command to complete")
 	fs.Usage = func() {
@@ -185,7 +184,7 @@ func findSocket(socket, runDir, name string) (string, string, error) {
 			return "", "", usageError{fmt.Sprintf("several clusters under %s (%s): pick one with -name", runDir, strings.Join(names, ", "))}
 		}
 	}
-	return filepath.Join(runDir, name, "control.sock"), name, nil
+	return proto.SocketPath(runDir, name), name, nil
 }
 
 type cli struct {
@@ -294,7 +293,7 @@ func (c *cli) deploy() error {
 		return err
 	}
 	failed := func(st *proto.Status) error {
-		if st.DeployPhase == "failed" && st.Successor == 0 && st.Deploy != before.Deploy {
+		if st.DeployPhase == proto.PhaseFailed && st.Successor == 0 && st.Deploy != before.Deploy {
 			return fmt.Errorf("%w: %s", errDeployFailed, strings.TrimPrefix(st.Deploy, "failed: "))
 		}
 		return nil
@@ -323,10 +322,10 @@ func (c *cli) deploy() error {
 			fmt.Fprintf(c.out, "deploy: master pid %d took over (generation %d, build %s)\n", st.MasterPID, st.Generation, st.Build)
 		}
 		switch st.DeployPhase {
-		case "committed":
+		case proto.PhaseCommitted:
 			fmt.Fprintf(c.out, "deploy: %s\n", st.Deploy)
 			return true, nil
-		case "rolled-back":
+		case proto.PhaseRolledBack:
 			return true, fmt.Errorf("deploy %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		case "":
 			if st.Ready {
@@ -352,10 +351,10 @@ func (c *cli) restart() error {
 			return false, nil
 		}
 		switch st.DeployPhase {
-		case "committed":
+		case proto.PhaseCommitted:
 			fmt.Fprintf(c.out, "restart: %s\n", st.Deploy)
 			return true, nil
-		case "rolled-back":
+		case proto.PhaseRolledBack:
 			return true, fmt.Errorf("restart %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		}
 		return false, nil

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 )
 
 // Version is the protocol version this build speaks. A hello carrying any
@@ -55,6 +56,30 @@ const (
 	TypeStop        = "stop"          // client → master: stop gracefully (as SIGTERM)
 	TypeStatus      = "status"        // client → master: request; master → client: the answer
 	TypeError       = "error"         // master → client: a request failed
+)
+
+// Where a cluster's control socket is: DefaultRunDir/<Name>/SocketName
+// unless Config.RunDir says otherwise. The root package's DefaultRunDir and
+// ControlSocket are these; control clients (internal/ctl) use them here,
+// without linking the whole library.
+const (
+	DefaultRunDir = "/run/ipcluster"
+	SocketName    = "control.sock"
+)
+
+// SocketPath is the control socket of cluster name under runDir.
+func SocketPath(runDir, name string) string {
+	return filepath.Join(runDir, name, SocketName)
+}
+
+// The phases of Status.DeployPhase: the root package's DeployOutcome
+// values, which are these.
+const (
+	PhaseStarted    = "started"
+	PhaseCommitted  = "committed"
+	PhaseRolledBack = "rolled-back"
+	PhaseFailed     = "failed"
+	PhaseHandedOver = "handed-over"
 )
 
 // Roles a peer declares in its hello.
