@@ -37,7 +37,6 @@ func helloMaster(tb testing.TB, workerUser bool) (*master, *proc, *proc) {
 	}
 	m := &master{
 		cfg:      &cfg,
-		rt:       cfg.routing(),
 		log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
 		emit:     &emitter{fn: func(Event) {}},
 		uid:      os.Geteuid(),
@@ -46,11 +45,11 @@ func helloMaster(tb testing.TB, workerUser bool) (*master, *proc, *proc) {
 		failures: map[int]int{},
 		procs:    map[int]*proc{},
 		peers:    map[*peer]bool{},
-		udpMoved: map[movedFlow]bool{},
 		target:   &codeGen{},
 		events:   make(chan any, 16),
 		done:     make(chan struct{}),
 	}
+	m.rules = newFakeRuleSync(&cfg, m.log, m.emit.send).ruleSync
 	if workerUser {
 		m.worker = &workerCred{user: "w", uid: fuzzWorkerUID}
 	}

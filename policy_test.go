@@ -32,6 +32,7 @@ func policyMaster(t *testing.T, cfg Config) (*master, *[]Event) {
 		failures: map[int]int{},
 		procs:    map[int]*proc{},
 	}
+	m.rules = newFakeRuleSync(&cfg, m.log, m.emit.send).ruleSync
 	// Events stay in the emitter's queue until flushEvents.
 	return m, &events
 }
