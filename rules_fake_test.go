@@ -134,6 +134,13 @@ func (b *fakeBackend) changes() int {
 	return len(b.applied) + b.removes
 }
 
+// applies returns how many applies it was asked for.
+func (b *fakeBackend) applies() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.applied)
+}
+
 func cloneTargets(ts []slotTarget) []slotTarget {
 	if ts == nil {
 		return nil
@@ -156,6 +163,9 @@ func (f *fakeTimers) after(d time.Duration, fn func()) {
 	f.delays = append(f.delays, d)
 	f.fns = append(f.fns, fn)
 }
+
+// fire runs the last timer's function, as its expiry would.
+func (f *fakeTimers) fire() { f.fns[len(f.fns)-1]() }
 
 // fakeRuleSync is a ruleSync over a fakeBackend for a valid cfg, whose
 // retry timers are recorded in timers and whose loop events go to sent;
