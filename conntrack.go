@@ -135,7 +135,7 @@ func netlinkConntrackDelete(f *family, filter netlink.CustomConntrackFilter) (ui
 // the public port untranslated; where nothing listens there, the kernel
 // answers with ICMP port unreachable and (6.18, as tested) drops the
 // unreplied entry, so they do not stick either.
-func (m *master) noteMovedUDP(old, now []slotTarget) {
+func (s *ruleSync) noteMovedUDP(old, now []slotTarget) {
 	for slot, t := range old {
 		for pub, wport := range t {
 			if pub.Proto != UDP {
@@ -146,7 +146,7 @@ func (m *master) noteMovedUDP(old, now []slotTarget) {
 				next = now[slot][pub]
 			}
 			if next != wport {
-				m.udpMoved[movedFlow{Public: pub.Public, Worker: wport}] = true
+				s.udpMoved[movedFlow{Public: pub.Public, Worker: wport}] = true
 			}
 		}
 	}
@@ -155,22 +155,23 @@ func (m *master) noteMovedUDP(old, now []slotTarget) {
 // noteAdoptedUDP records the UDP ports of a worker the rules will never
 // point at: adopted from an earlier master, whose rules may have pinned
 // flows to it, or stopping.
-func (m *master) noteAdoptedUDP(ports slotTarget) {
+func (s *ruleSync) noteAdoptedUDP(ports slotTarget) {
 	for pub, wport := range ports {
 		if pub.Proto == UDP {
-			m.udpMoved[movedFlow{Public: pub.Public, Worker: wport}] = true
+			s.udpMoved[movedFlow{Public: pub.Public, Worker: wport}] = true
 		}
 	}
 }
 
 // noteStoppingUDP records, once the rules are removed for a graceful stop,
-// the UDP flows of every worker: told to finish, they close their UDP
-// sockets at once. Kept, those entries would pin the flows to dead ports
-// across a restart, for as long as the clients keep sending; deleted, the
-// flows reach the public port and, once a master runs again, its rules.
-func (m *master) noteStoppingUDP() {
-	for _, p := range m.procs {
-		m.noteAdoptedUDP(p.ports)
+// the UDP flows of every worker (workers, their listeners): told to
+// finish, they close their UDP sockets at once. Kept, those entries would
+// pin the flows to dead ports across a restart, for as long as the clients
+// keep sending; deleted, the flows reach the public port and, once a
+// master runs again, its rules.
+func (s *ruleSync) noteStoppingUDP(workers []slotTarget) {
+	for _, t := range workers {
+		s.noteAdoptedUDP(t)
 	}
 }
 
@@ -180,44 +181,44 @@ func (m *master) noteStoppingUDP() {
 // (until then new entries would be made to them again). A failure is
 // logged, not fatal: those flows stay where they are until their entries
 // expire, which is what they would do without this cleanup.
-func (m *master) cleanConntrack() {
-	if !m.installed {
+func (s *ruleSync) cleanConntrack() {
+	if !s.installed {
 		return
 	}
-	filter := staleFlows{udp: m.udpMoved, tcp: map[movedFlow]bool{}}
+	filter := staleFlows{udp: s.udpMoved, tcp: map[movedFlow]bool{}}
 	routed := map[movedFlow]bool{}
-	for _, t := range m.routed {
+	for _, t := range s.routed {
 		for pub, wport := range t {
 			if pub.Proto == TCP {
 				routed[movedFlow{Public: pub.Public, Worker: wport}] = true
 			}
 		}
 	}
-	for fl := range m.deadTCP {
+	for fl := range s.deadTCP {
 		if !routed[fl] {
 			filter.tcp[fl] = true
-			delete(m.deadTCP, fl)
+			delete(s.deadTCP, fl)
 		}
 	}
 	if len(filter.udp)+len(filter.tcp) == 0 {
 		return
 	}
-	m.udpMoved = map[movedFlow]bool{}
-	for _, f := range m.rt.families {
+	s.udpMoved = map[movedFlow]bool{}
+	for _, f := range s.rt.families {
 		t0 := time.Now()
 		filter.matched = new([2]uint)
-		_, err := m.conntrack(f, filter)
+		_, err := s.conntrack(f, filter)
 		if err != nil {
-			m.log.Warn("could not delete the conntrack entries of moved UDP flows or exited workers' TCP ports; they stay until they expire",
+			s.log.Warn("could not delete the conntrack entries of moved UDP flows or exited workers' TCP ports; they stay until they expire",
 				"family", f.name, "flows", filter.String(), "err", err)
 			continue
 		}
 		if len(filter.udp) > 0 {
-			m.log.Info("deleted conntrack entries of moved UDP flows",
+			s.log.Info("deleted conntrack entries of moved UDP flows",
 				"family", f.name, "flows", staleFlows{udp: filter.udp}.String(), "deleted", filter.matched[0], "elapsed", time.Since(t0))
 		}
 		if filter.matched[1] > 0 {
-			m.log.Debug("deleted conntrack entries of exited workers' TCP ports",
+			s.log.Debug("deleted conntrack entries of exited workers' TCP ports",
 				"family", f.name, "ports", staleFlows{tcp: filter.tcp}.String(), "deleted", filter.matched[1])
 		}
 	}
@@ -225,13 +226,13 @@ func (m *master) cleanConntrack() {
 
 // noteDeadTCP records the TCP ports of a worker that exited, for
 // cleanConntrack.
-func (m *master) noteDeadTCP(ports slotTarget) {
-	if m.deadTCP == nil {
-		m.deadTCP = map[movedFlow]bool{}
+func (s *ruleSync) noteDeadTCP(ports slotTarget) {
+	if s.deadTCP == nil {
+		s.deadTCP = map[movedFlow]bool{}
 	}
 	for pub, wport := range ports {
 		if pub.Proto == TCP {
-			m.deadTCP[movedFlow{Public: pub.Public, Worker: wport}] = true
+			s.deadTCP[movedFlow{Public: pub.Public, Worker: wport}] = true
 		}
 	}
 }

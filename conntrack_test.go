@@ -65,8 +65,9 @@ func (c *fakeConntrack) delete(f *family, filter netlink.CustomConntrackFilter) 
 func testMaster(t *testing.T, cfg Config, ct *fakeConntrack) *master {
 	t.Helper()
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	m := newState(&cfg, testRouting(t, cfg), "")
-	m.conntrack, m.installed = ct.delete, true
+	m := newState(&cfg, "")
+	m.rules = newRuleSync(testRouting(t, cfg), &fakeBackend{}, m.log, func(Event) {}, func(any) {})
+	m.rules.conntrack, m.rules.installed = ct.delete, true
 	return m
 }
 
@@ -78,27 +79,27 @@ func TestMovedUDPFlowsAreCleanedOnce(t *testing.T) {
 	clean := func(want string) {
 		t.Helper()
 		ct.calls = nil
-		m.cleanConntrack()
+		m.rules.cleanConntrack()
 		if want == "" && len(ct.calls) != 0 || want != "" && strings.Join(ct.calls, "\n") != "ipv4: "+want+"\nipv6: "+want {
 			t.Errorf("deleted:\n%s\nwant %s in both families", strings.Join(ct.calls, "\n"), want)
 		}
 	}
 	old := targetsForPorts(4, []Port{tcp8080, udp8080})
-	m.noteMovedUDP(nil, old) // the first write moves nothing
+	m.rules.noteMovedUDP(nil, old) // the first write moves nothing
 	clean("")
 
 	now := targetsForPorts(4, []Port{tcp8080, udp8080})
 	now[1] = slotTarget{tcp8080: 41000, udp8080: 41001} // replaced or retired
 	now[2] = nil                                        // lost its worker: rules removed
 	now[3] = slotTarget{tcp8080: 42000, udp8080: 40031} // same UDP port: nothing moved
-	m.noteMovedUDP(old, now)
+	m.rules.noteMovedUDP(old, now)
 	clean("8080/udp→40011,8080/udp→40021")
 	clean("") // done: nothing is deleted twice
 
 	// Slot 2 gets a worker again: its flows were not DNATed meanwhile.
 	next := slices.Clone(now)
 	next[2] = slotTarget{tcp8080: 43000, udp8080: 43001}
-	m.noteMovedUDP(now, next)
+	m.rules.noteMovedUDP(now, next)
 	clean("")
 }
 
@@ -108,9 +109,9 @@ func TestConntrackFailureIsNotFatal(t *testing.T) {
 	ct := &fakeConntrack{fail: errors.New("netlink: operation not permitted")}
 	m := testMaster(t, Config{Name: "chat", Workers: 2, Ports: []Port{udp8443}}, ct)
 	var logs strings.Builder
-	m.log = slog.New(slog.NewTextHandler(&logs, nil))
-	m.noteMovedUDP(targetsForPorts(2, []Port{udp8443}), []slotTarget{nil, nil})
-	m.cleanConntrack()
+	m.rules.log = slog.New(slog.NewTextHandler(&logs, nil))
+	m.rules.noteMovedUDP(targetsForPorts(2, []Port{udp8443}), []slotTarget{nil, nil})
+	m.rules.cleanConntrack()
 	if len(ct.calls) != 2 {
 		t.Errorf("families tried: %v, want ipv4 and ipv6", ct.calls)
 	}
@@ -125,14 +126,14 @@ func TestConntrackFailureIsNotFatal(t *testing.T) {
 func TestAdoptedUDPFlowsWaitForFirstInstall(t *testing.T) {
 	ct := &fakeConntrack{}
 	m := testMaster(t, Config{Name: "chat", Workers: 2, Ports: []Port{tcp8080, udp8080}, Addr: netip.MustParseAddr("198.18.0.1")}, ct)
-	m.installed = false
-	m.noteAdoptedUDP(slotTarget{tcp8080: 39000, udp8080: 39001})
-	m.cleanConntrack()
+	m.rules.installed = false
+	m.rules.noteAdoptedUDP(slotTarget{tcp8080: 39000, udp8080: 39001})
+	m.rules.cleanConntrack()
 	if len(ct.calls) != 0 {
 		t.Fatalf("cleaned before the first install: %v", ct.calls)
 	}
-	m.installed = true
-	m.cleanConntrack()
+	m.rules.installed = true
+	m.rules.cleanConntrack()
 	if want := "ipv4: 8080/udp→39001"; strings.Join(ct.calls, "\n") != want {
 		t.Errorf("deleted %v, want %s", ct.calls, want)
 	}

@@ -275,7 +275,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		}
 		ports[Port{Public: pp.Public, Proto: prot}] = pp.Worker
 	}
-	for _, pub := range m.rt.ports {
+	for _, pub := range m.rules.rt.ports {
 		if ports[pub] == 0 {
 			refuse("worker reported no port for public port %s", pub)
 			return
@@ -315,8 +315,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 			// Until this master has written its rules, the earlier
 			// master's rules may still route clients to this worker:
 			// it is told it is retired only once they no longer do.
-			p.retirePending = !m.installed
-			m.noteAdoptedUDP(ports)
+			p.retirePending = !m.rules.installed
+			m.rules.noteAdoptedUDP(ports)
 			m.log.Info("adopted worker of an earlier master as retired", p.logAttrs()...)
 		}
 	} else if h.Slot != p.slot || h.Generation != p.gen {

@@ -469,7 +469,7 @@ func (m *master) adoptsActive(h *proto.Hello, ports slotTarget) bool {
 func (m *master) adopted(p *proc) {
 	p.state, p.activeSince = stateActive, time.Now()
 	m.slots[p.slot] = p
-	m.rulesDirty = true
+	m.rules.markDirty()
 	m.log.Info("adopted a previous master's worker in its slot", append(p.logAttrs(), "build", p.build)...)
 	for slot, t := range m.kernelRoutes {
 		if t != nil && m.slots[slot] == nil {

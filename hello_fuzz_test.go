@@ -36,8 +36,9 @@ func helloMaster(tb testing.TB, workerUser bool) (*master, *proc, *proc) {
 		tb.Fatal(err)
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	m := newState(&cfg, cfg.routing(), "")
+	m := newState(&cfg, "")
 	m.emit = &emitter{fn: func(Event) {}}
+	m.rules = newFakeRuleSync(&cfg, m.log, m.emit.send).ruleSync
 	if workerUser {
 		m.worker = &workerCred{user: "w", uid: fuzzWorkerUID}
 	}

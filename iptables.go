@@ -23,7 +23,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -32,68 +31,8 @@ import (
 	"time"
 )
 
-// family is one address family and the iptables binaries that manage it.
-type family struct {
-	name    string // "ipv4" or "ipv6", as in logs and status
-	bits    int    // address length in bits
-	cmd     string // iptables or ip6tables
-	restore string
-	save    string
-}
-
-var (
-	familyIPv4 = &family{name: "ipv4", bits: 32, cmd: "iptables", restore: "iptables-restore", save: "iptables-save"}
-	familyIPv6 = &family{name: "ipv6", bits: 128, cmd: "ip6tables", restore: "ip6tables-restore", save: "ip6tables-save"}
-)
-
-// ruleBackend keeps the kernel's nat rules equal to the master's view of
-// which worker serves each slot. Two implement it: nftWriter (nftables.go,
-// nf_tables over netlink, the default where the kernel has it) and
-// ruleWriter below (iptables-restore). Both are used only from the
-// master's state goroutine.
-type ruleBackend interface {
-	// apply routes each slot to its target (nil: no rules for that slot)
-	// in one atomic change per kernel interface; the first call replaces
-	// whatever a crashed master left. workers are the port maps of every
-	// live worker: unless Config.AllowDirect, the nftables backend refuses
-	// direct connections to those ports (the iptables backend does not).
-	apply(ctx context.Context, targets, workers []slotTarget) error
-	// remove deletes everything the cluster owns; idempotent.
-	remove(ctx context.Context) error
-	// check reports, wrapping ErrRulesLost, when the kernel no longer
-	// holds the rules the master believes in (say, an operator's `nft
-	// flush ruleset`); the next apply then writes them whole again. Cheap
-	// enough to call every few seconds.
-	check(ctx context.Context) error
-	// routes reads the slots' routes from the kernel, not from the
-	// writer's belief: what a starting master finds left by the master
-	// before it. A slot with no route, or whose families disagree, is nil.
-	routes(ctx context.Context) ([]slotTarget, error)
-	// invalidate forgets what the writer believes the kernel holds, so
-	// that the next apply replaces the cluster's rules whole: after a
-	// resize changed the slot mask, which every rule or key embeds.
-	invalidate()
-	// rulesText renders the rules the master believes in, per family.
-	rulesText() map[string]string
-	// changes counts the kernel operations so far: iptables processes, or
-	// nf_tables netlink transactions.
-	changes() int
-}
-
 // hookChains are the built-in nat chains the cluster's chain is jumped from.
 var hookChains = []string{"PREROUTING", "OUTPUT"}
-
-// routing is everything the rule generator needs, derived once from Config.
-type routing struct {
-	name     string
-	chain    string // IPC-<name>
-	addr     netip.Addr
-	families []*family
-	workers  int
-	prefix   map[*family]int // slot bits are the low bits of the first prefix bits
-	ports    []Port          // public ports, in Config order
-	guard    bool            // refuse direct connections to worker ports (nftables only)
-}
 
 // hookSpec is the rule, as iptables-save prints it, that jumps from a
 // built-in chain to the cluster's chain. addrtype LOCAL keeps forwarded
@@ -120,41 +59,6 @@ func (r *routing) slotMatch(f *family, slot int) string {
 	}
 	return "-s " + r.slotAddr(f, slot).String() + "/" + r.slotAddr(f, r.workers-1).String()
 }
-
-// slotAddr is the address whose only set bits are v in the slot bits of
-// family f: a slot's masked source address, or with v = workers-1 the mask.
-func (r *routing) slotAddr(f *family, v int) netip.Addr {
-	return shiftedAddr(f, uint64(v), uint(f.bits-r.prefix[f]))
-}
-
-// shiftedAddr is the address whose only set bits are v << shift.
-func shiftedAddr(f *family, v uint64, shift uint) netip.Addr {
-	var b [16]byte
-	n := f.bits / 8
-	// v has at most 8 significant bits (256 workers), so it touches at most
-	// two bytes once shifted.
-	for i := 0; i < n; i++ {
-		bitPos := uint(n-1-i) * 8 // weight of byte i's lowest bit
-		if bitPos+8 <= shift || bitPos >= shift+16 {
-			continue
-		}
-		var x uint64
-		if bitPos >= shift {
-			x = v >> (bitPos - shift)
-		} else {
-			x = v << (shift - bitPos)
-		}
-		b[i] = byte(x)
-	}
-	if f.bits == 32 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-// slotTarget is where a slot's traffic goes: public port → worker port. A
-// nil map means the slot has no ready worker and gets no rules.
-type slotTarget map[Port]uint16
 
 // chainRules returns the rules of the cluster's chain for family f, each as
 // an iptables-restore line.
@@ -543,26 +447,6 @@ func (r *routing) routesIn(f *family, have *natTable) []slotTarget {
 	return got
 }
 
-// agreeingRoutes keeps the slots whose route covers every public port and
-// is the same in every family.
-func agreeingRoutes(perFamily [][]slotTarget, r *routing) []slotTarget {
-	out := make([]slotTarget, r.workers)
-	for slot := range out {
-		t := perFamily[0][slot]
-		if len(t) != len(r.ports) {
-			continue
-		}
-		same := true
-		for _, other := range perFamily[1:] {
-			same = same && maps.Equal(t, other[slot])
-		}
-		if same {
-			out[slot] = t
-		}
-	}
-	return out
-}
-
 // invalidate makes the next apply reconcile each family from scratch: one
 // iptables-restore that rewrites the whole chain.
 func (w *ruleWriter) invalidate() { clear(w.hooked) }
@@ -574,15 +458,4 @@ func (w *ruleWriter) rulesText() map[string]string {
 		m[f.name] = strings.Join(lines, "\n")
 	}
 	return m
-}
-
-// portsString is a compact public→worker port list for logs.
-func portsString(t slotTarget, order []Port) string {
-	parts := make([]string, 0, len(order))
-	for _, p := range order {
-		if w, ok := t[p]; ok {
-			parts = append(parts, p.String()+"→"+strconv.Itoa(int(w)))
-		}
-	}
-	return strings.Join(parts, ",")
 }

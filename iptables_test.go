@@ -268,10 +268,10 @@ func TestRuleWriteIsBounded(t *testing.T) {
 	ruleWriteTimeout = 300 * time.Millisecond
 
 	m, events := policyMaster(t, Config{Workers: 2, Addr: netip.MustParseAddr("198.18.0.1")})
-	m.rt = m.cfg.routing()
-	m.rules = newRuleWriter(m.rt, execRunner{})
+	rt := m.cfg.routing()
+	m.rules = newRuleSync(rt, newRuleWriter(rt, execRunner{}), m.log, m.emit.send, func(any) {})
 	m.started = time.Now().Add(-time.Hour) // past the first install's wait
-	m.rulesDirty = true
+	m.rules.markDirty()
 	t0 := time.Now()
 	m.syncRules(context.Background())
 	if d := time.Since(t0); d > 5*time.Second {
@@ -287,9 +287,9 @@ func TestRuleWriteIsBounded(t *testing.T) {
 		!strings.Contains(ev.Err.Error(), "iptables-restore --noflush --wait") {
 		t.Fatalf("event %v: want a RuleError naming iptables-restore that wraps the deadline", (*events)[0])
 	}
-	if m.installed || !m.retrying || !m.rulesDirty || m.ruleFails != 1 || m.installErr != 1 {
+	if r := m.rules; r.installed || !r.retrying || !r.dirty || r.ruleFails != 1 || r.installErr != 1 {
 		t.Errorf("after a timed-out write: installed %v retrying %v dirty %v failures %d/%d",
-			m.installed, m.retrying, m.rulesDirty, m.ruleFails, m.installErr)
+			r.installed, r.retrying, r.dirty, r.ruleFails, r.installErr)
 	}
 }
 

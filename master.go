@@ -140,8 +140,7 @@ type (
 
 type master struct {
 	cfg   *Config
-	rt    *routing
-	rules ruleBackend
+	rules *ruleSync // the rules and their backend (rules.go)
 	log   *slog.Logger
 	emit  *emitter
 	sd    *notifier // systemd (systemd.go)
@@ -192,14 +191,6 @@ type master struct {
 	resizing     *resizeState // a growth waiting for its new workers (resize.go)
 	resized      *resizeState // a resize whose new routes are still to be written: announced then
 
-	// routed is what the installed rules point each slot at; udpMoved
-	// the UDP flows whose conntrack entries are to be deleted, because the
-	// rules moved them away from a worker port (see conntrack.go).
-	routed    []slotTarget
-	udpMoved  map[movedFlow]bool
-	deadTCP   map[movedFlow]bool // TCP ports of exited workers (conntrack.go)
-	conntrack conntrackDeleter
-
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
@@ -211,14 +202,9 @@ type master struct {
 	sampling    bool
 	sampleCount int
 
-	installed  bool // rules written at least once
-	installErr int  // failed first installs
-	ruleFails  int  // consecutive failed writes, for the retry backoff
-	rulesDirty bool
-	retrying   bool
-	wasReady   bool // every slot has been served at once: start-up is over (EventReady sent, systemd told); notReady says if the cluster is ready now
-	stopping   bool
-	stopErr    error
+	wasReady bool // every slot has been served at once: start-up is over (EventReady sent, systemd told); notReady says if the cluster is ready now
+	stopping bool
+	stopErr  error
 }
 
 func runMaster(ctx context.Context, cfg *Config) error {
@@ -230,14 +216,14 @@ func runMaster(ctx context.Context, cfg *Config) error {
 }
 
 // newState is the master's state before anything is touched: every map
-// and channel the loop needs, for cfg (rt: its routing; build: this
-// master's own). newMaster fills in the rest from the system; tests that
-// run the loop's handlers on a master of their own start from it too, and
-// give their procs a fakeProcess (process_test.go).
-func newState(cfg *Config, rt *routing, build string) *master {
+// and channel the loop needs, for cfg (build: this master's own).
+// newMaster fills in the rest from the system (the rule sync, the spawner);
+// tests that run the loop's handlers on a master of their own start from
+// it too, with a fake rule sync (rules_fake_test.go), and give their procs
+// a fakeProcess (process_test.go).
+func newState(cfg *Config, build string) *master {
 	m := &master{
 		cfg:      cfg,
-		rt:       rt,
 		log:      cfg.Logger.With("cluster", cfg.Name),
 		uid:      os.Geteuid(),
 		gen:      1,
@@ -253,8 +239,6 @@ func newState(cfg *Config, rt *routing, build string) *master {
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
 		respawnAt: map[int]time.Time{},
-		udpMoved:  map[movedFlow]bool{},
-		deadTCP:   map[movedFlow]bool{},
 		build:     build,
 		target:    &codeGen{build: build},
 	}
@@ -305,7 +289,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err := checkRoutesFree(ctx, rt, cfg.Logger); err != nil {
 		return nil, err
 	}
-	rules, backend, err := newRuleBackend(cfg, rt, cfg.Logger)
+	backendRules, backend, err := newRuleBackend(cfg, rt, cfg.Logger)
 	if err != nil {
 		return nil, err
 	}
@@ -319,10 +303,13 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := newState(cfg, rt, build)
-	m.spawner, m.rules, m.backend = sp, rules, backend
+	m := newState(cfg, build)
+	m.spawner, m.backend = sp, backend
 	m.exe, m.args, m.worker = exe, os.Args[1:], wc
-	m.conntrack = deleteConntrack
+	// The emitter is made by run, and the observer below: the rule sync
+	// reaches them when it writes, not now.
+	m.rules = newRuleSync(rt, backendRules, m.log, func(ev Event) { m.emit.send(ev) }, m.send)
+	m.rules.observe = func(d time.Duration, err error) { m.obs.ruleWrite(d, err) }
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
@@ -353,7 +340,7 @@ func (m *master) run(ctx context.Context) error {
 	defer m.obs.serve(m)() // shut down after close(m.done): waiting handlers give up at once
 	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
-		"ports", m.rt.ports, "families", len(m.rt.families), "socket", m.sock,
+		"ports", m.rules.rt.ports, "families", len(m.rules.rt.families), "socket", m.sock,
 		"backend", m.backend.name, "backend_reason", m.backend.reason)
 	m.obs.ruleBackend(m.backend)
 
@@ -399,7 +386,9 @@ func (m *master) run(ctx context.Context) error {
 		case <-watchdog:
 			m.sd.ping()
 		case <-checkRules.C:
-			m.checkRules(ctx)
+			if !m.stopping {
+				m.rules.check(ctx)
+			}
 		case <-monitor.C:
 			m.sample()
 			m.noteSettled(time.Now())
@@ -444,7 +433,7 @@ func (m *master) run(ctx context.Context) error {
 		m.progressDeploy(time.Now())
 		m.progressResize()
 		m.syncRules(ctx)
-		m.cleanConntrack()
+		m.rules.cleanConntrack()
 		if m.stopping && len(m.procs) == 0 {
 			m.removeRules()
 			m.closeRunDir()
@@ -496,12 +485,9 @@ func (m *master) handle(ev any) {
 			m.spawn(ev.slot)
 		}
 	case evRetryRules:
-		m.retrying = false
-		m.rulesDirty = true
+		m.rules.retry()
 	case evInstallDeadline:
-		if !m.installed {
-			m.rulesDirty = true
-		}
+		m.rules.installDeadline()
 	case evPSS:
 		m.onPSS(ev)
 	case evHealth:
@@ -615,13 +601,13 @@ func (m *master) onExit(p *proc, status string) {
 	if m.stopping {
 		return
 	}
-	m.noteDeadTCP(p.ports)
-	if p.ports != nil && m.rt.guard && p.state != stateActive {
+	m.rules.noteDeadTCP(p.ports)
+	if p.ports != nil && m.rules.rt.guard && p.state != stateActive {
 		// Its ports leave the guard set: the OS may hand them to anyone.
 		// (An active worker's leave with the write that points its slot
 		// at the replacement: writing now would leave the slot without a
 		// route meanwhile.)
-		m.rulesDirty = true
+		m.rules.markDirty()
 	}
 	switch p.state {
 	case stateStarting:
@@ -786,7 +772,7 @@ func (m *master) activate(p *proc, slot int) {
 	p.state = stateActive
 	p.activeSince, p.settled = time.Now(), false
 	m.slots[slot] = p
-	m.rulesDirty = true
+	m.rules.markDirty()
 	switch {
 	case old == nil:
 	case m.dep != nil && p.gen == m.dep.gen && old.gen != m.dep.gen && old.retireCause == "":
@@ -802,7 +788,7 @@ func (m *master) activate(p *proc, slot int) {
 		old.retirePending = true
 	}
 	elapsed := time.Since(p.spawned)
-	m.log.Info("worker ready", append(p.logAttrs(), "ports", portsString(p.ports, m.rt.ports), "elapsed", elapsed)...)
+	m.log.Info("worker ready", append(p.logAttrs(), "ports", portsString(p.ports, m.rules.rt.ports), "elapsed", elapsed)...)
 	m.emit.send(EventWorkerReady{PID: p.pid, Slot: p.slot, Generation: p.gen, Ports: maps.Clone(p.ports), Elapsed: elapsed})
 }
 
@@ -883,58 +869,35 @@ func (m *master) onClosed(pr *peer, err error) {
 	}
 }
 
-// syncRules writes the rules if they changed, then tells replaced workers
-// they are retired: only once no new connection can reach them.
+// syncRules has the rules written if they changed (rules.go), then tells
+// replaced workers they are retired: only once no new connection can
+// reach them.
 func (m *master) syncRules(ctx context.Context) {
-	if !m.rulesDirty || m.stopping || m.retrying {
+	if !m.rules.due() || m.stopping {
 		return
 	}
-	if !m.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
+	if !m.rules.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
 		return
 	}
 	// During a growth the new slots are not routed until all are ready.
-	targets := make([]slotTarget, m.rt.workers)
-	for i, p := range m.slots[:m.rt.workers] {
+	n := m.rules.rt.workers
+	targets := make([]slotTarget, n)
+	for i, p := range m.slots[:n] {
 		if p != nil {
 			targets[i] = p.ports
 		}
 	}
-	t0 := time.Now()
-	// The loop waits for the write: bound it, so that a hung
-	// iptables-restore (a held xtables lock, a stuck kernel) cannot stall
-	// the master for good. A killed iptables-restore commits nothing.
-	wctx, cancel := context.WithTimeout(ctx, ruleWriteTimeout)
-	err := m.rules.apply(wctx, targets, m.workerPorts())
-	cancel()
-	m.obs.ruleWrite(time.Since(t0), err)
+	wrote, err := m.rules.write(ctx, targets, m.workerPorts())
 	if err != nil {
-		m.ruleFails++
-		delay := ruleRetryDelay(m.ruleFails)
-		m.log.Error("writing rules failed; previous rules stay in force", "err", err, "retry", delay, "failures", m.ruleFails)
-		m.emit.send(EventRulesFailed{Err: err})
-		if !m.installed {
-			m.installErr++
-		}
-		if !m.installed && m.installErr >= 3 {
-			m.stopErr = fmt.Errorf("install rules for cluster %s: %w", m.cfg.Name, err)
-			m.stop("rules could not be installed")
-			return
-		}
-		m.retrying = true
-		time.AfterFunc(delay, func() { m.send(evRetryRules{}) })
+		m.stopErr = err
+		m.stop("rules could not be installed")
 		return
 	}
-	if m.ruleFails > 0 {
-		m.log.Info("rules written again after failed writes", "failures", m.ruleFails)
-		m.ruleFails = 0
+	if !wrote {
+		return
 	}
-	m.rulesDirty = false
-	m.installed = true
-	m.noteMovedUDP(m.routed, targets)
-	m.routed = targets
 	m.resizeWritten()
 	now := time.Now()
-	m.log.Debug("rules written", "elapsed", now.Sub(t0))
 	for _, p := range m.procs {
 		if p.retirePending {
 			p.retirePending = false
@@ -948,20 +911,6 @@ func (m *master) syncRules(ctx context.Context) {
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
 		m.notifyReady()
 	}
-}
-
-// ruleWriteTimeout bounds one rule write (every family's iptables-save and
-// iptables-restore, or one nf_tables transaction). iptables-restore --wait
-// waits this long at most for the xtables lock. A variable for tests.
-var ruleWriteTimeout = 10 * time.Second
-
-// ruleRetryDelay is how long the master waits before writing the rules
-// again after n consecutive failures: 1s, 2s, 4s, then every 5s.
-func ruleRetryDelay(n int) time.Duration {
-	if n < 1 {
-		n = 1
-	}
-	return min(time.Second<<min(n-1, 3), 5*time.Second)
 }
 
 // retired tells a worker whose slot the rules no longer point at that it is
@@ -1010,12 +959,12 @@ func (m *master) notReady() string {
 	switch {
 	case m.stopping:
 		return "the master is stopping"
-	case !m.installed:
+	case !m.rules.installed:
 		return "the rules are not installed yet (waiting for the first worker of every slot)"
 	}
 	// During a growth the new slots are not routed yet: clients are
 	// served by the old ones.
-	for slot, p := range m.slots[:m.rt.workers] {
+	for slot, p := range m.slots[:m.rules.rt.workers] {
 		if p == nil {
 			return "slot " + strconv.Itoa(slot) + " has no active worker"
 		}
@@ -1042,21 +991,10 @@ func (m *master) stop(why string) {
 	m.stopping = true
 	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
 	m.notifyStopping(why)
-	// Routes out first, so no new connection reaches a finishing worker.
-	// The rules themselves (the nat chains) stay until the workers are
-	// gone: once the last nat hook of a namespace is unregistered, the
-	// kernel stops translating established connections too, and the
-	// finishing workers' clients would be cut mid-connection.
-	if m.installed {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := m.rules.apply(ctx, make([]slotTarget, m.rt.workers), m.workerPorts()); err != nil {
-			m.log.Error("withdrawing routes; removing the rules instead", "err", err)
-			m.removeRules()
-		} else {
-			m.noteStoppingUDP()
-			m.cleanConntrack()
-		}
-		cancel()
+	// Routes out first, so no new connection reaches a finishing worker;
+	// the rules themselves stay until the workers are gone (withdraw).
+	if err := m.rules.withdraw(m.workerPorts()); err != nil {
+		m.stopErr = errors.Join(m.stopErr, err)
 	}
 	m.ln.Close() // no new peers; accept() ends
 	for _, p := range m.procs {
@@ -1078,35 +1016,11 @@ func (m *master) stop(why string) {
 	time.AfterFunc(m.cfg.StopTimeout, func() { m.send(evStopTimeout{}) })
 }
 
-// ruleCheckInterval is how often the master compares the kernel's rules
-// with its own view (see ruleBackend.check).
-const ruleCheckInterval = 2 * time.Second
-
-// checkRules rewrites the rules when the kernel has lost them.
-func (m *master) checkRules(ctx context.Context) {
-	if !m.installed || m.stopping || m.retrying {
-		return
-	}
-	err := m.rules.check(ctx)
-	switch {
-	case err == nil:
-	case errors.Is(err, ErrRulesLost):
-		m.log.Warn("the kernel lost the cluster's rules; writing them again", "err", err)
-		m.emit.send(EventRulesFailed{Err: err})
-		m.rulesDirty = true
-	default:
-		m.log.Warn("checking the cluster's rules in the kernel", "err", err)
-	}
-}
-
 // removeRules deletes everything the cluster wrote; safe to call more than
 // once.
 func (m *master) removeRules() {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := m.rules.remove(ctx); err != nil {
-		m.log.Error("removing rules", "err", err)
-		m.stopErr = errors.Join(m.stopErr, fmt.Errorf("remove rules of cluster %s: %w", m.cfg.Name, err))
+	if err := m.rules.remove(); err != nil {
+		m.stopErr = errors.Join(m.stopErr, err)
 	}
 }
 
@@ -1170,7 +1084,7 @@ func (m *master) status() *proto.Status {
 		Generation:  m.gen,
 		Ready:       notReady == "",
 		NotReady:    notReady,
-		Rules:       m.rules.rulesText(),
+		Rules:       m.rules.text(),
 		Build:       m.target.build,
 		Deploy:      m.lastDeploy,
 		DeployPhase: string(m.deployPhase),
@@ -1193,7 +1107,7 @@ func (m *master) status() *proto.Status {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
 			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
 		ws.StartTime = float64(p.started.UnixNano()) / 1e9
-		for _, pub := range m.rt.ports {
+		for _, pub := range m.rules.rt.ports {
 			if w, ok := p.ports[pub]; ok {
 				ws.Ports = append(ws.Ports, proto.Port{Public: pub.Public, Proto: pub.Proto.String(), Worker: w})
 			}

@@ -56,7 +56,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"log/slog"
 	"maps"
 	"net/netip"
 	"slices"
@@ -529,118 +528,6 @@ func (w *nftWriter) elemText(f *family, k nftKey, wport uint16) string {
 }
 
 func (w *nftWriter) changes() int { return w.txns }
-
-// newRuleBackend picks the rule writer Config.Backend asks for, checking
-// before anything is touched that it can work here, and says which it
-// picked and why. The writer also clears, once its own rules are in force,
-// what the other backend may have left for this cluster: a crashed master
-// of an earlier release, or one configured with the other backend.
-func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, backendChoice, error) {
-	conn, err := nftNewConn()
-	if err == nil {
-		if err = nftProbe(conn, rt); err != nil {
-			_ = conn.CloseLasting()
-		}
-	}
-	nftErr := err
-	var nft ruleBackend
-	if nftErr == nil {
-		nft = newNFTWriter(rt, conn)
-	}
-	var ipt ruleBackend
-	iptErr := checkBinaries(rt)
-	if iptErr == nil {
-		ipt = newRuleWriter(rt, execRunner{})
-	}
-	choice, err := chooseBackend(cfg.Backend, nftErr, iptErr)
-	switch {
-	case err != nil:
-		if nft != nil {
-			_ = conn.CloseLasting()
-		}
-		return nil, choice, err
-	case choice.name == BackendNFTables:
-		return &clearsOther{ruleBackend: nft, other: ipt, log: log}, choice, nil
-	case cfg.Backend == BackendIPTables:
-		return &clearsOther{ruleBackend: ipt, other: nft, log: log}, choice, nil
-	}
-	return ipt, choice, nil // auto's fallback: nf_tables is not there to clear
-}
-
-// backendChoice is the rule backend in force and why, for the status, the
-// metrics and the start-up log.
-type backendChoice struct {
-	name Backend // BackendNFTables or BackendIPTables
-	// config is Config.Backend as set: "auto" when left empty.
-	config string
-	// reason is why: "Config.Backend", "auto: nf_tables answers" or
-	// "auto: nf_tables unavailable: <the probe's error>".
-	reason string
-}
-
-// chooseBackend decides from Config.Backend and what each backend's check
-// found (nil: it can work here).
-func chooseBackend(want Backend, nftErr, iptErr error) (backendChoice, error) {
-	c := backendChoice{name: want, config: string(want), reason: "Config.Backend"}
-	switch {
-	case want == BackendIPTables && iptErr != nil:
-		return c, iptErr
-	case want == BackendIPTables:
-		return c, nil
-	case want == BackendNFTables && nftErr != nil:
-		return c, fmt.Errorf("%w: %w; load the nf_tables modules (nf_tables, nft_nat, nft_fib_inet), "+
-			"or set Config.Backend to ipcluster.BackendIPTables", ErrNoNFTables, nftErr)
-	case want == BackendNFTables:
-		return c, nil
-	}
-	c.config = "auto"
-	switch {
-	case nftErr == nil:
-		c.name, c.reason = BackendNFTables, "auto: nf_tables answers"
-		return c, nil
-	case iptErr != nil:
-		return c, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", nftErr, iptErr)
-	}
-	c.name, c.reason = BackendIPTables, "auto: nf_tables unavailable: "+nftErr.Error()
-	return c, nil
-}
-
-// clearsOther is a rule backend that, after its first successful apply,
-// removes the cluster's rules written by the other backend. Removing them
-// only once the new rules are in force means a slot is never without a
-// route; until then both route, and the master's rules are consulted
-// first or second depending on registration order, both to live workers.
-type clearsOther struct {
-	ruleBackend
-	other   ruleBackend // nil when the other backend is unavailable here
-	cleared bool
-	log     *slog.Logger
-}
-
-// routes reads this backend's routes or, if it has none, the other's: a
-// master of the other backend may have written them.
-func (c *clearsOther) routes(ctx context.Context) ([]slotTarget, error) {
-	t, err := c.ruleBackend.routes(ctx)
-	if err != nil || c.other == nil || slices.ContainsFunc(t, func(s slotTarget) bool { return s != nil }) {
-		return t, err
-	}
-	return c.other.routes(ctx)
-}
-
-func (c *clearsOther) apply(ctx context.Context, targets, workers []slotTarget) error {
-	if err := c.ruleBackend.apply(ctx, targets, workers); err != nil {
-		return err
-	}
-	if !c.cleared && c.other != nil {
-		c.cleared = true
-		// A failure here leaves stale rules that only shadow ours for the
-		// connections they match first: worth a warning, not a stop.
-		if err := c.other.remove(ctx); err != nil {
-			c.log.Warn("removing this cluster's rules left by the other rule backend", "err", err)
-		}
-	}
-	return nil
-}
 
 // invalidate makes the next apply install the table anew, replacing the
 // old one in the same transaction.

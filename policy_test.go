@@ -25,8 +25,9 @@ func policyMaster(t *testing.T, cfg Config) (*master, *[]Event) {
 	}
 	var events []Event
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	m := newState(&cfg, nil, "")
+	m := newState(&cfg, "")
 	m.emit = &emitter{fn: func(ev Event) { events = append(events, ev) }}
+	m.rules = newFakeRuleSync(&cfg, m.log, m.emit.send).ruleSync
 	// Events stay in the emitter's queue until flushEvents.
 	return m, &events
 }

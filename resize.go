@@ -167,18 +167,17 @@ func (m *master) shrink(n int) {
 	m.resized = &resizeState{from: from, to: n, started: now}
 }
 
-// setWorkers switches the routes to n slots: a new slot mask, so the next
-// rule write replaces them whole (one transaction). UDP flows pinned by
-// conntrack are re-routed too: their slot may have changed.
+// setWorkers switches the routes to n slots (ruleSync.resize: a new slot
+// mask, written whole by the next rule write, and the active workers' UDP
+// flows re-routed), and records the new size.
 func (m *master) setWorkers(n int) {
-	m.rt.workers = n
-	m.rules.invalidate()
-	m.rulesDirty = true
+	var serving []slotTarget
 	for _, p := range m.slots {
 		if p != nil {
-			m.noteAdoptedUDP(p.ports)
+			serving = append(serving, p.ports)
 		}
 	}
+	m.rules.resize(n, serving)
 	path := m.workersPath()
 	if n == m.cfg.Workers {
 		os.Remove(path)
