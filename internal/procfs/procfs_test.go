@@ -199,15 +199,3 @@ func TestConntrack(t *testing.T) {
 		t.Logf("%s: count %d, max %d, %v", ConntrackDir, n, lim, err)
 	}
 }
-
-func TestParseStatStartTime(t *testing.T) {
-	// A command with spaces and a parenthesis, as a thread may name itself.
-	line := "4242 (my (odd) prog) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 98765 1000000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n"
-	v, err := parseStatStartTime([]byte(line))
-	if err != nil || v != 98765 {
-		t.Errorf("starttime %d, %v; want 98765", v, err)
-	}
-	if _, err := parseStatStartTime([]byte("4242 (x) S 1 2\n")); err == nil {
-		t.Error("short stat line accepted")
-	}
-}
