@@ -8,6 +8,7 @@ package ipcluster
 // first and reports ready when the function calls Worker.Ready. It keeps
 // its control connection with heartbeats, and if the master goes away it
 // keeps serving and reconnects to whichever master takes the socket next.
+// workerLoop draws the lifecycle; its methods are the steps.
 
 import (
 	"context"
