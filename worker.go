@@ -8,6 +8,7 @@ package ipcluster
 // first and reports ready when the function calls Worker.Ready. It keeps
 // its control connection with heartbeats, and if the master goes away it
 // keeps serving and reconnects to whichever master takes the socket next.
+// workerLoop draws the lifecycle; its methods are the steps.
 
 import (
 	"context"
@@ -52,7 +53,7 @@ type Worker struct {
 	retireAsked chan string // requests to the master, from any goroutine
 
 	// appReady is closed by Ready (Config.WorkerReady), from any
-	// goroutine; runWorker's loop then reports ready.
+	// goroutine; the worker loop then reports ready (onAppReady).
 	appReady     chan struct{}
 	appReadyOnce sync.Once
 
@@ -63,7 +64,7 @@ type Worker struct {
 	listenersClosed atomic.Bool
 
 	// Health reporting (worker_stats.go). rt and appWarned belong to
-	// runWorker's goroutine, which alone builds reports.
+	// the worker loop's goroutine, which alone builds reports.
 	probe     lagProbe
 	rt        runtimeStats
 	appStats  atomic.Pointer[func() any]
@@ -205,10 +206,45 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	return slot, gen, socket, nil
 }
 
+// runWorker is the worker half of Run: it listens, says hello, and runs
+// the worker's loop until the worker has drained (see workerLoop).
 func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error {
-	slot, gen, socket, err := workerEnv(cfg)
+	w, err := newWorker(cfg)
 	if err != nil {
 		return err
+	}
+	w.ctx, w.cancel = context.WithCancel(context.Background())
+	defer w.cancel()
+	go w.probe.run(w.ctx)
+
+	// Whatever way Run returns, the UDP sockets close with it: they are
+	// not closed by retirement alone.
+	defer w.closePacketConns()
+	if err := w.listen(); err != nil {
+		return err
+	}
+
+	// Signals are caught before the master hears "ready": from then on a
+	// SIGTERM must hand the slot over, never kill the worker outright.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	l, err := w.hello(work, sigs)
+	if err != nil {
+		w.closeListeners()
+		return err
+	}
+	defer l.beat.Stop()
+	defer l.drainCheck.Stop()
+	return l.run(ctx)
+}
+
+// newWorker builds the worker from the variables its master set.
+func newWorker(cfg *Config) (*Worker, error) {
+	slot, gen, socket, err := workerEnv(cfg)
+	if err != nil {
+		return nil, err
 	}
 	w := &Worker{
 		cluster:     cfg.Name,
@@ -231,15 +267,15 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	if err := procfs.SetComm(filepath.Base(os.Args[0])); err != nil {
 		w.log.Info("keeping the kernel's name for this process", "err", err)
 	}
-	w.ctx, w.cancel = context.WithCancel(context.Background())
-	defer w.cancel()
-	go w.probe.run(w.ctx)
+	return w, nil
+}
 
-	// Whatever way Run returns, the UDP sockets close with it: they are
-	// not closed by retirement alone.
-	defer w.closePacketConns()
-	for _, p := range cfg.Ports {
-		network, addr := cfg.listenNetwork(p.Proto)
+// listen opens the socket of every public port, before the hello, so the
+// port exists before the master can route to it. On failure it closes
+// the TCP listeners; the caller closes the UDP sockets.
+func (w *Worker) listen() error {
+	for _, p := range w.cfg.Ports {
+		network, addr := w.cfg.listenNetwork(p.Proto)
 		var err error
 		if p.Proto == UDP {
 			var pc net.PacketConn
@@ -254,229 +290,382 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 		}
 		if err != nil {
 			w.closeListeners()
-			return fmt.Errorf("worker slot %d: listen for public port %s on %s: %w", slot, p, addr, err)
+			return fmt.Errorf("worker slot %d: listen for public port %s on %s: %w", w.slot, p, addr, err)
 		}
 	}
+	return nil
+}
 
-	// Signals are caught before the master hears "ready": from then on a
-	// SIGTERM must hand the slot over, never kill the worker outright.
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
+// workerLoop is the worker's state once its master has welcomed it. It
+// belongs to runWorker's goroutine: only run and the methods it calls
+// read or write it. What other goroutines share lives in Worker, behind
+// atomics, channels and Worker.mu.
+//
+// The worker's lifecycle, as the worker sees it:
+//
+//	listening ──▶ hello ──▶ ready ──▶ serving ──retire──▶ retired ──drained──▶ exit
+//	 (listen)   (hello)  (hello, or      │                    │ die               ▲
+//	                      onAppReady)    │                    ▼                   │
+//	                                     └───────die───────▶ dying ───drained─────┤
+//	                                                           └────StopTimeout───┘
+//
+// The transitions:
+//
+//   - ready is sent in hello, or with Config.WorkerReady once the
+//     application calls Worker.Ready (onAppReady): the work function runs
+//     first, and if it returns before Ready the worker leaves with an
+//     error and the master counts a failed start (onWorkDone).
+//   - A spare is ready at hello and runs no application code until the
+//     master assigns it a slot (onAssign); with WorkerReady it then reports
+//     ready again when the application does.
+//   - retire: a "retire" message, a master that welcomes the worker as
+//     retired or refuses it on reconnect (onMasterMsg, onReconnect). A work
+//     function that returns while serving asks the master for it, flagged
+//     as returned (onWorkDone); so does RequestRetire or SIGUSR1.
+//   - die: a "die" message, Run's context, or a signal (onSignal). A
+//     serving worker that is signalled asks to be retired first and dies
+//     once retired, or after a bounded wait for its replacement.
+//   - drained (drained): the work function has returned, the listeners
+//     are closed (a retired worker's once their accept queues are empty),
+//     and so are every connection and the UDP sockets (a retired worker's
+//     once idle, closeIdlePackets).
+//
+// A worker that loses its master keeps serving in whichever state it is in
+// and reconnects (onLost, onReconnect); what it could not tell the master
+// meanwhile (unsentRetire) it tells the next one.
+type workerLoop struct {
+	w    *Worker
+	cfg  *Config
+	work func(*Worker) error
 
-	// The first connection must succeed: a worker nobody accepts has no
-	// business serving.
+	msgs chan proto.Msg // from the reader of the current connection
+	lost chan struct{}  // the current connection failed
+	sigs chan os.Signal
+
+	// appReady is Worker.appReady while the loop waits for the
+	// application's Ready, nil otherwise; reported is set once ready has
+	// been sent for the slot the worker serves.
+	appReady <-chan struct{}
+	reported bool
+
+	// workDone receives the work function's result; worked is set once
+	// it has returned. A spare calls the application only once it has a
+	// slot; until then it counts as done with it, so that it can finish
+	// at once.
+	workDone chan error
+	worked   bool
+
+	beat *time.Ticker
+	// Connections close on application goroutines; once the worker is
+	// winding down, re-check the drain condition this often. An active
+	// worker never polls.
+	drainCheck *time.Ticker
+	draining   bool
+
+	connected    bool
+	reconnect    <-chan time.Time
+	unsentRetire string           // a retirement request made while no master listened
+	lostAt       time.Time        // when the master went away, while it is away
+	lonely       <-chan time.Time // fires if no master comes back for noMasterWarnAfter
+
+	dying          bool
+	dieDeadline    <-chan time.Time
+	dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
+	ctxDone        <-chan struct{}  // Run's context, until it is done
+}
+
+// hello makes the first connection to the master, reports ready unless
+// the application is to say so, and starts the work function (unless the
+// worker is a spare). The first connection must succeed: a worker nobody
+// accepts has no business serving.
+func (w *Worker) hello(work func(*Worker) error, sigs chan os.Signal) (*workerLoop, error) {
 	conn, r, welcome, err := w.dial()
 	if err != nil {
-		w.closeListeners()
-		return err
+		return nil, err
 	}
 	if welcome.Retired {
 		w.retire("adopted as retired")
 	}
+	l := &workerLoop{
+		w:         w,
+		cfg:       w.cfg,
+		work:      work,
+		msgs:      make(chan proto.Msg, 8),
+		lost:      make(chan struct{}, 1),
+		sigs:      sigs,
+		workDone:  make(chan error, 1),
+		worked:    true,
+		connected: true,
+	}
 	// With WorkerReady the application reports ready (appReady); a spare
 	// is ready at once, as it runs no application code until given a
 	// slot, and then reports ready again when the application does.
-	var appReady <-chan struct{}
-	reported := true // ready sent for the slot the worker serves
-	if cfg.WorkerReady && w.slot != spareSlot {
-		appReady, reported = w.appReady, false
+	l.reported = true
+	if w.cfg.WorkerReady && w.slot != spareSlot {
+		l.appReady, l.reported = w.appReady, false
 	} else {
 		_ = conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if err := proto.Write(conn, proto.TypeReady, &proto.Heartbeat{Stats: w.stats()}); err != nil {
-			w.closeListeners()
-			return fmt.Errorf("worker slot %d: report ready: %w", slot, err)
+			return nil, fmt.Errorf("worker slot %d: report ready: %w", w.slot, err)
 		}
 		w.log.Debug("worker ready")
 	}
 	w.setConn(conn)
+	go w.read(r, conn, l.msgs, l.lost)
 
-	msgs := make(chan proto.Msg, 8)
-	lost := make(chan struct{}, 1)
-	go w.read(r, conn, msgs, lost)
-
-	// A spare calls the application only once it has a slot; until then
-	// it counts as done with it, so that it can finish at once.
-	workDone := make(chan error, 1)
-	worked := true
-	startWork := func() {
-		worked = false
-		go func() { workDone <- work(w) }()
-	}
 	if w.slot != spareSlot {
-		startWork()
+		l.startWork()
 	}
+	l.beat = time.NewTicker(heartbeatEvery(welcome))
+	l.drainCheck = time.NewTicker(100 * time.Millisecond)
+	l.drainCheck.Stop()
+	return l, nil
+}
 
-	beat := time.NewTicker(heartbeatEvery(welcome))
-	defer beat.Stop()
-	// Connections close on application goroutines; once the worker is
-	// winding down, re-check the drain condition this often. An active
-	// worker never polls.
-	drainCheck := time.NewTicker(100 * time.Millisecond)
-	drainCheck.Stop()
-	defer drainCheck.Stop()
-	draining := false
-	var reconnect <-chan time.Time
-	var dieDeadline <-chan time.Time
-	var dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
-	var unsentRetire string             // a retirement request made while no master listened
-	var lostAt time.Time                // when the master went away, while it is away
-	var lonely <-chan time.Time         // fires if no master comes back for noMasterWarnAfter
-	dying, connected := false, true
-	ctxDone := ctx.Done()
-	die := func(why string) {
-		if dying {
-			return
-		}
-		dying = true
-		w.log.Info("worker finishing", "reason", why, "connections", w.conns.Load())
-		w.closeListeners()
-		w.closePacketConns()
-		w.cancel()
-		// The master kills us after StopTimeout; this bounds the wait if
-		// there is no master any more.
-		dieDeadline = time.After(cfg.StopTimeout)
-	}
+// run is the worker's loop: one named step per event, until the worker
+// has drained or its stop deadline passed.
+func (l *workerLoop) run(ctx context.Context) error {
+	w := l.w
+	l.ctxDone = ctx.Done()
 	for {
-		if w.isRetired() && !dying && w.packetsIdle(udpDrainIdle) {
-			w.log.Info("closing UDP sockets: retired, and no datagram for a while", "idle", udpDrainIdle)
-			w.closePacketConns()
-		}
-		// Exit once the application is done, the listeners closed (a
-		// retired worker's close once their accept queues are empty),
-		// every connection closed and the UDP sockets too.
-		if worked && w.conns.Load() == 0 && (dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed() {
+		l.closeIdlePackets()
+		if l.drained() {
 			w.log.Info("worker exiting: drained")
 			return nil
 		}
-		if !draining && (worked || dying || w.isRetired()) {
-			draining = true
-			drainCheck.Reset(100 * time.Millisecond)
-		}
+		l.startDrainCheck()
 		select {
-		case <-appReady:
-			appReady, reported = nil, true
-			// Not connected: the next master finds no route to this
-			// worker and adopts it as retired, so there is no one to tell.
-			w.sendMsg(proto.TypeReady, &proto.Heartbeat{Stats: w.stats()})
-			w.log.Debug("worker ready: the application says so")
-		case err := <-workDone:
-			worked = true
-			if !reported && !dying && !w.isRetired() {
-				// It never served: leave, and the master counts a
-				// failed start.
-				w.closeListeners()
-				return fmt.Errorf("worker slot %d: the work function returned before calling Worker.Ready (Config.WorkerReady): %v", w.slot, err)
-			}
-			if !dying && !w.isRetired() {
-				// The function returned while still serving its slot:
-				// have the master move the slot before this worker goes.
-				reason := fmt.Sprintf("worker function returned: %v", err)
-				w.log.Warn("worker function returned while active; asking to be retired", "err", err)
-				if connected {
-					w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason, Returned: true})
-				} else {
-					unsentRetire = reason
-				}
+		case <-l.appReady:
+			l.onAppReady()
+		case err := <-l.workDone:
+			if err := l.onWorkDone(err); err != nil {
+				return err
 			}
 		case reason := <-w.retireAsked:
-			if !connected {
-				unsentRetire = reason
-				break
-			}
-			w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason})
-		case m := <-msgs:
-			switch m.Type {
-			case proto.TypeRetire:
-				w.retire(m.Body.(*proto.Reason).Reason)
-				if dieAfterRetire != nil {
-					die("signalled, and replaced")
-				}
-			case proto.TypeDie:
-				die(m.Body.(*proto.Reason).Reason)
-			case proto.TypeAssign:
-				if w.slot == spareSlot && !dying && !w.isRetired() {
-					w.slot = m.Body.(*proto.Assign).Slot
-					w.setLogger()
-					w.log.Info("spare given a slot")
-					if cfg.WorkerReady {
-						appReady, reported = w.appReady, false
-					}
-					startWork()
-				}
-			case proto.TypeInfo:
-				w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
-			}
-		case <-lost:
-			connected = false
-			w.setConn(nil)
-			// Every deploy and takeover closes the workers' connections:
-			// only a master that does not come back needs a human.
-			w.log.Info("lost the master; serving on and reconnecting")
-			lostAt, lonely = time.Now(), time.After(noMasterWarnAfter)
-			reconnect = time.After(0)
-		case <-lonely:
-			lonely = nil
-			w.log.Warn("no master for a while; serving on the rules in the kernel and reconnecting", "since", lostAt, "socket", w.socket)
-		case <-reconnect:
-			reconnect = nil
-			conn, r, welcome, err := w.dial()
-			if err != nil {
-				if errors.Is(err, proto.ErrRefused) {
-					// A master that refuses us wants us gone: finish
-					// what we serve, then leave. A spare (it serves
-					// nobody) is refused by every deploy's new master.
-					lvl := slog.LevelWarn
-					if w.slot == spareSlot {
-						lvl = slog.LevelInfo
-					}
-					w.log.Log(context.Background(), lvl, "new master refused this worker; draining", "err", err)
-					w.retire("refused by master")
-					break
-				}
-				reconnect = time.After(time.Second)
-				break
-			}
-			if welcome.Retired {
-				w.retire("adopted as retired")
-			}
-			w.setConn(conn)
-			connected = true
-			beat.Reset(heartbeatEvery(welcome))
-			go w.read(r, conn, msgs, lost)
-			w.log.Info("reconnected to master", "after", time.Since(lostAt).Round(time.Millisecond))
-			lonely = nil
-			if unsentRetire != "" {
-				w.RequestRetire(unsentRetire)
-				unsentRetire = ""
-			}
-		case <-beat.C:
+			l.onRetireAsked(reason)
+		case m := <-l.msgs:
+			l.onMasterMsg(m)
+		case <-l.lost:
+			l.onLost()
+		case <-l.lonely:
+			l.onLonely()
+		case <-l.reconnect:
+			l.onReconnect()
+		case <-l.beat.C:
 			w.sendMsg(proto.TypeHeartbeat, &proto.Heartbeat{Stats: w.stats()})
-		case sig := <-sigs:
-			switch {
-			case sig == syscall.SIGUSR1:
-				w.RequestRetire("SIGUSR1")
-			case connected && !dying && !w.isRetired() && dieAfterRetire == nil && w.slot != spareSlot && reported:
-				// Have the master move the slot first, so its clients
-				// are never refused; finish once replaced, or after
-				// a bounded wait if the master cannot replace us.
-				w.log.Info("signalled to finish; asking the master for a replacement first", "signal", sig.String())
-				w.RequestRetire(sig.String())
-				dieAfterRetire = time.After(2*cfg.startTimeout() + time.Second)
-			default:
-				die(sig.String())
-			}
-		case <-dieAfterRetire:
-			die("signalled; no replacement in time")
-		case <-ctxDone:
-			ctxDone = nil
-			die("context done")
-		case <-dieDeadline:
-			w.log.Warn("worker exiting with connections still open", "connections", w.conns.Load(), "timeout", cfg.StopTimeout)
+		case sig := <-l.sigs:
+			l.onSignal(sig)
+		case <-l.dieAfterRetire:
+			l.die("signalled; no replacement in time")
+		case <-l.ctxDone:
+			l.ctxDone = nil
+			l.die("context done")
+		case <-l.dieDeadline:
+			w.log.Warn("worker exiting with connections still open", "connections", w.conns.Load(), "timeout", l.cfg.StopTimeout)
 			return nil
-		case <-drainCheck.C:
+		case <-l.drainCheck.C:
 		}
 	}
+}
+
+// startWork calls the work function on its own goroutine.
+func (l *workerLoop) startWork() {
+	l.worked = false
+	go func() { l.workDone <- l.work(l.w) }()
+}
+
+// closeIdlePackets closes a retired worker's UDP sockets once no datagram
+// has reached them for udpDrainIdle.
+func (l *workerLoop) closeIdlePackets() {
+	w := l.w
+	if w.isRetired() && !l.dying && w.packetsIdle(udpDrainIdle) {
+		w.log.Info("closing UDP sockets: retired, and no datagram for a while", "idle", udpDrainIdle)
+		w.closePacketConns()
+	}
+}
+
+// drained reports whether the worker may exit: the application is done,
+// the listeners closed (a retired worker's close once their accept queues
+// are empty), every connection closed and the UDP sockets too.
+func (l *workerLoop) drained() bool {
+	w := l.w
+	return l.worked && w.conns.Load() == 0 && (l.dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed()
+}
+
+// startDrainCheck starts polling the drain condition once the worker is
+// winding down.
+func (l *workerLoop) startDrainCheck() {
+	if !l.draining && (l.worked || l.dying || l.w.isRetired()) {
+		l.draining = true
+		l.drainCheck.Reset(100 * time.Millisecond)
+	}
+}
+
+// onAppReady reports ready once the application has called Worker.Ready.
+func (l *workerLoop) onAppReady() {
+	l.appReady, l.reported = nil, true
+	// Not connected: the next master finds no route to this
+	// worker and adopts it as retired, so there is no one to tell.
+	l.w.sendMsg(proto.TypeReady, &proto.Heartbeat{Stats: l.w.stats()})
+	l.w.log.Debug("worker ready: the application says so")
+}
+
+// onWorkDone handles the work function's return. An error it returns ends
+// the worker at once.
+func (l *workerLoop) onWorkDone(err error) error {
+	w := l.w
+	l.worked = true
+	if !l.reported && !l.dying && !w.isRetired() {
+		// It never served: leave, and the master counts a
+		// failed start.
+		w.closeListeners()
+		return fmt.Errorf("worker slot %d: the work function returned before calling Worker.Ready (Config.WorkerReady): %v", w.slot, err)
+	}
+	if !l.dying && !w.isRetired() {
+		// The function returned while still serving its slot:
+		// have the master move the slot before this worker goes.
+		reason := fmt.Sprintf("worker function returned: %v", err)
+		w.log.Warn("worker function returned while active; asking to be retired", "err", err)
+		if l.connected {
+			w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason, Returned: true})
+		} else {
+			l.unsentRetire = reason
+		}
+	}
+	return nil
+}
+
+// onRetireAsked passes Worker.RequestRetire's request on to the master,
+// or keeps it for the next one.
+func (l *workerLoop) onRetireAsked(reason string) {
+	if !l.connected {
+		l.unsentRetire = reason
+		return
+	}
+	l.w.sendMsg(proto.TypeRetire, &proto.Reason{Reason: reason})
+}
+
+// onMasterMsg handles a message from the master.
+func (l *workerLoop) onMasterMsg(m proto.Msg) {
+	w := l.w
+	switch m.Type {
+	case proto.TypeRetire:
+		w.retire(m.Body.(*proto.Reason).Reason)
+		if l.dieAfterRetire != nil {
+			l.die("signalled, and replaced")
+		}
+	case proto.TypeDie:
+		l.die(m.Body.(*proto.Reason).Reason)
+	case proto.TypeAssign:
+		l.onAssign(m.Body.(*proto.Assign).Slot)
+	case proto.TypeInfo:
+		w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
+	}
+}
+
+// onAssign gives a spare its slot and starts the application.
+func (l *workerLoop) onAssign(slot int) {
+	w := l.w
+	if w.slot == spareSlot && !l.dying && !w.isRetired() {
+		w.slot = slot
+		w.setLogger()
+		w.log.Info("spare given a slot")
+		if l.cfg.WorkerReady {
+			l.appReady, l.reported = w.appReady, false
+		}
+		l.startWork()
+	}
+}
+
+// onLost notes that the master went away and starts reconnecting.
+func (l *workerLoop) onLost() {
+	l.connected = false
+	l.w.setConn(nil)
+	// Every deploy and takeover closes the workers' connections:
+	// only a master that does not come back needs a human.
+	l.w.log.Info("lost the master; serving on and reconnecting")
+	l.lostAt, l.lonely = time.Now(), time.After(noMasterWarnAfter)
+	l.reconnect = time.After(0)
+}
+
+// onLonely warns once no master has come back for noMasterWarnAfter.
+func (l *workerLoop) onLonely() {
+	l.lonely = nil
+	l.w.log.Warn("no master for a while; serving on the rules in the kernel and reconnecting", "since", l.lostAt, "socket", l.w.socket)
+}
+
+// onReconnect tries to say hello to the next master: retrying every
+// second, draining if it refuses this worker.
+func (l *workerLoop) onReconnect() {
+	w := l.w
+	l.reconnect = nil
+	conn, r, welcome, err := w.dial()
+	if err != nil {
+		if errors.Is(err, proto.ErrRefused) {
+			// A master that refuses us wants us gone: finish
+			// what we serve, then leave. A spare (it serves
+			// nobody) is refused by every deploy's new master.
+			lvl := slog.LevelWarn
+			if w.slot == spareSlot {
+				lvl = slog.LevelInfo
+			}
+			w.log.Log(context.Background(), lvl, "new master refused this worker; draining", "err", err)
+			w.retire("refused by master")
+			return
+		}
+		l.reconnect = time.After(time.Second)
+		return
+	}
+	if welcome.Retired {
+		w.retire("adopted as retired")
+	}
+	w.setConn(conn)
+	l.connected = true
+	l.beat.Reset(heartbeatEvery(welcome))
+	go w.read(r, conn, l.msgs, l.lost)
+	w.log.Info("reconnected to master", "after", time.Since(l.lostAt).Round(time.Millisecond))
+	l.lonely = nil
+	if l.unsentRetire != "" {
+		w.RequestRetire(l.unsentRetire)
+		l.unsentRetire = ""
+	}
+}
+
+// onSignal handles SIGUSR1 (ask to be retired) and the signals that
+// finish the worker: those hand the slot over first when they can.
+func (l *workerLoop) onSignal(sig os.Signal) {
+	w := l.w
+	switch {
+	case sig == syscall.SIGUSR1:
+		w.RequestRetire("SIGUSR1")
+	case l.connected && !l.dying && !w.isRetired() && l.dieAfterRetire == nil && w.slot != spareSlot && l.reported:
+		// Have the master move the slot first, so its clients
+		// are never refused; finish once replaced, or after
+		// a bounded wait if the master cannot replace us.
+		w.log.Info("signalled to finish; asking the master for a replacement first", "signal", sig.String())
+		w.RequestRetire(sig.String())
+		l.dieAfterRetire = time.After(2*l.cfg.startTimeout() + time.Second)
+	default:
+		l.die(sig.String())
+	}
+}
+
+// die finishes the worker: its listeners and UDP sockets close, its
+// context is cancelled, and it exits once drained or after StopTimeout.
+// Safe to call more than once.
+func (l *workerLoop) die(why string) {
+	w := l.w
+	if l.dying {
+		return
+	}
+	l.dying = true
+	w.log.Info("worker finishing", "reason", why, "connections", w.conns.Load())
+	w.closeListeners()
+	w.closePacketConns()
+	w.cancel()
+	// The master kills us after StopTimeout; this bounds the wait if
+	// there is no master any more.
+	l.dieDeadline = time.After(l.cfg.StopTimeout)
 }
 
 // setLogger derives the worker's logger from its current slot.
