@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -74,13 +75,13 @@ func checkSticky(t *testing.T, ns *netlab.NS, srcs []netip.Addr, dst netip.Addr,
 }
 
 // backends are the rule backends the routing tests run against.
-var backends = []string{"iptables", "nftables"}
+var backends = []ipcluster.Backend{ipcluster.BackendIPTables, ipcluster.BackendNFTables}
 
 func TestRoutesIPv4BySourceBits(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{})
-			c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080, 8443), Addr: lab.ServerAddr4, Backend: backend})
 			st := c.waitReady()
 			checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080, 8443}, 4, 32, 10)
 
@@ -135,7 +136,7 @@ func (c *cluster) statusRules(t *testing.T, fam string) string {
 func TestRoutesIPv6ByPrefixBits(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
 	// Addr unset: both families, any local address.
-	c := startCluster(t, lab, specConfig{Workers: 8, Ports: []uint16{8080}})
+	c := startCluster(t, lab, specConfig{Workers: 8, Ports: tcpPorts(8080)})
 	c.waitReady()
 	// Each client sits in its own /64: by default the slot comes from the
 	// low bits of the prefix.
@@ -163,7 +164,7 @@ func TestRoutesIPv6ByPrefixBits(t *testing.T) {
 
 func TestRoutesIPv6ByOwnLowBits(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr6.String(), IPv6SlotPrefix: 128})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr6, IPv6SlotPrefix: 128})
 	c.waitReady()
 	// 16 addresses in one /64 whose own low bits differ.
 	srcs := addAddrs(t, lab.Client, lab.ClientAddrs6[0], 16)
@@ -202,7 +203,7 @@ func addAddrs(t *testing.T, ns *netlab.NS, base netip.Addr, n int) []netip.Addr 
 // Clients on the host itself go through OUTPUT.
 func TestRoutesSameHostClients(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080)})
 	c.waitReady()
 	checkSticky(t, lab.Server, lab.LocalAddrs4, lab.ServerAddr4, []uint16{8080}, 4, 32, 5)
 	checkSticky(t, lab.Server, lab.LocalAddrs6, lab.ServerAddr6, []uint16{8080}, 4, 64, 2)
@@ -231,7 +232,7 @@ func holdOne(t *testing.T, c *cluster, dst netip.AddrPort, workers int) map[int]
 
 func TestKilledWorkerIsReplaced(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 16})
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	st := c.waitReady()
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
 	held := holdOne(t, c, dst, 4)
@@ -270,9 +271,9 @@ func TestKilledWorkerIsReplaced(t *testing.T) {
 
 func TestSlotMoveKeepsEstablishedConnections(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{Clients: 8})
-			c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: backend})
 			st := c.waitReady()
 			dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
 			src := lab.ClientAddrs4[1] // slot 1
@@ -316,7 +317,7 @@ func TestSlotMoveKeepsEstablishedConnections(t *testing.T) {
 
 func TestGracefulStopLeavesNothing(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080, 8443}})
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080, 8443)})
 	st := c.waitReady()
 	pids := workerPIDs(st)
 	if err := c.stop(); err != nil {
@@ -336,7 +337,7 @@ func TestGracefulStopLeavesNothing(t *testing.T) {
 // interval and writes the rules again.
 func TestLostRulesAreRewritten(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	c.waitReady()
 	conn := nftConn(t, lab)
 	conn.FlushRuleset()
@@ -367,9 +368,9 @@ func TestLostRulesAreRewritten(t *testing.T) {
 // first would cut every open connection.)
 func TestGracefulStopDrainsEstablishedConnections(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{Clients: 4})
-			c := startScenario(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+			c := startScenario(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 				Backend: backend, StopTimeout: 10 * time.Second}, "linger")
 			c.waitReady()
 			dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
@@ -413,7 +414,7 @@ func TestGracefulStopDrainsEstablishedConnections(t *testing.T) {
 // targets; with nftables, its own table in force and the chain gone.
 func TestStaleChainsAreReconciled(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			needIPTables(t) // for the crashed master's chain, whatever the backend
 			lab := netlab.NewT(t, netlab.Options{Clients: 4})
 			stale := "*nat\n:IPC-t - [0:0]\n" +
@@ -429,7 +430,7 @@ func TestStaleChainsAreReconciled(t *testing.T) {
 			if err := restore.Wait(); err != nil {
 				t.Fatal(err)
 			}
-			c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: backend})
+			c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: backend})
 			c.waitReady()
 			out := nat(t, lab, false)
 			if backend == "nftables" {
@@ -456,7 +457,7 @@ type ipStatus = proto.Status
 // refused while it leaves.
 func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	st := c.waitReady()
 	old := activePID(st, 1)
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
@@ -492,7 +493,7 @@ func TestSignalledWorkerHandsOverItsSlot(t *testing.T) {
 // and be refused for the entry's 10s, long after the slot moved.
 func TestCrashedWorkerClientPortReuse(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	st := c.waitReady()
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
 	src := netip.AddrPortFrom(lab.ClientAddrs4[1], 41234) // slot 1, a fixed port

@@ -30,7 +30,7 @@ func TestCrashAtStartBackoff(t *testing.T) {
 	for _, scenario := range []string{"panic", "panic1s", "return"} {
 		t.Run(scenario, func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{Clients: 2})
-			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()},
+			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4},
 				func(s *spec) { s.SlotScenarios = map[int]string{1: scenario} })
 			time.Sleep(crashLoopWindow)
 			n := countSpawns(c.log(), 1)
@@ -52,7 +52,7 @@ func TestCrashAtStartBackoff(t *testing.T) {
 // replaced at once, whatever failed before it: its service cleared them.
 func TestStableWorkerReplacedAtOnce(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 2})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), StableAfter: 3 * time.Second})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, StableAfter: 3 * time.Second})
 	st := c.waitReady()
 	kill := func(what string) {
 		t.Helper()

@@ -47,7 +47,7 @@ func startDeployLab(t testing.TB, workers int, edit func(*spec)) *deployLab {
 	d.version = filepath.Join(t.TempDir(), "version")
 	d.setVersion("v1")
 	d.dst = netip.AddrPortFrom(d.lab.ServerAddr4, 8080)
-	cfg := specConfig{Workers: workers, Ports: []uint16{8080}, Addr: d.lab.ServerAddr4.String(),
+	cfg := specConfig{Workers: workers, Ports: tcpPorts(8080), Addr: d.lab.ServerAddr4,
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond,
 		ConnectTimeout: time.Second, CanaryPeriod: time.Second}
 	d.c = startClusterSpec(t, d.lab, cfg, func(s *spec) {
@@ -225,7 +225,7 @@ func TestSecondMasterTakesOver(t *testing.T) {
 // slot, without a duplicated or missing rule, and no attempt fails.
 func TestMasterKilledWorkersAdopted(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			d := startDeployLab(t, 4, func(s *spec) { s.Config.Backend = backend })
 			st0, _ := d.c.status()
 			d.load()
@@ -419,7 +419,7 @@ func owners(t *testing.T, d *deployLab, workers int) map[netip.Addr]int {
 // connection is cut and no attempt fails.
 func TestLiveResize(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			d := startDeployLab(t, 2, func(s *spec) { s.Config.Backend = backend })
 			before := owners(t, d, 2)
 			d.load()

@@ -123,7 +123,7 @@ func TestFaultRestoreMissingAtStart(t *testing.T) {
 		}
 	}
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"},
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables"},
 		func(s *spec) { s.Env = []string{"PATH=" + bin} })
 	masterFailsAtStart(t, c, lab, "missing iptables binary", "iptables-restore not found on PATH", "install the iptables package")
 }
@@ -151,7 +151,7 @@ exec ` + real + ` "$@"`})
 			lab := netlab.NewT(t, netlab.Options{Clients: 16})
 			events := filepath.Join(t.TempDir(), "events.jsonl")
 			const workers = 4
-			c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"},
+			c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables"},
 				func(s *spec) {
 					s.EventsLog = events
 					s.Env = []string{"PATH=" + wrap + ":" + os.Getenv("PATH")}
@@ -233,7 +233,7 @@ func TestFaultXtablesLockHeld(t *testing.T) {
 	}
 	events := filepath.Join(t.TempDir(), "events.jsonl")
 	const workers = 4
-	c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"},
+	c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables"},
 		func(s *spec) {
 			s.EventsLog = events
 			s.Env = []string{"PATH=" + wrap + ":" + os.Getenv("PATH"), "XTABLES_LOCKFILE=" + lock}
@@ -324,7 +324,7 @@ func TestFaultRunDirUnwritable(t *testing.T) {
 		if err := os.WriteFile(file, nil, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables", RunDir: file})
+		c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables", RunDir: file})
 		masterFailsAtStart(t, c, lab, "create run directory "+file, "not a directory", "Config.RunDir must be a directory the master can write")
 	})
 	t.Run("readonly", func(t *testing.T) {
@@ -335,7 +335,7 @@ func TestFaultRunDirUnwritable(t *testing.T) {
 		// read-only: the host's mounts are never changed.
 		exe := filepath.Join(writeScripts(t, map[string]string{"master": `exec ` + unshare + ` --mount --propagation private sh -c 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"' sh ` +
 			dir + ` ` + os.Args[0] + ` "$@"`}), "master")
-		c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables", RunDir: dir},
+		c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables", RunDir: dir},
 			func(s *spec) { s.Exe = exe })
 		masterFailsAtStart(t, c, lab, "create cluster directory "+filepath.Join(dir, "t"), "read-only file system", "Config.RunDir must be a directory the master can write")
 	})
@@ -349,7 +349,7 @@ func TestFaultPortTableFull(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 16})
 	events := filepath.Join(t.TempDir(), "events.jsonl")
 	const workers = 2
-	c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: "iptables"},
+	c := startClusterSpec(t, lab, specConfig{Workers: workers, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: "iptables"},
 		func(s *spec) { s.EventsLog = events })
 	st := c.waitReady()
 	before := clusterRules(nat(t, lab, false), "IPC-t")

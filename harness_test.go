@@ -93,7 +93,10 @@ func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*
 // start runs the master process; prepare, if set, adjusts its command.
 func (c *cluster) start(prepare func(*exec.Cmd)) {
 	c.t.Helper()
-	raw, _ := json.Marshal(c.spec)
+	raw, err := json.Marshal(c.spec)
+	if err != nil {
+		c.t.Fatal(err)
+	}
 	c.logf = filepath.Join(c.t.TempDir(), "master.log")
 	logFile, err := os.Create(c.logf)
 	if err != nil {

@@ -23,7 +23,7 @@ const lagLimit = 50 * time.Millisecond
 func TestHealthMeasured(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
 	events := filepath.Join(t.TempDir(), "events.jsonl")
-	c := startClusterSpec(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond}, func(s *spec) {
 		s.SlotScenarios = map[int]string{0: "ballast", 1: "busy"}
 		s.EventsLog = events

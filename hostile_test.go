@@ -115,7 +115,7 @@ func startFakeWorker(t *testing.T, s fakeWorkerSpec) (*exec.Cmd, *bufio.Scanner)
 func TestHostilePeers(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	const connectTimeout = 2 * time.Second
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		ConnectTimeout: connectTimeout, HeartbeatInterval: 100 * time.Millisecond})
 	before := c.waitReady()
 	rules := before.Rules

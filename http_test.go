@@ -183,7 +183,7 @@ func TestHTTPEndpoints(t *testing.T) {
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
 	// linger: a held connection keeps its worker, and so the stopping
 	// master, alive until the test closes it.
-	c := startScenario(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startScenario(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond,
 		HTTPAddr: addr.String()}, "linger")
 	st := c.waitReady()
@@ -372,7 +372,7 @@ func TestHTTPEndpoints(t *testing.T) {
 func TestHTTPBackendConfigured(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 1})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		Backend: "iptables", HTTPAddr: addr.String()})
 	st := c.waitReady()
 	if st.Backend != "iptables" || st.BackendReason != "Config.Backend" {
@@ -421,7 +421,7 @@ func TestHTTPDeployOutcomes(t *testing.T) {
 	var addr netip.AddrPort
 	d := startDeployLab(t, 2, func(s *spec) {
 		s.Exe = exe
-		s.Config.HTTPAddr = netip.AddrPortFrom(netip.MustParseAddr(s.Config.Addr), httpPort).String()
+		s.Config.HTTPAddr = netip.AddrPortFrom(s.Config.Addr, httpPort).String()
 		addr = netip.MustParseAddrPort(s.Config.HTTPAddr)
 	})
 	outcomes := func(s map[string]float64) map[string]float64 {
@@ -487,7 +487,7 @@ func TestHTTPAddrInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	cfg := specConfig{Name: "t", Workers: 2, Ports: []uint16{8080}, HTTPAddr: addr.String(),
+	cfg := specConfig{Name: "t", Workers: 2, Ports: tcpPorts(8080), HTTPAddr: addr.String(),
 		RunDir: filepath.Join(t.TempDir(), "run")}
 	out, err := runHelper(t, lab, cfg, nil)
 	if err == nil {
@@ -510,7 +510,7 @@ func TestHTTPAddrInUse(t *testing.T) {
 func TestHTTPAfterTakeover(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 2})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
-	c1 := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), HTTPAddr: addr.String()})
+	c1 := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, HTTPAddr: addr.String()})
 	c1.waitReady()
 	if code, body := mustGet(t, lab, addr, "/readyz"); code != 200 {
 		t.Fatalf("/readyz before the takeover: %d %q", code, body)
@@ -583,7 +583,7 @@ func TestStatusPageChromium(t *testing.T) {
 	bin := findChromium(t)
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
-	c := startCluster(t, lab, specConfig{Workers: 4, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		HeartbeatInterval: 100 * time.Millisecond, MonitorInterval: 100 * time.Millisecond, HTTPAddr: addr.String()})
 	c.waitReady()
 	// Three connections, two on slot 0 and one on slot 1, for the bars.

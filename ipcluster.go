@@ -79,6 +79,32 @@ func (e *ConfigError) Error() string {
 
 func (e *ConfigError) Unwrap() error { return ErrInvalidConfig }
 
+// NFTablesError is a failed nf_tables request, the nftables backend's
+// RuleError. It names what was being done, the table (with its family, as
+// in `nft list table inet ipcluster-chat`) and the map or set if the
+// request was about one, and unwraps to the netlink error, so that
+// errors.Is(err, unix.ENOENT) and the like see through it.
+type NFTablesError struct {
+	Op     string // e.g. "install", "update routes in", "read ipv4 map"
+	Family string // the table's family: "inet"; "" if no table was involved
+	Table  string // e.g. "ipcluster-chat"; "" if no table was involved
+	Set    string // the map or set, e.g. "slots4"; "" if none
+	Err    error
+}
+
+func (e *NFTablesError) Error() string {
+	if e.Table == "" {
+		return e.Op + ": " + e.Err.Error()
+	}
+	var of string
+	if e.Set != "" {
+		of = e.Set + " of "
+	}
+	return fmt.Sprintf("%s %snf_tables table %s %s: %v", e.Op, of, e.Family, e.Table, e.Err)
+}
+
+func (e *NFTablesError) Unwrap() error { return e.Err }
+
 // routing derives the rule generator's view of a valid config.
 func (c *Config) routing() *routing {
 	r := &routing{

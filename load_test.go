@@ -183,7 +183,7 @@ func (c *cluster) waitRSS(t *testing.T, pid int, timeout time.Duration, what str
 func TestLoadAndCommands(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 16})
 	events := filepath.Join(t.TempDir(), "events.jsonl")
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		MonitorInterval: 100 * time.Millisecond}, func(s *spec) { s.EventsLog = events })
 	c.waitReady()
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
@@ -238,7 +238,7 @@ func TestLeakOnceScenario(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	dir := t.TempDir()
 	makeOnce(t, dir, 0)
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		MonitorInterval: 100 * time.Millisecond}, func(s *spec) {
 		s.SlotScenarios = map[int]string{0: "leakonce"}
 		s.OnceDir = dir

@@ -87,99 +87,68 @@ type spec struct {
 	Netns uint64
 }
 
-// specConfig is the JSON-able part of ipcluster.Config.
-type specConfig struct {
-	Name           string
-	Workers        int
-	Ports          []uint16 // TCP
-	UDPPorts       []uint16
-	Addr           string
-	IPv4SlotPrefix int
-	IPv6SlotPrefix int
-	RunDir         string
-	StopTimeout    time.Duration
-	ConnectTimeout time.Duration
-	Backend        string
+// specConfig is the spec's ipcluster.Config: the real type, so that every
+// field a test may set is there without a mirror to keep in step. Its JSON
+// carries every field but the funcs (OnEvent, HealthCheck) and the pointers
+// (Logger, WorkerStdout, WorkerStderr), which cannot cross the environment:
+// helperMain sets those, from the spec's other fields. Durations travel as
+// nanoseconds, Addr and Ports as text ("198.18.0.1", "8080/tcp").
+type specConfig ipcluster.Config
 
-	HeartbeatInterval time.Duration
-	MonitorInterval   time.Duration
+// tcpPorts and udpPorts are Config.Ports for the given port numbers.
+func tcpPorts(ports ...uint16) []ipcluster.Port { return portsOf(ipcluster.TCP, ports) }
+func udpPorts(ports ...uint16) []ipcluster.Port { return portsOf(ipcluster.UDP, ports) }
 
-	// Health policies, as in ipcluster.Config.
-	MemoryLimit         int64
-	LagLimit            time.Duration
-	StartupGrace        time.Duration
-	PingTimeout         time.Duration
-	RetireLimit         int
-	RetireWindow        time.Duration
-	DrainTimeout        time.Duration
-	MemoryBudget        int64
-	MemoryLowWatermark  float64
-	MemoryHighWatermark float64
-	RetiredNice         int
-	Spares              int
-	HealthCheckInterval time.Duration
-	HealthCheckFailures int
-
-	Version      string
-	CanaryPeriod time.Duration
-	DeployPace   time.Duration
-
-	StableAfter  time.Duration
-	WorkerReady  bool
-	ReadyTimeout time.Duration
-
-	WorkerUser, WorkerGroup string
-	HTTPAddr                string
+func portsOf(proto ipcluster.Protocol, ports []uint16) []ipcluster.Port {
+	var ps []ipcluster.Port
+	for _, p := range ports {
+		ps = append(ps, ipcluster.Port{Public: p, Proto: proto})
+	}
+	return ps
 }
 
+// MarshalJSON writes the fields JSON can carry as an object keyed by field
+// name, and refuses a config with a func or pointer set: the helper would
+// silently run without it.
+func (c specConfig) MarshalJSON() ([]byte, error) {
+	v := reflect.ValueOf(c)
+	fields := map[string]any{}
+	for i := range v.NumField() {
+		f := v.Type().Field(i)
+		if k := f.Type.Kind(); k == reflect.Func || k == reflect.Pointer {
+			if !v.Field(i).IsZero() {
+				return nil, fmt.Errorf("spec: Config.%s cannot be passed to the helper: set it in helperMain from a spec field", f.Name)
+			}
+			continue
+		}
+		fields[f.Name] = v.Field(i).Interface()
+	}
+	return json.Marshal(fields)
+}
+
+// UnmarshalJSON is the inverse of MarshalJSON.
+func (c *specConfig) UnmarshalJSON(b []byte) error {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	v := reflect.ValueOf(c).Elem()
+	for name, raw := range fields {
+		f := v.FieldByName(name)
+		if !f.IsValid() {
+			return fmt.Errorf("spec: Config has no field %s", name)
+		}
+		if err := json.Unmarshal(raw, f.Addr().Interface()); err != nil {
+			return fmt.Errorf("spec: Config.%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// config is the Config the helper runs, with its logger.
 func (s specConfig) config() ipcluster.Config {
-	c := ipcluster.Config{
-		Name:           s.Name,
-		Workers:        s.Workers,
-		IPv4SlotPrefix: s.IPv4SlotPrefix,
-		IPv6SlotPrefix: s.IPv6SlotPrefix,
-		RunDir:         s.RunDir,
-		StopTimeout:    s.StopTimeout,
-		ConnectTimeout: s.ConnectTimeout,
-		Backend:        ipcluster.Backend(s.Backend),
-
-		HeartbeatInterval: s.HeartbeatInterval,
-		MonitorInterval:   s.MonitorInterval,
-
-		MemoryLimit:         s.MemoryLimit,
-		LagLimit:            s.LagLimit,
-		StartupGrace:        s.StartupGrace,
-		PingTimeout:         s.PingTimeout,
-		RetireLimit:         s.RetireLimit,
-		RetireWindow:        s.RetireWindow,
-		DrainTimeout:        s.DrainTimeout,
-		MemoryBudget:        s.MemoryBudget,
-		MemoryLowWatermark:  s.MemoryLowWatermark,
-		MemoryHighWatermark: s.MemoryHighWatermark,
-		RetiredNice:         s.RetiredNice,
-		Spares:              s.Spares,
-		HealthCheckInterval: s.HealthCheckInterval,
-		HealthCheckFailures: s.HealthCheckFailures,
-		Version:             s.Version,
-		CanaryPeriod:        s.CanaryPeriod,
-		DeployPace:          s.DeployPace,
-		StableAfter:         s.StableAfter,
-		WorkerReady:         s.WorkerReady,
-		ReadyTimeout:        s.ReadyTimeout,
-		WorkerUser:          s.WorkerUser,
-		WorkerGroup:         s.WorkerGroup,
-		HTTPAddr:            s.HTTPAddr,
-		Logger:              slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	}
-	for _, p := range s.Ports {
-		c.Ports = append(c.Ports, ipcluster.Port{Public: p})
-	}
-	for _, p := range s.UDPPorts {
-		c.Ports = append(c.Ports, ipcluster.Port{Public: p, Proto: ipcluster.UDP})
-	}
-	if s.Addr != "" {
-		c.Addr = netip.MustParseAddr(s.Addr)
-	}
+	c := ipcluster.Config(s)
+	c.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	return c
 }
 
@@ -730,3 +699,27 @@ func readFirst(conn net.Conn) (*echoConn, error) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// The spec's Config reaches the helper whole: every field JSON can carry
+// comes back as it went, and a func the helper cannot receive is refused
+// rather than dropped.
+func TestSpecConfigJSON(t *testing.T) {
+	in := specConfig{Name: "t", Workers: 4, Ports: append(tcpPorts(8080), udpPorts(5353)...),
+		Addr: netip.MustParseAddr("198.18.0.1"), Backend: ipcluster.BackendIPTables, AllowDirect: true,
+		StopTimeout: 3 * time.Second, MemoryLowWatermark: 0.5, WorkerReady: true, HTTPAddr: "198.18.0.1:9100"}
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out specConfig
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatalf("unmarshal %s: %v", b, err)
+	}
+	if !reflect.DeepEqual(in, out) {
+		t.Errorf("round trip through %s:\n got %+v\nwant %+v", b, out, in)
+	}
+	in.OnEvent = func(ipcluster.Event) {}
+	if _, err := json.Marshal(in); err == nil || !strings.Contains(err.Error(), "Config.OnEvent") {
+		t.Errorf("marshal with OnEvent set: %v, want an error naming Config.OnEvent", err)
+	}
+}

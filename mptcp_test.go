@@ -22,7 +22,7 @@ func TestWorkersRefuseMPTCP(t *testing.T) {
 			t.Skipf("kernel without MPTCP: %v", err)
 		}
 	}
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	c.waitReady()
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
 

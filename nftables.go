@@ -86,6 +86,11 @@ func (k guardKey) bytes() []byte {
 	return append(binary.BigEndian.AppendUint16([]byte{k.proto, 0, 0, 0}, k.port), 0, 0)
 }
 
+// nftErr is an NFTablesError about the writer's table.
+func (w *nftWriter) nftErr(op, set string, err error) error {
+	return &NFTablesError{Op: op, Family: nftFamilyName(w.tbl.Family), Table: w.tbl.Name, Set: set, Err: err}
+}
+
 // nftWriter implements ruleBackend with nf_tables over netlink. It is used
 // only from the master's state goroutine.
 type nftWriter struct {
@@ -106,7 +111,7 @@ type nftWriter struct {
 func nftNewConn() (*nftables.Conn, error) {
 	c, err := nftables.New(nftables.AsLasting())
 	if err != nil {
-		return nil, fmt.Errorf("open nf_tables netlink socket: %w", err)
+		return nil, &NFTablesError{Op: "open nf_tables netlink socket", Err: err}
 	}
 	return c, nil
 }
@@ -134,7 +139,7 @@ func nftProbe(conn *nftables.Conn, r *routing) error {
 	}
 	conn.DelTable(w.tbl)
 	if err := conn.Flush(); err != nil {
-		return fmt.Errorf("create and delete a test table inet %s: %w", w.tbl.Name, err)
+		return w.nftErr("create and delete a test", "", err)
 	}
 	return nil
 }
@@ -301,12 +306,12 @@ func (w *nftWriter) apply(ctx context.Context, targets, workers []slotTarget) er
 func (w *nftWriter) queueElems(set *nftables.Set, del, add []nftables.SetElement) error {
 	if len(del) > 0 {
 		if err := w.conn.SetDeleteElements(set, del); err != nil {
-			return fmt.Errorf("update %s of table %s: %w", set.Name, w.tbl.Name, err)
+			return w.nftErr("update", set.Name, err)
 		}
 	}
 	if len(add) > 0 {
 		if err := w.conn.SetAddElements(set, add); err != nil {
-			return fmt.Errorf("update %s of table %s: %w", set.Name, w.tbl.Name, err)
+			return w.nftErr("update", set.Name, err)
 		}
 	}
 	return nil
@@ -317,7 +322,7 @@ func (w *nftWriter) queueElems(set *nftables.Set, del, add []nftables.SetElement
 func (w *nftWriter) commit(what string, want map[nftKey]uint16, guard map[guardKey]bool) error {
 	w.txns++
 	if err := w.conn.Flush(); err != nil {
-		return fmt.Errorf("%s nf_tables table inet %s: %w", what, w.tbl.Name, err)
+		return w.nftErr(what, "", err)
 	}
 	w.installed, w.guarded = want, guard
 	return nil
@@ -437,7 +442,7 @@ func (w *nftWriter) queueTable(want map[nftKey]uint16, guard map[guardKey]bool) 
 	for _, f := range w.r.families {
 		set := w.set(f)
 		if err := w.conn.AddSet(set, w.elems(f, want, keys)); err != nil {
-			return fmt.Errorf("install %s map %s of table %s: %w", f.name, set.Name, w.tbl.Name, err)
+			return w.nftErr("install "+f.name+" map", set.Name, err)
 		}
 		for _, c := range chains {
 			w.conn.AddRule(w.rule(f, c, set))
@@ -452,7 +457,7 @@ func (w *nftWriter) queueTable(want map[nftKey]uint16, guard map[guardKey]bool) 
 		elems = append(elems, nftables.SetElement{Key: k.bytes()})
 	}
 	if err := w.conn.AddSet(set, elems); err != nil {
-		return fmt.Errorf("install set %s of table %s: %w", set.Name, w.tbl.Name, err)
+		return w.nftErr("install set", set.Name, err)
 	}
 	input := w.conn.AddChain(&nftables.Chain{Name: "input", Table: w.tbl, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter})
@@ -465,7 +470,7 @@ func (w *nftWriter) queueTable(want map[nftKey]uint16, guard map[guardKey]bool) 
 func (w *nftWriter) exists() (bool, error) {
 	tables, err := w.conn.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return false, fmt.Errorf("list nf_tables tables to find inet %s: %w", w.tbl.Name, err)
+		return false, w.nftErr("list tables to find", "", err)
 	}
 	return slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == w.tbl.Name }), nil
 }
@@ -484,7 +489,7 @@ func (w *nftWriter) remove(ctx context.Context) error {
 		w.conn.DelTable(w.tbl)
 		w.txns++
 		if err := w.conn.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("delete nf_tables table inet %s: %w", w.tbl.Name, err)
+			return w.nftErr("delete", "", err)
 		}
 	}
 	w.installed, w.guarded = nil, nil
@@ -545,7 +550,7 @@ func (w *nftWriter) routes(ctx context.Context) ([]slotTarget, error) {
 	for _, f := range w.r.families {
 		elems, err := w.conn.GetSetElements(w.set(f))
 		if err != nil {
-			return nil, fmt.Errorf("read %s map of table inet %s: %w", f.name, w.tbl.Name, err)
+			return nil, w.nftErr("read "+f.name+" map", w.set(f).Name, err)
 		}
 		have := make(map[string][]byte, len(elems))
 		for _, e := range elems {
@@ -592,7 +597,7 @@ func (w *nftWriter) check(ctx context.Context) error {
 	for _, f := range w.r.families {
 		elems, err := w.conn.GetSetElements(w.set(f))
 		if err != nil {
-			return fmt.Errorf("read %s map of table inet %s: %w", f.name, w.tbl.Name, err)
+			return w.nftErr("read "+f.name+" map", w.set(f).Name, err)
 		}
 		have := make(map[string]string, len(elems))
 		for _, e := range elems {

@@ -4,14 +4,17 @@ package ipcluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
 )
@@ -270,6 +273,59 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 	}
 	if got := w.installed[nftKey{slot: 0, proto: 6, port: 8080}]; got != 1000 || len(w.installed) != 1 {
 		t.Errorf("after a failed update the writer believes in %v, want the old route to 1000", w.installed)
+	}
+}
+
+// A failed nf_tables request is an *NFTablesError naming what was being
+// done and the table, and it unwraps to the kernel's answer.
+func TestNFTWriterErrorTyped(t *testing.T) {
+	_, conn := nftLab(t, 1)
+	r := testRouting(t, Config{Name: "nft", Workers: 2, Ports: []Port{{Public: 8080}}})
+	w := newNFTWriter(r, conn)
+	ctx := context.Background()
+	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w.installed = map[nftKey]uint16{{slot: 0, proto: 6, port: 8080}: 1000}
+	err := fmt.Errorf("sync rules: %w", w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}, nil))
+	var ne *NFTablesError
+	if !errors.As(err, &ne) {
+		t.Fatalf("updating a table that does not exist: %v (%T), want an *NFTablesError", err, errors.Unwrap(err))
+	}
+	if ne.Op != "update routes in" || ne.Family != "inet" || ne.Table != "ipcluster-nft" || ne.Set != "" {
+		t.Errorf("error %+v, want op \"update routes in\" of table inet ipcluster-nft", ne)
+	}
+	if !errors.Is(err, unix.ENOENT) {
+		t.Errorf("error %v does not unwrap to the kernel's ENOENT", err)
+	}
+	if want := "update routes in nf_tables table inet ipcluster-nft: "; !strings.HasPrefix(ne.Error(), want) {
+		t.Errorf("error text %q, want it to start %q", ne.Error(), want)
+	}
+}
+
+// NFTablesError's text names the map when the request was about one, and
+// only the operation when no table was involved.
+func TestNFTablesErrorText(t *testing.T) {
+	for _, tc := range []struct {
+		err  *NFTablesError
+		want string
+	}{
+		{&NFTablesError{Op: "read ipv4 map", Family: "inet", Table: "ipcluster-chat", Set: "slots4", Err: unix.ENOENT},
+			"read ipv4 map slots4 of nf_tables table inet ipcluster-chat: no such file or directory"},
+		{&NFTablesError{Op: "delete", Family: "inet", Table: "ipcluster-chat", Err: unix.EPERM},
+			"delete nf_tables table inet ipcluster-chat: operation not permitted"},
+		{&NFTablesError{Op: "open nf_tables netlink socket", Err: unix.EPROTONOSUPPORT},
+			"open nf_tables netlink socket: protocol not supported"},
+	} {
+		if got := tc.err.Error(); got != tc.want {
+			t.Errorf("Error() = %q, want %q", got, tc.want)
+		}
+		if !errors.Is(tc.err, tc.err.Err) {
+			t.Errorf("%v does not unwrap to %v", tc.err, tc.err.Err)
+		}
 	}
 }
 

@@ -90,7 +90,7 @@ func TestWorkersKeepProgramName(t *testing.T) {
 
 func testWorkersKeepProgramName(t *testing.T, user string) {
 	lab := netlab.NewT(t, netlab.Options{})
-	cfg := specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), WorkerUser: user}
+	cfg := specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, WorkerUser: user}
 	if user != "" {
 		cfg.RunDir = openTempDir(t, 0o755) // the workers reach the socket
 	}
@@ -140,7 +140,7 @@ func testWorkersKeepProgramName(t *testing.T, user string) {
 // goes on from the processes' start, not from the adoption.
 func TestAdoptedWorkerKeepsUptime(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
-	cfg := specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), ConnectTimeout: 2 * time.Second}
+	cfg := specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, ConnectTimeout: 2 * time.Second}
 	c := startCluster(t, lab, cfg)
 	c.waitReady()
 	time.Sleep(2 * time.Second) // an uptime the adoption cannot reach by itself

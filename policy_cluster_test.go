@@ -29,8 +29,8 @@ func startPolicyCluster(t *testing.T, lab *netlab.Lab, cfg specConfig, slotScena
 	events := filepath.Join(t.TempDir(), "events.jsonl")
 	dir := t.TempDir()
 	makeOnce(t, dir, once...)
-	cfg.Ports = []uint16{8080}
-	cfg.Addr = lab.ServerAddr4.String()
+	cfg.Ports = tcpPorts(8080)
+	cfg.Addr = lab.ServerAddr4
 	cfg.HeartbeatInterval = 100 * time.Millisecond
 	cfg.MonitorInterval = 100 * time.Millisecond
 	c := startClusterSpec(t, lab, cfg, func(s *spec) {
@@ -292,12 +292,12 @@ func niceness(t *testing.T, pid int) any {
 // reaches the worker's own port through the guard.
 func TestFailingHealthCheckRetires(t *testing.T) {
 	for _, backend := range backends {
-		t.Run(backend, func(t *testing.T) {
+		t.Run(string(backend), func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{Clients: 4})
 			events := filepath.Join(t.TempDir(), "events.jsonl")
 			dir := t.TempDir()
 			makeOnce(t, dir, 1)
-			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), Backend: backend,
+			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: backend,
 				MonitorInterval: 100 * time.Millisecond, HealthCheckInterval: 300 * time.Millisecond, HealthCheckFailures: 2}, func(s *spec) {
 				s.EventsLog, s.OnceDir, s.HealthCheck = events, dir, "dial"
 				s.SlotScenarios = map[int]string{1: "deafonce"}

@@ -21,32 +21,32 @@ import (
 // and how to remove its rules, whichever backend each uses and in either
 // family; it leaves nothing behind, and the first keeps serving.
 func TestSecondClusterSamePortRefused(t *testing.T) {
-	type combo struct{ first, second string }
+	type combo struct{ first, second ipcluster.Backend }
 	combos := []combo{{"nftables", "nftables"}, {"iptables", "nftables"}, {"nftables", "iptables"}, {"iptables", "iptables"}}
 	for _, co := range combos {
 		for _, fam := range []string{"ipv4", "ipv6", "any-ipv6"} {
 			if fam == "any-ipv6" && co.first != co.second {
 				continue // the address overlap is the same logic whatever the backends
 			}
-			t.Run(co.first+"-"+co.second+"-"+fam, func(t *testing.T) {
+			t.Run(string(co.first)+"-"+string(co.second)+"-"+fam, func(t *testing.T) {
 				lab := netlab.NewT(t, netlab.Options{Clients: 4})
 				addr, clients := lab.ServerAddr4, lab.ClientAddrs4
-				firstAddr, secondAddr := addr.String(), addr.String()
+				firstAddr, secondAddr := addr, addr
 				switch fam {
 				case "ipv6":
 					addr, clients = lab.ServerAddr6, lab.ClientAddrs6
-					firstAddr, secondAddr = addr.String(), addr.String()
+					firstAddr, secondAddr = addr, addr
 				case "any-ipv6":
 					// The first on every address, the second on one.
 					addr, clients = lab.ServerAddr6, lab.ClientAddrs6
-					firstAddr, secondAddr = "", addr.String()
+					firstAddr, secondAddr = netip.Addr{}, addr
 				}
-				first := startCluster(t, lab, specConfig{Name: "first", Workers: 2, Ports: []uint16{8080}, Addr: firstAddr, Backend: co.first})
+				first := startCluster(t, lab, specConfig{Name: "first", Workers: 2, Ports: tcpPorts(8080), Addr: firstAddr, Backend: co.first})
 				st := first.waitReady()
 				firstPIDs := append(workerPIDs(st), first.cmd.Process.Pid)
 
 				runDir := t.TempDir()
-				second := startCluster(t, lab, specConfig{Name: "second", Workers: 2, Ports: []uint16{8443, 8080}, Addr: secondAddr,
+				second := startCluster(t, lab, specConfig{Name: "second", Workers: 2, Ports: tcpPorts(8443, 8080), Addr: secondAddr,
 					Backend: co.second, RunDir: runDir})
 				if err := second.waitRefused(); err != nil {
 					t.Fatalf("second cluster on the same port: %v, want it to fail at start\n%s", err, second.log())
@@ -76,7 +76,7 @@ func TestSecondClusterSamePortRefused(t *testing.T) {
 					}
 				}
 				where := "8080/tcp on " + addr.String()
-				if firstAddr == "" {
+				if !firstAddr.IsValid() {
 					where = "8080/tcp on every local IPv6 address"
 				}
 				for _, want := range []string{ipcluster.ErrPortInUse.Error(), where + ` is routed by cluster "first" ` + rules,
@@ -126,13 +126,13 @@ func TestSecondClusterSamePortRefused(t *testing.T) {
 // beside it.
 func TestSecondClusterOtherPortOrAddrStarts(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	first := startCluster(t, lab, specConfig{Name: "first", Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	first := startCluster(t, lab, specConfig{Name: "first", Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	first.waitReady()
 	for _, cfg := range []specConfig{
-		{Name: "port", Ports: []uint16{8081}, Addr: lab.ServerAddr4.String()},
-		{Name: "addr", Ports: []uint16{8080}, Addr: lab.LocalAddrs4[1].String(), Backend: "iptables"},
-		{Name: "family", Ports: []uint16{8080}, Addr: lab.ServerAddr6.String()},
-		{Name: "udp", UDPPorts: []uint16{8080}},
+		{Name: "port", Ports: tcpPorts(8081), Addr: lab.ServerAddr4},
+		{Name: "addr", Ports: tcpPorts(8080), Addr: lab.LocalAddrs4[1], Backend: "iptables"},
+		{Name: "family", Ports: tcpPorts(8080), Addr: lab.ServerAddr6},
+		{Name: "udp", Ports: udpPorts(8080)},
 	} {
 		cfg.Workers = 2
 		c := startCluster(t, lab, cfg)
@@ -159,7 +159,7 @@ func TestSecondClusterOtherPortOrAddrStarts(t *testing.T) {
 func TestForeignRedirectWarns(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	runIn(t, lab.Server, "iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT", "--to-ports", "9999")
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	c.waitReady()
 	log := c.log()
 	for _, want := range []string{"a nat rule outside ipcluster already redirects a public port of this cluster",

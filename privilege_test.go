@@ -237,7 +237,7 @@ func TestPrivilegeWorkerUser(t *testing.T) {
 	}
 	lab := netlab.NewT(t, netlab.Options{})
 	runDir, reports := openTempDir(t, 0o755), openTempDir(t, 0o777)
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		RunDir: runDir, WorkerUser: "nobody"}, func(s *spec) {
 		s.Scenario = "tryrules"
 		s.ReportDir = reports
@@ -344,7 +344,7 @@ func slicesEqualSorted(a, b []int) bool {
 func TestPrivilegeWorkerUserUnknown(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
 	runDir := t.TempDir()
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		RunDir: runDir, WorkerUser: "no-such-user-ipc"})
 	if err := c.wait(15 * time.Second); err == nil {
 		t.Fatal("master with an unknown WorkerUser exited 0")
@@ -370,7 +370,7 @@ func TestPrivilegeRootWorkers(t *testing.T) {
 	}
 	lab := netlab.NewT(t, netlab.Options{})
 	reports := openTempDir(t, 0o777)
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()}, func(s *spec) {
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4}, func(s *spec) {
 		s.Scenario = "tryrules"
 		s.ReportDir = reports
 	})
@@ -471,7 +471,7 @@ func testNonRootMaster(t *testing.T, fileCaps bool) {
 	if err := os.Chown(runDir, masterUID, masterUID); err != nil {
 		t.Fatal(err)
 	}
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		RunDir: runDir, CanaryPeriod: time.Second}, func(s *spec) {
 		s.Scenario, s.ReportDir = "tryrules", reports
 		s.Exe, s.VersionFile, s.SysProcAttr = exe, version, sys
@@ -553,7 +553,7 @@ func TestPrivilegeRootBinaryNotExecutable(t *testing.T) {
 		t.Fatal(err)
 	}
 	runDir := t.TempDir()
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(), RunDir: runDir},
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, RunDir: runDir},
 		func(s *spec) { s.Exe = exe })
 	if err := c.wait(15 * time.Second); err == nil {
 		t.Fatal("master exited 0")

@@ -55,7 +55,7 @@ func TestWorkerReady(t *testing.T) {
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
 	// 198.18.1.0 is slot 0's, 198.18.1.1 slot 1's.
 	client := lab.ClientAddrs4[:2]
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		WorkerReady: true, ReadyTimeout: time.Minute, Spares: 1}, func(s *spec) {
 		s.Scenario, s.ReportDir = "gated", gates
 	})
@@ -154,7 +154,7 @@ func TestReadyAgreesEverywhere(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 2})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
 	fail := filepath.Join(t.TempDir(), "fail")
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		HTTPAddr: addr.String()}, func(s *spec) { s.FailFile = fail })
 	st := c.waitReady()
 	checkReadyEverywhere(t, c, lab, addr, "")

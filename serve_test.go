@@ -91,7 +91,7 @@ func TestServeHTTPEndsIdleKeepAlive(t *testing.T) {
 	for _, end := range []string{"retired", "stopped"} {
 		t.Run(end, func(t *testing.T) {
 			lab := netlab.NewT(t, netlab.Options{Clients: 2})
-			cfg := specConfig{Workers: 1, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+			cfg := specConfig{Workers: 1, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 				DrainTimeout: 10 * time.Minute, StopTimeout: 2 * time.Minute}
 			c := startScenario(t, lab, cfg, "http")
 			c.waitReady()

@@ -122,7 +122,7 @@ func TestSoakLeaks(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 32})
 	metrics := netip.AddrPortFrom(lab.ServerAddr4, 9464)
 	const workers = 4
-	c := startCluster(t, lab, specConfig{Workers: workers, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String(),
+	c := startCluster(t, lab, specConfig{Workers: workers, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
 		HTTPAddr: metrics.String()})
 	c.waitReady()
 	master := c.cmd.Process.Pid

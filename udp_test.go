@@ -104,7 +104,7 @@ func (f *udpFlow) check(t *testing.T, slot, pid int) {
 func TestUDPFlowFollowsKilledWorker(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	// Addr unset: both families. TCP and UDP share the number 8080.
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, UDPPorts: []uint16{8080}})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: append(tcpPorts(8080), udpPorts(8080)...)})
 	st := c.waitReady()
 	src4, src6 := lab.ClientAddrs4[1], lab.ClientAddrs6[1]
 	if expectSlot(src4, 2, 32) != 1 || expectSlot(src6, 2, 64) != 1 {
@@ -160,7 +160,7 @@ func TestUDPFlowFollowsKilledWorker(t *testing.T) {
 // flow stays pinned to the dead worker's port.
 func TestUDPFlowStaysPinnedWithoutCleanup(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startClusterSpec(t, lab, specConfig{Workers: 2, UDPPorts: []uint16{5353}, Addr: lab.ServerAddr4.String()},
+	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: udpPorts(5353), Addr: lab.ServerAddr4},
 		func(s *spec) { s.SkipConntrackCleanup = true })
 	st := c.waitReady()
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 5353)
@@ -190,7 +190,7 @@ func TestUDPFlowStaysPinnedWithoutCleanup(t *testing.T) {
 // worker exits once that connection closes.
 func TestUDPFlowFollowsRetiredWorker(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, UDPPorts: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: append(tcpPorts(8080), udpPorts(8080)...), Addr: lab.ServerAddr4})
 	st := c.waitReady()
 	c.checkKernelRules(t) // the udp routes round-trip through the kernel
 	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
@@ -238,7 +238,7 @@ func TestUDPFlowFollowsRetiredWorker(t *testing.T) {
 // flow stays pinned to a dead port.
 func TestUDPFlowSurvivesClusterRestart(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	cfg := specConfig{Workers: 2, UDPPorts: []uint16{5353}, Addr: lab.ServerAddr4.String()}
+	cfg := specConfig{Workers: 2, Ports: udpPorts(5353), Addr: lab.ServerAddr4}
 	c := startCluster(t, lab, cfg)
 	st := c.waitReady()
 	flow := dialUDP(t, lab.Client, lab.ClientAddrs4[1], netip.AddrPortFrom(lab.ServerAddr4, 5353))

@@ -5,6 +5,7 @@ package ipcluster_test
 import (
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -41,7 +42,7 @@ func runHelper(t *testing.T, lab *netlab.Lab, cfg specConfig, prepare func(*exec
 // directory or process behind.
 func TestBadConfigLeavesNothing(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 1})
-	good := specConfig{Name: "t", Workers: 2, Ports: []uint16{8080}}
+	good := specConfig{Name: "t", Workers: 2, Ports: tcpPorts(8080)}
 	nobodyBin := copyTestBinary(t)
 	for _, tc := range []struct {
 		name, want string
@@ -50,9 +51,9 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 	}{
 		{name: "workers", want: "Config.Workers", edit: func(c *specConfig) { c.Workers = 6 }},
 		{name: "no ports", want: "Config.Ports", edit: func(c *specConfig) { c.Ports = nil }},
-		{name: "duplicate port", want: "Config.Ports[1].Public", edit: func(c *specConfig) { c.Ports = []uint16{80, 80} }},
+		{name: "duplicate port", want: "Config.Ports[1].Public", edit: func(c *specConfig) { c.Ports = tcpPorts(80, 80) }},
 		{name: "name", want: "Config.Name", edit: func(c *specConfig) { c.Name = "name-that-is-too-long" }},
-		{name: "addr", want: "Config.Addr", edit: func(c *specConfig) { c.Addr = "224.1.1.1" }},
+		{name: "addr", want: "Config.Addr", edit: func(c *specConfig) { c.Addr = netip.MustParseAddr("224.1.1.1") }},
 		{name: "prefix", want: "Config.IPv6SlotPrefix", edit: func(c *specConfig) { c.IPv6SlotPrefix = 200 }},
 		{name: "backend", want: "Config.Backend", edit: func(c *specConfig) { c.Backend = "ipfw" }},
 		{name: "http addr", want: "Config.HTTPAddr", edit: func(c *specConfig) { c.HTTPAddr = "localhost:9100" }},
@@ -126,7 +127,7 @@ func copyTestBinary(t *testing.T) string {
 // and nothing else.
 func TestControlSocketRejectsBadPeers(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Addr: lab.ServerAddr4.String()})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	st := c.waitReady()
 	fi, err := os.Stat(c.socket)
 	if err != nil {
