@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -380,6 +381,56 @@ func TestCheckFindsDrift(t *testing.T) {
 			}
 			if len(run.restores) != restores+1 || !strings.Contains(run.restores[restores], ":IPC-chat - [0:0]") || w.saves != saves+2 {
 				t.Errorf("after the drift, apply did not reconcile the chain whole: %d restores, %d saves", len(run.restores)-restores, w.saves-saves)
+			}
+		})
+	}
+}
+
+// findBinaries refuses, naming the binary and the fix, an iptables that is
+// not on PATH or does not answer `iptables --version` (go-iptables runs
+// it), and an iptables-restore or iptables-save that is not on PATH.
+func TestFindBinaries(t *testing.T) {
+	r := testRouting(t, Config{Name: "x", Workers: 2, Ports: []Port{tcp8080}}) // both families
+	answers := `echo "iptables v1.8.9 (nf_tables)"`
+	all := map[string]string{}
+	for _, f := range []*family{familyIPv4, familyIPv6} {
+		all[f.cmd], all[f.restore], all[f.save] = answers, "exit 0", "exit 0"
+	}
+	broken := maps.Clone(all)
+	broken["iptables"] = `echo "iptables: cannot load libxtables" >&2; exit 1`
+	for _, tc := range []struct {
+		name    string
+		scripts map[string]string
+		want    []string // in the error; none: no error
+	}{
+		{"all there", all, nil},
+		{"iptables does not run", broken, []string{"iptables does not run", "install the iptables package"}},
+		{"none", map[string]string{}, []string{"iptables not found on PATH", "iptables-restore not found on PATH",
+			"iptables-save not found on PATH", "ip6tables not found on PATH", "install the iptables package",
+			"or set Config.Addr to an IPv4 address to serve IPv4 only"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for name, body := range tc.scripts {
+				if err := os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Setenv("PATH", dir)
+			err := findBinaries(r)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrMissingBinary) {
+				t.Fatalf("error %v does not wrap ErrMissingBinary", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not say %q:\n%v", w, err)
+				}
 			}
 		})
 	}
