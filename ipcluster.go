@@ -44,7 +44,8 @@ var (
 	// user.
 	ErrNoPrivilege = errors.New("ipcluster: missing privilege")
 	// ErrMissingBinary: iptables, iptables-restore or iptables-save (or the
-	// ip6tables ones) is not on PATH.
+	// ip6tables ones) is not on PATH, or iptables does not answer
+	// `iptables --version`.
 	ErrMissingBinary = errors.New("ipcluster: missing iptables binary")
 	// ErrNoNFTables: Config.Backend is BackendNFTables but the kernel does
 	// not answer nf_tables requests.
