@@ -361,6 +361,74 @@ func TestLostRulesAreRewritten(t *testing.T) {
 	}
 }
 
+// The iptables backend's check reads the nat table back every
+// ruleCheckInterval: a hook deleted, the chain flushed or a rule changed
+// behind the master's back is found, logged and rewritten, and the slots
+// route as before. Addr is unset, so that the checks of the IPv6 chain,
+// left alone, show it as written too.
+func TestLostIPTablesRulesAreRewritten(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	needIPTables(t)
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Backend: "iptables"})
+	c.waitReady()
+	c.checkKernelRules(t)
+	written := clusterRules(nat(t, lab, false), "IPC-t")
+	slices.Sort(written)
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	hook := []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "conntrack", "--ctstate", "NEW",
+		"-m", "comment", "--comment", "ipcluster:t", "-j", "IPC-t"}
+	for _, tc := range []struct {
+		name   string
+		args   func() []string // an iptables command, run in the server's namespace
+		broken bool            // new connections fail until the rewrite
+		logged string
+	}{
+		{"hook deleted", func() []string { return append([]string{"-t", "nat", "-D", "PREROUTING"}, hook...) }, true, "the hook from PREROUTING to chain IPC-t is gone"},
+		{"chain flushed", func() []string { return []string{"-t", "nat", "-F", "IPC-t"} }, true, "chain IPC-t holds 0 rules"},
+		{"rule changed", func() []string {
+			// The first slot's rule, sent to a port nothing listens on.
+			for _, l := range clusterRules(nat(t, lab, false), "IPC-t") {
+				if spec, ok := strings.CutPrefix(l, "-A IPC-t "); ok {
+					f := strings.Fields(spec)
+					f[len(f)-1] = ":1"
+					return append([]string{"-t", "nat", "-R", "IPC-t", "1"}, f...)
+				}
+			}
+			t.Fatal("no rule in chain IPC-t")
+			return nil
+		}, false, "rule 1 of chain IPC-t is"},
+	} {
+		runIn(t, lab.Server, "iptables", tc.args()...)
+		if tc.broken {
+			if _, err := ask(lab.Client, lab.ClientAddrs4[0], dst); err == nil {
+				t.Fatalf("%s: the cluster still answered; the test cannot tell a rewrite", tc.name)
+			}
+		}
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			got := clusterRules(nat(t, lab, false), "IPC-t")
+			slices.Sort(got)
+			if slices.Equal(got, written) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the master did not rewrite its rules within 15s:\n%s", tc.name, strings.Join(got, "\n"))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		c.checkKernelRules(t)
+		checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
+		if log := c.log(); !strings.Contains(log, tc.logged) {
+			t.Errorf("%s: the master did not log %q:\n%s", tc.name, tc.logged, log)
+		}
+	}
+	// One rewrite per change: a check of the rules as written finds
+	// nothing to rewrite.
+	if n := strings.Count(c.log(), "lost the cluster's rules"); n != 3 {
+		t.Errorf("the master found its rules lost %d times, want 3:\n%s", n, c.log())
+	}
+}
+
 // A graceful stop withdraws the routes at once, but a finishing worker's
 // established connections keep working until they close: the rules that
 // translate them stay until the last worker is gone. (With nftables, the

@@ -3,6 +3,7 @@ module github.com/ipcluster/ipcluster
 go 1.26.0
 
 require (
+	github.com/coreos/go-iptables v0.8.0
 	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/google/nftables v0.3.0
 	github.com/prometheus/client_golang v1.23.2

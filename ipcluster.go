@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"slices"
 
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -45,14 +44,16 @@ var (
 	// user.
 	ErrNoPrivilege = errors.New("ipcluster: missing privilege")
 	// ErrMissingBinary: iptables, iptables-restore or iptables-save (or the
-	// ip6tables ones) is not on PATH.
+	// ip6tables ones) is not on PATH, or iptables does not answer
+	// `iptables --version`.
 	ErrMissingBinary = errors.New("ipcluster: missing iptables binary")
 	// ErrNoNFTables: Config.Backend is BackendNFTables but the kernel does
 	// not answer nf_tables requests.
 	ErrNoNFTables = errors.New("ipcluster: nf_tables unavailable")
 	// ErrRulesLost: the kernel no longer holds the rules the master wrote
-	// (nftables backend; say, after `nft flush ruleset`). The master
-	// writes them again; EventRulesFailed reports it.
+	// (say, after `nft flush ruleset`, or `iptables -t nat -F` with the
+	// iptables backend). The master writes them again; EventRulesFailed
+	// reports it.
 	ErrRulesLost = errors.New("ipcluster: rules lost from the kernel")
 	// ErrPortInUse: another cluster's rules in the master's network
 	// namespace (another Name, either backend) already route a public
@@ -125,23 +126,6 @@ func (c *Config) routing() *routing {
 	}
 	r.ports = slices.Clone(c.Ports)
 	return r
-}
-
-// checkBinaries finds the iptables binaries each family needs.
-func checkBinaries(r *routing) error {
-	var errs []error
-	for _, f := range r.families {
-		for _, bin := range []string{f.cmd, f.restore, f.save} {
-			if _, err := exec.LookPath(bin); err != nil {
-				fix := "install the iptables package (apt-get install iptables)"
-				if f == familyIPv6 {
-					fix += ", or set Config.Addr to an IPv4 address to serve IPv4 only"
-				}
-				errs = append(errs, fmt.Errorf("%w: %s not found on PATH (%v); %s", ErrMissingBinary, bin, err, fix))
-			}
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // WorkerDialMark is the packet mark (SO_MARK) of connections made with

@@ -16,6 +16,14 @@ package ipcluster
 // there is never a moment where a slot has no rule: a slot swap replaces
 // that slot's rules in place (-R); any other change declares the chain,
 // which flushes it, and refills it in the same transaction.
+//
+// github.com/coreos/go-iptables finds the iptables binary and checks it
+// runs (findBinaries). It does not do the rest: it runs one iptables command
+// per rule, outside any transaction, without a context to bound it or a
+// way to start it elsewhere (the tests' namespaces), so the writes, the
+// removal (one transaction for the hooks and the chain) and the check
+// (one iptables-save per family, where its Exists and List would take a
+// process per hook and one for the chain) go through ruleRunner.
 
 import (
 	"bufio"
@@ -29,6 +37,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	goipt "github.com/coreos/go-iptables/iptables"
 )
 
 // hookChains are the built-in nat chains the cluster's chain is jumped from.
@@ -393,9 +403,60 @@ func (w *ruleWriter) read(ctx context.Context, f *family) (*natTable, error) {
 
 func (w *ruleWriter) changes() int { return w.restores + w.saves }
 
-// check is not done for iptables: reading the table back costs a process
-// per family, too much to do every few seconds on an idle master.
-func (w *ruleWriter) check(context.Context) error { return nil }
+// checkTimeout bounds one check: every family's iptables-save.
+const checkTimeout = 10 * time.Second
+
+// check reads each installed family's nat table back, one iptables-save
+// per family, and compares it with what apply wrote: the chain declared
+// and holding exactly the installed rules, and the hook apply wrote in
+// each built-in chain. A firewall reload (`iptables -t nat -F`, a restore
+// of a saved ruleset without the cluster's chain) or an operator's edit
+// would otherwise leave new connections unrouted, or routed to a port the
+// master did not choose, until the master's next change. A family found
+// changed is reconciled whole by the next apply.
+func (w *ruleWriter) check(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, checkTimeout)
+	defer cancel()
+	for _, f := range w.r.families {
+		if !w.hooked[f] {
+			continue
+		}
+		have, err := w.read(ctx, f)
+		if err != nil {
+			return err
+		}
+		if lost := w.r.drift(have, w.installed[f]); lost != "" {
+			delete(w.hooked, f)
+			return fmt.Errorf("%w: %s nat table: %s", ErrRulesLost, f.name, lost)
+		}
+	}
+	return nil
+}
+
+// drift says how a parsed nat table differs from what apply wrote (the
+// chain's lines, and a hook in each built-in chain), or "" if it does not.
+func (r *routing) drift(have *natTable, lines []string) string {
+	if !have.chains[r.chain] {
+		return fmt.Sprintf("chain %s is gone (deleted by a firewall reload or `iptables -t nat -X`?)", r.chain)
+	}
+	want := r.hookSpec()
+	for _, hc := range hookChains {
+		if !slices.Contains(have.rules[hc], want) {
+			return fmt.Sprintf("the hook from %s to chain %s is gone", hc, r.chain)
+		}
+	}
+	got := have.rules[r.chain]
+	if len(got) != len(lines) {
+		return fmt.Sprintf("chain %s holds %d rules, not the %d written (flushed by `iptables -t nat -F`?)", r.chain, len(got), len(lines))
+	}
+	prefix := "-A " + r.chain + " "
+	for i, l := range lines {
+		if got[i] != strings.TrimPrefix(l, prefix) {
+			return fmt.Sprintf("rule %d of chain %s is %q, not the %q written", i+1, r.chain, got[i], l)
+		}
+	}
+	return ""
+}
 
 // routes parses the cluster's chain of each family as iptables-save prints
 // it, which is exactly as chainRules writes it.
@@ -458,4 +519,39 @@ func (w *ruleWriter) rulesText() map[string]string {
 		m[f.name] = strings.Join(lines, "\n")
 	}
 	return m
+}
+
+// findBinaries finds the iptables binaries each family needs. go-iptables
+// finds iptables (ip6tables) on PATH and runs `iptables --version`, so a
+// binary that is there but does not run is refused too; iptables-restore
+// and iptables-save, which go-iptables does not run, are looked up on
+// PATH as the writer execs them.
+func findBinaries(r *routing) error {
+	var errs []error
+	for _, f := range r.families {
+		fix := "install the iptables package (apt-get install iptables)"
+		if f == familyIPv6 {
+			fix += ", or set Config.Addr to an IPv4 address to serve IPv4 only"
+		}
+		proto := goipt.ProtocolIPv4
+		if f == familyIPv6 {
+			proto = goipt.ProtocolIPv6
+		}
+		// Timeout is the xtables lock wait of go-iptables' own commands;
+		// New runs only `iptables --version`, which takes no lock.
+		_, err := goipt.New(goipt.IPFamily(proto), goipt.Timeout(int(checkTimeout/time.Second)))
+		var ee *exec.Error
+		switch {
+		case errors.As(err, &ee):
+			errs = append(errs, fmt.Errorf("%w: %s not found on PATH (%v); %s", ErrMissingBinary, f.cmd, err, fix))
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%w: %s does not run (%v); %s", ErrMissingBinary, f.cmd, err, fix))
+		}
+		for _, bin := range []string{f.restore, f.save} {
+			if _, err := exec.LookPath(bin); err != nil {
+				errs = append(errs, fmt.Errorf("%w: %s not found on PATH (%v); %s", ErrMissingBinary, bin, err, fix))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -304,5 +305,133 @@ func TestRuleRetryDelay(t *testing.T) {
 	}
 	if got := ruleRetryDelay(1 << 20); got != 5*time.Second {
 		t.Errorf("ruleRetryDelay(big) = %s", got)
+	}
+}
+
+// savedTable is the iptables-save dump of a nat table holding what w
+// wrote for family f, with edit applied to its rule lines first.
+func savedTable(w *ruleWriter, f *family, edit func([]string) []string) string {
+	lines := []string{
+		"-A PREROUTING " + w.r.hookSpec(),
+		"-A OUTPUT " + w.r.hookSpec(),
+	}
+	lines = append(lines, w.installed[f]...)
+	if edit != nil {
+		lines = edit(lines)
+	}
+	return "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:" + w.r.chain + " - [0:0]\n" +
+		strings.Join(lines, "\n") + "\nCOMMIT\n"
+}
+
+// check reads the table back with one iptables-save per family and
+// reports ErrRulesLost when a hook, the chain or one of its rules is not
+// what apply wrote; the next apply then reconciles the family whole.
+func TestCheckFindsDrift(t *testing.T) {
+	r := testRouting(t, Config{Name: "chat", Workers: 2, Ports: []Port{{Public: 8080}}, Addr: netip.MustParseAddr("198.18.0.1")})
+	for _, tc := range []struct {
+		name string
+		edit func([]string) []string // nil: the table as written
+		want string                  // in the error; "" for none
+	}{
+		{"as written", nil, ""},
+		{"hook gone", func(l []string) []string { return l[1:] }, "the hook from PREROUTING to chain IPC-chat is gone"},
+		{"chain flushed", func(l []string) []string { return l[:2] }, "chain IPC-chat holds 0 rules, not the 2 written"},
+		{"rule changed", func(l []string) []string {
+			l[2] = strings.Replace(l[2], ":40000", ":1", 1)
+			return l
+		}, "rule 1 of chain IPC-chat is"},
+		{"foreign rule added", func(l []string) []string {
+			return append(l, "-A IPC-chat -p tcp -m tcp --dport 9 -j DNAT --to-destination :9")
+		}, "holds 3 rules, not the 2 written"},
+		{"chain gone", nil, "chain IPC-chat is gone"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			run := &fakeRunner{saveOut: map[*family]string{}}
+			w := newRuleWriter(r, run)
+			ctx := context.Background()
+			if err := w.check(ctx); err != nil || w.saves != 0 {
+				t.Fatalf("check before the first apply: %v, %d saves; want nil and none", err, w.saves)
+			}
+			if err := w.apply(ctx, targetsFor(2), nil); err != nil {
+				t.Fatal(err)
+			}
+			run.saveOut[familyIPv4] = savedTable(w, familyIPv4, tc.edit)
+			if tc.name == "chain gone" { // and its hooks, as `iptables -t nat -F; iptables -t nat -X` leave it
+				run.saveOut[familyIPv4] = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+			}
+			saves := w.saves
+			err := w.check(ctx)
+			if w.saves != saves+1 {
+				t.Errorf("check ran %d iptables-save, want 1", w.saves-saves)
+			}
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("check of the table as written: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrRulesLost) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("check: %v; want ErrRulesLost naming %q", err, tc.want)
+			}
+			// The same targets again: written whole, hooks and all,
+			// after reading the table again.
+			restores := len(run.restores)
+			if err := w.apply(ctx, targetsFor(2), nil); err != nil {
+				t.Fatal(err)
+			}
+			if len(run.restores) != restores+1 || !strings.Contains(run.restores[restores], ":IPC-chat - [0:0]") || w.saves != saves+2 {
+				t.Errorf("after the drift, apply did not reconcile the chain whole: %d restores, %d saves", len(run.restores)-restores, w.saves-saves)
+			}
+		})
+	}
+}
+
+// findBinaries refuses, naming the binary and the fix, an iptables that is
+// not on PATH or does not answer `iptables --version` (go-iptables runs
+// it), and an iptables-restore or iptables-save that is not on PATH.
+func TestFindBinaries(t *testing.T) {
+	r := testRouting(t, Config{Name: "x", Workers: 2, Ports: []Port{tcp8080}}) // both families
+	answers := `echo "iptables v1.8.9 (nf_tables)"`
+	all := map[string]string{}
+	for _, f := range []*family{familyIPv4, familyIPv6} {
+		all[f.cmd], all[f.restore], all[f.save] = answers, "exit 0", "exit 0"
+	}
+	broken := maps.Clone(all)
+	broken["iptables"] = `echo "iptables: cannot load libxtables" >&2; exit 1`
+	for _, tc := range []struct {
+		name    string
+		scripts map[string]string
+		want    []string // in the error; none: no error
+	}{
+		{"all there", all, nil},
+		{"iptables does not run", broken, []string{"iptables does not run", "install the iptables package"}},
+		{"none", map[string]string{}, []string{"iptables not found on PATH", "iptables-restore not found on PATH",
+			"iptables-save not found on PATH", "ip6tables not found on PATH", "install the iptables package",
+			"or set Config.Addr to an IPv4 address to serve IPv4 only"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for name, body := range tc.scripts {
+				if err := os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Setenv("PATH", dir)
+			err := findBinaries(r)
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrMissingBinary) {
+				t.Fatalf("error %v does not wrap ErrMissingBinary", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not say %q:\n%v", w, err)
+				}
+			}
+		})
 	}
 }

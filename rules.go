@@ -253,7 +253,7 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, ba
 		nft = newNFTWriter(rt, conn)
 	}
 	var ipt ruleBackend
-	iptErr := checkBinaries(rt)
+	iptErr := findBinaries(rt)
 	if iptErr == nil {
 		ipt = newRuleWriter(rt, execRunner{})
 	}
