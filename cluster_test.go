@@ -369,7 +369,7 @@ func TestLostRulesAreRewritten(t *testing.T) {
 func TestLostIPTablesRulesAreRewritten(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	needIPTables(t)
-	c := startCluster(t, lab, specConfig{Workers: 2, Ports: []uint16{8080}, Backend: "iptables"})
+	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Backend: ipcluster.BackendIPTables})
 	c.waitReady()
 	c.checkKernelRules(t)
 	written := clusterRules(nat(t, lab, false), "IPC-t")
