@@ -66,7 +66,7 @@ func testMaster(t *testing.T, cfg Config, ct *fakeConntrack) *master {
 	t.Helper()
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	m := newState(&cfg, "")
-	m.rules = newRuleSync(testRouting(t, cfg), &fakeBackend{}, m.log, func(Event) {}, func(any) {})
+	m.rules = newRuleSync(testRouting(t, cfg), &fakeBackend{}, m.log, func(Event) {}, func(event) {})
 	m.rules.conntrack, m.rules.installed = ct.delete, true
 	return m
 }

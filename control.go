@@ -241,7 +241,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		refuse("hello claims pid %d but the kernel says the peer is pid %d", h.PID, pr.pid)
 		return
 	}
-	if m.stopping {
+	if m.phase == phaseStopping {
 		refuse("master is stopping")
 		return
 	}
@@ -374,7 +374,7 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 				pr.send(proto.TypeResize, msg.Body)
 			}
 		case proto.TypeDeploy:
-			if m.successor != nil || m.stopping {
+			if m.successor != nil || m.phase == phaseStopping {
 				pr.send(proto.TypeError, &proto.Refuse{Reason: "deploy: one is already under way, or the master is stopping"})
 				break
 			}
@@ -415,7 +415,7 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 	case proto.TypeRetire:
 		r := msg.Body.(*proto.Reason)
 		m.log.Info("worker asks to be retired", append(p.logAttrs(), "reason", r.Reason)...)
-		if r.Returned && p.state == stateActive && m.slots[p.slot] == p && p.retireCause == "" {
+		if r.Returned && p.state == stateActive && m.slots[p.slot] == p {
 			// A function that returns soon after the worker became ready
 			// is a failed start, like a crash: its replacement, which
 			// may well do the same, waits out the backoff.

@@ -192,7 +192,7 @@ func goBuildID(path string) (string, error) {
 // and the lock travel with the answer, then this master lets go of its
 // workers (they reconnect, to the new master) and its loop returns.
 func (m *master) handOver(pr *peer, build string) {
-	if m.stopping || m.handedOver {
+	if m.phase == phaseStopping || m.phase == phaseHandedOver {
 		pr.refuse("master is stopping")
 		return
 	}
@@ -214,7 +214,7 @@ func (m *master) handOver(pr *peer, build string) {
 		m.log.Error("takeover: sending the control socket and lock failed; keeping the cluster", "peer_pid", pr.pid, "err", err)
 		return
 	}
-	m.handedOver = true
+	m.phase = phaseHandedOver
 	m.log.Info("handed the cluster over to a new master", "pid", pr.pid, "build", build, "workers", len(m.procs))
 	m.notifyHandedOver(pr.pid)
 	m.emit.send(EventDeploy{Outcome: DeployHandedOver, From: m.build, To: build,
@@ -357,7 +357,7 @@ func closeFDs(fds []int) {
 // takes the cluster over. Until it does this master carries on; if it
 // exits first, or takes too long, the deploy has failed.
 func (m *master) startSuccessor() {
-	if m.successor != nil || m.stopping {
+	if m.successor != nil || m.phase == phaseStopping {
 		m.log.Warn("SIGHUP ignored: a deploy is already under way or the master is stopping")
 		return
 	}
@@ -400,7 +400,7 @@ func (m *master) onSuccessorExit(ev evSuccessorExit) {
 		return
 	}
 	m.successor = nil
-	if m.handedOver {
+	if m.phase == phaseHandedOver {
 		return
 	}
 	if report := readDeployReport(m.deployReportPath()); report != "" {
@@ -411,7 +411,7 @@ func (m *master) onSuccessorExit(ev evSuccessorExit) {
 }
 
 func (m *master) onSuccessorTimeout(ev evSuccessorTimeout) {
-	if m.successor == ev.cmd && !m.handedOver {
+	if m.successor == ev.cmd && m.phase != phaseHandedOver {
 		m.log.Warn("new master did not take over in time; killing it", "pid", ev.cmd.Process.Pid, "timeout", successorTimeout)
 		_ = ev.cmd.Process.Kill() // its exit reports the failure
 	}
@@ -437,8 +437,7 @@ func (m *master) startAdoption(ctx context.Context) {
 	}
 	for slot, t := range routes {
 		if t != nil {
-			m.adopting = true
-			m.kernelRoutes = routes
+			m.adoptRoutes = routes
 			m.log.Info("found a previous master's routes; waiting for its workers", "slot", slot, "timeout", m.cfg.ConnectTimeout)
 			time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evAdoptDeadline{}) })
 			return
@@ -449,10 +448,10 @@ func (m *master) startAdoption(ctx context.Context) {
 // adoptsActive reports whether an unknown worker saying hello is the one
 // its slot's route points at, to be kept serving it.
 func (m *master) adoptsActive(h *proto.Hello, ports slotTarget) bool {
-	if !m.adopting || h.Retired || h.Slot < 0 || m.slots[h.Slot] != nil {
+	if !m.adopting() || h.Retired || h.Slot < 0 || m.slots[h.Slot] != nil {
 		return false
 	}
-	want := m.kernelRoutes[h.Slot]
+	want := m.adoptRoutes[h.Slot]
 	if len(want) == 0 || len(want) != len(ports) {
 		return false
 	}
@@ -471,7 +470,7 @@ func (m *master) adopted(p *proc) {
 	m.slots[p.slot] = p
 	m.rules.markDirty()
 	m.log.Info("adopted a previous master's worker in its slot", append(p.logAttrs(), "build", p.build)...)
-	for slot, t := range m.kernelRoutes {
+	for slot, t := range m.adoptRoutes {
 		if t != nil && m.slots[slot] == nil {
 			return
 		}
@@ -482,10 +481,10 @@ func (m *master) adopted(p *proc) {
 // endAdoption starts workers for the slots no adopted worker serves, and
 // rolls adopted workers of another build.
 func (m *master) endAdoption() {
-	if !m.adopting {
+	if !m.adopting() {
 		return
 	}
-	m.adopting = false
+	m.adoptRoutes = nil
 	var roll []int
 	var from *codeGen
 	for slot, p := range m.slots {
@@ -525,7 +524,7 @@ func (m *master) openGen(p *proc) *codeGen {
 // startDeploy rolls slots (canary first) from the build from to this
 // master's target.
 func (m *master) startDeploy(from *codeGen, slots []int, reason string) {
-	if m.dep != nil || m.resizing != nil || m.stopping {
+	if m.dep != nil || m.resizing != nil || m.phase == phaseStopping {
 		m.log.Warn("deploy not started: another deploy or a resize is under way, or the master is stopping", "reason", reason)
 		return
 	}
@@ -561,7 +560,7 @@ func (m *master) startNextSlot() {
 // commit. Called after every burst of events and every sample.
 func (m *master) progressDeploy(now time.Time) {
 	d := m.dep
-	if d == nil || m.stopping {
+	if d == nil || m.phase == phaseStopping {
 		return
 	}
 	canary := d.slots[0]
@@ -676,7 +675,7 @@ func (m *master) dismissSpares() {
 
 // restartAll rolls every active worker with this master's build (SIGUSR2).
 func (m *master) restartAll(why string) {
-	if m.adopting || !m.wasReady {
+	if m.adopting() || m.phase == phaseStarting {
 		m.log.Warn("restart ignored: the cluster is not ready yet", "reason", why)
 		return
 	}
@@ -695,3 +694,6 @@ func (m *master) restartAll(why string) {
 func (m *master) setDeploy(phase DeployOutcome, text string) {
 	m.deployPhase, m.lastDeploy = phase, text
 }
+
+// adopting reports whether a previous master's workers are waited for.
+func (m *master) adopting() bool { return m.adoptRoutes != nil }

@@ -224,7 +224,7 @@ func checkHelloMaster(t *testing.T, m *master, active, starting *proc) {
 	if len(m.procs) != 2 || m.procs[active.pid] != active || m.procs[starting.pid] != starting {
 		t.Fatalf("worker processes changed: %v", m.procs)
 	}
-	if m.slots[0] != active || active.state != stateActive || active.slot != 0 {
+	if m.slots[0] != active || !active.state.serving() || active.slot != 0 {
 		t.Fatalf("slot 0 is %+v, want worker %d active", m.slots[0], active.pid)
 	}
 	if q := m.slots[1]; q != nil && q != starting {

@@ -272,7 +272,7 @@ func TestRuleWriteIsBounded(t *testing.T) {
 
 	m, events := policyMaster(t, Config{Workers: 2, Addr: netip.MustParseAddr("198.18.0.1")})
 	rt := m.cfg.routing()
-	m.rules = newRuleSync(rt, newRuleWriter(rt, execRunner{}), m.log, m.emit.send, func(any) {})
+	m.rules = newRuleSync(rt, newRuleWriter(rt, execRunner{}), m.log, m.emit.send, func(event) {})
 	m.started = time.Now().Add(-time.Hour) // past the first install's wait
 	m.rules.markDirty()
 	t0 := time.Now()

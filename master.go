@@ -19,9 +19,37 @@ package ipcluster
 //	    └──exit/timeout──▶ respawn (with backoff)     active ──exit──▶ its slot to a
 //	                                                   spare, or respawn at once
 //
-// and, when the cluster stops, every worker becomes stopping. The health
-// policies that retire active workers and end retired ones are in
-// monitor.go.
+// where "replacement ready" goes through replacing when the retirement is
+// decided before the replacement exists (a policy, a restart, a rolled
+// back deploy: retire):
+//
+//	active ──retire──▶ replacing ──replacement ready──▶ retired
+//	                       └──exit──▶ its slot to a spare, or respawn
+//
+// A replacing worker still serves its slot, and is reported as "active"
+// (status, events, metrics, logs: procState.String). A deploy's old worker
+// goes to standby instead of retired, until the deploy commits (retired)
+// or rolls back (active again). When the cluster stops, every worker
+// becomes stopping. The health policies that retire active workers and end
+// retired ones are in monitor.go.
+//
+// The master itself is in one phase at a time (masterPhase, m.phase):
+//
+//	starting ──every slot served at once, rules written──▶ serving
+//	    │                                                    │
+//	    └──stop: signal, ctx, request, failed install────────┴──▶ stopping ──last worker gone──▶ (run returns)
+//	starting or serving ──handed over to a new master──▶ handed over ──▶ (run returns)
+//
+// Starting ends with EventReady and systemd's READY; restarts (SIGUSR2)
+// and resizes are refused until then. Stopping and handed over are final:
+// stop does nothing after a handover. What runs alongside a phase is not
+// one, and keeps its own state: an adoption (adoptRoutes; in start-up,
+// but an adopted worker that dies may be replaced and the cluster served
+// before the adoption's deadline, and a stop does not end it), a deploy
+// (dep, successor), a resize (resizing, resized). tookOver says how this
+// master got the cluster (from a running master), not where it is;
+// sampling and spareRetry say a PSS sample or a spare restart is in
+// flight.
 //
 // "Ready" is the worker's word: with Config.WorkerReady, the application's
 // (Worker.Ready), otherwise the library's once it listens. A worker that
@@ -55,16 +83,37 @@ import (
 type procState int
 
 const (
-	stateStarting procState = iota // spawned, not yet ready
-	stateActive                    // serves its slot
-	stateRetired                   // replaced; drains its connections
-	stateStopping                  // told to die because the cluster stops
-	stateSpare                     // ready, in no slot (Config.Spares)
-	stateStandby                   // replaced by a deploy's new worker; kept listening until the deploy commits or rolls back
+	stateStarting  procState = iota // spawned, not yet ready
+	stateActive                     // serves its slot
+	stateRetired                    // replaced; drains its connections
+	stateStopping                   // told to die because the cluster stops
+	stateSpare                      // ready, in no slot (Config.Spares)
+	stateStandby                    // replaced by a deploy's new worker; kept listening until the deploy commits or rolls back
+	stateReplacing                  // active, its retirement decided (retireCause); serves until its slot moves
 )
 
+// String is the state's reported name: the status, events, metrics labels
+// and logs. A replacing worker is reported "active": it serves its slot.
 func (s procState) String() string {
-	return [...]string{"starting", "active", "retired", "stopping", "spare", "standby"}[s]
+	return [...]string{"starting", "active", "retired", "stopping", "spare", "standby", "active"}[s]
+}
+
+// serving reports whether a worker in state s serves its slot: active, or
+// active and being replaced.
+func (s procState) serving() bool { return s == stateActive || s == stateReplacing }
+
+// masterPhase is where the master is in its life (drawn in the header).
+type masterPhase int
+
+const (
+	phaseStarting   masterPhase = iota // until every slot has been served at once
+	phaseServing                       // start-up over: EventReady sent, systemd told
+	phaseStopping                      // stop: workers told to die; run returns once they are gone
+	phaseHandedOver                    // a new master has the cluster; run returns
+)
+
+func (ph masterPhase) String() string {
+	return [...]string{"starting", "serving", "stopping", "handed over"}[ph]
 }
 
 // spareSlot is the slot of a spare: a worker spawned for no slot.
@@ -108,6 +157,26 @@ type proc struct {
 func (p *proc) logAttrs() []any {
 	return []any{"pid", p.pid, "slot", p.slot, "generation", p.gen}
 }
+
+// event is what helpers send the loop (m.send); handle takes each type.
+// Sealed: only this package's ev* types are events.
+type event interface{ isEvent() }
+
+func (evExit) isEvent()             {}
+func (evHello) isEvent()            {}
+func (evMsg) isEvent()              {}
+func (evClosed) isEvent()           {}
+func (evConnectTimeout) isEvent()   {}
+func (evRespawn) isEvent()          {}
+func (evRetryRules) isEvent()       {}
+func (evHealth) isEvent()           {}
+func (evInstallDeadline) isEvent()  {}
+func (evStopTimeout) isEvent()      {}
+func (evPSS) isEvent()              {}
+func (evSuccessorExit) isEvent()    {}
+func (evSuccessorTimeout) isEvent() {}
+func (evAdoptDeadline) isEvent()    {}
+func (evSnapshot) isEvent()         {}
 
 // Events sent to the loop.
 type (
@@ -157,7 +226,7 @@ type master struct {
 	gen       int
 	started   time.Time
 
-	events chan any
+	events chan event
 	done   chan struct{} // closed when run returns: late events are dropped
 
 	slots    []*proc       // the active worker of each slot, nil if none
@@ -178,18 +247,18 @@ type master struct {
 	memLevel    int  // 0 below the low watermark, 1 above it, 2 above the high one
 
 	// Deploys and takeover (deploy.go).
-	build        string   // this master's own build
-	target       *codeGen // the code new workers are spawned from
-	dep          *deployState
-	lastDeploy   string        // the last deploy's phase, for the status
-	deployPhase  DeployOutcome // and its phase
-	successor    *exec.Cmd     // the new master started on SIGHUP
-	handedOver   bool
-	tookOver     bool         // openRunDir took the cluster over from a running master
-	adopting     bool         // waiting for a previous master's workers
-	kernelRoutes []slotTarget // the routes it left
-	resizing     *resizeState // a growth waiting for its new workers (resize.go)
-	resized      *resizeState // a resize whose new routes are still to be written: announced then
+	build       string   // this master's own build
+	target      *codeGen // the code new workers are spawned from
+	dep         *deployState
+	lastDeploy  string        // the last deploy's phase, for the status
+	deployPhase DeployOutcome // and its phase
+	successor   *exec.Cmd     // the new master started on SIGHUP
+	tookOver    bool          // openRunDir took the cluster over from a running master
+	// adoptRoutes: the routes a previous master left, while its workers
+	// are waited for (startAdoption); nil when no adoption is under way.
+	adoptRoutes []slotTarget
+	resizing    *resizeState // a growth waiting for its new workers (resize.go)
+	resized     *resizeState // a resize whose new routes are still to be written: announced then
 
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
@@ -202,9 +271,8 @@ type master struct {
 	sampling    bool
 	sampleCount int
 
-	wasReady bool // every slot has been served at once: start-up is over (EventReady sent, systemd told); notReady says if the cluster is ready now
-	stopping bool
-	stopErr  error
+	phase   masterPhase // starting until every slot has been served at once; notReady says if the cluster is ready now
+	stopErr error
 }
 
 func runMaster(ctx context.Context, cfg *Config) error {
@@ -228,7 +296,7 @@ func newState(cfg *Config, build string) *master {
 		uid:      os.Geteuid(),
 		gen:      1,
 		started:  time.Now(),
-		events:   make(chan any, 64),
+		events:   make(chan event, 64),
 		pssReqs:  make(chan []int, 1),
 		done:     make(chan struct{}),
 		slots:    make([]*proc, cfg.Workers),
@@ -351,7 +419,7 @@ func (m *master) run(ctx context.Context) error {
 	go m.accept()
 	m.startAdoption(ctx)
 	for slot := range m.slots {
-		if !m.adopting || m.kernelRoutes[slot] == nil {
+		if !m.adopting() || m.adoptRoutes[slot] == nil {
 			m.spawn(slot)
 		}
 	}
@@ -386,7 +454,7 @@ func (m *master) run(ctx context.Context) error {
 		case <-watchdog:
 			m.sd.ping()
 		case <-checkRules.C:
-			if !m.stopping {
+			if m.phase != phaseStopping {
 				m.rules.check(ctx)
 			}
 		case <-monitor.C:
@@ -406,7 +474,7 @@ func (m *master) run(ctx context.Context) error {
 			case syscall.SIGHUP:
 				m.startSuccessor()
 			default:
-				if m.stopping {
+				if m.phase == phaseStopping {
 					m.log.Warn("second stop signal: killing workers now", "signal", sig.String())
 					m.killAll()
 				} else {
@@ -426,7 +494,7 @@ func (m *master) run(ctx context.Context) error {
 				}
 			}
 		}
-		if m.handedOver {
+		if m.phase == phaseHandedOver {
 			m.letGo()
 			return nil
 		}
@@ -434,7 +502,7 @@ func (m *master) run(ctx context.Context) error {
 		m.progressResize()
 		m.syncRules(ctx)
 		m.rules.cleanConntrack()
-		if m.stopping && len(m.procs) == 0 {
+		if m.phase == phaseStopping && len(m.procs) == 0 {
 			m.removeRules()
 			m.closeRunDir()
 			m.log.Info("master stopped")
@@ -445,14 +513,16 @@ func (m *master) run(ctx context.Context) error {
 
 // send is how helper goroutines talk to the loop. Once the loop has
 // returned, events are dropped rather than left blocking their goroutine.
-func (m *master) send(ev any) {
+func (m *master) send(ev event) {
 	select {
 	case m.events <- ev:
 	case <-m.done:
 	}
 }
 
-func (m *master) handle(ev any) {
+// handle takes one event. An event it does not know is a programming
+// error (a new ev* type without its case): it panics, naming the type.
+func (m *master) handle(ev event) {
 	switch ev := ev.(type) {
 	case evExit:
 		m.onExit(ev.p, ev.status)
@@ -470,7 +540,7 @@ func (m *master) handle(ev any) {
 		}
 	case evRespawn:
 		switch {
-		case m.stopping:
+		case m.phase == phaseStopping:
 		case ev.slot == spareSlot:
 			m.spareRetry = false
 			m.fillSpares()
@@ -479,7 +549,7 @@ func (m *master) handle(ev any) {
 			// A slot without a worker, or whose worker is being
 			// replaced, may take a spare; otherwise (a deploy's new
 			// worker failed) it needs this build's own.
-			if q := m.slots[ev.slot]; (q == nil || q.retireCause != "") && m.giveSpare(ev.slot) {
+			if q := m.slots[ev.slot]; (q == nil || q.state == stateReplacing) && m.giveSpare(ev.slot) {
 				break
 			}
 			m.spawn(ev.slot)
@@ -505,6 +575,8 @@ func (m *master) handle(ev any) {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
 			m.killAll()
 		}
+	default:
+		panic(fmt.Sprintf("ipcluster: master.handle: unknown event %T", ev))
 	}
 }
 
@@ -593,16 +665,16 @@ func (m *master) onExit(p *proc, status string) {
 		p.peer.close()
 	}
 	lvl := slog.LevelInfo
-	if p.state == stateActive || p.state == stateStarting {
+	if p.state.serving() || p.state == stateStarting {
 		lvl = slog.LevelWarn
 	}
 	m.log.Log(context.Background(), lvl, "worker exited", append(p.logAttrs(), "state", p.state.String(), "status", status)...)
 	m.emit.send(EventWorkerExited{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Status: status})
-	if m.stopping {
+	if m.phase == phaseStopping {
 		return
 	}
 	m.rules.noteDeadTCP(p.ports)
-	if p.ports != nil && m.rules.rt.guard && p.state != stateActive {
+	if p.ports != nil && m.rules.rt.guard && !p.state.serving() {
 		// Its ports leave the guard set: the OS may hand them to anyone.
 		// (An active worker's leave with the write that points its slot
 		// at the replacement: writing now would leave the slot without a
@@ -628,7 +700,7 @@ func (m *master) onExit(p *proc, status string) {
 		} else {
 			m.fillSpares()
 		}
-	case stateActive:
+	case stateActive, stateReplacing:
 		if m.deployTrouble(p, true, "new worker exited while serving: "+status) {
 			return // its slot is back on its old worker
 		}
@@ -637,7 +709,7 @@ func (m *master) onExit(p *proc, status string) {
 		// way, and one rule write is quicker than two.
 		if m.slots[p.slot] == p {
 			m.slots[p.slot] = nil
-			if p.retireCause == "" { // else its replacement is under way, and counted
+			if p.state == stateActive { // replacing: its replacement is under way, and counted
 				m.countStart(p, p.slot)
 			}
 			m.replace(p.slot)
@@ -739,7 +811,7 @@ func (m *master) onReady(p *proc) {
 		// A slot that lost its worker, or whose worker is being retired,
 		// takes the spare rather than wait for its own replacement.
 		for slot, q := range m.slots {
-			if (q == nil && m.wasReady) || (q != nil && q.retireCause != "") {
+			if (q == nil && m.phase == phaseServing) || (q != nil && q.state == stateReplacing) {
 				if m.giveSpare(slot) {
 					break
 				}
@@ -775,7 +847,7 @@ func (m *master) activate(p *proc, slot int) {
 	m.rules.markDirty()
 	switch {
 	case old == nil:
-	case m.dep != nil && p.gen == m.dep.gen && old.gen != m.dep.gen && old.retireCause == "":
+	case m.dep != nil && p.gen == m.dep.gen && old.gen != m.dep.gen && old.state == stateActive:
 		// A deploy moved the slot: the old worker stands by, listening,
 		// until the deploy commits (retired) or rolls back (active again).
 		old.state = stateStandby
@@ -796,7 +868,7 @@ func (m *master) activate(p *proc, slot int) {
 // slot's clients are then served after one rule write. A replacement still
 // starting for the slot is no longer needed and is killed.
 func (m *master) giveSpare(slot int) bool {
-	if len(m.spares) == 0 || m.stopping || m.inBackoff(slot) {
+	if len(m.spares) == 0 || m.phase == phaseStopping || m.inBackoff(slot) {
 		return false
 	}
 	if m.cfg.WorkerReady && m.pending[slot] != nil {
@@ -834,7 +906,7 @@ func (m *master) giveSpare(slot int) bool {
 // fillSpares starts spares until Config.Spares are ready or starting,
 // unless the cluster is above its low memory watermark or stopping.
 func (m *master) fillSpares() {
-	if m.stopping || m.memLevel > 0 || m.spareRetry || m.dep != nil || m.adopting {
+	if m.phase == phaseStopping || m.memLevel > 0 || m.spareRetry || m.dep != nil || m.adopting() {
 		return
 	}
 	n := len(m.spares)
@@ -851,9 +923,10 @@ func (m *master) fillSpares() {
 // retire replaces an active worker: its slot goes to a spare, or to a new
 // worker spawned for it once that one is ready; then this one is told.
 func (m *master) retire(p *proc, cause RetireCause, reason string) {
-	if m.stopping || p.state != stateActive || m.slots[p.slot] != p || p.retireCause != "" {
+	if m.phase == phaseStopping || p.state != stateActive || m.slots[p.slot] != p {
 		return
 	}
+	p.state = stateReplacing
 	p.retireCause, p.retireReason, p.retireAt = cause, reason, time.Now()
 	m.replace(p.slot)
 }
@@ -873,7 +946,7 @@ func (m *master) onClosed(pr *peer, err error) {
 // replaced workers they are retired: only once no new connection can
 // reach them.
 func (m *master) syncRules(ctx context.Context) {
-	if !m.rules.due() || m.stopping {
+	if !m.rules.due() || m.phase == phaseStopping {
 		return
 	}
 	if !m.rules.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
@@ -904,8 +977,8 @@ func (m *master) syncRules(ctx context.Context) {
 			m.retired(p, now)
 		}
 	}
-	if !m.wasReady && m.allSlotsReady() {
-		m.wasReady = true
+	if m.phase == phaseStarting && m.allSlotsReady() {
+		m.phase = phaseServing
 		elapsed := time.Since(m.started)
 		m.log.Info("all slots ready", "workers", len(m.slots), "elapsed", elapsed)
 		m.emit.send(EventReady{Workers: len(m.slots), Elapsed: elapsed})
@@ -957,7 +1030,7 @@ func (m *master) workerPorts() []slotTarget {
 // systemd's STATUS line all show it.
 func (m *master) notReady() string {
 	switch {
-	case m.stopping:
+	case m.phase == phaseStopping:
 		return "the master is stopping"
 	case !m.rules.installed:
 		return "the rules are not installed yet (waiting for the first worker of every slot)"
@@ -985,10 +1058,10 @@ func (m *master) allSlotsReady() bool {
 // a worker that is about to finish; then every worker is told to die, and
 // killed after StopTimeout.
 func (m *master) stop(why string) {
-	if m.stopping {
-		return
+	if m.phase == phaseStopping || m.phase == phaseHandedOver {
+		return // stopping already, or no longer this master's cluster to stop
 	}
-	m.stopping = true
+	m.phase = phaseStopping
 	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
 	m.notifyStopping(why)
 	// Routes out first, so no new connection reaches a finishing worker;
@@ -1041,7 +1114,7 @@ func (m *master) killRetired() int {
 // activeWorker is the active worker with pid, or if pid is 0 of slot.
 func (m *master) activeWorker(slot, pid int) *proc {
 	if pid != 0 {
-		if p := m.procs[pid]; p != nil && p.state == stateActive {
+		if p := m.procs[pid]; p != nil && p.state.serving() {
 			return p
 		}
 		return nil
@@ -1089,7 +1162,7 @@ func (m *master) status() *proto.Status {
 		Deploy:      m.lastDeploy,
 		DeployPhase: string(m.deployPhase),
 		Successor:   m.successorPID(),
-		Stopping:    m.stopping,
+		Stopping:    m.phase == phaseStopping,
 	}
 	st.Backend, st.BackendReason = string(m.backend.name), m.backend.reason
 	for i, p := range m.slots {

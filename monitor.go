@@ -169,7 +169,7 @@ func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Se
 
 // enforce applies the health policies after a sample at now.
 func (m *master) enforce(now time.Time) {
-	if m.stopping {
+	if m.phase == phaseStopping {
 		return
 	}
 	procs := slices.SortedFunc(maps.Values(m.procs), func(a, b *proc) int { return a.pid - b.pid })
@@ -179,6 +179,9 @@ func (m *master) enforce(now time.Time) {
 		}
 		silence := m.checkResponsive(p, now)
 		switch {
+		case p.state == stateReplacing:
+			// Already being replaced: no policy retires it again, nor
+			// ends it as unresponsive.
 		case p.state == stateActive:
 			m.checkActive(p, now)
 		case p.unresponsive && silence > 2*m.cfg.PingTimeout:
@@ -221,7 +224,7 @@ func (m *master) checkResponsive(p *proc, now time.Time) time.Duration {
 
 // checkActive retires an active worker that breaks a limit.
 func (m *master) checkActive(p *proc, now time.Time) {
-	if p.retireCause != "" {
+	if p.state != stateActive {
 		return // already being replaced
 	}
 	beat := p.lastBeat()
@@ -394,11 +397,11 @@ func killOrder(a, b *proc) int {
 // startHealthChecks runs Config.HealthCheck for each active worker that is
 // not being checked or replaced already, off the loop.
 func (m *master) startHealthChecks() {
-	if m.stopping {
+	if m.phase == phaseStopping {
 		return
 	}
 	for _, p := range m.procs {
-		if p.state != stateActive || p.checking || p.retireCause != "" {
+		if p.state != stateActive || p.checking {
 			continue
 		}
 		m.checkHealth(p)
@@ -435,7 +438,7 @@ func (m *master) onHealth(p *proc, err error) {
 		m.onReady(p)
 		return
 	}
-	if p.state != stateActive {
+	if !p.state.serving() {
 		return
 	}
 	if err == nil {
@@ -447,7 +450,7 @@ func (m *master) onHealth(p *proc, err error) {
 	}
 	p.healthFails++
 	m.log.Warn("health check failed", append(p.logAttrs(), "failures", p.healthFails, "limit", m.cfg.HealthCheckFailures, "err", err)...)
-	if p.healthFails >= m.cfg.HealthCheckFailures && p.retireCause == "" {
+	if p.healthFails >= m.cfg.HealthCheckFailures && p.state == stateActive {
 		m.policyRetire(p, CauseHealthCheck, fmt.Sprintf("health check failed %d times in a row: %v", p.healthFails, err), time.Now())
 	}
 }

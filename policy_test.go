@@ -133,7 +133,7 @@ func TestMemoryBudgetWatermarks(t *testing.T) {
 		t.Fatalf("high watermark: %+v, want %+v", last, want)
 	}
 	for _, p := range m.procs {
-		if p.state == stateActive && (p.killed || !p.dismissedAt.IsZero()) {
+		if p.state.serving() && (p.killed || !p.dismissedAt.IsZero()) {
 			t.Errorf("active worker %d ended for the budget", p.pid)
 		}
 	}

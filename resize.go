@@ -63,9 +63,9 @@ func checkWorkers(cfg *Config, n int) error {
 func (m *master) startResize(n int) error {
 	cur := len(m.slots)
 	switch {
-	case m.stopping:
+	case m.phase == phaseStopping:
 		return fmt.Errorf("the master is stopping")
-	case m.adopting || !m.wasReady:
+	case m.adopting() || m.phase == phaseStarting:
 		return fmt.Errorf("the cluster is not ready yet; try again once every slot is served")
 	case m.dep != nil:
 		return fmt.Errorf("a deploy is under way; resize once it is over")

@@ -43,7 +43,7 @@ type ruleSync struct {
 	backend   ruleBackend // reads rt
 	log       *slog.Logger
 	emit      func(Event)                 // the master's emitter: EventRulesFailed
-	send      func(any)                   // to the loop: evRetryRules
+	send      func(event)                 // to the loop: evRetryRules
 	after     func(time.Duration, func()) // time.AfterFunc; tests record the delay instead
 	observe   func(time.Duration, error)  // each write's duration and outcome, for metrics; may be nil
 	conntrack conntrackDeleter
@@ -64,7 +64,7 @@ type ruleSync struct {
 
 // newRuleSync drives backend, made for rt. emit receives EventRulesFailed;
 // send is how the retry timer reaches the loop.
-func newRuleSync(rt *routing, backend ruleBackend, log *slog.Logger, emit func(Event), send func(any)) *ruleSync {
+func newRuleSync(rt *routing, backend ruleBackend, log *slog.Logger, emit func(Event), send func(event)) *ruleSync {
 	return &ruleSync{
 		rt:        rt,
 		backend:   backend,

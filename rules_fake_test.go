@@ -174,13 +174,13 @@ type fakeRuleSync struct {
 	*ruleSync
 	backend *fakeBackend
 	timers  *fakeTimers
-	sent    *[]any
+	sent    *[]event
 }
 
 func newFakeRuleSync(cfg *Config, log *slog.Logger, emit func(Event)) fakeRuleSync {
 	b := &fakeBackend{}
-	var sent []any
-	s := newRuleSync(cfg.routing(), b, log, emit, func(ev any) { sent = append(sent, ev) })
+	var sent []event
+	s := newRuleSync(cfg.routing(), b, log, emit, func(ev event) { sent = append(sent, ev) })
 	timers := &fakeTimers{}
 	s.after = timers.after
 	s.conntrack = func(*family, netlink.CustomConntrackFilter) (uint, error) { return 0, nil }

@@ -71,7 +71,7 @@ func TestRuleSyncRetryBackoff(t *testing.T) {
 		}
 		*s.sent = nil
 		s.timers.fire()
-		if !slices.Equal(*s.sent, []any{evRetryRules{}}) {
+		if !slices.Equal(*s.sent, []event{evRetryRules{}}) {
 			t.Fatalf("retry timer sent %v to the loop, want evRetryRules", *s.sent)
 		}
 		s.retry() // the loop's handling of evRetryRules
@@ -155,8 +155,8 @@ func TestFirstInstallFailuresStopMaster(t *testing.T) {
 	m.rules.markDirty()
 	for i := range 3 {
 		m.syncRules(context.Background())
-		if stopping := i == 2; m.stopping != stopping {
-			t.Fatalf("after failed install %d: stopping %v, want %v", i+1, m.stopping, stopping)
+		if stopping := i == 2; (m.phase == phaseStopping) != stopping {
+			t.Fatalf("after failed install %d: stopping %v, want %v", i+1, m.phase == phaseStopping, stopping)
 		}
 		if i < 2 {
 			m.rules.retry()

@@ -155,7 +155,7 @@ func (n *notifier) successorEnv() []string {
 // notifyReady tells systemd the cluster serves, once it is ready and no
 // deploy is under way (a deploy's end calls it again).
 func (m *master) notifyReady() {
-	if !m.wasReady || m.dep != nil || m.successor != nil || m.stopping {
+	if m.phase == phaseStarting || m.dep != nil || m.successor != nil || m.phase == phaseStopping {
 		return
 	}
 	what := "serving"
