@@ -252,9 +252,11 @@ func TestNFTWriterReplacesStaleTable(t *testing.T) {
 	checkNFTKernel(t, conn, w)
 }
 
-// A failed transaction leaves the writer's belief as it was, so the
-// master's retry starts from what the kernel holds.
-func TestNFTWriterFailureKeepsBelief(t *testing.T) {
+// failedNFTUpdate writes a cluster's table, deletes it behind the writer's
+// back (as an operator's nft flush ruleset would) and returns the writer
+// and the error of its next update, which must fail rather than pretend.
+func failedNFTUpdate(t *testing.T) (*nftWriter, error) {
+	t.Helper()
 	_, conn := nftLab(t, 1)
 	r := testRouting(t, Config{Name: "nft", Workers: 2, Ports: []Port{{Public: 8080}}})
 	w := newNFTWriter(r, conn)
@@ -262,13 +264,18 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	// The table vanishes behind the writer's back (an operator's nft
-	// flush ruleset): the next update must fail, not pretend.
 	if err := w.remove(ctx); err != nil {
 		t.Fatal(err)
 	}
 	w.installed = map[nftKey]uint16{{slot: 0, proto: 6, port: 8080}: 1000}
-	if err := w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}, nil); err == nil {
+	return w, w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}, nil)
+}
+
+// A failed transaction leaves the writer's belief as it was, so the
+// master's retry starts from what the kernel holds.
+func TestNFTWriterFailureKeepsBelief(t *testing.T) {
+	w, err := failedNFTUpdate(t)
+	if err == nil {
 		t.Fatal("updating a table that does not exist succeeded")
 	}
 	if got := w.installed[nftKey{slot: 0, proto: 6, port: 8080}]; got != 1000 || len(w.installed) != 1 {
@@ -279,18 +286,8 @@ func TestNFTWriterFailureKeepsBelief(t *testing.T) {
 // A failed nf_tables request is an *NFTablesError naming what was being
 // done and the table, and it unwraps to the kernel's answer.
 func TestNFTWriterErrorTyped(t *testing.T) {
-	_, conn := nftLab(t, 1)
-	r := testRouting(t, Config{Name: "nft", Workers: 2, Ports: []Port{{Public: 8080}}})
-	w := newNFTWriter(r, conn)
-	ctx := context.Background()
-	if err := w.apply(ctx, []slotTarget{{tcp8080: 1000}, {tcp8080: 1001}}, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.remove(ctx); err != nil {
-		t.Fatal(err)
-	}
-	w.installed = map[nftKey]uint16{{slot: 0, proto: 6, port: 8080}: 1000}
-	err := fmt.Errorf("sync rules: %w", w.apply(ctx, []slotTarget{{tcp8080: 2000}, nil}, nil))
+	_, failed := failedNFTUpdate(t)
+	err := fmt.Errorf("sync rules: %w", failed)
 	var ne *NFTablesError
 	if !errors.As(err, &ne) {
 		t.Fatalf("updating a table that does not exist: %v (%T), want an *NFTablesError", err, errors.Unwrap(err))
