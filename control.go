@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"sync"
 	"syscall"
@@ -80,6 +81,21 @@ func (pr *peer) send(typ string, body any) {
 	}
 }
 
+// sendFDs sends a message with descriptors (SCM_RIGHTS); the peer gets
+// duplicates, the caller keeps its own.
+func (pr *peer) sendFDs(typ string, body any, fds []int) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.closed {
+		return
+	}
+	_ = pr.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if err := proto.WriteFDs(pr.conn, typ, body, fds); err != nil {
+		pr.closed = true
+		pr.conn.Close()
+	}
+}
+
 func (pr *peer) refuse(reason string) {
 	pr.send(proto.TypeRefuse, &proto.Refuse{Reason: reason})
 	pr.close()
@@ -123,16 +139,19 @@ func (m *master) serve(conn *net.UnixConn) {
 		pr.refuse(reason)
 		return
 	}
-	r := proto.NewReader(conn)
+	// recvmsg, not a buffered reader: a worker's hello comes with its
+	// sockets (SCM_RIGHTS).
+	r := proto.NewUnixReader(conn)
 	_ = conn.SetReadDeadline(time.Now().Add(m.cfg.ConnectTimeout))
 	msg, err := r.Read()
 	if err != nil || msg.Type != proto.TypeHello {
+		proto.CloseFDs(msg.FDs)
 		m.log.Warn("control connection sent no valid hello; closing", "peer_pid", pr.pid, "type", msg.Type, "err", err)
 		pr.close()
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	m.send(evHello{peer: pr, hello: msg.Body.(*proto.Hello)})
+	m.send(evHello{peer: pr, hello: msg.Body.(*proto.Hello), fds: msg.FDs})
 	for {
 		msg, err := r.Read()
 		if err != nil {
@@ -140,6 +159,7 @@ func (m *master) serve(conn *net.UnixConn) {
 			m.send(evClosed{peer: pr, err: err})
 			return
 		}
+		proto.CloseFDs(msg.FDs) // only a hello carries any
 		switch msg.Type {
 		case proto.TypeHeartbeat, proto.TypeInfo:
 			pr.beat.set(msg.Body.(*proto.Heartbeat).Stats)
@@ -218,7 +238,10 @@ func dialMarked(ctx context.Context, network, address string) (net.Conn, error) 
 
 // ---- the loop's half ----
 
-func (m *master) onHello(pr *peer, h *proto.Hello) {
+func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
+	// The worker's sockets: an adopted worker's become the master's copy
+	// (adoptSockets takes them); any others are closed.
+	defer func() { proto.CloseFDs(fds) }()
 	refuse := func(format string, args ...any) {
 		reason := fmt.Sprintf(format, args...)
 		m.log.Warn("refused control connection", "peer_pid", pr.pid, "peer_uid", pr.uid, "reason", reason)
@@ -276,10 +299,14 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		ports[Port{Public: pp.Public, Proto: prot}] = pp.Worker
 	}
 	for _, pub := range m.rules.rt.ports {
-		if ports[pub] == 0 {
+		if ports[pub] == 0 && (h.Slot != spareSlot || len(h.Ports) > 0) {
+			// A spare has no sockets until it is given a slot.
 			refuse("worker reported no port for public port %s", pub)
 			return
 		}
+	}
+	if len(h.Ports) == 0 {
+		ports = nil
 	}
 	p := m.procs[pr.pid]
 	if p == nil && h.Slot == spareSlot {
@@ -300,6 +327,18 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		}
 		p = newProc(pp, h.Slot, h.Generation, h.Build)
 		p.ports = ports
+		if len(fds) > 0 {
+			socks, err := adoptSockets(m.rules.rt, ports, fds)
+			fds = nil // adoptSockets took them
+			if err != nil {
+				pp.close()
+				refuse("worker pid %d: its sockets: %v", pr.pid, err)
+				return
+			}
+			p.socks = socks
+		} else {
+			m.log.Info("adopted worker came without its sockets; the master holds none of them", p.logAttrs()...)
+		}
 		if t, err := procfs.StartTime(p.pid); err == nil {
 			p.started = t
 		} else {
@@ -321,6 +360,10 @@ func (m *master) onHello(pr *peer, h *proto.Hello) {
 		}
 	} else if h.Slot != p.slot || h.Generation != p.gen {
 		refuse("worker pid %d claims slot %d generation %d, but was spawned for slot %d generation %d", pr.pid, h.Slot, h.Generation, p.slot, p.gen)
+		return
+	} else if p.socks != nil && !maps.Equal(ports, p.socks.ports) {
+		refuse("worker pid %d reported ports %s, but its sockets are bound to %s",
+			pr.pid, portsString(ports, m.rules.rt.ports), portsString(p.socks.ports, m.rules.rt.ports))
 		return
 	} else if p.process.spawned() {
 		// Spawned by this master, from the spawner thread: it holds no

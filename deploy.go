@@ -45,6 +45,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -54,8 +55,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -203,13 +202,21 @@ func (m *master) handOver(pr *peer, build string) {
 		return
 	}
 	defer lnFile.Close()
-	frame, err := proto.Encode(proto.TypeHandover, &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen})
-	if err == nil {
-		pr.mu.Lock()
-		_ = pr.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, _, err = pr.conn.WriteMsgUnix(frame, unix.UnixRights(int(lnFile.Fd()), int(m.lock.Fd())), nil)
-		pr.mu.Unlock()
+	ho := &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen}
+	fds := []int{rawFD(lnFile), rawFD(m.lock)}
+	for _, slot := range slices.Sorted(maps.Keys(m.held)) {
+		s := m.held[slot]
+		if len(fds)+len(s.files) > proto.MaxFDs {
+			m.log.Warn("takeover: too many held sockets for one handover; the new master opens new ones for the rest", "slot", slot)
+			break
+		}
+		ho.Held = append(ho.Held, proto.HeldSockets{Slot: slot, Ports: protoPorts(s.ports, m.rules.rt.ports)})
+		fds = append(fds, s.fds()...)
 	}
+	pr.mu.Lock()
+	_ = pr.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	err = proto.WriteFDs(pr.conn, proto.TypeHandover, ho, fds)
+	pr.mu.Unlock()
 	if err != nil {
 		m.log.Error("takeover: sending the control socket and lock failed; keeping the cluster", "peer_pid", pr.pid, "err", err)
 		return
@@ -234,7 +241,9 @@ func (m *master) letGo() {
 			p.timer.Stop()
 		}
 		p.process.close()
+		p.socks.close() // the worker hands its own to the new master
 	}
+	m.closeSockets() // the held ones went with the handover
 	if m.lock != nil {
 		m.lock.Close() // the new master holds the same open lock
 	}
@@ -267,45 +276,25 @@ func (m *master) takeOver(held error) error {
 	}
 	// The answer is read with recvmsg, never through a buffered reader:
 	// the descriptors ride on its first byte.
-	buf := make([]byte, 4096)
-	oob := make([]byte, unix.CmsgSpace(2*4))
-	n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
+	msg, err := proto.NewUnixReader(uc).Read()
 	if err != nil {
 		return fail(fmt.Errorf("read the answer: %w", err))
 	}
-	fds, err := parseRights(oob[:oobn])
-	if err != nil {
-		return fail(err)
-	}
-	if n < 4 {
-		closeFDs(fds)
-		return fail(errors.New("short answer"))
-	}
-	size := int(binary.BigEndian.Uint32(buf))
-	if size > len(buf)-4 {
-		closeFDs(fds)
-		return fail(fmt.Errorf("answer of %d bytes", size))
-	}
-	if n < 4+size {
-		if _, err := io.ReadFull(uc, buf[n:4+size]); err != nil {
-			closeFDs(fds)
-			return fail(err)
-		}
-	}
-	msg, err := proto.Decode(buf[4 : 4+size])
-	if err != nil {
-		closeFDs(fds)
-		return fail(err)
-	}
+	fds := msg.FDs
 	switch b := msg.Body.(type) {
 	case *proto.Refuse:
-		closeFDs(fds)
+		proto.CloseFDs(fds)
 		return fail(errors.New(b.Reason))
 	case *proto.Handover:
-		if len(fds) != 2 {
-			closeFDs(fds)
-			return fail(fmt.Errorf("handover came with %d descriptors, want 2", len(fds)))
+		want := 2
+		for _, h := range b.Held {
+			want += len(h.Ports)
 		}
+		if len(fds) != want {
+			proto.CloseFDs(fds)
+			return fail(fmt.Errorf("handover came with %d descriptors, want %d", len(fds), want))
+		}
+		m.takeHeld(b.Held, fds[2:])
 		lnFile := os.NewFile(uintptr(fds[0]), m.sock)
 		ln, err := net.FileListener(lnFile)
 		lnFile.Close()
@@ -324,31 +313,8 @@ func (m *master) takeOver(held error) error {
 		m.log.Info("took the cluster over", "from_pid", b.MasterPID, "from_generation", b.Generation)
 		return nil
 	}
-	closeFDs(fds)
+	proto.CloseFDs(fds)
 	return fail(fmt.Errorf("answered takeover with %q", msg.Type))
-}
-
-func parseRights(oob []byte) ([]int, error) {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("parse control message: %w", err)
-	}
-	var fds []int
-	for _, cm := range msgs {
-		got, err := unix.ParseUnixRights(&cm)
-		if err != nil {
-			closeFDs(fds)
-			return nil, err
-		}
-		fds = append(fds, got...)
-	}
-	return fds, nil
-}
-
-func closeFDs(fds []int) {
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
 }
 
 // ---- SIGHUP: start the successor ----
@@ -429,19 +395,40 @@ func (m *master) deployFailed(reason string) {
 // startAdoption reads the routes a previous master left. If there are
 // any, the workers they point at are waited for (they reconnect on their
 // own) before anything else is started for their slots.
+//
+// A slot whose route points at sockets that no longer exist lost its
+// worker while no master ran (the worker held the last copy): nobody is
+// waited for there, and its new worker starts at once. Nor is anybody for
+// a slot whose held sockets came with a handover: its worker died under
+// the previous master, and the next one inherits them now.
 func (m *master) startAdoption(ctx context.Context) {
 	routes, err := m.rules.routes(ctx)
 	if err != nil {
 		m.log.Warn("reading the routes a previous master left; starting fresh workers", "err", err)
 		return
 	}
+	bound, err := boundPorts()
+	if err != nil {
+		m.log.Warn("cannot tell which routed sockets still exist; waiting for every routed slot's worker", "err", err)
+	}
+	var awaited []int
 	for slot, t := range routes {
-		if t != nil {
-			m.adoptRoutes = routes
-			m.log.Info("found a previous master's routes; waiting for its workers", "slot", slot, "timeout", m.cfg.ConnectTimeout)
-			time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evAdoptDeadline{}) })
-			return
+		switch {
+		case t == nil:
+		case m.held[slot] != nil:
+			routes[slot] = nil
+		case bound != nil && !bound.hasAll(t):
+			m.log.Info("a previous master's route points at sockets that are gone: its worker died while no master ran; replacing it now",
+				"slot", slot, "ports", portsString(t, m.rules.rt.ports))
+			routes[slot] = nil
+		default:
+			awaited = append(awaited, slot)
 		}
+	}
+	if len(awaited) > 0 {
+		m.adoptRoutes = routes
+		m.log.Info("found a previous master's routes; waiting for its workers", "slots", awaited, "timeout", m.cfg.ConnectTimeout)
+		time.AfterFunc(m.cfg.ConnectTimeout, func() { m.send(evAdoptDeadline{}) })
 	}
 }
 

@@ -142,7 +142,7 @@ func FuzzHello(f *testing.F) {
 		if reason := m.admit(fp.peer); reason != "" {
 			fp.refuse(reason)
 		} else {
-			m.onHello(fp.peer, h)
+			m.onHello(fp.peer, h, nil)
 		}
 		got, closed := fp.received(t)
 		refused := len(got) == 1 && got[0] == proto.TypeRefuse && closed

@@ -129,7 +129,8 @@ type proc struct {
 	process        process   // spawned or adopted (process.go); pid is its pid
 	peer           *peer     // nil until its hello
 	ports          slotTarget
-	mem            procMem // as of the last monitor sample
+	socks          *sockSet // the master's copy of its sockets (sockets.go); nil once retired, and for a spare until assigned
+	mem            procMem  // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
 	beat  beatReport
@@ -187,6 +188,7 @@ type (
 	evHello struct {
 		peer  *peer
 		hello *proto.Hello
+		fds   []int // its sockets (SCM_RIGHTS); onHello keeps or closes them
 	}
 	evMsg struct {
 		peer *peer
@@ -235,6 +237,12 @@ type master struct {
 	failures map[int]int   // consecutive failed starts per slot (spareSlot for spares), for backoff
 	procs    map[int]*proc // every worker process, by pid
 	peers    map[*peer]bool
+
+	// Sockets (sockets.go): held, the sockets of each slot whose serving
+	// worker exited, for its next worker; unrouted, sockets to close once
+	// the next rule write points away from them.
+	held     map[int]*sockSet
+	unrouted []*sockSet
 
 	// respawnAt: the slots waiting out their backoff (respawnLater), and
 	// until when; no spare is given to them nor worker spawned meanwhile.
@@ -304,6 +312,7 @@ func newState(cfg *Config, build string) *master {
 		failures: map[int]int{},
 		procs:    map[int]*proc{},
 		peers:    map[*peer]bool{},
+		held:     map[int]*sockSet{},
 		dir:      filepath.Join(cfg.RunDir, cfg.Name),
 
 		respawnAt: map[int]time.Time{},
@@ -381,7 +390,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
-		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers:
+		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers, EnvSockets:
 		case envNotifySocket, envWatchdogUSec, envWatchdogPID: // the master's alone (systemd.go)
 		default:
 			m.env = append(m.env, kv)
@@ -527,7 +536,7 @@ func (m *master) handle(ev event) {
 	case evExit:
 		m.onExit(ev.p, ev.status)
 	case evHello:
-		m.onHello(ev.peer, ev.hello)
+		m.onHello(ev.peer, ev.hello, ev.fds)
 	case evMsg:
 		m.onMsg(ev.peer, ev.msg)
 	case evClosed:
@@ -598,6 +607,23 @@ func (m *master) spawn(slot int) {
 		EnvBuild+"="+m.target.build,
 		EnvWorkers+"="+strconv.Itoa(len(m.slots)),
 	)
+	// A slot's worker gets its sockets: the slot's held ones if its last
+	// worker died serving, fresh ones otherwise. A spare gets its slot's
+	// with the assign.
+	var socks *sockSet
+	if slot != spareSlot {
+		if socks = m.held[slot]; socks == nil {
+			var err error
+			if socks, err = openSockets(m.cfg, m.rules.rt); err != nil {
+				m.log.Error("spawn worker", "slot", slot, "err", err)
+				m.failures[slot]++
+				m.respawnLater(slot)
+				return
+			}
+		}
+		cmd.ExtraFiles = socks.files
+		cmd.Env = append(cmd.Env, EnvSockets+"="+socks.env(m.rules.rt))
+	}
 	// Real files, never pipes: a worker outlives the master, and a pipe
 	// whose reader died would block or kill it (SIGPIPE) on its next log.
 	cmd.Stdout = m.cfg.WorkerStdout
@@ -613,11 +639,18 @@ func (m *master) spawn(slot int) {
 	}
 	if err := m.spawner.start(cmd); err != nil {
 		m.log.Error("spawn worker", "slot", slot, "err", err)
+		if socks != m.held[slot] {
+			socks.close()
+		}
 		m.failures[slot]++
 		m.respawnLater(slot)
 		return
 	}
 	p := newProc(&childProcess{cmd}, slot, m.gen, m.target.build)
+	if socks != nil {
+		socks.unblock()
+		p.socks, p.ports = socks, maps.Clone(socks.ports)
+	}
 	m.procs[p.pid] = p
 	m.obs.spawned()
 	if slot != spareSlot {
@@ -671,9 +704,10 @@ func (m *master) onExit(p *proc, status string) {
 	m.log.Log(context.Background(), lvl, "worker exited", append(p.logAttrs(), "state", p.state.String(), "status", status)...)
 	m.emit.send(EventWorkerExited{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Status: status})
 	if m.phase == phaseStopping {
+		p.socks.close()
 		return
 	}
-	m.rules.noteDeadTCP(p.ports)
+	m.releaseSockets(p)
 	if p.ports != nil && m.rules.rt.guard && !p.state.serving() {
 		// Its ports leave the guard set: the OS may hand them to anyone.
 		// (An active worker's leave with the write that points its slot
@@ -704,9 +738,9 @@ func (m *master) onExit(p *proc, status string) {
 		if m.deployTrouble(p, true, "new worker exited while serving: "+status) {
 			return // its slot is back on its old worker
 		}
-		// Its slot keeps pointing at the dead port until a spare or the
-		// replacement is ready: clients of this slot are refused either
-		// way, and one rule write is quicker than two.
+		// Its slot keeps pointing at its sockets, which the slot now
+		// holds (releaseSockets): their queues keep the clients until
+		// the slot's next worker inherits them.
 		if m.slots[p.slot] == p {
 			m.slots[p.slot] = nil
 			if p.state == stateActive { // replacing: its replacement is under way, and counted
@@ -840,6 +874,12 @@ func (m *master) onReady(p *proc) {
 // retired there, once the kernel points the slot away from it.
 func (m *master) activate(p *proc, slot int) {
 	old := m.slots[slot]
+	if h := m.held[slot]; h != nil {
+		delete(m.held, slot)
+		if h != p.socks {
+			m.unroute(h) // p came with sockets of its own
+		}
+	}
 	p.slot = slot
 	p.state = stateActive
 	p.activeSince, p.settled = time.Now(), false
@@ -878,13 +918,25 @@ func (m *master) giveSpare(slot int) bool {
 	if i < 0 {
 		return false // none can be told its slot now; they reconnect
 	}
+	// The spare takes the slot's held sockets, where its last worker
+	// died serving (their queues hold its waiting clients), or fresh
+	// ones, where its worker is being replaced.
+	socks := m.held[slot]
+	if socks == nil {
+		var err error
+		if socks, err = openSockets(m.cfg, m.rules.rt); err != nil {
+			m.log.Error("giving a spare a slot", "slot", slot, "err", err)
+			return false
+		}
+	}
 	sp := m.spares[i]
 	m.spares = slices.Delete(m.spares, i, i+1)
 	if q := m.pending[slot]; q != nil {
 		m.pending[slot] = nil // its exit then respawns nothing
 		m.kill(q)
 	}
-	sp.peer.send(proto.TypeAssign, &proto.Assign{Slot: slot})
+	sp.socks, sp.ports = socks, maps.Clone(socks.ports)
+	sp.peer.sendFDs(proto.TypeAssign, &proto.Assign{Slot: slot, Ports: protoPorts(socks.ports, m.rules.rt.ports)}, socks.fds())
 	if m.cfg.WorkerReady {
 		// The application starts now, and the slot moves once it says
 		// it is ready (onReady): until then the slot keeps its route,
@@ -949,16 +1001,26 @@ func (m *master) syncRules(ctx context.Context) {
 	if !m.rules.due() || m.phase == phaseStopping {
 		return
 	}
-	if !m.rules.installed && !m.allSlotsReady() && time.Since(m.started) < m.cfg.ConnectTimeout {
-		return
-	}
 	// During a growth the new slots are not routed until all are ready.
 	n := m.rules.rt.workers
 	targets := make([]slotTarget, n)
+	routed := true
 	for i, p := range m.slots[:n] {
-		if p != nil {
+		switch {
+		case p != nil:
 			targets[i] = p.ports
+		case m.held[i] != nil:
+			targets[i] = m.held[i].ports // no worker yet: the slot's clients wait in its sockets' queues
+		case m.adopting() && m.adoptRoutes[i] != nil:
+			targets[i] = m.adoptRoutes[i] // its worker, alive, is still to reconnect
+		default:
+			routed = false
 		}
+	}
+	// The first install waits until every slot can be routed (or for
+	// ConnectTimeout): until then a crashed predecessor's rules serve.
+	if !m.rules.installed && !routed && time.Since(m.started) < m.cfg.ConnectTimeout {
+		return
 	}
 	wrote, err := m.rules.write(ctx, targets, m.workerPorts())
 	if err != nil {
@@ -970,6 +1032,10 @@ func (m *master) syncRules(ctx context.Context) {
 		return
 	}
 	m.resizeWritten()
+	for _, s := range m.unrouted {
+		s.close()
+	}
+	m.unrouted = nil
 	now := time.Now()
 	for _, p := range m.procs {
 		if p.retirePending {
@@ -990,6 +1056,10 @@ func (m *master) syncRules(ctx context.Context) {
 // retired, and lowers its priority.
 func (m *master) retired(p *proc, now time.Time) {
 	p.retiredAt = now
+	// The worker's copy of its sockets is now the last: it closes it
+	// once its accept queues are empty.
+	p.socks.close()
+	p.socks = nil
 	if p.peer != nil {
 		p.peer.send(proto.TypeRetire, &proto.Reason{Reason: p.retireReason})
 	}
@@ -1019,6 +1089,12 @@ func (m *master) workerPorts() []slotTarget {
 		if p.ports != nil {
 			out = append(out, p.ports)
 		}
+	}
+	for _, s := range m.held {
+		out = append(out, s.ports)
+	}
+	for _, s := range m.unrouted {
+		out = append(out, s.ports)
 	}
 	return out
 }
@@ -1069,6 +1145,7 @@ func (m *master) stop(why string) {
 	if err := m.rules.withdraw(m.workerPorts()); err != nil {
 		m.stopErr = errors.Join(m.stopErr, err)
 	}
+	m.closeSockets()
 	m.ln.Close() // no new peers; accept() ends
 	for _, p := range m.procs {
 		p.state = stateStopping

@@ -142,6 +142,10 @@ func (m *master) resizeTrouble(p *proc) {
 			q.retireCause, q.retireReason, q.retireAt = CauseReplaced, "resize abandoned", time.Now()
 			m.retired(q, time.Now())
 		}
+		if h := m.held[slot]; h != nil {
+			delete(m.held, slot)
+			m.unroute(h)
+		}
 	}
 	m.slots, m.pending = m.slots[:r.from], m.pending[:r.from]
 	m.log.Error("resize abandoned: new workers keep failing to start", "from", r.from, "to", r.to, "failures", r.failures)
@@ -160,6 +164,10 @@ func (m *master) shrink(n int) {
 			p.state = stateRetired
 			p.retireCause, p.retireReason, p.retireAt = CauseReplaced, "slot merged by a resize", now
 			p.retirePending = true // told once the rules no longer point at it
+		}
+		if h := m.held[slot]; h != nil {
+			delete(m.held, slot)
+			m.unroute(h)
 		}
 	}
 	m.slots, m.pending = m.slots[:n], m.pending[:n]

@@ -26,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"time"
 )
@@ -76,6 +77,11 @@ func newRuleSync(rt *routing, backend ruleBackend, log *slog.Logger, emit func(E
 		udpMoved:  map[movedFlow]bool{},
 		deadTCP:   map[movedFlow]bool{},
 	}
+}
+
+// routesTo reports whether the written rules point a slot at t.
+func (s *ruleSync) routesTo(t slotTarget) bool {
+	return slices.ContainsFunc(s.routed, func(r slotTarget) bool { return r != nil && maps.Equal(r, t) })
 }
 
 // markDirty asks for a write: a slot's worker changed, or the ports refused

@@ -220,7 +220,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	// Whatever way Run returns, the UDP sockets close with it: they are
 	// not closed by retirement alone.
 	defer w.closePacketConns()
-	if err := w.listen(); err != nil {
+	if err := w.openSockets(); err != nil {
 		return err
 	}
 
@@ -270,9 +270,126 @@ func newWorker(cfg *Config) (*Worker, error) {
 	return w, nil
 }
 
-// listen opens the socket of every public port, before the hello, so the
-// port exists before the master can route to it. On failure it closes
-// the TCP listeners; the caller closes the UDP sockets.
+// openSockets takes the sockets the master made for this worker
+// (EnvSockets, descriptors 3 on: sockets.go), before the hello. A spare
+// gets its slot's with the assign (onAssign). A worker spawned by a
+// master that makes no sockets listens itself (listen).
+func (w *Worker) openSockets() error {
+	v, ok := os.LookupEnv(EnvSockets)
+	switch {
+	case ok:
+		if err := parseEnvSockets(v, w.cfg.Ports); err != nil {
+			return fmt.Errorf("%w: %v", ErrNotStartedByMaster, err)
+		}
+		fds := make([]int, len(w.cfg.Ports))
+		for i := range fds {
+			fds[i] = int(inheritedFD(i))
+		}
+		return w.takeSockets(fds)
+	case w.slot == spareSlot:
+		return nil
+	}
+	return w.listen()
+}
+
+// takeSockets makes the worker's listeners and packet conns of fds, one
+// per Config.Ports entry, in order; it owns fds (closing them: the Go
+// sockets are duplicates). On failure nothing is kept.
+func (w *Worker) takeSockets(fds []int) error {
+	var err error
+	for i, p := range w.cfg.Ports {
+		f := os.NewFile(uintptr(fds[i]), "socket "+p.String())
+		if err == nil {
+			err = w.takeSocket(p, f)
+		}
+		f.Close()
+	}
+	if err != nil {
+		w.closeListeners()
+		w.closePacketConns()
+		clear(w.listeners)
+		clear(w.packets)
+		w.listenersClosed.Store(false)
+	}
+	return err
+}
+
+func (w *Worker) takeSocket(p Port, f *os.File) error {
+	if p.Proto == UDP {
+		c, err := net.FilePacketConn(f)
+		if err != nil {
+			return fmt.Errorf("worker slot %d: the socket for public port %s: %w", w.slot, p, err)
+		}
+		uc, ok := c.(*net.UDPConn)
+		if !ok {
+			c.Close()
+			return fmt.Errorf("worker slot %d: the socket for public port %s is a %T, not UDP", w.slot, p, c)
+		}
+		w.packets[p.Public] = &packetConn{UDPConn: uc}
+		return nil
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return fmt.Errorf("worker slot %d: the socket for public port %s: %w", w.slot, p, err)
+	}
+	if _, ok := l.(*net.TCPListener); !ok {
+		l.Close()
+		return fmt.Errorf("worker slot %d: the socket for public port %s is a %T, not TCP", w.slot, p, l)
+	}
+	w.listeners[p.Public] = w.newListener(l)
+	return nil
+}
+
+// socketFDs returns duplicates of the worker's sockets, in Config.Ports
+// order, for its hello: a new master holds them then. A retired worker,
+// or one whose sockets are closed, sends none: no master needs them.
+// The caller closes what it gets.
+func (w *Worker) socketFDs() []int {
+	if w.isRetired() || w.listenersClosed.Load() || w.packetsClosed() && len(w.packets) > 0 {
+		return nil
+	}
+	var out []int
+	for _, p := range w.cfg.Ports {
+		var c syscall.Conn
+		if p.Proto == UDP {
+			if pc := w.packets[p.Public]; pc != nil {
+				c = pc.UDPConn
+			}
+		} else if l := w.listeners[p.Public]; l != nil {
+			c, _ = l.Listener.(syscall.Conn)
+		}
+		fd := -1
+		if c != nil {
+			fd = dupFD(c)
+		}
+		if fd < 0 {
+			proto.CloseFDs(out)
+			return nil
+		}
+		out = append(out, fd)
+	}
+	return out
+}
+
+// dupFD duplicates c's descriptor (close-on-exec), or returns -1. Not
+// through File, whose Fd would put the shared socket in blocking mode.
+func dupFD(c syscall.Conn) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	fd := -1
+	_ = rc.Control(func(u uintptr) {
+		if d, err := unix.FcntlInt(u, unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			fd = d
+		}
+	})
+	return fd
+}
+
+// listen opens the socket of every public port itself, before the hello,
+// so the port exists before the master can route to it. On failure it
+// closes the TCP listeners; the caller closes the UDP sockets.
 func (w *Worker) listen() error {
 	for _, p := range w.cfg.Ports {
 		network, addr := w.cfg.listenNetwork(p.Proto)
@@ -285,7 +402,7 @@ func (w *Worker) listen() error {
 		} else {
 			var ln net.Listener
 			if ln, err = listenTCP(network, addr); err == nil {
-				w.listeners[p.Public] = &listener{Listener: ln, w: w}
+				w.listeners[p.Public] = w.newListener(ln)
 			}
 		}
 		if err != nil {
@@ -548,6 +665,9 @@ func (l *workerLoop) onRetireAsked(reason string) {
 // onMasterMsg handles a message from the master.
 func (l *workerLoop) onMasterMsg(m proto.Msg) {
 	w := l.w
+	if m.Type != proto.TypeAssign {
+		proto.CloseFDs(m.FDs) // only an assign carries any
+	}
 	switch m.Type {
 	case proto.TypeRetire:
 		w.retire(m.Body.(*proto.Reason).Reason)
@@ -557,24 +677,36 @@ func (l *workerLoop) onMasterMsg(m proto.Msg) {
 	case proto.TypeDie:
 		l.die(m.Body.(*proto.Reason).Reason)
 	case proto.TypeAssign:
-		l.onAssign(m.Body.(*proto.Assign).Slot)
+		l.onAssign(m.Body.(*proto.Assign), m.FDs)
 	case proto.TypeInfo:
 		w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
 	}
 }
 
-// onAssign gives a spare its slot and starts the application.
-func (l *workerLoop) onAssign(slot int) {
+// onAssign gives a spare its slot and the slot's sockets, and starts the
+// application.
+func (l *workerLoop) onAssign(a *proto.Assign, fds []int) {
 	w := l.w
-	if w.slot == spareSlot && !l.dying && !w.isRetired() {
-		w.slot = slot
-		w.setLogger()
-		w.log.Info("spare given a slot")
-		if l.cfg.WorkerReady {
-			l.appReady, l.reported = w.appReady, false
-		}
-		l.startWork()
+	if w.slot != spareSlot || l.dying || w.isRetired() {
+		proto.CloseFDs(fds)
+		return
 	}
+	if len(fds) != len(w.cfg.Ports) {
+		proto.CloseFDs(fds)
+		l.die(fmt.Sprintf("assigned slot %d with %d sockets for %d public ports", a.Slot, len(fds), len(w.cfg.Ports)))
+		return
+	}
+	if err := w.takeSockets(fds); err != nil {
+		l.die(fmt.Sprintf("assigned slot %d: %v", a.Slot, err))
+		return
+	}
+	w.slot = a.Slot
+	w.setLogger()
+	w.log.Info("spare given a slot")
+	if l.cfg.WorkerReady {
+		l.appReady, l.reported = w.appReady, false
+	}
+	l.startWork()
 }
 
 // onLost notes that the master went away and starts reconnecting.
@@ -694,19 +826,25 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 	}
 	for _, p := range w.cfg.Ports {
 		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}
-		if p.Proto == UDP {
-			pp.Worker = w.packets[p.Public].port()
+		if c, ok := w.packets[p.Public]; ok && p.Proto == UDP {
+			pp.Worker = c.port()
+		} else if l, ok := w.listeners[p.Public]; ok && p.Proto == TCP {
+			pp.Worker = l.port()
 		} else {
-			pp.Worker = w.listeners[p.Public].port()
+			continue // a spare: no sockets yet
 		}
 		hello.Ports = append(hello.Ports, pp)
 	}
+	fds := w.socketFDs()
+	uc := conn.(*net.UnixConn)
 	_ = conn.SetDeadline(time.Now().Add(w.cfg.ConnectTimeout))
-	if err := proto.Write(conn, proto.TypeHello, hello); err != nil {
+	err = proto.WriteFDs(uc, proto.TypeHello, hello, fds)
+	proto.CloseFDs(fds)
+	if err != nil {
 		conn.Close()
 		return nil, nil, nil, fmt.Errorf("send hello to master at %s: %w", w.socket, err)
 	}
-	r := proto.NewReader(conn)
+	r := proto.NewUnixReader(uc)
 	m, err := r.Read()
 	if err != nil {
 		conn.Close()
@@ -822,18 +960,49 @@ func (w *Worker) closeWhenQueuesEmpty() {
 
 func (w *Worker) closeListeners() {
 	for _, l := range w.listeners {
-		l.Listener.Close()
+		l.Close()
 	}
 	w.listenersClosed.Store(true)
 }
 
-// listener counts the connections it hands out.
+// listener counts the connections it hands out. With Config.WorkerReady
+// it hands out none before the application's Ready (gate): a worker
+// that inherits a slot's sockets inherits the clients waiting in them,
+// whom a not yet ready application must not see.
 type listener struct {
 	net.Listener
-	w *Worker
+	w      *Worker
+	gate   <-chan struct{} // nil: none
+	done   chan struct{}   // closed by Close
+	closer sync.Once
+}
+
+func (w *Worker) newListener(l net.Listener) *listener {
+	ln := &listener{Listener: l, w: w, done: make(chan struct{})}
+	if w.cfg.WorkerReady {
+		ln.gate = w.appReady
+	}
+	return ln
+}
+
+// Close closes the listener; safe to call more than once.
+func (l *listener) Close() error {
+	err := net.ErrClosed
+	l.closer.Do(func() {
+		close(l.done)
+		err = l.Listener.Close()
+	})
+	return err
 }
 
 func (l *listener) Accept() (net.Conn, error) {
+	if l.gate != nil {
+		select {
+		case <-l.gate:
+		case <-l.done:
+			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: net.ErrClosed}
+		}
+	}
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err

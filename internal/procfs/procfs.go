@@ -337,3 +337,37 @@ func Conntrack(dir string) (count, limit uint64, err error) {
 	}
 	return count, limit, nil
 }
+
+// BoundPorts returns the local ports of the sockets in one of /proc/net's
+// tables (tcp, tcp6, udp, udp6, of the reader's network namespace) that
+// are in state, a hex state of those tables: "0A" for a listening TCP
+// socket, "07" for a bound, unconnected UDP one.
+func BoundPorts(table, state string) (map[uint16]bool, error) {
+	b, err := os.ReadFile("/proc/net/" + table)
+	if err != nil {
+		return nil, fmt.Errorf("read /proc/net/%s: %w", table, err)
+	}
+	return ParseBoundPorts(b, state), nil
+}
+
+// ParseBoundPorts is BoundPorts on a table's text: each line after the
+// header is "sl local_address rem_address st ...", the local address
+// "ADDR:PORT" in hex.
+func ParseBoundPorts(b []byte, state string) map[uint16]bool {
+	out := map[uint16]bool{}
+	lines := bytes.Split(b, []byte("\n"))
+	for _, line := range lines[min(1, len(lines)):] {
+		f := bytes.Fields(line)
+		if len(f) < 4 || string(f[3]) != state {
+			continue
+		}
+		_, port, ok := bytes.Cut(f[1], []byte(":"))
+		if !ok {
+			continue
+		}
+		if n, err := strconv.ParseUint(string(port), 16, 16); err == nil {
+			out[uint16(n)] = true
+		}
+	}
+	return out
+}

@@ -199,3 +199,15 @@ func TestConntrack(t *testing.T) {
 		t.Logf("%s: count %d, max %d, %v", ConntrackDir, n, lim, err)
 	}
 }
+
+func TestParseBoundPorts(t *testing.T) {
+	table := []byte(`  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 010012C6:9C40 010112C6:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 00000000000000000000000000000000:A000 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0
+`)
+	got := ParseBoundPorts(table, "0A")
+	if len(got) != 2 || !got[8080] || !got[40960] {
+		t.Errorf("listening ports %v, want 8080 and 40960 (not the established 40000)", got)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path/filepath"
 )
 
@@ -105,9 +106,12 @@ type Hello struct {
 	// kernel (SO_PEERCRED) and refuses a hello whose PID disagrees.
 	PID int `json:"pid"`
 	// Slot is the worker's slot, or -1 for a spare not yet given one.
-	Slot       int    `json:"slot"`
-	Generation int    `json:"generation"`
-	Ports      []Port `json:"ports,omitempty"`
+	Slot       int `json:"slot"`
+	Generation int `json:"generation"`
+	// Ports are the worker's sockets. A worker's hello comes with them
+	// as descriptors (SCM_RIGHTS), one per entry, in order, so that a new
+	// master holds them too; a spare not yet given a slot has none.
+	Ports []Port `json:"ports,omitempty"`
 	// Retired is the worker's own view: true once it was told to retire
 	// (a reconnecting worker tells a new master).
 	Retired bool `json:"retired,omitempty"`
@@ -146,12 +150,23 @@ type Count struct {
 }
 
 // Handover is the running master's answer to a takeover. It is sent in
-// one sendmsg with two descriptors as SCM_RIGHTS: the listening control
-// socket, then the lock file. The sender then closes every worker
-// connection and exits, leaving rules and workers alone.
+// one sendmsg with descriptors as SCM_RIGHTS: the listening control
+// socket, the lock file, then the sockets of Held, slot by slot and port
+// by port. The sender then closes every worker connection and exits,
+// leaving rules and workers alone (the workers hand their own sockets to
+// the new master with their hellos).
 type Handover struct {
 	MasterPID  int `json:"master_pid"`
 	Generation int `json:"generation"`
+	// Held are the sockets the master holds for slots whose worker died
+	// serving them: their clients wait in them for the slot's next worker.
+	Held []HeldSockets `json:"held,omitempty"`
+}
+
+// HeldSockets are one slot's held sockets, one per entry of Ports.
+type HeldSockets struct {
+	Slot  int    `json:"slot"`
+	Ports []Port `json:"ports"`
 }
 
 // Port maps a public port to the port a worker listens on. The same
@@ -174,9 +189,11 @@ type Welcome struct {
 	Retired bool `json:"retired,omitempty"`
 }
 
-// Assign gives a spare its slot.
+// Assign gives a spare its slot. Its descriptors (SCM_RIGHTS) are the
+// slot's sockets, one per entry of Ports, in order.
 type Assign struct {
-	Slot int `json:"slot"`
+	Slot  int    `json:"slot"`
+	Ports []Port `json:"ports,omitempty"`
 }
 
 // Refuse rejects a hello; Reason is meant for a human.
@@ -305,6 +322,10 @@ type WorkerStatus struct {
 type Msg struct {
 	Type string
 	Body any
+	// FDs are the descriptors that came with the frame (SCM_RIGHTS), on
+	// a Reader made by NewUnixReader. The receiver owns them: it closes
+	// those it does not keep.
+	FDs []int
 }
 
 type envelope struct {
@@ -409,6 +430,15 @@ func Decode(payload []byte) (Msg, error) {
 type Reader struct {
 	r   *bufio.Reader
 	buf []byte
+
+	// With NewUnixReader (fds.go): recvmsg instead of r. in holds bytes
+	// received and not yet returned, off is in[0]'s offset in the stream,
+	// fdsAt the descriptors received and the frame each batch came with.
+	uc       *net.UnixConn
+	in       []byte
+	off      int64
+	fdsAt    []fdBatch
+	tmp, oob []byte
 }
 
 // NewReader wraps r.
@@ -418,6 +448,11 @@ func NewReader(r io.Reader) *Reader { return &Reader{r: bufio.NewReader(r)} }
 // the next call. A length over MaxFrame is refused before anything is
 // allocated for it.
 func (r *Reader) ReadFrame() ([]byte, error) {
+	if r.uc != nil {
+		b, fds, err := r.readUnix()
+		closeAll(fds)
+		return b, err
+	}
 	var hdr [4]byte
 	if _, err := io.ReadFull(r.r, hdr[:]); err != nil {
 		return nil, err
@@ -444,6 +479,19 @@ func (r *Reader) ReadFrame() ([]byte, error) {
 
 // Read reads and decodes the next message.
 func (r *Reader) Read() (Msg, error) {
+	if r.uc != nil {
+		b, fds, err := r.readUnix()
+		if err != nil {
+			return Msg{}, err
+		}
+		m, err := Decode(b)
+		if err != nil {
+			closeAll(fds)
+			return Msg{}, err
+		}
+		m.FDs = fds
+		return m, nil
+	}
 	b, err := r.ReadFrame()
 	if err != nil {
 		return Msg{}, err

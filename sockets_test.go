@@ -1,0 +1,102 @@
+//go:build linux
+
+package ipcluster_test
+
+import (
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// A worker killed under load refuses nobody: the master holds its
+// sockets, connections wait in their queues, and the replacement inherits
+// them. Only the connections the killed worker had accepted (and not yet
+// answered) can fail; no dial is refused. Before the master owned the
+// sockets, each kill -9 refused 1-3 short connections of its slot.
+func TestKillNineRefusesNobody(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(string(backend), func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{Clients: 64})
+			c := startCluster(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: backend})
+			st := c.waitReady()
+			dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+			stop := startLoad(t, lab.Client, lab.ClientAddrs4, dst, 16, 1_000_000)
+			const kills = 6
+			for i := range kills {
+				slot := i % 4
+				victim := activePID(st, slot)
+				if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+					t.Fatal(err)
+				}
+				st = c.waitStatus("slot replaced", func(st *proto.Status) bool {
+					p := activePID(st, slot)
+					return p != 0 && p != victim
+				})
+				time.Sleep(200 * time.Millisecond) // load on the replacement before the next kill
+			}
+			res := stop()
+			refused := 0
+			for _, e := range res.Errors {
+				if strings.Contains(e, "connection refused") {
+					refused++
+				}
+			}
+			t.Logf("%d kills under load: %s", kills, res)
+			if refused > 0 {
+				t.Errorf("%d connections refused over %d kills, want 0", refused, kills)
+			}
+			// A killed worker takes the connections it had accepted and
+			// not yet answered: it answers at once, so a few at most.
+			if res.Failures > kills {
+				t.Errorf("%d failed attempts over %d kills: more than the killed workers' own connections", res.Failures, kills)
+			}
+		})
+	}
+}
+
+// A worker that dies while no master runs takes the slot's last sockets
+// with it. The next master sees that its route points at nothing and
+// replaces it at once, instead of waiting ConnectTimeout (here 30s) for a
+// worker that cannot come back; the live workers are adopted meanwhile.
+func TestWorkerDeadWithoutMasterReplacedAtOnce(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(string(backend), func(t *testing.T) {
+			d := startDeployLab(t, 4, func(s *spec) {
+				s.Config.Backend = backend
+				s.Config.ConnectTimeout = 30 * time.Second
+			})
+			st0, _ := d.c.status()
+			if err := d.c.cmd.Process.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			<-d.c.done
+			victim := activePID(st0, 2)
+			if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			waitGone(t, []int{victim}, 5*time.Second)
+			t0 := time.Now()
+			c2 := startClusterSpec(t, d.lab, d.c.spec.Config, func(s *spec) { *s = d.c.spec })
+			st := c2.waitStatus("slot 2 replaced and the others adopted, well before ConnectTimeout", func(st *proto.Status) bool {
+				for slot := range st.Slots {
+					p := activePID(st, slot)
+					if slot == 2 && (p == 0 || p == victim) || slot != 2 && p != activePID(st0, slot) {
+						return false
+					}
+				}
+				return st.Ready
+			})
+			t.Logf("new master: slot 2 replaced and served %s after start", time.Since(t0).Round(time.Millisecond))
+			src := d.lab.ClientAddrs4[2]
+			if rep, err := ask(d.lab.Client, src, d.dst); err != nil || rep.PID != activePID(st, 2) {
+				t.Errorf("slot 2's client reached %+v (%v), want the replacement %d", rep, err, activePID(st, 2))
+			}
+			c2.checkKernelRules(t)
+		})
+	}
+}
