@@ -5,9 +5,11 @@ package steer
 import (
 	"errors"
 	"fmt"
+	"os"
 	"syscall"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
@@ -123,6 +125,62 @@ func (s *Selector) Reprogram(spec Spec) (*Selector, error) {
 	return n, nil
 }
 
+// ArrayFile is a new descriptor of the Selector's array, to hand to
+// another process along with the group's sockets (os/exec ExtraFiles, or
+// SCM_RIGHTS), which rebuilds a Selector over it with Open. The sockets
+// stay in their slots whatever happens to this process: the group's
+// program holds the array. A process that has neither the array nor a
+// Selector over it cannot put those sockets in an array of its own (EBUSY)
+// until the group's program is replaced or detached and the kernel has
+// freed the old array, some milliseconds later, while the group hashes
+// connections over all its sockets. So whoever may take the sockets over
+// (a new master, the workers holding the sockets for it) should hold the
+// array too. The caller owns the file.
+func (s *Selector) ArrayFile() (*os.File, error) {
+	fd, err := unix.FcntlInt(uintptr(s.slots.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("steer: duplicate the array's descriptor: %w", err)
+	}
+	return os.NewFile(uintptr(fd), "reuseport-sockarray"), nil
+}
+
+// Open builds a Selector for spec over an array that ArrayFile made,
+// perhaps in another process: its slots keep the sockets they hold. The
+// program is new; Attach it to the group to make it (rather than the
+// program that came with the array) the group's. Open keeps its own
+// descriptor: the caller may close array.
+func Open(spec Spec, array *os.File) (*Selector, error) {
+	spec, err := spec.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	// Not array.Fd(), which would switch the file to blocking mode.
+	var fd int
+	err = control(array, func(f int) (err error) {
+		fd, err = unix.FcntlInt(uintptr(f), unix.F_DUPFD_CLOEXEC, 0)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("steer: duplicate the array's descriptor: %w", err)
+	}
+	slots, err := ebpf.NewMapFromFD(fd)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("steer: open the array %s: %w", array.Name(), err)
+	}
+	if slots.Type() != ebpf.ReusePortSockArray || slots.KeySize() != 4 || slots.ValueSize() != 8 || slots.MaxEntries() != MaxWorkers {
+		slots.Close()
+		return nil, fmt.Errorf("steer: open the array %s: it is a %v with keys of %d bytes, values of %d and %d entries, not a REUSEPORT_SOCKARRAY made by New (4, 8 and %d)",
+			array.Name(), slots.Type(), slots.KeySize(), slots.ValueSize(), slots.MaxEntries(), MaxWorkers)
+	}
+	s, err := load(spec, slots, true)
+	if err != nil {
+		slots.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
 // load loads the program for spec over slots: SELECT_OR_MIGRATE first if
 // tryMigrate, then plain SELECT.
 func load(spec Spec, slots *ebpf.Map, tryMigrate bool) (*Selector, error) {
@@ -151,7 +209,7 @@ func load(spec Spec, slots *ebpf.Map, tryMigrate bool) (*Selector, error) {
 			s.migrateErr = errors.New("steer: loaded as plain SELECT, like the Selector it was reprogrammed from")
 		}
 	}
-	s.insns = len(instructions(spec, slots, s.migrate))
+	s.insns = int(instructions(spec, slots, s.migrate).Size() / asm.InstructionSize)
 	return s, nil
 }
 
@@ -198,8 +256,27 @@ func (s *Selector) Migrates() bool { return s.migrate }
 // is): for the log line that says which.
 func (s *Selector) MigrateErr() error { return s.migrateErr }
 
-// Instructions is the length of the program.
+// Instructions is the length of the program in BPF instructions, as the
+// kernel counts them (a 64-bit load takes two).
 func (s *Selector) Instructions() int { return s.insns }
+
+// IDs are the kernel's IDs of the program and the array, as bpftool
+// lists them: to check that nothing is left after a stop (both are freed
+// when the last descriptor and the last group holding the program are
+// gone).
+func (s *Selector) IDs() (program, array uint32, err error) {
+	pi, err := s.prog.Info()
+	if err != nil {
+		return 0, 0, fmt.Errorf("steer: program info: %w", err)
+	}
+	mi, err := s.slots.Info()
+	if err != nil {
+		return 0, 0, fmt.Errorf("steer: array info: %w", err)
+	}
+	pid, _ := pi.ID()
+	mid, _ := mi.ID()
+	return uint32(pid), uint32(mid), nil
+}
 
 // control runs fn on c's file descriptor.
 func control(c syscall.Conn, fn func(fd int) error) error {
@@ -242,7 +319,7 @@ func (s *Selector) Set(slot int, c syscall.Conn) error {
 				return nil
 			}
 		}
-		return fmt.Errorf("steer: set slot %d: %w: the socket is already in a slot, of this array or another (a socket can be in one REUSEPORT_SOCKARRAY entry at a time): Clear that slot first, or use Reprogram rather than a second New to change the spec", slot, err)
+		return fmt.Errorf("steer: set slot %d: %w: the socket is already in a slot, of this array or another (a socket can be in one REUSEPORT_SOCKARRAY entry at a time): Clear that slot first; to change the spec use Reprogram, and in another process Open over the array (ArrayFile), rather than a second New", slot, err)
 	case errors.Is(err, unix.EINVAL):
 		return fmt.Errorf("steer: set slot %d: %w: the socket is not a bound (UDP) or listening (TCP) SO_REUSEPORT socket: make it with ListenTCP or ListenUDP", slot, err)
 	case notSupported(err):

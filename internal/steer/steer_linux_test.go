@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -28,7 +29,11 @@ import (
 const envChild = "STEER_TEST_CHILD"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(envChild) != "" {
+	switch os.Getenv(envChild) {
+	case "":
+	case "adopt":
+		os.Exit(adoptMain())
+	default:
 		os.Exit(childMain())
 	}
 	os.Exit(m.Run())
@@ -56,6 +61,29 @@ func childMain() int {
 		s.Close()
 	}
 	json.NewEncoder(os.Stdout).Encode(r)
+	return 0
+}
+
+// adoptMain opens a Selector over the array at fd 3, puts the listener
+// at fd 4 in slot 1 (it holds it already: a no-op), points slot 3 at the
+// listener at fd 5, and attaches its program: a new master taking over a
+// group from the files its predecessor handed on.
+func adoptMain() int {
+	s, err := Open(Spec{Workers: 4}, os.NewFile(3, "array"))
+	if err == nil {
+		err = s.Set(1, os.NewFile(4, "slot1"))
+	}
+	if err == nil {
+		err = s.Set(3, os.NewFile(5, "slot3"))
+	}
+	if err == nil {
+		err = s.Attach(os.NewFile(5, "slot3"))
+	}
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	fmt.Println("adopted")
 	return 0
 }
 
@@ -370,7 +398,8 @@ func TestSteerPrefixes(t *testing.T) {
 
 // TestSteerRepoint: Set moves a slot's new connections to another socket
 // at once; a connection established before stays with the old listener,
-// and keeps working after that listener closes.
+// and keeps working after that listener closes. Closing the socket the
+// program was attached through leaves the group's program in place.
 func TestSteerRepoint(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 8})
 	spec := Spec{Workers: 4}
@@ -417,6 +446,16 @@ func TestSteerRepoint(t *testing.T) {
 				t.Errorf("held connection after its listener closed: %q, %v; want \"L2 again\"", r, err)
 			}
 			expect(t, lab.Client, fam.srcs, fam.addr, want)
+			// The program belongs to the group, not to the socket it was
+			// attached through (slot 0's): the others are still steered.
+			g.lns[0].ln.Close()
+			var rest []netip.Addr
+			for _, a := range fam.srcs {
+				if spec.Slot(a) != 0 {
+					rest = append(rest, a)
+				}
+			}
+			expect(t, lab.Client, rest, fam.addr, want)
 			// Setting the socket a slot holds is a no-op, not EBUSY.
 			if err := s.Set(2, next.ln); err != nil {
 				t.Errorf("Set of the socket the slot holds: %v", err)
@@ -868,5 +907,152 @@ func BenchmarkSet(b *testing.B) {
 		if err := s.Set(0, ln); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestSteerHandover: a Selector's array, handed to another process with
+// the group's sockets, lets that process rebuild a Selector over the
+// slots as they are (Open) and attach its own program, while a fresh New
+// could not take the sockets (EBUSY).
+func TestSteerHandover(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 16})
+	spec := Spec{Workers: 4}
+	dst := addrPort(lab.ServerAddr4, 7000)
+	old, err := New(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := newGroup(t, lab.Server, "tcp4", dst)
+	fill(t, old, g)
+	array, err := old.ArrayFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer array.Close()
+	old.Close() // the old master is gone; the group's program holds the array
+
+	// The new master is another process: the array and two listeners
+	// reach it as inherited descriptors.
+	spare := g.add(true)
+	var files []*os.File
+	for _, ln := range []*net.TCPListener{g.lns[1].ln, spare.ln} {
+		f, err := ln.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	var out strings.Builder
+	cmd := exec.Command("/proc/self/exe", "-test.run=^$")
+	cmd.Env = append(os.Environ(), envChild+"=adopt")
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.ExtraFiles = append([]*os.File{array}, files...)
+	if err := lab.Server.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	// os/exec took the descriptors with File.Fd, which switched the
+	// sockets (their shared file description) to blocking mode: a
+	// blocking Accept could not be interrupted by Close. Undo it before a
+	// connection wakes the accepting goroutines.
+	for _, ln := range []*net.TCPListener{g.lns[1].ln, spare.ln} {
+		if err := control(ln, func(fd int) error { return unix.SetNonblock(fd, true) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cmd.Wait(); err != nil || strings.TrimSpace(out.String()) != "adopted" {
+		t.Fatalf("adopting process: %v: %s", err, out.String())
+	}
+	expect(t, lab.Client, lab.ClientAddrs4, dst, func(a netip.Addr) int {
+		if slot := spec.Slot(a); slot != 3 {
+			return slot
+		}
+		return spare.id
+	})
+
+	// In this process too, from the file: the slots are as they were.
+	s, err := Open(spec, array)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i, want := range []*net.TCPListener{g.lns[0].ln, g.lns[1].ln, g.lns[2].ln, spare.ln} {
+		c, _ := SocketCookie(want)
+		if got, ok, err := s.Cookie(i); err != nil || !ok || got != c {
+			t.Errorf("slot %d after Open: cookie %d, %v, %v; want %d", i, got, ok, err, c)
+		}
+	}
+	if _, err := Open(spec, files[0]); err == nil {
+		t.Error("Open accepted a socket for an array")
+	}
+}
+
+// TestSteerNothingLeft: once the Selector is closed and the group's
+// sockets are gone, the kernel frees the program and the array.
+func TestSteerNothingLeft(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	s, err := New(Spec{Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := newGroup(t, lab.Server, "tcp4", addrPort(lab.ServerAddr4, 7000))
+	fill(t, s, g)
+	progID, arrayID, err := s.IDs()
+	if err != nil || progID == 0 || arrayID == 0 {
+		t.Fatalf("IDs: %d, %d, %v", progID, arrayID, err)
+	}
+	s.Close()
+	if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(progID)); err != nil {
+		t.Fatalf("program %d gone while the group holds it: %v", progID, err)
+	} else {
+		p.Close()
+	}
+	for _, l := range g.lns {
+		l.ln.Close()
+	}
+	// Freed after an RCU grace period: poll, bounded.
+	deadline := time.Now().Add(wait)
+	for {
+		p, perr := ebpf.NewProgramFromID(ebpf.ProgramID(progID))
+		m, merr := ebpf.NewMapFromID(ebpf.MapID(arrayID))
+		if perr == nil {
+			p.Close()
+		}
+		if merr == nil {
+			m.Close()
+		}
+		if errors.Is(perr, os.ErrNotExist) && errors.Is(merr, os.ErrNotExist) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v, program %d: %v; array %d: %v; want both gone", wait, progID, perr, arrayID, merr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestSteerStats: with BPF statistics on (for this test only), the
+// program runs once per new connection.
+func TestSteerStats(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 32})
+	spec := Spec{Workers: 4}
+	s := newSelector(t, spec)
+	g := newGroup(t, lab.Server, "tcp4", addrPort(lab.ServerAddr4, 7000))
+	fill(t, s, g)
+	stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+	if err != nil {
+		t.Fatalf("enable BPF statistics: %v", err)
+	}
+	expect(t, lab.Client, lab.ClientAddrs4, g.addr, spec.Slot)
+	runs, ns, err := s.Stats()
+	stats.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs < uint64(len(lab.ClientAddrs4)) {
+		t.Errorf("%d runs for %d connections", runs, len(lab.ClientAddrs4))
+	}
+	if runs > 0 {
+		t.Logf("%d runs, %d ns each on average", runs, ns/runs)
 	}
 }
