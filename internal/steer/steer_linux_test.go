@@ -1056,3 +1056,72 @@ func TestSteerStats(t *testing.T) {
 		t.Logf("%d runs, %d ns each on average", runs, ns/runs)
 	}
 }
+
+// TestSteerMigrateHandshake: a request still in its handshake when its
+// listener closes (held there by TCP_DEFER_ACCEPT until the client's
+// first data) moves to its slot's new socket when that data arrives: the
+// kernel runs the program with the request as migrating_sk and the
+// client's packet.
+func TestSteerMigrateHandshake(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 16})
+	spec := Spec{Workers: 4}
+	port := uint16(7100)
+	for _, fam := range []struct {
+		name    string
+		network string
+		bind    netip.Addr
+		dst     netip.Addr
+		srcs    []netip.Addr
+	}{
+		{"ipv4", "tcp4", lab.ServerAddr4, lab.ServerAddr4, lab.ClientAddrs4},
+		{"ipv6", "tcp6", lab.ServerAddr6, lab.ServerAddr6, lab.ClientAddrs6},
+		{"dual-stack_ipv4", "tcp", netip.IPv6Unspecified(), lab.ServerAddr4, lab.ClientAddrs4},
+	} {
+		t.Run(fam.name, func(t *testing.T) {
+			port++
+			s := newSelector(t, spec)
+			g := newGroup(t, lab.Server, fam.network, addrPort(fam.bind, port))
+			for i := range spec.Workers {
+				if err := s.Set(i, g.add(i != 1).ln); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Attach(g.lns[0].ln); err != nil {
+				t.Fatal(err)
+			}
+			if err := control(g.lns[1].ln, func(fd int) error {
+				return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			var pending []*conn
+			for _, src := range fam.srcs {
+				if spec.Slot(src) != 1 {
+					continue
+				}
+				c, err := dial(lab.Client, "tcp", src, addrPort(fam.dst, port), wait)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				pending = append(pending, c)
+			}
+			repl := g.add(true)
+			if err := s.Set(1, repl.ln); err != nil {
+				t.Fatal(err)
+			}
+			g.lns[1].ln.Close()
+			for i, c := range pending {
+				if _, err := fmt.Fprintf(c, "h%d\n", i); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i, c := range pending {
+				greeting, err := c.line()
+				if want := fmt.Sprintf("L%d", repl.id); err != nil || greeting != want {
+					t.Errorf("request %d: %q, %v; want %q", i, greeting, err, want)
+				}
+			}
+		})
+	}
+}
