@@ -32,7 +32,13 @@
 // it through sk_user_data and refuses a second insert with EBUSY), and a
 // closing socket leaves its array by itself. That is why a resize does
 // not build a second array: Selector.Reprogram builds a new program over
-// the same array, which always has MaxWorkers entries.
+// the same array, which always has MaxWorkers entries. For the same
+// reason a process taking a group over (a new master) needs the array as
+// well as the sockets: Selector.ArrayFile and Open hand it on.
+//
+// A closing TCP listener's queued connections move only to the socket its
+// slot points at when it closes: re-point the slot (Set) first, then close
+// the old socket.
 package steer
 
 import (

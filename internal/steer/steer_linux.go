@@ -130,12 +130,12 @@ func (s *Selector) Reprogram(spec Spec) (*Selector, error) {
 // SCM_RIGHTS), which rebuilds a Selector over it with Open. The sockets
 // stay in their slots whatever happens to this process: the group's
 // program holds the array. A process that has neither the array nor a
-// Selector over it cannot put those sockets in an array of its own (EBUSY)
-// until the group's program is replaced or detached and the kernel has
-// freed the old array, some milliseconds later, while the group hashes
-// connections over all its sockets. So whoever may take the sockets over
-// (a new master, the workers holding the sockets for it) should hold the
-// array too. The caller owns the file.
+// Selector over it cannot put those sockets in an array of its own
+// (EBUSY) until it has detached the group's program (the group then
+// hashes new connections over all its sockets) and the kernel has freed
+// the old array, about 10 ms later here. So whoever may take the sockets
+// over (a new master, the workers that keep the sockets for it) should
+// keep the array too. The caller owns the file.
 func (s *Selector) ArrayFile() (*os.File, error) {
 	fd, err := unix.FcntlInt(uintptr(s.slots.FD()), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {

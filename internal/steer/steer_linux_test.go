@@ -248,7 +248,9 @@ func addrPort(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortF
 
 // TestSteerTCP: a program attached to a group of 4 listeners sends every
 // client to the listener of the slot Spec.Slot computes, for an IPv4
-// group, an IPv6 group and a dual-stack [::] group reached by both.
+// group, an IPv6 group and a dual-stack [::] group reached by both; and
+// so does the plain SELECT program New falls back to on kernels before
+// 5.14.
 func TestSteerTCP(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{})
 	spec := Spec{Workers: 4}
@@ -262,31 +264,48 @@ func TestSteerTCP(t *testing.T) {
 		{"ipv6", "tcp6", addrPort(lab.ServerAddr6, 7000), []netip.AddrPort{addrPort(lab.ServerAddr6, 7000)}},
 		{"dual-stack", "tcp", addrPort(netip.IPv6Unspecified(), 7001), []netip.AddrPort{addrPort(lab.ServerAddr4, 7001), addrPort(lab.ServerAddr6, 7001)}},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			s := newSelector(t, spec)
-			if !s.Migrates() {
-				t.Errorf("not loaded as SELECT_OR_MIGRATE on this kernel: %v", s.MigrateErr())
+		for _, migrate := range []bool{true, false} {
+			name := c.name
+			if !migrate {
+				// The program for kernels before 5.14.
+				name += "/select_only"
 			}
-			t.Logf("program: %d instructions", s.Instructions())
-			g := newGroup(t, lab.Server, c.network, c.bind)
-			fill(t, s, g)
-			for i, l := range g.lns {
-				want, err := SocketCookie(l.ln)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got, ok, err := s.Cookie(i); err != nil || !ok || got != want {
-					t.Errorf("Cookie(%d) = %d, %v, %v; want %d, true, nil", i, got, ok, err, want)
-				}
-			}
-			for _, dst := range c.dsts {
-				srcs := lab.ClientAddrs4
-				if dst.Addr().Is6() {
-					srcs = lab.ClientAddrs6
-				}
-				expect(t, lab.Client, srcs, dst, spec.Slot)
-			}
-		})
+			t.Run(name, func(t *testing.T) { steerTCP(t, lab, spec, c.network, c.bind, c.dsts, migrate) })
+		}
+	}
+}
+
+func steerTCP(t *testing.T, lab *netlab.Lab, spec Spec, network string, bind netip.AddrPort, dsts []netip.AddrPort, migrate bool) {
+	s := newSelector(t, spec)
+	if !s.Migrates() {
+		t.Errorf("not loaded as SELECT_OR_MIGRATE on this kernel: %v", s.MigrateErr())
+	}
+	if !migrate {
+		plain, err := load(s.spec, s.slots, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer plain.prog.Close()
+		s = plain
+	}
+	t.Logf("program: %d instructions", s.Instructions())
+	g := newGroup(t, lab.Server, network, bind)
+	fill(t, s, g)
+	for i, l := range g.lns {
+		want, err := SocketCookie(l.ln)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok, err := s.Cookie(i); err != nil || !ok || got != want {
+			t.Errorf("Cookie(%d) = %d, %v, %v; want %d, true, nil", i, got, ok, err, want)
+		}
+	}
+	for _, dst := range dsts {
+		srcs := lab.ClientAddrs4
+		if dst.Addr().Is6() {
+			srcs = lab.ClientAddrs6
+		}
+		expect(t, lab.Client, srcs, dst, spec.Slot)
 	}
 }
 
@@ -652,8 +671,9 @@ func udpAsk(c net.Conn, msg string) (string, error) {
 	return string(b[:n]), err
 }
 
-// TestSteerUDP: every datagram of a flow goes to its slot's socket, and a
-// re-point moves the flow at once (there is no per-flow state).
+// TestSteerUDP: every datagram of a flow goes to its slot's socket, a
+// re-point moves the flow at once (there is no per-flow state), and an
+// empty slot's datagrams reach no socket.
 func TestSteerUDP(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 16})
 	spec := Spec{Workers: 4}
@@ -704,6 +724,23 @@ func TestSteerUDP(t *testing.T) {
 				}
 				if r, err := udpAsk(c, "moved"); err != nil || r != want {
 					t.Errorf("%s after slot 2's re-point: %q, %v; want %q", src, r, err, want)
+				}
+			}
+			// An empty slot's datagrams reach nobody.
+			if err := s.Clear(1); err != nil {
+				t.Fatal(err)
+			}
+			for src, c := range flows {
+				if spec.Slot(src) != 1 {
+					continue
+				}
+				c.Write([]byte("dropped"))
+				c.SetReadDeadline(time.Now().Add(time.Second))
+				b := make([]byte, 1500)
+				if n, err := c.Read(b); err == nil {
+					t.Errorf("%s with slot 1 empty: answered %q", src, b[:n])
+				} else {
+					t.Logf("%s with slot 1 empty: %v", src, err)
 				}
 			}
 		})
@@ -1001,7 +1038,9 @@ func TestSteerNothingLeft(t *testing.T) {
 	if err != nil || progID == 0 || arrayID == 0 {
 		t.Fatalf("IDs: %d, %d, %v", progID, arrayID, err)
 	}
-	s.Close()
+	if err := errors.Join(s.Close(), s.Close()); err != nil {
+		t.Errorf("Close twice: %v", err)
+	}
 	if p, err := ebpf.NewProgramFromID(ebpf.ProgramID(progID)); err != nil {
 		t.Fatalf("program %d gone while the group holds it: %v", progID, err)
 	} else {
