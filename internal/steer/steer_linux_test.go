@@ -244,6 +244,18 @@ func fill(t *testing.T, s *Selector, g *group) {
 	}
 }
 
+// selectOnly is a Selector over s's array with the plain SELECT program
+// New falls back to on kernels before 5.14.
+func selectOnly(t testing.TB, s *Selector) *Selector {
+	t.Helper()
+	plain, err := load(s.spec, s.slots, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { plain.prog.Close() }) // the array is s's
+	return plain
+}
+
 func addrPort(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
 
 // TestSteerTCP: a program attached to a group of 4 listeners sends every
@@ -281,12 +293,7 @@ func steerTCP(t *testing.T, lab *netlab.Lab, spec Spec, network string, bind net
 		t.Errorf("not loaded as SELECT_OR_MIGRATE on this kernel: %v", s.MigrateErr())
 	}
 	if !migrate {
-		plain, err := load(s.spec, s.slots, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer plain.prog.Close()
-		s = plain
+		s = selectOnly(t, s)
 	}
 	t.Logf("program: %d instructions", s.Instructions())
 	g := newGroup(t, lab.Server, network, bind)
@@ -392,6 +399,8 @@ func TestSteerPrefixes(t *testing.T) {
 		{Workers: 256, V4Prefix: 24, V6Prefix: 97}, // v6: bits 89..96 (words 2 and 3)
 		{Workers: 256, V4Prefix: 20, V6Prefix: 100},
 		{Workers: 16, V4Prefix: 32, V6Prefix: 128},
+		{Workers: 128, V4Prefix: 30, V6Prefix: 64}, // v6: the window's last bits, no shift
+		{Workers: 64, V4Prefix: 26, V6Prefix: 96},
 		{Workers: 2, V4Prefix: 1, V6Prefix: 8},
 		{Workers: 1},
 	} {
@@ -526,12 +535,7 @@ func TestSteerMigrate(t *testing.T) {
 				dst := addrPort(fam.dst, port)
 				s := newSelector(t, spec)
 				if !v.migrate {
-					plain, err := load(s.spec, s.slots, false)
-					if err != nil {
-						t.Fatal(err)
-					}
-					defer plain.prog.Close()
-					s = plain
+					s = selectOnly(t, s)
 				}
 				g := newGroup(t, lab.Server, fam.network, bind)
 				for i := range spec.Workers {
