@@ -3,6 +3,7 @@
 package ipcluster_test
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -75,7 +76,7 @@ func checkSticky(t *testing.T, ns *netlab.NS, srcs []netip.Addr, dst netip.Addr,
 }
 
 // backends are the rule backends the routing tests run against.
-var backends = []ipcluster.Backend{ipcluster.BackendIPTables, ipcluster.BackendNFTables}
+var backends = []ipcluster.Backend{ipcluster.BackendIPTables, ipcluster.BackendNFTables, ipcluster.BackendBPF}
 
 func TestRoutesIPv4BySourceBits(t *testing.T) {
 	for _, backend := range backends {
@@ -101,6 +102,25 @@ func TestRoutesIPv4BySourceBits(t *testing.T) {
 // built-in chain; for nftables (the default here), the map's elements.
 func (c *cluster) checkKernelRules(t *testing.T) {
 	t.Helper()
+	if c.spec.Config.Backend == ipcluster.BackendBPF {
+		// No rule at all: the public port is the workers' sockets.
+		if out := iptablesLeft(t, c.lab, false, "IPC-t"); out != "" {
+			t.Errorf("the bpf backend wrote iptables rules:\n%s", out)
+		}
+		if out := runIn(t, c.lab.Server, "nft", "list", "ruleset"); strings.Contains(out, "ipcluster") {
+			t.Errorf("the bpf backend wrote nftables rules:\n%s", out)
+		}
+		st, err := c.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for slot := range st.Slots {
+			if !strings.Contains(st.Rules["bpf"], fmt.Sprintf("slot %d → socket ", slot)) || strings.Contains(st.Rules["bpf"], fmt.Sprintf("slot %d → socket 0 ", slot)) {
+				t.Errorf("slot %d not steered:\n%s", slot, st.Rules["bpf"])
+			}
+		}
+		return
+	}
 	if c.spec.Config.Backend != "iptables" { // nftables, chosen or by default
 		if got, want := nftRoutes(t, c.lab, "slots4"), c.statusRules(t, "ipv4"); got != want {
 			t.Errorf("kernel routes:\n%s\nwant:\n%s", got, want)
@@ -336,6 +356,7 @@ func TestGracefulStopLeavesNothing(t *testing.T) {
 // reload) deletes the cluster's table; the master notices within its check
 // interval and writes the rules again.
 func TestLostRulesAreRewritten(t *testing.T) {
+	natBackendTest(t) // flushes the nftables ruleset
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4})
 	c.waitReady()
@@ -479,7 +500,8 @@ func TestGracefulStopDrainsEstablishedConnections(t *testing.T) {
 
 // A crashed master leaves its chain with stale targets and a duplicate
 // hook; the next master reconciles: with iptables, one hook and only live
-// targets; with nftables, its own table in force and the chain gone.
+// targets; with nftables, its own table in force and the chain gone; with
+// bpf, the chain gone (it would take the clients before the sockets).
 func TestStaleChainsAreReconciled(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(string(backend), func(t *testing.T) {
@@ -501,9 +523,9 @@ func TestStaleChainsAreReconciled(t *testing.T) {
 			c := startCluster(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: backend})
 			c.waitReady()
 			out := nat(t, lab, false)
-			if backend == "nftables" {
+			if backend != "iptables" {
 				if strings.Contains(out, "IPC-t") {
-					t.Errorf("the iptables chain of a crashed master survived an nftables master:\n%s", out)
+					t.Errorf("the iptables chain of a crashed master survived a %s master:\n%s", backend, out)
 				}
 			} else {
 				if n := strings.Count(out, "-A PREROUTING"); n != 1 {

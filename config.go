@@ -75,6 +75,18 @@ const (
 	// nat`): a new connection walks the chain, one rule per slot and port,
 	// and a change is one process per family. Needs the iptables binaries.
 	BackendIPTables Backend = "iptables"
+	// BackendBPF routes without NAT or conntrack: each public port is an
+	// SO_REUSEPORT group of the workers' sockets bound to the public
+	// address and port themselves (`ss -ltn` shows the service there),
+	// and an SK_REUSEPORT BPF program picks the slot's socket by the same
+	// source bits (see the README). A re-point is one map update; a
+	// closing socket's queued connections move to its slot's new socket.
+	// Needs Linux 4.19 (5.14 for that migration) and CAP_BPF, plus
+	// CAP_NET_BIND_SERVICE for public ports below 1024; no CAP_NET_ADMIN.
+	// A worker's own port (WorkerStats.Ports, for DialWorker) is a second
+	// socket where a DNAT backend's worker would listen; as with
+	// iptables, nothing refuses direct connections to it.
+	BackendBPF Backend = "bpf"
 )
 
 // Protocol is the transport protocol of a public port. The zero value is
@@ -573,10 +585,10 @@ func (c *Config) validate() error {
 		bad("HealthCheckFailures", fmt.Sprintf("%d is below 1", c.HealthCheckFailures), "use 1 or more consecutive failures, or zero for the default of 3")
 	}
 	switch c.Backend {
-	case BackendAuto, BackendNFTables, BackendIPTables:
+	case BackendAuto, BackendNFTables, BackendIPTables, BackendBPF:
 	default:
 		bad("Backend", fmt.Sprintf("%q is not a rule backend", c.Backend),
-			`use ipcluster.BackendNFTables ("nftables"), ipcluster.BackendIPTables ("iptables"), or leave it empty to pick one`)
+			`use ipcluster.BackendNFTables ("nftables"), ipcluster.BackendIPTables ("iptables"), ipcluster.BackendBPF ("bpf"), or leave it empty to pick one`)
 	}
 	if c.WorkerGroup != "" && c.WorkerUser == "" {
 		bad("WorkerGroup", fmt.Sprintf("%q is set without WorkerUser", c.WorkerGroup), "set WorkerUser too (the user workers run as), or leave WorkerGroup empty")
@@ -625,6 +637,15 @@ func (c *Config) startTimeout() time.Duration {
 // protocol: an OS-chosen port on the public address, or on any address of
 // the families served. DNAT keeps the client's destination address, so this
 // must accept it.
+// groupNetwork is where the bpf backend's sockets for public port p
+// listen: the public address and port themselves, or every address (a
+// dual-stack socket) without Config.Addr.
+func (c *Config) groupNetwork(p Port) (network, addr string) {
+	network, addr = c.listenNetwork(p.Proto)
+	host, _, _ := net.SplitHostPort(addr)
+	return network, net.JoinHostPort(host, strconv.Itoa(int(p.Public)))
+}
+
 func (c *Config) listenNetwork(p Protocol) (network, addr string) {
 	network = p.String() // "tcp" or "udp"
 	switch {

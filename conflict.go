@@ -40,6 +40,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -53,6 +54,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/ipcluster/ipcluster/internal/procfs"
 )
 
 // PortInUseError is another cluster's routes for public ports this cluster
@@ -805,4 +808,46 @@ func portList(ports []Port) string {
 		s[i] = p.String()
 	}
 	return strings.Join(s, ",")
+}
+
+// checkPortsUnbound is the bpf backend's check before anything is bound:
+// its sockets bind the public ports themselves, so a socket already bound
+// to one (another server, or another cluster's bpf workers) on an address
+// this cluster serves is a conflict. SO_REUSEPORT would even let a socket
+// of the same user join that other group, and this cluster's program
+// would then steer the other's clients. Not made when this cluster's own
+// sockets may be the ones bound: a takeover, or a previous master's routes
+// in the run directory.
+func checkPortsUnbound(cfg *Config, rt *routing) error {
+	tables := map[Protocol][]string{TCP: {"tcp", "tcp6"}, UDP: {"udp", "udp6"}}
+	state := map[Protocol]string{TCP: "0A", UDP: "07"}
+	for _, p := range rt.ports {
+		for _, table := range tables[p.Proto] {
+			socks, err := procfs.BoundSockets(table, state[p.Proto])
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("check that public port %s is free: %w", p, err)
+			}
+			for _, b := range socks {
+				if b.Port != p.Public || cfg.Addr.IsValid() && !b.Addr.IsUnspecified() && b.Addr.Unmap() != cfg.Addr {
+					continue
+				}
+				where := "every local address"
+				if !b.Addr.IsUnspecified() {
+					where = b.Addr.String()
+				}
+				ss := "ss -ltnp"
+				if p.Proto == UDP {
+					ss = "ss -lunp"
+				}
+				return fmt.Errorf("%w: %s is already bound in this network namespace (on %s), and the bpf backend binds the public port itself: "+
+					"another server, or another cluster's bpf workers, listens there; find it with %s 'sport = :%d', stop it, "+
+					"or give this cluster other Config.Ports or a Config.Addr it does not use",
+					ErrPortInUse, p, where, ss, p.Public)
+			}
+		}
+	}
+	return nil
 }

@@ -224,6 +224,10 @@ func (s *ruleSync) cleanConntrack() {
 	}
 }
 
+// noConntrack is the bpf backend's conntrackDeleter: without NAT no
+// entry routes anything, so none is deleted.
+func noConntrack(*family, netlink.CustomConntrackFilter) (uint, error) { return 0, nil }
+
 // noteDeadTCP records the TCP ports of a worker that exited, for
 // cleanConntrack.
 func (s *ruleSync) noteDeadTCP(ports slotTarget) {

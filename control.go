@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -327,6 +328,15 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		}
 		p = newProc(pp, h.Slot, h.Generation, h.Build)
 		p.ports = ports
+		if n := len(m.rules.rt.ports); m.steer != nil && len(fds) == 3*n {
+			// The bpf backend's arrays, which the worker kept.
+			files := make([]*os.File, n)
+			for i, fd := range fds[2*n:] {
+				files[i] = os.NewFile(uintptr(fd), "reuseport-sockarray")
+			}
+			m.steer.offerArrays(files)
+			fds = fds[:2*n]
+		}
 		if len(fds) > 0 {
 			socks, err := adoptSockets(m.rules.rt, ports, fds)
 			fds = nil // adoptSockets took them

@@ -23,6 +23,7 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
+	"github.com/ipcluster/ipcluster"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -75,6 +76,11 @@ func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*
 	c.spec.Netns = ino
 	if edit != nil {
 		edit(&c.spec)
+	}
+	if c.spec.Config.Backend == "" {
+		// IPCLUSTER_TEST_BACKEND runs every test that does not name a
+		// backend on that one (test.sh runs the suite again on bpf).
+		c.spec.Config.Backend = ipcluster.Backend(os.Getenv(envTestBackend))
 	}
 	if c.spec.Config.Backend == "iptables" {
 		needIPTables(t)
@@ -475,3 +481,10 @@ func TestIPTablesLeftOverNetlink(t *testing.T) {
 		t.Errorf("IPv6 rules found where only IPv4 ones were written:\n%s", got)
 	}
 }
+
+// envTestBackend names the backend of every cluster whose test names none.
+const envTestBackend = "IPCLUSTER_TEST_BACKEND"
+
+// natBackendTest marks a test about the default (nat) backend's own
+// behaviour: its clusters keep the default whatever envTestBackend says.
+func natBackendTest(t *testing.T) { t.Setenv(envTestBackend, "") }

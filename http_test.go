@@ -179,6 +179,7 @@ func checkWorkerLabels(t *testing.T, s map[string]float64) {
 // backend, as in the start-up log), and /readyz turning 503 while the
 // master stops (and /healthz staying 200).
 func TestHTTPEndpoints(t *testing.T) {
+	natBackendTest(t) // the auto backend and conntrack gauges
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
 	// linger: a held connection keeps its worker, and so the stopping

@@ -170,9 +170,11 @@ func IsWorker() bool { return os.Getenv(EnvWorker) != "" }
 // its own privileges: a worker cannot change the rules, and an exec in a
 // worker (a setuid binary, one with file capabilities) grants it nothing.
 //
-// In a worker process, Run listens on an OS-chosen port for each public
-// port, reports to the master and calls work, then returns once the worker
-// is done: told to die, or retired with its connections drained.
+// In a worker process, Run takes the sockets its master made for it (one
+// per public port, on an OS-chosen port; on the bpf backend, in the public
+// port's reuseport group), reports to the master and calls work, then
+// returns once the worker is done: told to die, or retired with its
+// connections drained.
 func Run(ctx context.Context, cfg Config, work func(*Worker) error) (err error) {
 	if !IsWorker() {
 		// A master started for a deploy tells the one that started it

@@ -271,6 +271,7 @@ type master struct {
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
+	steer   *bpfWriter    // the bpf backend inside rules, or nil (bpf.go)
 
 	// Monitor sampling (monitor.go): the loop's /proc reader, and PSS
 	// requests to the PSS sampler goroutine, one at a time.
@@ -331,7 +332,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read own capabilities: %w", err)
 	}
-	if !st.HasCap(procfs.CapNetAdmin) {
+	if !st.HasCap(procfs.CapNetAdmin) && cfg.Backend != BackendBPF { // bpf: steer checks CAP_BPF
 		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules; run it as root, or grant it with "+
 			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
 	}
@@ -386,6 +387,15 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	// The emitter is made by run, and the observer below: the rule sync
 	// reaches them when it writes, not now.
 	m.rules = newRuleSync(rt, backendRules, m.log, func(ev Event) { m.emit.send(ev) }, m.send)
+	inner := backendRules
+	if c, ok := inner.(*clearsOther); ok {
+		inner = c.unwrap()
+	}
+	if w, ok := inner.(*bpfWriter); ok {
+		m.steer = w
+		w.resolve, w.routesPath = m.findSockets, filepath.Join(m.dir, "routes")
+		m.rules.conntrack = noConntrack // no NAT: conntrack pins nothing
+	}
 	m.rules.observe = func(d time.Duration, err error) { m.obs.ruleWrite(d, err) }
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
@@ -399,6 +409,15 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err := m.openRunDir(); err != nil {
 		sp.close()
 		return nil, err
+	}
+	if m.steer != nil && !m.tookOver {
+		if _, err := os.Stat(m.steer.routesPath); errors.Is(err, os.ErrNotExist) {
+			if err := checkPortsUnbound(cfg, rt); err != nil {
+				m.releaseRunDir()
+				sp.close()
+				return nil, err
+			}
+		}
 	}
 	if m.obs, err = listenHTTP(cfg, m.log, m.tookOver); err != nil {
 		m.releaseRunDir()
@@ -621,8 +640,15 @@ func (m *master) spawn(slot int) {
 				return
 			}
 		}
-		cmd.ExtraFiles = socks.files
-		cmd.Env = append(cmd.Env, EnvSockets+"="+socks.env(m.rules.rt))
+		arrays, err := m.workerArrays()
+		if err != nil {
+			m.log.Error("spawn worker", "slot", slot, "err", err)
+			m.failures[slot]++
+			m.respawnLater(slot)
+			return
+		}
+		cmd.ExtraFiles = append(socks.all(), arrays...)
+		cmd.Env = append(cmd.Env, EnvSockets+"="+socks.env(m.rules.rt, len(arrays) > 0))
 	}
 	// Real files, never pipes: a worker outlives the master, and a pipe
 	// whose reader died would block or kill it (SIGPIPE) on its next log.
@@ -936,7 +962,13 @@ func (m *master) giveSpare(slot int) bool {
 		m.kill(q)
 	}
 	sp.socks, sp.ports = socks, maps.Clone(socks.ports)
-	sp.peer.sendFDs(proto.TypeAssign, &proto.Assign{Slot: slot, Ports: protoPorts(socks.ports, m.rules.rt.ports)}, socks.fds())
+	fds := socks.fds()
+	if arrays, err := m.workerArrays(); err == nil {
+		for _, f := range arrays {
+			fds = append(fds, rawFD(f))
+		}
+	}
+	sp.peer.sendFDs(proto.TypeAssign, &proto.Assign{Slot: slot, Ports: protoPorts(socks.ports, m.rules.rt.ports)}, fds)
 	if m.cfg.WorkerReady {
 		// The application starts now, and the slot moves once it says
 		// it is ready (onReady): until then the slot keeps its route,
@@ -1011,8 +1043,11 @@ func (m *master) syncRules(ctx context.Context) {
 			targets[i] = p.ports
 		case m.held[i] != nil:
 			targets[i] = m.held[i].ports // no worker yet: the slot's clients wait in its sockets' queues
-		case m.adopting() && m.adoptRoutes[i] != nil:
-			targets[i] = m.adoptRoutes[i] // its worker, alive, is still to reconnect
+		case m.adopting() && m.adoptRoutes[i] != nil && m.steer == nil:
+			// Its worker, alive, is still to reconnect: a nat rule can
+			// point at its port meanwhile. (The bpf backend needs its
+			// sockets, and the arrays it may bring: offerArrays.)
+			targets[i] = m.adoptRoutes[i]
 		default:
 			routed = false
 		}

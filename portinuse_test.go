@@ -214,3 +214,47 @@ func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return lines[len(lines)-1]
 }
+
+// The bpf backend binds the public port itself: a second cluster there is
+// refused before it binds anything, whichever backend the first uses, and
+// the first serves on.
+func TestSecondClusterSamePortRefusedBPF(t *testing.T) {
+	for _, first := range []ipcluster.Backend{"bpf", "nftables"} {
+		t.Run(string(first)+"-bpf", func(t *testing.T) {
+			lab := netlab.NewT(t, netlab.Options{Clients: 4})
+			c1 := startCluster(t, lab, specConfig{Name: "first", Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: first})
+			st := c1.waitReady()
+			firstPIDs := append(workerPIDs(st), c1.cmd.Process.Pid)
+			runDir := t.TempDir()
+			second := startCluster(t, lab, specConfig{Name: "second", Workers: 2, Ports: tcpPorts(8443, 8080), Backend: "bpf", RunDir: runDir})
+			if err := second.waitRefused(); err != nil {
+				t.Fatalf("second cluster on the same port: %v, want it to fail at start\n%s", err, second.log())
+			}
+			log := second.log()
+			want := []string{ipcluster.ErrPortInUse.Error(), "8080/tcp is already bound in this network namespace (on 198.18.0.1)", "ss -ltnp 'sport = :8080'"}
+			if first != "bpf" {
+				want = []string{ipcluster.ErrPortInUse.Error(), `is routed by cluster "first"`}
+			}
+			for _, w := range want {
+				if !strings.Contains(log, w) {
+					t.Errorf("the refused master's log lacks %q:\n%s", w, log)
+				}
+			}
+			t.Logf("the refused master says: %s", lastLine(log))
+			if _, err := os.Stat(filepath.Join(runDir, "second")); !os.IsNotExist(err) {
+				t.Errorf("the refused master left its cluster directory (stat: %v)", err)
+			}
+			ino, _ := lab.Server.Inode()
+			for _, pid := range netlab.PIDsIn(ino) {
+				if netlab.Running(pid) && !slices.Contains(firstPIDs, pid) {
+					t.Errorf("process %d left in the lab, not the first cluster's (%v)", pid, firstPIDs)
+				}
+			}
+			for _, src := range lab.ClientAddrs4 {
+				if rep, err := ask(lab.Client, src, netip.AddrPortFrom(lab.ServerAddr4, 8080)); err != nil || !slices.Contains(firstPIDs, rep.PID) {
+					t.Errorf("client %s reached %+v (%v), want a worker of the first cluster", src, rep, err)
+				}
+			}
+		})
+	}
+}

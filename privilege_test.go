@@ -422,13 +422,19 @@ const masterUID = 23456
 // AmbientCapabilities=CAP_NET_ADMIN). The workers hold no capability, and a
 // deploy's successor master holds CAP_NET_ADMIN, takes over and spawns
 // workers that hold none either.
-func TestPrivilegeNonRootAmbient(t *testing.T) { testNonRootMaster(t, false) }
+func TestPrivilegeNonRootAmbient(t *testing.T) {
+	natBackendTest(t) // CAP_NET_ADMIN alone
+	testNonRootMaster(t, false)
+}
 
 // TestPrivilegeNonRootFileCaps: the setcap shape (a non-root master whose
 // binary has the file capability cap_net_admin+ep), as
 // TestPrivilegeNonRootAmbient. Without no_new_privs every exec of the
 // binary, a worker's included, would be granted CAP_NET_ADMIN.
-func TestPrivilegeNonRootFileCaps(t *testing.T) { testNonRootMaster(t, true) }
+func TestPrivilegeNonRootFileCaps(t *testing.T) {
+	natBackendTest(t) // CAP_NET_ADMIN alone
+	testNonRootMaster(t, true)
+}
 
 func testNonRootMaster(t *testing.T, fileCaps bool) {
 	if os.Geteuid() != 0 {
@@ -566,4 +572,53 @@ func TestPrivilegeRootBinaryNotExecutable(t *testing.T) {
 		t.Errorf("cluster directory created before the binary was checked: %v", err)
 	}
 	checkNoRules(t, lab)
+}
+
+// The bpf backend needs CAP_BPF and nothing else: a non-root master that
+// holds only that capability serves; one without it is refused at start
+// with ErrNoPrivilege, naming CAP_BPF and the fix.
+func TestPrivilegeBPFNeedsOnlyCapBPF(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the test starts the master as another user")
+	}
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	dir := openTempDir(t, 0o755)
+	exe := filepath.Join(dir, "ipcluster.test")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		caps []uintptr
+	}{{"cap_bpf", []uintptr{unix.CAP_BPF}}, {"none", nil}} {
+		t.Run(tc.name, func(t *testing.T) {
+			runDir := openTempDir(t, 0o755)
+			if err := os.Chown(runDir, masterUID, masterUID); err != nil {
+				t.Fatal(err)
+			}
+			sys := &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: masterUID, Gid: masterUID}, AmbientCaps: tc.caps}
+			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, RunDir: runDir, Backend: "bpf"},
+				func(s *spec) { s.Exe, s.SysProcAttr = exe, sys })
+			if tc.caps == nil {
+				masterFailsAtStart(t, c, lab, ipcluster.ErrNoPrivilege.Error(), "lacks CAP_BPF", "AmbientCapabilities=CAP_BPF")
+				return
+			}
+			st := c.waitReady()
+			ps, err := procfs.ReadStatus(st.MasterPID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ps.HasCap(procfs.CapNetAdmin) || ps.UID[1] != masterUID {
+				t.Fatalf("master runs as uids %v with CapEff %#x, want uid %d without CAP_NET_ADMIN", ps.UID, ps.CapEff, masterUID)
+			}
+			checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)
+			if err := c.stop(); err != nil {
+				t.Errorf("master exit: %v", err)
+			}
+		})
+	}
 }

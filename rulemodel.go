@@ -88,6 +88,7 @@ type routing struct {
 	prefix   map[*family]int // slot bits are the low bits of the first prefix bits
 	ports    []Port          // public ports, in Config order
 	guard    bool            // refuse direct connections to worker ports (nftables only)
+	bpf      bool            // the bpf backend: the sockets are in reuseport groups (bpf.go)
 }
 
 // slotAddr is the address whose only set bits are v in the slot bits of

@@ -29,6 +29,8 @@ import (
 	"maps"
 	"slices"
 	"time"
+
+	"github.com/ipcluster/ipcluster/internal/steer"
 )
 
 // ruleSync is the master's rule writer. Like every part of the master it is
@@ -247,6 +249,18 @@ func (s *ruleSync) text() map[string]string { return s.backend.rulesText() }
 // what the other backend may have left for this cluster: a crashed master
 // of an earlier release, or one configured with the other backend.
 func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, backendChoice, error) {
+	var bpf *bpfWriter
+	if cfg.Backend == BackendBPF {
+		choice := backendChoice{name: BackendBPF, config: string(BackendBPF), reason: "Config.Backend"}
+		if err := bpfCheck(); err != nil {
+			if errors.Is(err, steer.ErrPermission) {
+				return nil, choice, fmt.Errorf("%w: Config.Backend %q: %w", ErrNoPrivilege, BackendBPF, err)
+			}
+			return nil, choice, fmt.Errorf("Config.Backend %q: %w", BackendBPF, err)
+		}
+		rt.bpf, rt.guard = true, false
+		bpf = newBPFWriter(rt)
+	}
 	conn, err := nftNewConn()
 	if err == nil {
 		if err = nftProbe(conn, rt); err != nil {
@@ -262,6 +276,18 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, ba
 	iptErr := findBinaries(rt)
 	if iptErr == nil {
 		ipt = newRuleWriter(rt, execRunner{})
+	}
+	if bpf != nil {
+		// A crashed DNAT master's rules would take the clients before any
+		// socket sees them: the bpf backend clears both kinds.
+		var b ruleBackend = bpf
+		if nft != nil {
+			b = &clearsOther{ruleBackend: b, other: nft, log: log}
+		}
+		if ipt != nil {
+			b = &clearsOther{ruleBackend: b, other: ipt, log: log}
+		}
+		return b, backendChoice{name: BackendBPF, config: string(BackendBPF), reason: "Config.Backend"}, nil
 	}
 	choice, err := chooseBackend(cfg.Backend, nftErr, iptErr)
 	switch {
@@ -281,7 +307,7 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, ba
 // backendChoice is the rule backend in force and why, for the status, the
 // metrics and the start-up log.
 type backendChoice struct {
-	name Backend // BackendNFTables or BackendIPTables
+	name Backend // BackendNFTables, BackendIPTables or BackendBPF
 	// config is Config.Backend as set: "auto" when left empty.
 	config string
 	// reason is why: "Config.Backend", "auto: nf_tables answers" or
@@ -326,6 +352,14 @@ type clearsOther struct {
 	other   ruleBackend // nil when the other backend is unavailable here
 	cleared bool
 	log     *slog.Logger
+}
+
+// unwrap returns the backend that does the work.
+func (c *clearsOther) unwrap() ruleBackend {
+	if inner, ok := c.ruleBackend.(*clearsOther); ok {
+		return inner.unwrap()
+	}
+	return c.ruleBackend
 }
 
 // routes reads this backend's routes or, if it has none, the other's: a

@@ -35,46 +35,50 @@ import (
 	"maps"
 	"net"
 	"os"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
+	"github.com/ipcluster/ipcluster/internal/steer"
 )
 
 // sockSet is one worker's listening sockets: a descriptor per public port,
-// in Config order (routing.ports), and the ports they are bound to.
+// in Config order (routing.ports), and the ports they are bound to. On the
+// bpf backend files are the sockets in the public port's reuseport group
+// and direct the worker's own sockets (where a DNAT backend's worker
+// listens), whose ports are the ports here (see bpf.go).
 type sockSet struct {
-	ports slotTarget
-	files []*os.File
+	ports  slotTarget
+	files  []*os.File
+	direct []*os.File
 }
 
 // openSockets opens a socket for each of rt's public ports, as a worker
-// listens: at cfg's address, on a port the OS picks, TCP without MPTCP.
+// listens: at cfg's address, on a port the OS picks, TCP without MPTCP;
+// on the bpf backend, one in the port's reuseport group and one of the
+// worker's own.
 func openSockets(cfg *Config, rt *routing) (*sockSet, error) {
 	s := &sockSet{ports: slotTarget{}}
 	for _, p := range rt.ports {
 		network, addr := cfg.listenNetwork(p.Proto)
-		var f *os.File
-		var port int
-		var err error
-		if p.Proto == UDP {
-			var c net.PacketConn
-			if c, err = net.ListenPacket(network, addr); err == nil {
-				port = c.LocalAddr().(*net.UDPAddr).Port
-				f, err = c.(*net.UDPConn).File()
-				c.Close()
-			}
-		} else {
-			var l net.Listener
-			if l, err = listenTCP(network, addr); err == nil {
-				port = l.Addr().(*net.TCPAddr).Port
-				f, err = l.(*net.TCPListener).File()
-				l.Close()
+		if rt.bpf {
+			network, addr = cfg.groupNetwork(p)
+		}
+		f, port, err := openSocket(p, network, addr, rt.bpf)
+		if err == nil && rt.bpf {
+			var d *os.File
+			dn, da := cfg.listenNetwork(p.Proto)
+			if d, port, err = openSocket(p, dn, da, false); err == nil {
+				s.direct = append(s.direct, d)
 			}
 		}
 		if err != nil {
+			if f != nil {
+				f.Close()
+			}
 			s.close()
 			return nil, fmt.Errorf("open the socket for public port %s on %s: %w", p, addr, err)
 		}
@@ -84,24 +88,81 @@ func openSockets(cfg *Config, rt *routing) (*sockSet, error) {
 	return s, nil
 }
 
+// openSocket opens one socket for p and returns the master's descriptor
+// and the port it is bound to; group: in the reuseport group of its
+// address (steer).
+func openSocket(p Port, network, addr string, group bool) (*os.File, int, error) {
+	if p.Proto == UDP {
+		var c *net.UDPConn
+		var err error
+		if group {
+			c, err = steer.ListenUDP(network, addr)
+		} else {
+			var pc net.PacketConn
+			if pc, err = net.ListenPacket(network, addr); err == nil {
+				c = pc.(*net.UDPConn)
+			}
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		defer c.Close()
+		f, err := c.File()
+		return f, c.LocalAddr().(*net.UDPAddr).Port, err
+	}
+	var l *net.TCPListener
+	if group {
+		var err error
+		if l, err = steer.ListenTCP(network, addr); err != nil {
+			return nil, 0, err
+		}
+	} else {
+		ln, err := listenTCP(network, addr)
+		if err != nil {
+			return nil, 0, err
+		}
+		l = ln.(*net.TCPListener)
+	}
+	defer l.Close()
+	f, err := l.File()
+	return f, l.Addr().(*net.TCPAddr).Port, err
+}
+
 // adoptSockets takes the descriptors a worker sent with its hello: its
 // sockets for want (the ports it reported), in rt's port order. Each must
 // be a socket of the port's protocol bound to the reported port (a TCP one
 // listening). On error every descriptor is closed.
 func adoptSockets(rt *routing, want slotTarget, fds []int) (*sockSet, error) {
-	if len(fds) != len(rt.ports) {
+	n := len(rt.ports)
+	if rt.bpf {
+		n *= 2
+	}
+	if len(fds) > n {
+		proto.CloseFDs(fds[n:]) // arrays: offered to the backend before this
+		fds = fds[:n]
+	}
+	if len(fds) != n {
 		proto.CloseFDs(fds)
-		return nil, fmt.Errorf("came with %d descriptors for %d public ports", len(fds), len(rt.ports))
+		return nil, fmt.Errorf("came with %d descriptors for %d public ports, want %d", len(fds), len(rt.ports), n)
 	}
 	s := &sockSet{ports: slotTarget{}}
-	for i, p := range rt.ports {
-		fd := fds[i]
-		if err := checkSocket(fd, p, want[p]); err != nil {
+	for i, fd := range fds {
+		p := rt.ports[i%len(rt.ports)]
+		port, direct := want[p], i >= len(rt.ports)
+		if rt.bpf && !direct {
+			port = p.Public // in the public port's group
+		}
+		if err := checkSocket(fd, p, port); err != nil {
 			s.close()
 			proto.CloseFDs(fds[i:])
 			return nil, fmt.Errorf("descriptor %d for public port %s: %w", i, p, err)
 		}
-		s.files = append(s.files, os.NewFile(uintptr(fd), "socket "+p.String()))
+		f := os.NewFile(uintptr(fd), "socket "+p.String())
+		if direct {
+			s.direct = append(s.direct, f)
+		} else {
+			s.files = append(s.files, f)
+		}
 		s.ports[p] = want[p]
 	}
 	return s, nil
@@ -150,17 +211,21 @@ func checkSocket(fd int, p Port, port uint16) error {
 // description shares with every worker's copy, whose Accept could then
 // no longer be interrupted by Close.
 func (s *sockSet) fds() []int {
-	out := make([]int, len(s.files))
-	for i, f := range s.files {
-		out[i] = rawFD(f)
+	out := make([]int, 0, len(s.files)+len(s.direct))
+	for _, f := range s.all() {
+		out = append(out, rawFD(f))
 	}
 	return out
 }
 
+// all is every descriptor, as a worker receives them: the routed sockets
+// in port order, then the direct ones (bpf).
+func (s *sockSet) all() []*os.File { return append(slices.Clip(s.files), s.direct...) }
+
 // unblock puts the sockets back in non-blocking mode once a spawn has
 // passed them on: os/exec takes ExtraFiles' descriptors with File.Fd.
 func (s *sockSet) unblock() {
-	for _, f := range s.files {
+	for _, f := range s.all() {
 		if err := unix.SetNonblock(rawFD(f), true); err != nil {
 			continue // a closed socket has no mode to restore
 		}
@@ -178,12 +243,40 @@ func rawFD(f *os.File) int {
 }
 
 // env is EnvSockets' value for these sockets: the public ports in order.
-func (s *sockSet) env(rt *routing) string {
+func (s *sockSet) env(rt *routing, arrays bool) string {
 	parts := make([]string, len(rt.ports))
 	for i, p := range rt.ports {
 		parts[i] = p.String()
 	}
-	return strings.Join(parts, ",")
+	v := strings.Join(parts, ",")
+	if len(s.direct) > 0 {
+		v += envSocketsDirect
+	}
+	if arrays {
+		v += envSocketsArrays
+	}
+	return v
+}
+
+// EnvSockets ends with envSocketsDirect when each port also has the
+// worker's own socket (bpf), descriptors 3+n on (n the number of ports),
+// and then with envSocketsArrays when the bpf backend's arrays follow, one
+// per port, for the worker to keep (bpfWriter.offerArrays).
+const (
+	envSocketsDirect = "+direct"
+	envSocketsArrays = "+arrays"
+)
+
+// workerArrays are the bpf backend's arrays the master hands its workers
+// to keep, or none: on a DNAT backend, and when the workers run as
+// another user (WorkerUser), who must not be able to rewrite the arrays.
+// Then a master started after a kill -9 of this one takes the groups over
+// with a gap of some milliseconds (bpfWriter.takeGroup).
+func (m *master) workerArrays() ([]*os.File, error) {
+	if m.steer == nil || m.worker != nil {
+		return nil, nil
+	}
+	return m.steer.arrayFiles()
 }
 
 // close closes the master's copies; safe on nil and more than once.
@@ -191,25 +284,34 @@ func (s *sockSet) close() {
 	if s == nil {
 		return
 	}
-	for _, f := range s.files {
+	for _, f := range s.all() {
 		f.Close()
 	}
-	s.files = nil
+	s.files, s.direct = nil, nil
 }
 
 // parseEnvSockets reads EnvSockets: it must name ports, in order. It is
 // the worker's side: descriptors 3 on are its sockets.
-func parseEnvSockets(v string, ports []Port) error {
-	parts := strings.Split(v, ",")
+func parseEnvSockets(v string, ports []Port) (n int, err error) {
+	list, arrays := strings.CutSuffix(v, envSocketsArrays)
+	list, direct := strings.CutSuffix(list, envSocketsDirect)
+	parts := strings.Split(list, ",")
 	if len(parts) != len(ports) {
-		return fmt.Errorf("%s=%q names %d sockets for %d public ports", EnvSockets, v, len(parts), len(ports))
+		return 0, fmt.Errorf("%s=%q names %d sockets for %d public ports", EnvSockets, v, len(parts), len(ports))
 	}
 	for i, p := range ports {
 		if parts[i] != p.String() {
-			return fmt.Errorf("%s=%q: socket %d is for %s, but Config.Ports[%d] is %s", EnvSockets, v, i, parts[i], i, p)
+			return 0, fmt.Errorf("%s=%q: socket %d is for %s, but Config.Ports[%d] is %s", EnvSockets, v, i, parts[i], i, p)
 		}
 	}
-	return nil
+	n = len(ports)
+	if direct {
+		n += len(ports)
+	}
+	if arrays {
+		n += len(ports)
+	}
+	return n, nil
 }
 
 // inheritedFD is the descriptor of the i-th inherited socket.
@@ -330,4 +432,25 @@ func (b bound) hasAll(t slotTarget) bool {
 		}
 	}
 	return true
+}
+
+// findSockets finds the sockets whose ports are t (the bpf backend's
+// resolve): a worker's, a slot's held ones, or those waiting to close.
+func (m *master) findSockets(t slotTarget) *sockSet {
+	for _, p := range m.procs {
+		if p.socks != nil && maps.Equal(p.socks.ports, t) {
+			return p.socks
+		}
+	}
+	for _, s := range m.held {
+		if maps.Equal(s.ports, t) {
+			return s
+		}
+	}
+	for _, s := range m.unrouted {
+		if maps.Equal(s.ports, t) {
+			return s
+		}
+	}
+	return nil
 }

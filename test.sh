@@ -99,9 +99,12 @@ if ((${#packages[@]})); then
 	((${#packages[@]} == 0)) || die "still missing after apt-get install: ${reasons[*]}"
 fi
 
-if (($# == 0)); then
-	set -- ./...
-fi
 export IPCLUSTER_REQUIRE_NETNS=1 IPCLUSTER_REQUIRE_TOOLS=1
 set -x
-exec go test -race -count=1 -timeout 15m "$@"
+if (($# > 0)); then
+	exec go test -race -count=1 -timeout 15m "$@"
+fi
+go test -race -count=1 -timeout 15m ./...
+# The cluster tests again, each cluster on the bpf backend but those of
+# the tests that name their backend (IPCLUSTER_TEST_BACKEND, harness_test.go).
+IPCLUSTER_TEST_BACKEND=bpf exec go test -race -count=1 -timeout 15m .

@@ -158,6 +158,7 @@ func TestUDPFlowFollowsKilledWorker(t *testing.T) {
 // it (a new socket reaches it), but the old flow stays pinned to the
 // retired worker's port.
 func TestUDPFlowStaysPinnedWithoutCleanup(t *testing.T) {
+	natBackendTest(t) // conntrack pins the nat backends' flows
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: udpPorts(5353), Addr: lab.ServerAddr4},
 		func(s *spec) { s.SkipConntrackCleanup = true })

@@ -43,6 +43,7 @@ type Worker struct {
 	started   time.Time
 	listeners map[uint16]*listener   // TCP ports
 	packets   map[uint16]*packetConn // UDP ports
+	arrays    []*os.File             // the bpf backend's arrays, kept for the next master (sockets.go)
 	retiredAt time.Time              // set by retire, on the loop goroutine
 
 	ctx    context.Context // cancelled when the worker must finish
@@ -165,9 +166,10 @@ func (w *Worker) RequestRetire(reason string) {
 // Ready tells the master that this worker can take traffic, with
 // Config.WorkerReady: its slot moves to it only then. Call it from the
 // work function (or a goroutine it starts) once the application is ready
-// to serve: caches warm, connections to its backends open. No route
-// points at the worker before then, so its listeners see only DialWorker's
-// connections (and direct ones, with Config.AllowDirect). Safe to call more
+// to serve: caches warm, connections to its backends open. Until then its
+// listeners' Accept returns no connection (it waits): no new route points
+// at the worker, but one that takes over a crashed worker's slot inherits
+// that worker's sockets and the clients waiting in them. Safe to call more
 // than once, and from any goroutine; without WorkerReady it does nothing,
 // as the worker reported ready before the function was called.
 func (w *Worker) Ready() {
@@ -278,10 +280,11 @@ func (w *Worker) openSockets() error {
 	v, ok := os.LookupEnv(EnvSockets)
 	switch {
 	case ok:
-		if err := parseEnvSockets(v, w.cfg.Ports); err != nil {
+		n, err := parseEnvSockets(v, w.cfg.Ports)
+		if err != nil {
 			return fmt.Errorf("%w: %v", ErrNotStartedByMaster, err)
 		}
-		fds := make([]int, len(w.cfg.Ports))
+		fds := make([]int, n)
 		for i := range fds {
 			fds[i] = int(inheritedFD(i))
 		}
@@ -293,16 +296,37 @@ func (w *Worker) openSockets() error {
 }
 
 // takeSockets makes the worker's listeners and packet conns of fds, one
-// per Config.Ports entry, in order; it owns fds (closing them: the Go
-// sockets are duplicates). On failure nothing is kept.
+// per Config.Ports entry, in order, then (bpf backend) the worker's own
+// socket for each; it owns fds (closing them: the Go sockets are
+// duplicates). On failure nothing is kept.
 func (w *Worker) takeSockets(fds []int) error {
+	n := len(w.cfg.Ports)
+	if len(fds) != n && len(fds) != 2*n && len(fds) != 3*n {
+		proto.CloseFDs(fds)
+		return fmt.Errorf("worker slot %d: %d sockets for %d public ports", w.slot, len(fds), n)
+	}
+	if len(fds) == 3*n {
+		// The bpf backend's arrays: kept for a master started after a
+		// kill -9 of this one (bpfWriter.offerArrays), never used here.
+		for _, fd := range fds[2*n:] {
+			w.arrays = append(w.arrays, os.NewFile(uintptr(fd), "reuseport-sockarray"))
+		}
+		fds = fds[:2*n]
+	}
 	var err error
 	for i, p := range w.cfg.Ports {
 		f := os.NewFile(uintptr(fds[i]), "socket "+p.String())
+		var direct *os.File
+		if len(fds) == 2*n {
+			direct = os.NewFile(uintptr(fds[n+i]), "own socket "+p.String())
+		}
 		if err == nil {
-			err = w.takeSocket(p, f)
+			err = w.takeSocket(p, f, direct)
 		}
 		f.Close()
+		if direct != nil {
+			direct.Close()
+		}
 	}
 	if err != nil {
 		w.closeListeners()
@@ -314,7 +338,29 @@ func (w *Worker) takeSockets(fds []int) error {
 	return err
 }
 
-func (w *Worker) takeSocket(p Port, f *os.File) error {
+// takeSocket takes f, the socket the routes steer p's clients to, and
+// direct, the worker's own (nil but on the bpf backend): a TCP listener
+// accepts from both; a UDP socket's own one only names the worker.
+func (w *Worker) takeSocket(p Port, f, direct *os.File) error {
+	if direct != nil {
+		if err := w.takeSocket(p, f, nil); err != nil {
+			return err
+		}
+		if p.Proto == UDP {
+			c, err := net.FilePacketConn(direct)
+			if err != nil {
+				return fmt.Errorf("worker slot %d: the own socket for public port %s: %w", w.slot, p, err)
+			}
+			w.packets[p.Public].own = c
+			return nil
+		}
+		l, err := net.FileListener(direct)
+		if err != nil {
+			return fmt.Errorf("worker slot %d: the own socket for public port %s: %w", w.slot, p, err)
+		}
+		w.listeners[p.Public].addDirect(l)
+		return nil
+	}
 	if p.Proto == UDP {
 		c, err := net.FilePacketConn(f)
 		if err != nil {
@@ -348,15 +394,17 @@ func (w *Worker) socketFDs() []int {
 	if w.isRetired() || w.listenersClosed.Load() || w.packetsClosed() && len(w.packets) > 0 {
 		return nil
 	}
-	var out []int
+	var out, own []int
 	for _, p := range w.cfg.Ports {
-		var c syscall.Conn
+		var c, d syscall.Conn
 		if p.Proto == UDP {
 			if pc := w.packets[p.Public]; pc != nil {
 				c = pc.UDPConn
+				d, _ = pc.own.(syscall.Conn)
 			}
 		} else if l := w.listeners[p.Public]; l != nil {
 			c, _ = l.Listener.(syscall.Conn)
+			d, _ = l.direct.(syscall.Conn)
 		}
 		fd := -1
 		if c != nil {
@@ -364,9 +412,31 @@ func (w *Worker) socketFDs() []int {
 		}
 		if fd < 0 {
 			proto.CloseFDs(out)
+			proto.CloseFDs(own)
 			return nil
 		}
 		out = append(out, fd)
+		if d != nil {
+			if fd := dupFD(d); fd >= 0 {
+				own = append(own, fd)
+			}
+		}
+	}
+	if len(own) != len(out) {
+		proto.CloseFDs(own)
+		return out
+	}
+	out = append(out, own...)
+	if len(w.arrays) == len(out)/2 {
+		for _, f := range w.arrays {
+			if fd := dupFD(f); fd >= 0 {
+				out = append(out, fd)
+			}
+		}
+		if len(out) != 3*len(own) {
+			proto.CloseFDs(out[2*len(own):])
+			out = out[:2*len(own)]
+		}
 	}
 	return out
 }
@@ -691,11 +761,6 @@ func (l *workerLoop) onAssign(a *proto.Assign, fds []int) {
 		proto.CloseFDs(fds)
 		return
 	}
-	if len(fds) != len(w.cfg.Ports) {
-		proto.CloseFDs(fds)
-		l.die(fmt.Sprintf("assigned slot %d with %d sockets for %d public ports", a.Slot, len(fds), len(w.cfg.Ports)))
-		return
-	}
 	if err := w.takeSockets(fds); err != nil {
 		l.die(fmt.Sprintf("assigned slot %d: %v", a.Slot, err))
 		return
@@ -975,6 +1040,36 @@ type listener struct {
 	gate   <-chan struct{} // nil: none
 	done   chan struct{}   // closed by Close
 	closer sync.Once
+
+	// direct is the worker's own socket on the bpf backend (DialWorker's
+	// way to this worker), or nil. Its connections are rare (health
+	// checks): a goroutine accepts them into fromDirect and wakes Accept
+	// by a deadline in the past on the routed socket, so that the routed
+	// socket's connections take no detour.
+	direct     net.Listener
+	fromDirect chan net.Conn
+}
+
+// addDirect adds the worker's own socket and starts accepting from it.
+func (l *listener) addDirect(d net.Listener) {
+	l.direct, l.fromDirect = d, make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := d.Accept()
+			if err != nil {
+				return
+			}
+			select {
+			case l.fromDirect <- c:
+			case <-l.done:
+				c.Close()
+				return
+			}
+			if tl, ok := l.Listener.(*net.TCPListener); ok {
+				_ = tl.SetDeadline(time.Unix(1, 0)) // wake Accept
+			}
+		}
+	}()
 }
 
 func (w *Worker) newListener(l net.Listener) *listener {
@@ -991,6 +1086,18 @@ func (l *listener) Close() error {
 	l.closer.Do(func() {
 		close(l.done)
 		err = l.Listener.Close()
+		if l.direct != nil {
+			l.direct.Close()
+			for {
+				select {
+				case c := <-l.fromDirect:
+					c.Close()
+					continue
+				default:
+				}
+				break
+			}
+		}
 	})
 	return err
 }
@@ -1003,7 +1110,7 @@ func (l *listener) Accept() (net.Conn, error) {
 			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: net.ErrClosed}
 		}
 	}
-	c, err := l.Listener.Accept()
+	c, err := l.accept()
 	if err != nil {
 		return nil, err
 	}
@@ -1015,7 +1122,35 @@ func (l *listener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
+// accept takes the next connection, from the routed socket or (bpf) the
+// worker's own.
+func (l *listener) accept() (net.Conn, error) {
+	if l.direct == nil {
+		return l.Listener.Accept()
+	}
+	tl := l.Listener.(*net.TCPListener)
+	for {
+		select {
+		case c := <-l.fromDirect:
+			return c, nil
+		default:
+		}
+		c, err := tl.Accept()
+		var ne net.Error
+		if err != nil && errors.As(err, &ne) && ne.Timeout() {
+			// Woken for a connection on the own socket: clear the
+			// deadline first, then look, so no wake is missed.
+			_ = tl.SetDeadline(time.Time{})
+			continue
+		}
+		return c, err
+	}
+}
+
 func (l *listener) port() uint16 {
+	if l.direct != nil {
+		return uint16(l.direct.Addr().(*net.TCPAddr).Port)
+	}
 	return uint16(l.Listener.Addr().(*net.TCPAddr).Port)
 }
 
@@ -1071,7 +1206,8 @@ const udpDrainIdle = time.Second
 // then the socket closes udpDrainIdle after retirement whatever arrives.
 type packetConn struct {
 	*net.UDPConn
-	last   atomic.Int64 // UnixNano of the last datagram read
+	own    net.PacketConn // bpf backend: the worker's own socket, which names it (nothing reads it)
+	last   atomic.Int64   // UnixNano of the last datagram read
 	once   sync.Once
 	closed atomic.Bool
 }
@@ -1090,11 +1226,17 @@ func (c *packetConn) Close() error {
 	c.once.Do(func() {
 		c.closed.Store(true)
 		err = c.UDPConn.Close()
+		if c.own != nil {
+			c.own.Close()
+		}
 	})
 	return err
 }
 
 func (c *packetConn) port() uint16 {
+	if c.own != nil {
+		return uint16(c.own.LocalAddr().(*net.UDPAddr).Port)
+	}
 	return uint16(c.LocalAddr().(*net.UDPAddr).Port)
 }
 

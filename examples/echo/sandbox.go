@@ -163,13 +163,18 @@ func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir st
 	fmt.Printf("\nPoke at it, as root in another terminal (nc is in Debian's netcat-openbsd package):\n\n")
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 3, ' ', 0)
 	fmt.Fprintf(tw, "  ip netns exec %s nc -s %s %s %s\t# a client; type lines to ask which worker holds it\n", cli, src, dst.Addr(), port)
-	if flag.Lookup("backend").Value.String() == "iptables" {
+	switch flag.Lookup("backend").Value.String() {
+	case "iptables":
 		fmt.Fprintf(tw, "  ip netns exec %s iptables-save -t nat\t# the cluster's rules\n", srv)
-	} else {
+	case "bpf":
+		fmt.Fprintf(tw, "  ip netns exec %s ss -ltn 'sport = :%s'\t# the workers' sockets on the public port, one reuseport group\n", srv, port)
+	default:
 		fmt.Fprintf(tw, "  ip netns exec %s nft list table inet ipcluster-%s\t# the cluster's routes (nft is in Debian's nftables package)\n",
 			srv, flag.Lookup("name").Value.String())
 	}
-	fmt.Fprintf(tw, "  ip netns exec %s conntrack -L -p tcp --dport %s\t# connections conntrack pins to a worker\n", srv, port)
+	if flag.Lookup("backend").Value.String() != "bpf" {
+		fmt.Fprintf(tw, "  ip netns exec %s conntrack -L -p tcp --dport %s\t# connections conntrack pins to a worker\n", srv, port)
+	}
 	if pid, ok := pids[1]; ok {
 		fmt.Fprintf(tw, "  kill -USR1 %d\t# retire slot 1's worker: new clients go to a fresh one, open connections stay\n", pid)
 	}

@@ -5,10 +5,12 @@ package procfs
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"math"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -336,6 +338,53 @@ func Conntrack(dir string) (count, limit uint64, err error) {
 		return 0, 0, err
 	}
 	return count, limit, nil
+}
+
+// Bound is a socket's local address in one of /proc/net's tables.
+type Bound struct {
+	Addr netip.Addr // unspecified for a wildcard bind
+	Port uint16
+}
+
+// BoundSockets returns the local addresses of the sockets in one of
+// /proc/net's tables (as BoundPorts) that are in state.
+func BoundSockets(table, state string) ([]Bound, error) {
+	b, err := os.ReadFile("/proc/net/" + table)
+	if err != nil {
+		return nil, fmt.Errorf("read /proc/net/%s: %w", table, err)
+	}
+	return ParseBoundSockets(b, state), nil
+}
+
+// ParseBoundSockets is BoundSockets on a table's text. The kernel prints
+// an address as 32-bit words in host (here little-endian) order.
+func ParseBoundSockets(b []byte, state string) []Bound {
+	var out []Bound
+	lines := bytes.Split(b, []byte("\n"))
+	for _, line := range lines[min(1, len(lines)):] {
+		f := bytes.Fields(line)
+		if len(f) < 4 || string(f[3]) != state {
+			continue
+		}
+		addr, port, ok := bytes.Cut(f[1], []byte(":"))
+		if !ok {
+			continue
+		}
+		n, err := strconv.ParseUint(string(port), 16, 16)
+		if err != nil {
+			continue
+		}
+		raw, err := hex.DecodeString(string(addr))
+		if err != nil || len(raw) != 4 && len(raw) != 16 {
+			continue
+		}
+		for i := 0; i < len(raw); i += 4 { // each word back to network order
+			raw[i], raw[i+1], raw[i+2], raw[i+3] = raw[i+3], raw[i+2], raw[i+1], raw[i]
+		}
+		a, _ := netip.AddrFromSlice(raw)
+		out = append(out, Bound{Addr: a, Port: uint16(n)})
+	}
+	return out
 }
 
 // BoundPorts returns the local ports of the sockets in one of /proc/net's

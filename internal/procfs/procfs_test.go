@@ -4,8 +4,10 @@ import (
 	"errors"
 	"io/fs"
 	"math"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -209,5 +211,18 @@ func TestParseBoundPorts(t *testing.T) {
 	got := ParseBoundPorts(table, "0A")
 	if len(got) != 2 || !got[8080] || !got[40960] {
 		t.Errorf("listening ports %v, want 8080 and 40960 (not the established 40000)", got)
+	}
+}
+
+func TestParseBoundSockets(t *testing.T) {
+	table := []byte(`  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 010012C6:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000001000000:A000 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0
+   2: 000000FD000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0
+`)
+	got := ParseBoundSockets(table, "0A")
+	want := []Bound{{netip.MustParseAddr("198.18.0.1"), 8080}, {netip.MustParseAddr("::1"), 40960}, {netip.MustParseAddr("fd00::1"), 8080}}
+	if !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
 	}
 }
