@@ -213,11 +213,11 @@ func (w *bpfWriter) arrayFiles() ([]*os.File, error) {
 }
 
 // offerArrays takes the arrays an adopted worker kept, one per public
-// port, if they are the ones the last master recorded and nothing has been
-// written yet: the group's sockets are in them (a socket can be in only
-// one array), so over them this master's programs take the groups over
-// without a gap. It owns files.
-func (w *bpfWriter) offerArrays(files []*os.File) {
+// port, if they are the ones the last master recorded (or handed over:
+// trusted) and nothing has been written yet: the group's sockets are in
+// them (a socket can be in only one array), so over them this master's
+// programs take the groups over without a gap. It owns files.
+func (w *bpfWriter) offerArrays(files []*os.File, trusted bool) {
 	defer func() {
 		for _, f := range files {
 			f.Close()
@@ -228,17 +228,19 @@ func (w *bpfWriter) offerArrays(files []*os.File) {
 	}
 	for i, p := range w.rt.ports {
 		want := w.recorded[p]
-		if want == 0 || w.arrays[p] != nil && w.ownArray(p) == want {
+		if !trusted && (want == 0 || w.arrays[p] != nil && w.ownArray(p) == want) {
 			continue
 		}
 		sel, err := steer.Open(w.spec(), files[i])
 		if err != nil {
 			continue
 		}
-		if _, id, err := sel.IDs(); err != nil || id != want {
+		id := uint32(0)
+		if _, id, err = sel.IDs(); err != nil || !trusted && id != want {
 			sel.Close()
 			continue
 		}
+		w.recorded[p] = id
 		if err := w.use(p, sel); err != nil {
 			sel.Close()
 			continue

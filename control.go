@@ -334,7 +334,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 			for i, fd := range fds[2*n:] {
 				files[i] = os.NewFile(uintptr(fd), "reuseport-sockarray")
 			}
-			m.steer.offerArrays(files)
+			m.steer.offerArrays(files, false)
 			fds = fds[:2*n]
 		}
 		if len(fds) > 0 {

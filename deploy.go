@@ -213,6 +213,14 @@ func (m *master) handOver(pr *peer, build string) {
 		ho.Held = append(ho.Held, proto.HeldSockets{Slot: slot, Ports: protoPorts(s.ports, m.rules.rt.ports)})
 		fds = append(fds, s.fds()...)
 	}
+	if m.steer != nil {
+		if arrays, aerr := m.steer.arrayFiles(); aerr == nil && len(fds)+len(arrays) <= proto.MaxFDs {
+			for _, f := range arrays {
+				fds = append(fds, rawFD(f))
+			}
+			ho.Arrays = len(arrays)
+		}
+	}
 	pr.mu.Lock()
 	_ = pr.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	err = proto.WriteFDs(pr.conn, proto.TypeHandover, ho, fds)
@@ -286,15 +294,26 @@ func (m *master) takeOver(held error) error {
 		proto.CloseFDs(fds)
 		return fail(errors.New(b.Reason))
 	case *proto.Handover:
-		want := 2
+		held := 0
 		for _, h := range b.Held {
-			want += len(h.Ports)
+			held += len(h.Ports)
 		}
-		if len(fds) != want {
+		if want := 2 + held + b.Arrays; len(fds) != want || b.Arrays < 0 {
 			proto.CloseFDs(fds)
 			return fail(fmt.Errorf("handover came with %d descriptors, want %d", len(fds), want))
 		}
-		m.takeHeld(b.Held, fds[2:])
+		m.takeHeld(b.Held, fds[2:2+held])
+		arrays := make([]*os.File, b.Arrays)
+		for i, fd := range fds[2+held:] {
+			arrays[i] = os.NewFile(uintptr(fd), "reuseport-sockarray")
+		}
+		if m.steer != nil {
+			m.steer.offerArrays(arrays, true)
+		} else {
+			for _, f := range arrays {
+				f.Close()
+			}
+		}
 		lnFile := os.NewFile(uintptr(fds[0]), m.sock)
 		ln, err := net.FileListener(lnFile)
 		lnFile.Close()

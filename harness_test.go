@@ -76,6 +76,7 @@ func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*
 	c.spec.Netns = ino
 	if edit != nil {
 		edit(&c.spec)
+		c.socket = filepath.Join(c.spec.Config.RunDir, c.spec.Config.Name, "control.sock")
 	}
 	if c.spec.Config.Backend == "" {
 		// IPCLUSTER_TEST_BACKEND runs every test that does not name a

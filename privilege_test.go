@@ -441,19 +441,11 @@ func testNonRootMaster(t *testing.T, fileCaps bool) {
 		t.Skip("needs root: the test starts the master as another user")
 	}
 	lab := netlab.NewT(t, netlab.Options{})
-	// A copy of the test binary the master's uid may execute (go test's
-	// build directory is private to root), with the file capability if
-	// asked. It is written here rather than with setcap(8), which needs
-	// libcap2-bin: struct vfs_cap_data, revision 2, effective flag set.
-	dir := openTempDir(t, 0o755)
-	exe := filepath.Join(dir, "ipcluster.test")
-	b, err := os.ReadFile(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(exe, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	// A copy of the test binary the master's uid may execute, with the
+	// file capability if asked. It is written here rather than with
+	// setcap(8), which needs libcap2-bin: struct vfs_cap_data, revision 2,
+	// effective flag set.
+	dir, exe := testBinaryCopy(t)
 	sys := &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: masterUID, Gid: masterUID}}
 	if fileCaps {
 		const vfsCapRevision2, vfsCapFlagsEffective = 0x02000000, 0x000001 // linux/capability.h
@@ -508,6 +500,7 @@ func testNonRootMaster(t *testing.T, fileCaps bool) {
 		t.Fatalf("old master after the handover: %v\n%s", err, c.log())
 	}
 	var st *proto.Status
+	var err error
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		st, err = c.status()
 		if err == nil && servedBy(st, "v2", workerPIDs(st0)) && strings.HasPrefix(st.Deploy, "committed") {
@@ -582,15 +575,7 @@ func TestPrivilegeBPFNeedsOnlyCapBPF(t *testing.T) {
 		t.Skip("needs root: the test starts the master as another user")
 	}
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
-	dir := openTempDir(t, 0o755)
-	exe := filepath.Join(dir, "ipcluster.test")
-	b, err := os.ReadFile(os.Args[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(exe, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	_, exe := testBinaryCopy(t)
 	for _, tc := range []struct {
 		name string
 		caps []uintptr
@@ -621,4 +606,21 @@ func TestPrivilegeBPFNeedsOnlyCapBPF(t *testing.T) {
 			}
 		})
 	}
+}
+
+// testBinaryCopy copies the test binary into a directory of its own that
+// any uid may search (go test's build directory is private to root), and
+// returns both paths.
+func testBinaryCopy(t *testing.T) (dir, exe string) {
+	t.Helper()
+	dir = openTempDir(t, 0o755)
+	exe = filepath.Join(dir, "ipcluster.test")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir, exe
 }

@@ -4,11 +4,13 @@ package ipcluster_test
 
 import (
 	"net/netip"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -98,5 +100,33 @@ func TestWorkerDeadWithoutMasterReplacedAtOnce(t *testing.T) {
 			}
 			c2.checkKernelRules(t)
 		})
+	}
+}
+
+// A deploy on the bpf backend carries the socket arrays with the
+// handover: the new master takes the groups over without a gap, even when
+// the workers (WorkerUser) keep no copy of them.
+func TestBPFDeployCarriesArrays(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the master spawns workers as nobody")
+	}
+	runDir := openTempDir(t, 0o755)
+	d := startDeployLab(t, 4, func(s *spec) {
+		s.Config.Backend = ipcluster.BackendBPF
+		s.Config.WorkerUser = "nobody"
+		s.Config.RunDir = runDir
+	})
+	st0, _ := d.c.status()
+	d.load()
+	d.setVersion("v2")
+	if err := d.c.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.waitStatus("the deploy committed", func(st *proto.Status) bool {
+		return st.MasterPID != st0.MasterPID && servedBy(st, "v2", workerPIDs(st0)) && strings.HasPrefix(st.Deploy, "committed")
+	})
+	d.finish() // no failed attempt
+	if log := d.c.log(); strings.Contains(log, "device or resource busy") {
+		t.Errorf("the new master met sockets held in another array:\n%s", log)
 	}
 }

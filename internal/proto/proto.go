@@ -161,6 +161,10 @@ type Handover struct {
 	// Held are the sockets the master holds for slots whose worker died
 	// serving them: their clients wait in them for the slot's next worker.
 	Held []HeldSockets `json:"held,omitempty"`
+	// Arrays is how many descriptors follow the held sockets: the bpf
+	// backend's socket arrays, one per public port, which hold the
+	// groups' sockets (a socket can be in one array only).
+	Arrays int `json:"arrays,omitempty"`
 }
 
 // HeldSockets are one slot's held sockets, one per entry of Ports.
