@@ -1,34 +1,45 @@
 //go:build linux
 
 // Command datapath measures what routing through the cluster's nat rules
-// costs on the data path, against a direct connection and against a
-// userspace proxy, all to the same workers and with the same load
-// generator, inside a throwaway pair of network namespaces (internal/netlab).
+// and through its bpf backend costs on the data path, against a direct
+// connection and against a userspace proxy, all with the same server code
+// and the same load generator, inside a throwaway pair of network
+// namespaces (internal/netlab).
 //
-// Three paths to the same 2^k workers of one cluster (started with
-// Config.AllowDirect, since by default the cluster refuses connections to
-// its workers' own ports):
+// Four paths, to two clusters of the same 2^k workers and server code:
 //
 //   - direct: each client connects straight to the worker port its slot
-//     maps to (read from the master's status): the nat path minus the nat;
-//   - nat: to the cluster's public port, 198.18.0.1:8080, through the
-//     library's DNAT rules;
+//     maps to (read from the master's status) in the nat cluster (started
+//     with Config.AllowDirect, since by default it refuses connections to
+//     its workers' own ports): the nat path minus the nat;
+//   - nat: to the nat cluster's public port, 198.18.0.1:8080, through the
+//     library's DNAT rules (-backend);
+//   - bpf: to the public port of a second cluster started with
+//     Config.Backend "bpf", 198.18.0.1:8082: its workers' sockets form a
+//     reuseport group on that port, and an SK_REUSEPORT program picks the
+//     slot's socket, with no NAT rule. By default (-bpf-ns own) it runs
+//     in a second lab of the same make, since the nat cluster's rules
+//     make conntrack track every connection of their namespace; with
+//     -bpf-ns shared it runs beside the nat cluster, and its connections
+//     are tracked like the direct ones;
 //   - haproxy: HAProxy in mode tcp with balance source on 198.18.0.1:8081,
-//     the same workers as its servers.
+//     the nat cluster's workers as its servers.
 //
 // Three load modes: keepalive (HTTP/1.1 requests on persistent
 // connections), client-close (a connection per request, the client closes
 // first) and server-close (a connection per request with Connection:
 // close, so the server closes first); each from many client addresses
 // (covering every slot) and from a single one. Cells are interleaved in
-// rounds (direct, nat, haproxy, direct, nat, haproxy, ...) so that drift
-// hits every path alike, and the table shows medians over rounds. Every
-// cell also counts errors and slow connects (≥900ms: a SYN retransmission)
-// and the peak conntrack count in the server namespace.
+// rounds (direct, nat, bpf, haproxy, direct, ...) so that drift hits every
+// path alike, and the table shows medians over rounds, then the ratios
+// side by side (nat/direct, nat/haproxy, bpf/direct, bpf/nat,
+// bpf/haproxy). Every cell also counts errors and slow connects (≥900ms:
+// a SYN retransmission) and the peak conntrack count in the server
+// namespace.
 //
 // Cells are isolated: conntrack in the server namespace is flushed before
-// each, and each path dials from its own third of the client's ephemeral
-// ports (-split-ports), so no path meets the other's TIME_WAIT state.
+// each, and each path dials from its own quarter of the client's ephemeral
+// ports (-split-ports), so no path meets another's TIME_WAIT state.
 //
 // A trap section (-trap) then shows what happens without that isolation:
 // server-close from one address, direct and nat alternating with
@@ -41,17 +52,20 @@
 // port-remapped counts the rewritten entries).
 //
 // A last part, lookup scaling, starts clusters of 1, 16 and 256 workers
-// (-slots) for each rule backend (-backends) and measures the client-close
-// connection rate through nat and direct from every lab address, and
-// through nat from a few addresses of the first and of the last slot only,
-// which isolates the cost of the lookup (for iptables, the linear rule
-// walk) from everything else that grows with the workers.
+// (-slots) for each backend (-backends: nftables, iptables, bpf) and
+// measures the client-close connection rate through the public port
+// ("nat"; for bpf the SK_REUSEPORT program) and direct (the workers' own
+// ports; for bpf each worker's second socket) from every lab address, and
+// through the public port from a few addresses of the first and of the
+// last slot only, which isolates the cost of the lookup (for iptables,
+// the linear rule walk) from everything else that grows with the workers.
 //
 // Run as root from the repository root:
 //
 //	sudo go run ./bench/datapath
 //	sudo go run ./bench/datapath -modes server-close -sources single -paths direct,nat -slots none -rounds 3
 //	sudo go run ./bench/datapath -server-sysctl net.netfilter.nf_conntrack_tcp_be_liberal=1
+//	sudo go run ./bench/datapath -modes client-close -paths nat,bpf -bpf-ns shared -slots none -trap=false
 //
 // The bench binary is also the cluster under test: started with -serve (by
 // the bench itself, inside the server namespace) it runs ipcluster.Run with
@@ -81,8 +95,9 @@ import (
 )
 
 const (
-	natPort     = 8080 // the cluster's public port
+	natPort     = 8080 // the nat cluster's public port
 	haproxyPort = 8081
+	bpfPort     = 8082 // the bpf cluster's public port
 )
 
 // serverAddr is netlab's server address.
@@ -93,15 +108,16 @@ type path int
 const (
 	direct path = iota
 	nat
+	bpfPath
 	haproxyPath
 )
 
-var pathNames = []string{"direct", "nat", "haproxy"}
+var pathNames = []string{"direct", "nat", "bpf", "haproxy"}
 
 func (p path) String() string { return pathNames[p] }
 
 // backendNames are the values of Config.Backend the bench knows.
-var backendNames = []string{"nftables", "iptables"}
+var backendNames = []string{"nftables", "iptables", "bpf"}
 
 type options struct {
 	backend      string
@@ -119,6 +135,7 @@ type options struct {
 	markdown     bool
 	verbose      bool
 	noFlush      bool
+	bpfNS        string // "own" or "shared": where the bpf path's cluster runs
 	trap         bool
 	splitPorts   bool
 }
@@ -128,23 +145,25 @@ func main() {
 	name := flag.String("name", "", "internal: cluster name, with -serve")
 	runDir := flag.String("rundir", "", "internal: cluster run directory, with -serve")
 	allowDirect := flag.Bool("allow-direct", false, "internal: Config.AllowDirect, with -serve")
+	publicPort := flag.Uint("port", natPort, "internal: the cluster's public port, with -serve")
 	var o options
-	flag.StringVar(&o.backend, "backend", "", `rule backend of the path comparison and trap clusters: nftables or iptables (default: the library's choice)`)
-	backends := flag.String("backends", "nftables,iptables", "rule backends compared by the lookup-scaling part")
+	flag.StringVar(&o.backend, "backend", "", `rule backend of the nat path's cluster and the trap clusters: nftables or iptables (default: the library's choice; the bpf path has a cluster of its own)`)
+	backends := flag.String("backends", "nftables,iptables,bpf", "rule backends compared by the lookup-scaling part")
 	flag.IntVar(&o.workers, "workers", 4, "workers of the cluster for the path comparison (a power of two)")
 	flag.IntVar(&o.conc, "conc", 32, "concurrent load goroutines (connections)")
 	flag.DurationVar(&o.duration, "duration", 1500*time.Millisecond, "duration of each cell")
 	flag.IntVar(&o.rounds, "rounds", 5, "rounds: every cell runs once per round")
 	flag.IntVar(&o.many, "many", 64, "client addresses of the 'many' source set")
 	modes := flag.String("modes", "keepalive,client-close,server-close", "load modes to run, or none (lookup scaling only)")
-	paths := flag.String("paths", "direct,nat,haproxy", "paths to measure")
+	paths := flag.String("paths", "direct,nat,bpf,haproxy", "paths to measure")
 	sources := flag.String("sources", "many,single", "source sets: many, single")
 	slots := flag.String("slots", "1,16,256", "slot counts for the lookup-scaling part, or none")
 	sysctls := flag.String("server-sysctl", "", "key=value[,key=value] sysctls set in the server namespace before measuring, e.g. net.netfilter.nf_conntrack_tcp_be_liberal=1")
 	flag.BoolVar(&o.markdown, "markdown", false, "also print the results as Markdown tables")
+	flag.StringVar(&o.bpfNS, "bpf-ns", "own", `where the bpf path's cluster runs: "own" (a second lab of the same make, so that no nat rule keeps conntrack active for it, as on a host with no other cluster) or "shared" (the nat cluster's server namespace, port 8082: its connections are then tracked like direct ones)`)
 	flag.BoolVar(&o.noFlush, "no-flush", false, "do not flush conntrack between cells (cells then inherit each other's TIME_WAIT entries)")
 	flag.BoolVar(&o.trap, "trap", true, "run the trap section: server-close from one address, direct and nat without flushing conntrack between them: direct allowed with be_liberal 0 and 1, then the default guard")
-	flag.BoolVar(&o.splitPorts, "split-ports", true, "give each path its own third of the client's ephemeral ports (see portRange)")
+	flag.BoolVar(&o.splitPorts, "split-ports", true, "give each path its own quarter of the client's ephemeral ports (see portRange)")
 	flag.BoolVar(&o.verbose, "v", false, "print every cell as it is measured")
 	// By default the load generator gets CPU 0 and the server side the
 	// others, as a client on another machine would leave the server its
@@ -163,7 +182,7 @@ func main() {
 	}
 
 	if *serveRole || ipcluster.IsWorker() {
-		if err := serve(*name, *runDir, o.workers, o.backend, *allowDirect); err != nil {
+		if err := serve(*name, *runDir, o.workers, o.backend, uint16(*publicPort), *allowDirect); err != nil {
 			log.Fatalf("datapath -serve: %v", err)
 		}
 		return
@@ -188,6 +207,12 @@ func main() {
 	}
 	if o.serverSysctl, err = parseSysctls(*sysctls); err != nil {
 		log.Fatalf("-server-sysctl: %v", err)
+	}
+	if o.bpfNS != "own" && o.bpfNS != "shared" {
+		log.Fatalf(`-bpf-ns %q: use "own" or "shared"`, o.bpfNS)
+	}
+	if o.backend == string(ipcluster.BackendBPF) {
+		log.Fatalf("-backend bpf: this is the backend of the nat path's cluster and of the trap section, which need NAT rules; use nftables or iptables (the bpf path, -paths bpf, has a cluster of its own, and -backends takes bpf for the lookup scaling)")
 	}
 	if !isPow2(o.workers) || o.workers > ipcluster.MaxWorkers {
 		log.Fatalf("-workers %d: use a power of two from 1 to %d", o.workers, ipcluster.MaxWorkers)
@@ -325,6 +350,11 @@ type bench struct {
 	exe string
 	tmp string
 
+	// The bpf path's side: with -bpf-ns own a second lab and its
+	// conntrack; with shared, lab itself.
+	bpfLab *netlab.Lab
+	bpfCT  *conntrack
+
 	ctMax      int       // nf_conntrack_max in the server namespace
 	trap       []trapRow // the trap section's results
 	sysctlsSet bool      // -server-sysctl applied
@@ -408,9 +438,15 @@ func machineFacts(o options, args []string) []string {
 		strings.TrimSpace(string(ipt)) + "; " + strings.TrimSpace(hapFirst),
 		"flags: " + strings.Join(args, " "),
 		fmt.Sprintf("workers %d, conc %d, duration %s per cell, rounds %d, many = %d addresses", o.workers, o.conc, o.duration, o.rounds, o.many),
+		"bpf path: " + bpfNSFact[o.bpfNS],
 		"haproxy: " + haproxySettings,
 		fmt.Sprintf("lab sysctls (both namespaces): %s; server: %s", fmtSysctls(labSysctls), fmtSysctls(o.serverSysctl)),
 	}
+}
+
+var bpfNSFact = map[string]string{
+	"own":    "its cluster in a second lab of the same make (-bpf-ns own): no nat rule in its namespace, so conntrack tracks none of its connections",
+	"shared": "its cluster in the nat cluster's server namespace on port 8082 (-bpf-ns shared): the nat rules keep conntrack active there, so its connections are tracked too",
 }
 
 func fmtSysctls(kvs [][2]string) string {
@@ -441,6 +477,8 @@ func flowsFor(p path, srcs []netip.Addr, ports []uint16) []flow {
 			port = ports[slotOf(a, len(ports))]
 		case nat:
 			port = natPort
+		case bpfPath:
+			port = bpfPort
 		case haproxyPath:
 			port = haproxyPort
 		}
@@ -452,8 +490,8 @@ func flowsFor(p path, srcs []netip.Addr, ports []uint16) []flow {
 	return out
 }
 
-// verify checks, once per slot, that the nat path reaches the worker the
-// direct path dials for that slot's addresses.
+// verify checks, once per slot, that c's public port reaches the worker
+// whose own port (the direct path's) serves that slot's addresses.
 func (b *bench) verify(ctx context.Context, c *cluster, srcs []netip.Addr) error {
 	done := map[int]bool{}
 	for _, a := range srcs {
@@ -463,8 +501,8 @@ func (b *bench) verify(ctx context.Context, c *cluster, srcs []netip.Addr) error
 		}
 		done[s] = true
 		want := fmt.Sprintf("ok slot=%d\n", s)
-		for _, port := range []uint16{natPort, c.ports[s]} {
-			got, err := probe(ctx, b.lab, a, netip.AddrPortFrom(serverAddr, port))
+		for _, port := range []uint16{c.public, c.ports[s]} {
+			got, err := probe(ctx, c.lab, a, netip.AddrPortFrom(serverAddr, port))
 			if err != nil {
 				return fmt.Errorf("probe %s → port %d: %w", a, port, err)
 			}

@@ -27,6 +27,7 @@ import (
 // cluster is a running cluster under test: this binary in the -serve
 // role, started in the lab's server namespace.
 type cluster struct {
+	lab     *netlab.Lab // the lab whose server namespace it runs in
 	name    string
 	workers int
 	runDir  string
@@ -34,7 +35,8 @@ type cluster struct {
 	logPath string
 	cmd     *exec.Cmd
 	done    chan struct{} // closed when the master has exited
-	ports   []uint16      // slot → the worker port the rules DNAT to
+	public  uint16        // the public port
+	ports   []uint16      // slot → the worker's own port (the one the nat rules DNAT to)
 	pids    []int         // every worker pid seen in the status, for cleanup
 }
 
@@ -59,6 +61,8 @@ type clusterOpts struct {
 	// allowDirect sets Config.AllowDirect: the direct path needs it, since
 	// by default the cluster refuses connections to its workers' own ports.
 	allowDirect bool
+	port        uint16 // the public port; natPort if 0
+	kind        string // in the cluster's name, to tell clusters apart in logs
 }
 
 // startCluster starts a master with n workers and waits until every slot
@@ -70,7 +74,10 @@ func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int, 
 	}
 	// Unique per run and per cluster, so its chain IPC-<name> never meets
 	// another's, even in a lab that somehow outlived an earlier run.
-	c := &cluster{name: "dp" + strconv.Itoa(n) + "-" + hex.EncodeToString(b[:]), workers: n, exe: exe, done: make(chan struct{})}
+	if co.port == 0 {
+		co.port = natPort
+	}
+	c := &cluster{name: "dp" + co.kind + strconv.Itoa(n) + "-" + hex.EncodeToString(b[:]), workers: n, exe: exe, public: co.port, lab: lab, done: make(chan struct{})}
 	c.runDir = filepath.Join(tmp, "run-"+c.name)
 	c.logPath = filepath.Join(tmp, c.name+".log")
 	logf, err := os.Create(c.logPath)
@@ -79,7 +86,7 @@ func startCluster(ctx context.Context, lab *netlab.Lab, exe, tmp string, n int, 
 	}
 	defer logf.Close() // the children hold their own copies
 	c.cmd = serverCmd(exe, "-serve", "-name", c.name, "-rundir", c.runDir, "-workers", strconv.Itoa(n),
-		"-backend", co.backend, "-allow-direct="+strconv.FormatBool(co.allowDirect))
+		"-backend", co.backend, "-port", strconv.Itoa(int(co.port)), "-allow-direct="+strconv.FormatBool(co.allowDirect))
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
 	// Own process group: a terminal's ^C reaches the bench, which stops
 	// the cluster itself, in order (the workers run in their own sessions
@@ -117,7 +124,7 @@ func (c *cluster) waitReady(ctx context.Context, timeout time.Duration) error {
 			last = errors.New("master not ready yet")
 			continue
 		}
-		ports, err := slotPorts(st, c.workers)
+		ports, err := slotPorts(st, c.workers, c.public)
 		if err != nil {
 			last = err
 			continue
@@ -146,8 +153,9 @@ func (c *cluster) status(ctx context.Context, sock string) (*proto.Status, error
 	return st, nil
 }
 
-// slotPorts maps each slot to its active worker's port for natPort.
-func slotPorts(st *proto.Status, n int) ([]uint16, error) {
+// slotPorts maps each slot to its active worker's own port for the public
+// port public.
+func slotPorts(st *proto.Status, n int, public uint16) ([]uint16, error) {
 	if len(st.Slots) != n {
 		return nil, fmt.Errorf("status lists %d slots, want %d", len(st.Slots), n)
 	}
@@ -161,12 +169,12 @@ func slotPorts(st *proto.Status, n int) ([]uint16, error) {
 			return nil, fmt.Errorf("slot %d has no active worker", s.Slot)
 		}
 		for _, p := range byPID[s.Active].Ports {
-			if p.Public == natPort {
+			if p.Public == public {
 				ports[s.Slot] = p.Worker
 			}
 		}
 		if ports[s.Slot] == 0 {
-			return nil, fmt.Errorf("slot %d: worker %d reports no port for %d", s.Slot, s.Active, natPort)
+			return nil, fmt.Errorf("slot %d: worker %d reports no port for %d", s.Slot, s.Active, public)
 		}
 	}
 	return ports, nil

@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/ipcluster/ipcluster"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 )
 
@@ -45,6 +46,7 @@ type scaleRow struct {
 	natErrs, natSlow   int
 	dirErrs, dirSlow   int
 	natFirst, dirFirst error
+	natCT              int // conntrack peak of the public-port cells
 }
 
 func aggregate(rs []cellResult) cellRow {
@@ -98,8 +100,15 @@ func (b *bench) applyServerSysctls() error {
 }
 
 // cell flushes conntrack and runs one cell.
+//
+// The bpf path's cells, with -bpf-ns own, run in the bpf lab: its client
+// namespace (whose port range was set once, see startBPF) and its server
+// namespace's conntrack.
 func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, p path, flows []flow, dur time.Duration) (cellResult, error) {
-	if err := b.portRange(p); err != nil {
+	client := b.lab.Client
+	if p == bpfPath && b.bpfLab != nil && b.bpfLab != b.lab {
+		client, ct = b.bpfLab.Client, b.bpfCT
+	} else if err := b.portRange(p); err != nil {
 		return cellResult{}, err
 	}
 	if !b.o.noFlush {
@@ -107,7 +116,7 @@ func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, p path, flows [
 			return cellResult{}, err
 		}
 	}
-	r := runCell(ctx, b.lab.Client, m, flows, b.o.conc, dur, ct)
+	r := runCell(ctx, client, m, flows, b.o.conc, dur, ct)
 	if err := ctx.Err(); err != nil {
 		return r, fmt.Errorf("interrupted: %w", err)
 	}
@@ -116,8 +125,9 @@ func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, p path, flows [
 	return r, err
 }
 
-// portRange gives the client's connections of path p their own third of
-// the ephemeral port range (with -split-ports), the whole range otherwise.
+// portRange gives the client's connections of path p their own share (a
+// quarter) of the ephemeral port range (with -split-ports), the whole
+// range otherwise.
 //
 // The worker holds a TIME_WAIT socket for every connection it closed
 // first, keyed by the client address and port it saw. The client chooses
@@ -132,12 +142,23 @@ func (b *bench) cell(ctx context.Context, ct *conntrack, m mode, p path, flows [
 func (b *bench) portRange(p path) error {
 	r := fullRange
 	if b.o.splitPorts {
-		r = [...]string{"1024 22527", "22528 44031", "44032 65535"}[p]
+		r = splitRange(int(p), len(pathNames))
 	}
 	return b.setRange(r)
 }
 
 const fullRange = "1024 65535"
+
+// splitRange is share i of n of fullRange: 1024-17151, 17152-33279, ...
+func splitRange(i, n int) string {
+	const lo, hi = 1024, 65535
+	w := (hi - lo + 1) / n
+	end := lo + (i+1)*w - 1
+	if i == n-1 {
+		end = hi
+	}
+	return fmt.Sprintf("%d %d", lo+i*w, end)
+}
 
 func (b *bench) setRange(r string) error {
 	if r == b.curRange {
@@ -180,6 +201,18 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 	if err := b.verify(ctx, c, sources["many"]); err != nil {
 		return nil, fmt.Errorf("check that nat and direct reach the same worker: %w", err)
 	}
+	if slices.Contains(o.paths, bpfPath) {
+		stopBPF, err := b.startBPF(ctx)
+		defer func() {
+			if serr := stopBPF(); serr != nil {
+				err = errors.Join(err, serr)
+			}
+		}()
+		if err != nil {
+			return nil, err
+		}
+		sources["bpf many"], sources["bpf single"] = b.bpfLab.ClientAddrs4[:o.many], b.bpfLab.ClientAddrs4[:1]
+	}
 	if slices.Contains(o.paths, haproxyPath) {
 		hp, err := startHAProxy(ctx, b.lab, b.tmp, c.ports)
 		defer hp.stop()
@@ -196,14 +229,14 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 	for _, m := range o.modes {
 		for _, src := range o.sources {
 			for _, p := range o.paths {
-				flows[key{m, src, p}] = flowsFor(p, sources[src], c.ports)
+				flows[key{m, src, p}] = flowsFor(p, srcsFor(p, src, sources), c.ports)
 			}
 		}
 	}
 	// Warm-up, not recorded: first connections fault in code and fill
 	// caches in every process on every path.
 	for _, p := range o.paths {
-		if _, err := b.cell(ctx, ct, keepalive, p, flowsFor(p, sources["many"], c.ports), 300*time.Millisecond); err != nil {
+		if _, err := b.cell(ctx, ct, keepalive, p, flowsFor(p, srcsFor(p, "many", sources), c.ports), 300*time.Millisecond); err != nil {
 			return nil, err
 		}
 	}
@@ -254,6 +287,85 @@ func (b *bench) comparePaths(ctx context.Context) (rows []cellRow, err error) {
 		}
 	}
 	return rows, nil
+}
+
+// srcsFor is source set src of path p: the bpf path's are the bpf lab's
+// addresses (the same addresses, in its own client namespace).
+func srcsFor(p path, src string, sources map[string][]netip.Addr) []netip.Addr {
+	if p == bpfPath {
+		return sources["bpf "+src]
+	}
+	return sources[src]
+}
+
+// startBPF starts the bpf path's cluster: the same size and server code as
+// the nat cluster, with Config.Backend "bpf" and its own public port, so
+// that its workers' sockets form a reuseport group on 198.18.0.1:8082,
+// steered by the SK_REUSEPORT program. With -bpf-ns own it runs in a
+// second lab of the same make (a client and a server namespace, the same
+// addresses and sysctls), since the nat cluster's rules keep conntrack
+// active in theirs; with shared, in the nat cluster's server namespace.
+// The returned stop stops it and removes the second lab.
+func (b *bench) startBPF(ctx context.Context) (stop func() error, err error) {
+	o := b.o
+	var bc *cluster
+	stop = func() error {
+		var errs []error
+		if serr := bc.stop(); serr != nil {
+			errs = append(errs, serr)
+		}
+		b.bpfCT.close()
+		b.bpfCT = nil
+		if b.bpfLab != nil && b.bpfLab != b.lab {
+			if cerr := b.bpfLab.Close(); cerr != nil {
+				errs = append(errs, fmt.Errorf("remove the bpf lab: %w", cerr))
+			}
+		}
+		b.bpfLab = nil
+		return errors.Join(errs...)
+	}
+	b.bpfLab = b.lab
+	if o.bpfNS == "own" {
+		fmt.Fprintf(os.Stderr, "creating the bpf path's lab ...\n")
+		lab, err := netlab.New(netlab.Options{Clients: o.many})
+		if err != nil {
+			return stop, fmt.Errorf("create the bpf path's lab: %w", err)
+		}
+		b.bpfLab = lab
+		for _, ns := range []*netlab.NS{lab.Client, lab.Server} {
+			for _, kv := range labSysctls {
+				if err := ns.Sysctl(kv[0], kv[1]); err != nil {
+					return stop, fmt.Errorf("set %s=%s in %s: %w", kv[0], kv[1], ns.Name, err)
+				}
+			}
+		}
+		for _, kv := range o.serverSysctl {
+			if err := lab.Server.Sysctl(kv[0], kv[1]); err != nil {
+				return stop, fmt.Errorf("-server-sysctl %s=%s in the bpf lab: %w", kv[0], kv[1], err)
+			}
+		}
+		// The same share of the client's ports as in the shared layout,
+		// so that every path dials from as many ports.
+		r := fullRange
+		if o.splitPorts {
+			r = splitRange(int(bpfPath), len(pathNames))
+		}
+		if err := lab.Client.Sysctl("net/ipv4/ip_local_port_range", r); err != nil {
+			return stop, fmt.Errorf("set the bpf lab's client port range to %s: %w", r, err)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "starting a %d-worker bpf cluster (-bpf-ns %s) ...\n", o.workers, o.bpfNS)
+	bc, err = startCluster(ctx, b.bpfLab, b.exe, b.tmp, o.workers, clusterOpts{backend: string(ipcluster.BackendBPF), port: bpfPort, kind: "bpf"})
+	if err != nil {
+		return stop, err
+	}
+	if b.bpfCT, err = openConntrack(b.bpfLab.Server); err != nil {
+		return stop, err
+	}
+	if err := b.verify(ctx, bc, b.bpfLab.ClientAddrs4[:o.many]); err != nil {
+		return stop, fmt.Errorf("check that the bpf cluster's public port and its workers' own ports reach the same worker: %w", err)
+	}
+	return stop, nil
 }
 
 func rates(rs []cellResult) []float64 {
@@ -353,7 +465,7 @@ func (b *bench) scaleOne(ctx context.Context, n int, srcs []netip.Addr, backend 
 		firstRate: row.firstRate, lastRate: row.lastRate,
 		slots: n, natRate: natRow.rate, dirRate: dirRow.rate,
 		natErrs: natRow.errs, natSlow: natRow.slow, dirErrs: dirRow.errs, dirSlow: dirRow.slow,
-		natFirst: natRow.firstErr, dirFirst: dirRow.firstErr,
+		natFirst: natRow.firstErr, dirFirst: dirRow.firstErr, natCT: natRow.ctPeak,
 	}
 	if row.dirRate > 0 {
 		row.ratio = row.natRate / row.dirRate
@@ -434,6 +546,14 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 			})
 		}
 		table(w, hdr, lines, md)
+		if rl := ratioLines(rows); len(rl) > 0 {
+			fmt.Fprintf(w, "\nRatios of the median rates above, side by side (a/b = path a's rate over path b's; - where a path was not measured).\n\n")
+			rh := []string{"mode", "sources"}
+			for _, rp := range ratioPairs {
+				rh = append(rh, rp[0].String()+"/"+rp[1].String())
+			}
+			table(w, rh, rl, md)
+		}
 		var errLines []string
 		for _, r := range rows {
 			if r.firstErr != nil {
@@ -463,20 +583,23 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		fmt.Fprintln(w)
 	}
 	if len(scale) > 0 {
-		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat/1-slot = nat rate relative to the 1-slot nat rate; nat first/last rule = nat from %d addresses of slot 0 / slot n-1 only (one worker), which isolates the rule walk.\n\n", nClients(o), o.rounds, edgeAddrs)
-		hdr := []string{"backend", "slots", "nat lookup", "direct", "nat", "nat/direct", "nat/1-slot", "nat first rule", "nat last rule", "last/first", "errors d/n", "slow d/n"}
+		fmt.Fprintf(w, "Lookup scaling: client-close from %d addresses, medians of %d rounds; nat = through the cluster's public port (for bpf: the SK_REUSEPORT program, no NAT), direct = the workers' own ports (for bpf: each worker's second socket); nat/1-slot = nat rate relative to the 1-slot nat rate; nat first/last rule = nat from %d addresses of slot 0 / slot n-1 only (one worker), which isolates the rule walk; nat conntrack peak = max entries seen during the public-port cells.\n\n", nClients(o), o.rounds, edgeAddrs)
+		hdr := []string{"backend", "slots", "nat lookup", "direct", "nat", "nat/direct", "nat/1-slot", "nat first rule", "nat last rule", "last/first", "errors d/n", "slow d/n", "nat conntrack peak"}
 		var lines [][]string
 		for _, s := range scale {
 			lookup := fmt.Sprintf("walk ≤%d rules", s.slots) // one rule per slot and public port
-			if s.backend == "nftables" {
+			switch s.backend {
+			case "nftables":
 				lookup = "1 map lookup"
+			case "bpf":
+				lookup = "1 sockarray lookup"
 			}
 			lines = append(lines, []string{
 				s.backend, fmt.Sprint(s.slots), lookup,
 				fmt.Sprintf("%.0f conn/s", s.dirRate), fmt.Sprintf("%.0f conn/s", s.natRate),
 				fmtRatio(s.ratio, true), fmtRatio(s.vsOne, s.vsOne > 0),
 				fmtRate(s.firstRate), fmtRate(s.lastRate), fmtRatio(s.lastRate/max(s.firstRate, 1), s.firstRate > 0),
-				fmt.Sprintf("%d/%d", s.dirErrs, s.natErrs), fmt.Sprintf("%d/%d", s.dirSlow, s.natSlow),
+				fmt.Sprintf("%d/%d", s.dirErrs, s.natErrs), fmt.Sprintf("%d/%d", s.dirSlow, s.natSlow), fmt.Sprint(s.natCT),
 			})
 		}
 		table(w, hdr, lines, md)
@@ -489,6 +612,37 @@ func printResults(w io.Writer, o options, facts []string, rows []cellRow, trap [
 		}
 		fmt.Fprintln(w)
 	}
+}
+
+// ratioPairs are the columns of the ratio table.
+var ratioPairs = [][2]path{{nat, direct}, {nat, haproxyPath}, {bpfPath, direct}, {bpfPath, nat}, {bpfPath, haproxyPath}}
+
+// ratioLines is the ratio table: a line per mode and source set.
+func ratioLines(rows []cellRow) [][]string {
+	type ms struct {
+		m   mode
+		src string
+	}
+	var order []ms
+	rate := map[ms]map[path]float64{}
+	for _, r := range rows {
+		k := ms{r.mode, r.source}
+		if rate[k] == nil {
+			rate[k] = map[path]float64{}
+			order = append(order, k)
+		}
+		rate[k][r.path] = r.rate
+	}
+	var lines [][]string
+	for _, k := range order {
+		l := []string{k.m.String(), k.src}
+		for _, rp := range ratioPairs {
+			a, b := rate[k][rp[0]], rate[k][rp[1]]
+			l = append(l, fmtRatio(a/max(b, 1), a > 0 && b > 0))
+		}
+		lines = append(lines, l)
+	}
+	return lines
 }
 
 func table(w io.Writer, hdr []string, lines [][]string, md bool) {

@@ -22,12 +22,12 @@ import (
 // (inside the server namespace) it is the master; the master re-executes
 // this binary with the same arguments for every slot, and there
 // ipcluster.Run runs the worker function instead.
-func serve(name, runDir string, workers int, backend string, allowDirect bool) error {
+func serve(name, runDir string, workers int, backend string, port uint16, allowDirect bool) error {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	cfg := ipcluster.Config{
 		Name:    name,
 		Workers: workers,
-		Ports:   []ipcluster.Port{{Public: natPort}},
+		Ports:   []ipcluster.Port{{Public: port}},
 		Addr:    serverAddr,
 		RunDir:  runDir,
 		// 256 workers starting at once on 2 cores take a while to
@@ -54,7 +54,7 @@ func serve(name, runDir string, workers int, backend string, allowDirect bool) e
 			ErrorLog: log.New(io.Discard, "", 0),
 		}
 		errc := make(chan error, 1)
-		go func() { errc <- srv.Serve(w.Listener(natPort)) }()
+		go func() { errc <- srv.Serve(w.Listener(port)) }()
 		select {
 		case <-w.Context().Done():
 			srv.Close()

@@ -43,9 +43,15 @@ func main() {
 	backend := flag.String("backend", "", `rule backend: "nftables", "iptables" or "bpf" (default: nftables where the kernel has it)`)
 	flag.IntVar(&cfg.Spares, "spares", 0, "standby workers kept ready to take over a slot")
 	flag.StringVar(&cfg.HTTPAddr, "http", "", `address for /metrics, /healthz, /readyz and /status, e.g. "127.0.0.1:9100" (default none)`)
+	logLevel := flag.String("log-level", "info", `least level logged: "debug", "info", "warn" or "error"`)
 	flag.Parse()
 
-	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "-log-level %q: %v; use debug, info, warn or error\n", *logLevel, err)
+		os.Exit(2)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(cfg.Logger)
 	cfg.Backend = ipcluster.Backend(*backend)
 
