@@ -80,7 +80,6 @@ func (w *bpfWriter) apply(_ context.Context, targets, _ []slotTarget) error {
 	}
 	w.written = slices.Clone(targets)
 	w.stale, w.applied = false, true
-	w.record(targets)
 	return nil
 }
 
@@ -129,7 +128,7 @@ func (w *bpfWriter) applyPort(p Port, idx int, targets []slotTarget) error {
 		}
 		f := s.files[idx]
 		group = f
-		cookie, err := steer.SocketCookie(f)
+		cookie, err := s.cookie(idx)
 		if err != nil {
 			return fmt.Errorf("slot %d: %w", slot, err)
 		}
@@ -160,6 +159,15 @@ func (w *bpfWriter) applyPort(p Port, idx int, targets []slotTarget) error {
 		w.ops++
 	}
 	return nil
+}
+
+// selector is public port p's Selector, whose program a new socket of
+// the port's group is made with (openSockets).
+func (w *bpfWriter) selector(p Port) (*steer.Selector, error) {
+	if err := w.ensure(); err != nil {
+		return nil, err
+	}
+	return w.sels[p], nil
 }
 
 // ensure makes each public port's Selector (and the copy of its array
@@ -392,7 +400,11 @@ func (w *bpfWriter) routes(context.Context) ([]slotTarget, error) {
 	return out, nil
 }
 
-// record writes the routes for routes, atomically.
+// record writes the routes for routes, atomically: after each write
+// (ruleSync.written), outside the write's measured time. A master that
+// dies between the two leaves the routes of the write before; the next
+// one then adopts that write's worker as active, and points the slot back
+// at it.
 func (w *bpfWriter) record(targets []slotTarget) {
 	if w.routesPath == "" {
 		return

@@ -102,7 +102,15 @@ func TestRoutesIPv4BySourceBits(t *testing.T) {
 // built-in chain; for nftables (the default here), the map's elements.
 func (c *cluster) checkKernelRules(t *testing.T) {
 	t.Helper()
-	if c.spec.Config.Backend == ipcluster.BackendBPF {
+	backend := c.spec.Config.Backend
+	if backend == ipcluster.BackendAuto {
+		st, err := c.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		backend = ipcluster.Backend(st.Backend)
+	}
+	if backend == ipcluster.BackendBPF {
 		// No rule at all: the public port is the workers' sockets.
 		if out := iptablesLeft(t, c.lab, false, "IPC-t"); out != "" {
 			t.Errorf("the bpf backend wrote iptables rules:\n%s", out)
@@ -121,7 +129,7 @@ func (c *cluster) checkKernelRules(t *testing.T) {
 		}
 		return
 	}
-	if c.spec.Config.Backend != "iptables" { // nftables, chosen or by default
+	if backend != "iptables" { // nftables
 		if got, want := nftRoutes(t, c.lab, "slots4"), c.statusRules(t, "ipv4"); got != want {
 			t.Errorf("kernel routes:\n%s\nwant:\n%s", got, want)
 		}

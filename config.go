@@ -54,14 +54,18 @@ const (
 	DefaultCanaryPeriod = 5 * time.Second
 )
 
-// Backend selects how the master writes its nat rules. Both route the same
-// way and change atomically; they differ in cost and in the tools that show
-// the rules.
+// Backend selects how the master routes clients to their slot's worker:
+// nat rules (nftables, iptables) or a BPF program over the workers' sockets
+// (bpf). All route the same way and change atomically; they differ in cost,
+// in the privileges they need and in the tools that show the routes.
 type Backend string
 
 const (
-	// BackendAuto, the zero value, picks BackendNFTables when the kernel
-	// answers nf_tables requests, and BackendIPTables otherwise.
+	// BackendAuto, the zero value, picks BackendBPF where the master can
+	// load and attach its program (CAP_BPF, Linux 4.19), else
+	// BackendNFTables when the kernel answers nf_tables requests, and
+	// BackendIPTables otherwise; the status, the metric
+	// ipcluster_rule_backend_info and the start-up log say which and why.
 	BackendAuto Backend = ""
 	// BackendNFTables keeps the routes in an nf_tables inet table,
 	// ipcluster-<Name>, written over netlink (see `nft list table inet
@@ -193,10 +197,10 @@ type Config struct {
 	// 128 selects the address's own low bits.
 	IPv6SlotPrefix int
 
-	// Backend selects the rule writer. Default BackendAuto: nftables where
-	// the kernel has it, else iptables. The start-up log line, the status
-	// and the metric ipcluster_rule_backend_info say which is in force,
-	// and why.
+	// Backend selects the rule writer. Default BackendAuto: bpf where the
+	// master may load BPF programs, else nftables where the kernel has
+	// it, else iptables. The start-up log line, the status and the metric
+	// ipcluster_rule_backend_info say which is in force, and why.
 	Backend Backend
 
 	// AllowDirect lets clients connect to a worker's own port, bypassing

@@ -80,7 +80,8 @@ func startClusterSpec(t testing.TB, lab *netlab.Lab, cfg specConfig, edit func(*
 	}
 	if c.spec.Config.Backend == "" {
 		// IPCLUSTER_TEST_BACKEND runs every test that does not name a
-		// backend on that one (test.sh runs the suite again on bpf).
+		// backend on that one (test.sh runs the suite again on nftables;
+		// by default auto picks bpf here).
 		c.spec.Config.Backend = ipcluster.Backend(os.Getenv(envTestBackend))
 	}
 	if c.spec.Config.Backend == "iptables" {
@@ -486,6 +487,7 @@ func TestIPTablesLeftOverNetlink(t *testing.T) {
 // envTestBackend names the backend of every cluster whose test names none.
 const envTestBackend = "IPCLUSTER_TEST_BACKEND"
 
-// natBackendTest marks a test about the default (nat) backend's own
-// behaviour: its clusters keep the default whatever envTestBackend says.
-func natBackendTest(t *testing.T) { t.Setenv(envTestBackend, "") }
+// natBackendTest marks a test about the nftables backend's own behaviour
+// (its rules, conntrack): its clusters use nftables whatever
+// envTestBackend says, and whatever auto would pick.
+func natBackendTest(t *testing.T) { t.Setenv(envTestBackend, string(ipcluster.BackendNFTables)) }

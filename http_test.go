@@ -179,7 +179,7 @@ func checkWorkerLabels(t *testing.T, s map[string]float64) {
 // backend, as in the start-up log), and /readyz turning 503 while the
 // master stops (and /healthz staying 200).
 func TestHTTPEndpoints(t *testing.T) {
-	natBackendTest(t) // the auto backend and conntrack gauges
+	natBackendTest(t) // the conntrack gauges need the nat backends
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
 	// linger: a held connection keeps its worker, and so the stopping
@@ -236,7 +236,7 @@ func TestHTTPEndpoints(t *testing.T) {
 		{"ipcluster_deploys_total", []string{`outcome="failed"`}, eq(0), "0"},
 		{"ipcluster_deploys_total", nil, eq(0), "0 in all"},
 		{"ipcluster_deploy_in_progress", nil, eq(0), "0"},
-		{"ipcluster_rule_backend_info", []string{`backend="nftables"`, `config="auto"`}, eq(1), "1"},
+		{"ipcluster_rule_backend_info", []string{`backend="nftables"`, `config="nftables"`}, eq(1), "1"},
 		// The held connection's entry at least: the lab's table, not the host's.
 		{"ipcluster_nf_conntrack_entries", nil, between(1, 1e7), ">= 1"},
 		{"ipcluster_nf_conntrack_entries_limit", nil, gt(1000), "> 1000"},
@@ -273,7 +273,7 @@ func TestHTTPEndpoints(t *testing.T) {
 			t.Errorf("deploys_total with a phase that is not an outcome: %s", series)
 		}
 	}
-	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=nftables backend_reason="auto: nf_tables answers"`).MatchString(log) {
+	if log := c.log(); !regexp.MustCompile(`msg="master starting".* backend=nftables backend_reason=Config.Backend`).MatchString(log) {
 		t.Errorf("the start-up log line does not name the backend and why:\n%s", log)
 	}
 
@@ -291,8 +291,8 @@ func TestHTTPEndpoints(t *testing.T) {
 	if js.MasterPID != c.cmd.Process.Pid || len(js.Slots) != 2 || js.Slots[0].Active != active0 || len(js.Workers) != 2 {
 		t.Errorf("/status.json: %+v", js)
 	}
-	if js.Backend != "nftables" || js.BackendReason != "auto: nf_tables answers" {
-		t.Errorf("/status.json backend %q (%q), want nftables (auto: nf_tables answers)", js.Backend, js.BackendReason)
+	if js.Backend != "nftables" || js.BackendReason != "Config.Backend" {
+		t.Errorf("/status.json backend %q (%q), want nftables (Config.Backend)", js.Backend, js.BackendReason)
 	}
 	for _, w := range js.Workers {
 		if w.StartTime < now-60 || w.StartTime > now+1 {
@@ -303,7 +303,7 @@ func TestHTTPEndpoints(t *testing.T) {
 	if code != 200 || strings.Count(body, `class="slot-row`) != 2 {
 		t.Fatalf("/status: %d, want 2 slot rows:\n%s", code, body)
 	}
-	if !strings.Contains(body, `<span id="backend">nftables</span> (<span id="backend-reason">auto: nf_tables answers</span>)`) {
+	if !strings.Contains(body, `<span id="backend">nftables</span> (<span id="backend-reason">Config.Backend</span>)`) {
 		t.Errorf("/status does not show the backend and why:\n%s", body)
 	}
 	for i, pid := range []int{active0, active1} {

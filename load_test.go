@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 // loadResult sums up a runLoad.
 type loadResult struct {
 	Attempts, Failures int
+	Refused            int         // failures that were a refused dial (a RST to the SYN)
 	Errors             []string    // the first 10 failures
 	BySlot             map[int]int // successful attempts by the slot that answered
 	ByPID              map[int]int // and by the worker
@@ -57,6 +59,9 @@ func runLoad(ctx context.Context, ns *netlab.NS, srcs []netip.Addr, dst netip.Ad
 				res.Attempts++
 				if err != nil {
 					res.Failures++
+					if errors.Is(err, syscall.ECONNREFUSED) {
+						res.Refused++
+					}
 					if len(res.Errors) < 10 {
 						res.Errors = append(res.Errors, fmt.Sprintf("from %s: %v", src, err))
 					}

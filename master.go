@@ -332,8 +332,11 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read own capabilities: %w", err)
 	}
-	if !st.HasCap(procfs.CapNetAdmin) && cfg.Backend != BackendBPF { // bpf: steer checks CAP_BPF
-		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules; run it as root, or grant it with "+
+	// The bpf backend needs CAP_BPF instead (its check says so): auto
+	// takes it where it works.
+	bpf := cfg.Backend == BackendBPF || cfg.Backend == BackendAuto && bpfCheck() == nil
+	if !st.HasCap(procfs.CapNetAdmin) && !bpf {
+		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules (or CAP_BPF, for the bpf backend); run it as root, or grant it with "+
 			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
 	}
 	var wc *workerCred
@@ -394,6 +397,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if w, ok := inner.(*bpfWriter); ok {
 		m.steer = w
 		w.resolve, w.routesPath = m.findSockets, filepath.Join(m.dir, "routes")
+		m.rules.written = w.record
 		m.rules.conntrack = noConntrack // no NAT: conntrack pins nothing
 	}
 	m.rules.observe = func(d time.Duration, err error) { m.obs.ruleWrite(d, err) }
@@ -633,7 +637,7 @@ func (m *master) spawn(slot int) {
 	if slot != spareSlot {
 		if socks = m.held[slot]; socks == nil {
 			var err error
-			if socks, err = openSockets(m.cfg, m.rules.rt); err != nil {
+			if socks, err = openSockets(m.cfg, m.rules.rt, m.steer); err != nil {
 				m.log.Error("spawn worker", "slot", slot, "err", err)
 				m.failures[slot]++
 				m.respawnLater(slot)
@@ -950,7 +954,7 @@ func (m *master) giveSpare(slot int) bool {
 	socks := m.held[slot]
 	if socks == nil {
 		var err error
-		if socks, err = openSockets(m.cfg, m.rules.rt); err != nil {
+		if socks, err = openSockets(m.cfg, m.rules.rt, m.steer); err != nil {
 			m.log.Error("giving a spare a slot", "slot", slot, "err", err)
 			return false
 		}

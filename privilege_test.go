@@ -423,7 +423,7 @@ const masterUID = 23456
 // deploy's successor master holds CAP_NET_ADMIN, takes over and spawns
 // workers that hold none either.
 func TestPrivilegeNonRootAmbient(t *testing.T) {
-	natBackendTest(t) // CAP_NET_ADMIN alone
+	t.Setenv(envTestBackend, "") // auto: without CAP_BPF, nftables
 	testNonRootMaster(t, false)
 }
 
@@ -432,7 +432,7 @@ func TestPrivilegeNonRootAmbient(t *testing.T) {
 // TestPrivilegeNonRootAmbient. Without no_new_privs every exec of the
 // binary, a worker's included, would be granted CAP_NET_ADMIN.
 func TestPrivilegeNonRootFileCaps(t *testing.T) {
-	natBackendTest(t) // CAP_NET_ADMIN alone
+	t.Setenv(envTestBackend, "") // auto: without CAP_BPF, nftables
 	testNonRootMaster(t, true)
 }
 
@@ -486,6 +486,9 @@ func testNonRootMaster(t *testing.T, fileCaps bool) {
 		}
 	}
 	checkNetAdmin("master", st0.MasterPID)
+	if st0.Backend != "nftables" || !strings.Contains(st0.BackendReason, "bpf unavailable") || !strings.Contains(st0.BackendReason, "CAP_BPF") {
+		t.Errorf("a master with CAP_NET_ADMIN alone uses %s (%s), want auto's nftables, saying bpf lacks CAP_BPF", st0.Backend, st0.BackendReason)
+	}
 	checkMasterThreads(t, st0.MasterPID)
 	checkPowerless(t, lab, reports, workerPIDs(st0))
 	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 2, 32, 1)

@@ -49,6 +49,7 @@ type ruleSync struct {
 	send      func(event)                 // to the loop: evRetryRules
 	after     func(time.Duration, func()) // time.AfterFunc; tests record the delay instead
 	observe   func(time.Duration, error)  // each write's duration and outcome, for metrics; may be nil
+	written   func([]slotTarget)          // after each write, outside its measured time (the bpf backend's routes file); may be nil
 	conntrack conntrackDeleter
 
 	installed  bool // rules written at least once
@@ -124,8 +125,9 @@ func (s *ruleSync) write(ctx context.Context, targets, workers []slotTarget) (wr
 	wctx, cancel := context.WithTimeout(ctx, ruleWriteTimeout)
 	err := s.backend.apply(wctx, targets, workers)
 	cancel()
+	elapsed := time.Since(t0)
 	if s.observe != nil {
-		s.observe(time.Since(t0), err)
+		s.observe(elapsed, err)
 	}
 	if err != nil {
 		s.ruleFails++
@@ -150,7 +152,10 @@ func (s *ruleSync) write(ctx context.Context, targets, workers []slotTarget) (wr
 	s.installed = true
 	s.noteMovedUDP(s.routed, targets)
 	s.routed = targets
-	s.log.Debug("rules written", "elapsed", time.Since(t0))
+	if s.written != nil {
+		s.written(targets)
+	}
+	s.log.Debug("rules written", "elapsed", elapsed)
 	return true, nil
 }
 
@@ -249,17 +254,9 @@ func (s *ruleSync) text() map[string]string { return s.backend.rulesText() }
 // what the other backend may have left for this cluster: a crashed master
 // of an earlier release, or one configured with the other backend.
 func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, backendChoice, error) {
-	var bpf *bpfWriter
-	if cfg.Backend == BackendBPF {
-		choice := backendChoice{name: BackendBPF, config: string(BackendBPF), reason: "Config.Backend"}
-		if err := bpfCheck(); err != nil {
-			if errors.Is(err, steer.ErrPermission) {
-				return nil, choice, fmt.Errorf("%w: Config.Backend %q: %w", ErrNoPrivilege, BackendBPF, err)
-			}
-			return nil, choice, fmt.Errorf("Config.Backend %q: %w", BackendBPF, err)
-		}
-		rt.bpf, rt.guard = true, false
-		bpf = newBPFWriter(rt)
+	bpfErr := errNotAsked
+	if cfg.Backend == BackendBPF || cfg.Backend == BackendAuto {
+		bpfErr = bpfCheck()
 	}
 	conn, err := nftNewConn()
 	if err == nil {
@@ -277,25 +274,25 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, ba
 	if iptErr == nil {
 		ipt = newRuleWriter(rt, execRunner{})
 	}
-	if bpf != nil {
-		// A crashed DNAT master's rules would take the clients before any
-		// socket sees them: the bpf backend clears both kinds.
-		var b ruleBackend = bpf
-		if nft != nil {
-			b = &clearsOther{ruleBackend: b, other: nft, log: log}
-		}
-		if ipt != nil {
-			b = &clearsOther{ruleBackend: b, other: ipt, log: log}
-		}
-		return b, backendChoice{name: BackendBPF, config: string(BackendBPF), reason: "Config.Backend"}, nil
-	}
-	choice, err := chooseBackend(cfg.Backend, nftErr, iptErr)
+	choice, err := chooseBackend(cfg.Backend, bpfErr, nftErr, iptErr)
 	switch {
 	case err != nil:
 		if nft != nil {
 			_ = conn.CloseLasting()
 		}
 		return nil, choice, err
+	case choice.name == BackendBPF:
+		// A crashed DNAT master's rules would take the clients before any
+		// socket sees them: the bpf backend clears both kinds.
+		rt.bpf, rt.guard = true, false
+		var b ruleBackend = newBPFWriter(rt)
+		if nft != nil {
+			b = &clearsOther{ruleBackend: b, other: nft, log: log}
+		}
+		if ipt != nil {
+			b = &clearsOther{ruleBackend: b, other: ipt, log: log}
+		}
+		return b, choice, nil
 	case choice.name == BackendNFTables:
 		return &clearsOther{ruleBackend: nft, other: ipt, log: log}, choice, nil
 	case cfg.Backend == BackendIPTables:
@@ -304,22 +301,34 @@ func newRuleBackend(cfg *Config, rt *routing, log *slog.Logger) (ruleBackend, ba
 	return ipt, choice, nil // auto's fallback: nf_tables is not there to clear
 }
 
+// errNotAsked is the bpf check's result when Config.Backend names a nat
+// backend: the check is not made.
+var errNotAsked = errors.New("not asked for")
+
 // backendChoice is the rule backend in force and why, for the status, the
 // metrics and the start-up log.
 type backendChoice struct {
-	name Backend // BackendNFTables, BackendIPTables or BackendBPF
+	name Backend // BackendBPF, BackendNFTables or BackendIPTables
 	// config is Config.Backend as set: "auto" when left empty.
 	config string
-	// reason is why: "Config.Backend", "auto: nf_tables answers" or
-	// "auto: nf_tables unavailable: <the probe's error>".
+	// reason is why: "Config.Backend", "auto: SK_REUSEPORT programs load
+	// here", or auto's fallback, naming what the preferred backends lacked:
+	// "auto: bpf unavailable (<the check's error>); nf_tables answers".
 	reason string
 }
 
 // chooseBackend decides from Config.Backend and what each backend's check
-// found (nil: it can work here).
-func chooseBackend(want Backend, nftErr, iptErr error) (backendChoice, error) {
+// found (nil: it can work here). Auto prefers bpf, then nftables, then
+// iptables.
+func chooseBackend(want Backend, bpfErr, nftErr, iptErr error) (backendChoice, error) {
 	c := backendChoice{name: want, config: string(want), reason: "Config.Backend"}
 	switch {
+	case want == BackendBPF && errors.Is(bpfErr, steer.ErrPermission):
+		return c, fmt.Errorf("%w: Config.Backend %q: %w", ErrNoPrivilege, BackendBPF, bpfErr)
+	case want == BackendBPF && bpfErr != nil:
+		return c, fmt.Errorf("Config.Backend %q: %w", BackendBPF, bpfErr)
+	case want == BackendBPF:
+		return c, nil
 	case want == BackendIPTables && iptErr != nil:
 		return c, iptErr
 	case want == BackendIPTables:
@@ -331,14 +340,19 @@ func chooseBackend(want Backend, nftErr, iptErr error) (backendChoice, error) {
 		return c, nil
 	}
 	c.config = "auto"
+	if bpfErr == nil {
+		c.name, c.reason = BackendBPF, "auto: SK_REUSEPORT programs load here"
+		return c, nil
+	}
+	bpfWhy := "bpf unavailable (" + bpfErr.Error() + ")"
 	switch {
 	case nftErr == nil:
-		c.name, c.reason = BackendNFTables, "auto: nf_tables answers"
+		c.name, c.reason = BackendNFTables, "auto: "+bpfWhy+"; nf_tables answers"
 		return c, nil
 	case iptErr != nil:
-		return c, fmt.Errorf("no rule backend: nf_tables: %w; iptables: %w", nftErr, iptErr)
+		return c, fmt.Errorf("no rule backend: bpf: %w; nf_tables: %w; iptables: %w", bpfErr, nftErr, iptErr)
 	}
-	c.name, c.reason = BackendIPTables, "auto: nf_tables unavailable: "+nftErr.Error()
+	c.name, c.reason = BackendIPTables, "auto: "+bpfWhy+"; nf_tables unavailable: "+nftErr.Error()
 	return c, nil
 }
 

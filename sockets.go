@@ -51,27 +51,49 @@ import (
 // and direct the worker's own sockets (where a DNAT backend's worker
 // listens), whose ports are the ports here (see bpf.go).
 type sockSet struct {
-	ports  slotTarget
-	files  []*os.File
-	direct []*os.File
+	ports   slotTarget
+	files   []*os.File
+	direct  []*os.File
+	cookies []uint64 // the files' socket cookies (bpf), as cookie reads them
+}
+
+// cookie is the socket cookie of files[i], read once.
+func (s *sockSet) cookie(i int) (uint64, error) {
+	if s.cookies == nil {
+		s.cookies = make([]uint64, len(s.files))
+	}
+	if s.cookies[i] == 0 {
+		c, err := steer.SocketCookie(s.files[i])
+		if err != nil {
+			return 0, err
+		}
+		s.cookies[i] = c
+	}
+	return s.cookies[i], nil
 }
 
 // openSockets opens a socket for each of rt's public ports, as a worker
 // listens: at cfg's address, on a port the OS picks, TCP without MPTCP;
 // on the bpf backend, one in the port's reuseport group and one of the
 // worker's own.
-func openSockets(cfg *Config, rt *routing) (*sockSet, error) {
+func openSockets(cfg *Config, rt *routing, bpf *bpfWriter) (*sockSet, error) {
 	s := &sockSet{ports: slotTarget{}}
 	for _, p := range rt.ports {
 		network, addr := cfg.listenNetwork(p.Proto)
+		var sel *steer.Selector
 		if rt.bpf {
 			network, addr = cfg.groupNetwork(p)
+			var err error
+			if sel, err = bpf.selector(p); err != nil {
+				s.close()
+				return nil, err
+			}
 		}
-		f, port, err := openSocket(p, network, addr, rt.bpf)
+		f, port, err := openSocket(p, network, addr, sel)
 		if err == nil && rt.bpf {
 			var d *os.File
 			dn, da := cfg.listenNetwork(p.Proto)
-			if d, port, err = openSocket(p, dn, da, false); err == nil {
+			if d, port, err = openSocket(p, dn, da, nil); err == nil {
 				s.direct = append(s.direct, d)
 			}
 		}
@@ -89,20 +111,46 @@ func openSockets(cfg *Config, rt *routing) (*sockSet, error) {
 }
 
 // openSocket opens one socket for p and returns the master's descriptor
-// and the port it is bound to; group: in the reuseport group of its
-// address (steer).
-func openSocket(p Port, network, addr string, group bool) (*os.File, int, error) {
-	if p.Proto == UDP {
-		var c *net.UDPConn
-		var err error
-		if group {
-			c, err = steer.ListenUDP(network, addr)
-		} else {
-			var pc net.PacketConn
-			if pc, err = net.ListenPacket(network, addr); err == nil {
-				c = pc.(*net.UDPConn)
-			}
+// and the port it is bound to; with a selector, in the reuseport group of
+// its address. The first socket of a group is made with the selector's
+// program attached before bind, so the group never routes without it (the
+// kernel's default hashes connections over the group); the others join
+// that group, and its program, with a plain SO_REUSEPORT bind (the kernel
+// refuses a socket that brings a program of its own into a group, with
+// EADDRINUSE).
+func openSocket(p Port, network, addr string, group *steer.Selector) (*os.File, int, error) {
+	listenUDP := func() (*net.UDPConn, error) {
+		pc, err := net.ListenPacket(network, addr)
+		if err != nil {
+			return nil, err
 		}
+		return pc.(*net.UDPConn), nil
+	}
+	listenTCP := func() (*net.TCPListener, error) {
+		ln, err := listenTCP(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return ln.(*net.TCPListener), nil
+	}
+	if group != nil {
+		listenUDP = func() (*net.UDPConn, error) {
+			c, err := group.ListenUDP(network, addr)
+			if errors.Is(err, unix.EADDRINUSE) {
+				c, err = steer.ListenUDP(network, addr)
+			}
+			return c, err
+		}
+		listenTCP = func() (*net.TCPListener, error) {
+			l, err := group.ListenTCP(network, addr)
+			if errors.Is(err, unix.EADDRINUSE) {
+				l, err = steer.ListenTCP(network, addr)
+			}
+			return l, err
+		}
+	}
+	if p.Proto == UDP {
+		c, err := listenUDP()
 		if err != nil {
 			return nil, 0, err
 		}
@@ -110,18 +158,9 @@ func openSocket(p Port, network, addr string, group bool) (*os.File, int, error)
 		f, err := c.File()
 		return f, c.LocalAddr().(*net.UDPAddr).Port, err
 	}
-	var l *net.TCPListener
-	if group {
-		var err error
-		if l, err = steer.ListenTCP(network, addr); err != nil {
-			return nil, 0, err
-		}
-	} else {
-		ln, err := listenTCP(network, addr)
-		if err != nil {
-			return nil, 0, err
-		}
-		l = ln.(*net.TCPListener)
+	l, err := listenTCP()
+	if err != nil {
+		return nil, 0, err
 	}
 	defer l.Close()
 	f, err := l.File()

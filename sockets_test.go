@@ -5,6 +5,8 @@ package ipcluster_test
 import (
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -42,20 +44,16 @@ func TestKillNineRefusesNobody(t *testing.T) {
 				time.Sleep(200 * time.Millisecond) // load on the replacement before the next kill
 			}
 			res := stop()
-			refused := 0
-			for _, e := range res.Errors {
-				if strings.Contains(e, "connection refused") {
-					refused++
-				}
-			}
 			t.Logf("%d kills under load: %s", kills, res)
-			if refused > 0 {
-				t.Errorf("%d connections refused over %d kills, want 0", refused, kills)
+			if res.Refused > 0 {
+				t.Errorf("%d connections refused over %d kills, want 0", res.Refused, kills)
 			}
 			// A killed worker takes the connections it had accepted and
-			// not yet answered: it answers at once, so a few at most.
-			if res.Failures > kills {
-				t.Errorf("%d failed attempts over %d kills: more than the killed workers' own connections", res.Failures, kills)
+			// not yet answered: at most the load's share of the slot in
+			// flight, 16 loaders over 4 slots. A queue reset (what the
+			// held sockets prevent) would take every connection waiting.
+			if inFlight := kills * 16 / 4; res.Failures > inFlight {
+				t.Errorf("%d failed attempts over %d kills: more than the killed workers' own connections (%d at most)", res.Failures, kills, inFlight)
 			}
 		})
 	}
@@ -129,4 +127,34 @@ func TestBPFDeployCarriesArrays(t *testing.T) {
 	if log := d.c.log(); strings.Contains(log, "device or resource busy") {
 		t.Errorf("the new master met sockets held in another array:\n%s", log)
 	}
+}
+
+// Until the first install, a bpf cluster's public port routes nobody to
+// the wrong worker: the program is on the group from its first socket,
+// with every slot empty, so early clients are refused, as with no nat
+// rule yet. (Without it the kernel hashed them over whichever workers'
+// sockets were in the group.) Slot 3's worker is held back, so the first
+// install waits while slots 0 to 2 are ready and accepting.
+func TestBPFNoRouteBeforeInstall(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 64})
+	gates := t.TempDir()
+	c := startClusterSpec(t, lab, specConfig{Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: ipcluster.BackendBPF,
+		WorkerReady: true, ReadyTimeout: time.Minute, ConnectTimeout: 30 * time.Second}, func(s *spec) {
+		s.Scenario, s.ReportDir = "readyecho", gates
+		s.SlotScenarios = map[int]string{3: "gated"}
+	})
+	st := c.waitStatus("slot 3 held back, the others ready", func(st *proto.Status) bool {
+		return starting(st, 3) != 0 && activePID(st, 0) != 0 && activePID(st, 1) != 0 && activePID(st, 2) != 0
+	})
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	for _, src := range lab.ClientAddrs4 {
+		if rep, err := ask(lab.Client, src, dst); err == nil {
+			t.Errorf("client %s of slot %d answered by slot %d (pid %d) before the first install", src, expectSlot(src, 4, 32), rep.Slot, rep.PID)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(gates, "ready-"+strconv.Itoa(starting(st, 3))), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.waitReady()
+	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 4, 32, 1)
 }

@@ -328,8 +328,19 @@ func slotPIDs(lab *netlab.Lab, dst netip.AddrPort) ([]int, error) {
 	return pids, nil
 }
 
-// once starts a cluster, measures it and stops it.
+// once starts a cluster, measures it and stops it. A failure comes with
+// the end of the cluster's log.
 func once(lab *netlab.Lab, bin, tmp string, o onceOpts) (sample, error) {
+	s, err := measure(lab, bin, tmp, o)
+	if err != nil {
+		b, _ := os.ReadFile(filepath.Join(tmp, "master.log"))
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		err = fmt.Errorf("%w; the cluster's log ends:\n%s", err, strings.Join(lines[max(0, len(lines)-40):], "\n"))
+	}
+	return s, err
+}
+
+func measure(lab *netlab.Lab, bin, tmp string, o onceOpts) (sample, error) {
 	var s sample
 	logPath := filepath.Join(tmp, "master.log")
 	t0 := time.Now()

@@ -147,7 +147,7 @@ func main() {
 	allowDirect := flag.Bool("allow-direct", false, "internal: Config.AllowDirect, with -serve")
 	publicPort := flag.Uint("port", natPort, "internal: the cluster's public port, with -serve")
 	var o options
-	flag.StringVar(&o.backend, "backend", "", `rule backend of the nat path's cluster and the trap clusters: nftables or iptables (default: the library's choice; the bpf path has a cluster of its own)`)
+	flag.StringVar(&o.backend, "backend", "nftables", `rule backend of the nat path's cluster and the trap clusters: nftables or iptables (the library's own choice as root is bpf; the bpf path has a cluster of its own)`)
 	backends := flag.String("backends", "nftables,iptables,bpf", "rule backends compared by the lookup-scaling part")
 	flag.IntVar(&o.workers, "workers", 4, "workers of the cluster for the path comparison (a power of two)")
 	flag.IntVar(&o.conc, "conc", 32, "concurrent load goroutines (connections)")

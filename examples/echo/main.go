@@ -40,7 +40,7 @@ func main() {
 	port := flag.Uint("port", 7000, "public TCP port")
 	addr := flag.String("addr", "", "public address clients connect to (default any local address)")
 	flag.StringVar(&cfg.RunDir, "rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
-	backend := flag.String("backend", "", `rule backend: "nftables", "iptables" or "bpf" (default: nftables where the kernel has it)`)
+	backend := flag.String("backend", "", `rule backend: "bpf", "nftables" or "iptables" (default: bpf where the master may load BPF programs, else nftables where the kernel has it)`)
 	flag.IntVar(&cfg.Spares, "spares", 0, "standby workers kept ready to take over a slot")
 	flag.StringVar(&cfg.HTTPAddr, "http", "", `address for /metrics, /healthz, /readyz and /status, e.g. "127.0.0.1:9100" (default none)`)
 	logLevel := flag.String("log-level", "info", `least level logged: "debug", "info", "warn" or "error"`)

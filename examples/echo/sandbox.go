@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
 	sbx "github.com/ipcluster/ipcluster/internal/sandbox"
 )
 
@@ -49,8 +50,24 @@ func show(ctx context.Context, cl *sbx.Cluster, workers int, port uint) error {
 	if err != nil {
 		return err
 	}
-	printCommands(lab, dst, cl.PID, cl.RunDir, pids)
+	printCommands(lab, dst, cl.PID, cl.RunDir, pids, backendOf(ctx, cl.RunDir))
 	return nil
+}
+
+// backendOf asks the master which rule backend it took (auto's choice,
+// unless -backend named one).
+func backendOf(ctx context.Context, runDir string) string {
+	name := flag.Lookup("name").Value.String()
+	c, err := proto.Dial(ctx, proto.SocketPath(runDir, name), name)
+	if err != nil {
+		return flag.Lookup("backend").Value.String()
+	}
+	defer c.Close()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return flag.Lookup("backend").Value.String()
+	}
+	return st.Backend
 }
 
 // answer is a worker's line.
@@ -156,14 +173,14 @@ func demo(ctx context.Context, lab *netlab.Lab, dst netip.AddrPort, workers int)
 	return pids, nil
 }
 
-func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir string, pids map[int]int) {
+func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir string, pids map[int]int, backend string) {
 	srv, cli := lab.Server.Name, lab.Client.Name
 	src := lab.ClientAddrs4[min(5, len(lab.ClientAddrs4)-1)]
 	port := strconv.Itoa(int(dst.Port()))
 	fmt.Printf("\nPoke at it, as root in another terminal (nc is in Debian's netcat-openbsd package):\n\n")
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 3, ' ', 0)
 	fmt.Fprintf(tw, "  ip netns exec %s nc -s %s %s %s\t# a client; type lines to ask which worker holds it\n", cli, src, dst.Addr(), port)
-	switch flag.Lookup("backend").Value.String() {
+	switch backend {
 	case "iptables":
 		fmt.Fprintf(tw, "  ip netns exec %s iptables-save -t nat\t# the cluster's rules\n", srv)
 	case "bpf":
@@ -172,7 +189,7 @@ func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir st
 		fmt.Fprintf(tw, "  ip netns exec %s nft list table inet ipcluster-%s\t# the cluster's routes (nft is in Debian's nftables package)\n",
 			srv, flag.Lookup("name").Value.String())
 	}
-	if flag.Lookup("backend").Value.String() != "bpf" {
+	if backend != "bpf" {
 		fmt.Fprintf(tw, "  ip netns exec %s conntrack -L -p tcp --dport %s\t# connections conntrack pins to a worker\n", srv, port)
 	}
 	if pid, ok := pids[1]; ok {

@@ -44,7 +44,7 @@ func main() {
 	port := flag.Uint("port", 8080, "public HTTP port")
 	addr := flag.String("addr", "", "public address clients connect to (default any local address)")
 	runDir := flag.String("rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
-	backend := flag.String("backend", "", `rule backend: "nftables", "iptables" or "bpf" (default: nftables where the kernel has it)`)
+	backend := flag.String("backend", "", `rule backend: "bpf", "nftables" or "iptables" (default: bpf where the master may load BPF programs, else nftables where the kernel has it)`)
 	spares := flag.Int("spares", 0, "standby workers kept ready to take over a slot")
 	grace := flag.Duration("sse-grace", 30*time.Second, "how long a retired worker keeps its SSE streams before closing them (each at a random time in the second half)")
 	flag.Parse()

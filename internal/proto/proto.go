@@ -281,11 +281,12 @@ type Status struct {
 	Workers   []WorkerStatus `json:"workers"`
 	// Rules is the rule text the master believes is installed, per family.
 	Rules map[string]string `json:"rules,omitempty"`
-	// Backend is the rule backend in force, "nftables" or "iptables", and
-	// BackendReason why: "Config.Backend" when it was set, else the
-	// automatic choice ("auto: nf_tables answers", or "auto: nf_tables
-	// unavailable: " and the kernel's error). Empty from a master of an
-	// earlier release.
+	// Backend is the rule backend in force, "bpf", "nftables" or
+	// "iptables", and BackendReason why: "Config.Backend" when it was
+	// set, else the automatic choice ("auto: SK_REUSEPORT programs load
+	// here", or "auto: bpf unavailable (...); nf_tables answers", or
+	// "...; nf_tables unavailable: " and the kernel's error). Empty from
+	// a master of an earlier release.
 	Backend       string `json:"backend,omitempty"`
 	BackendReason string `json:"backend_reason,omitempty"`
 }
