@@ -399,24 +399,11 @@ func BoundPorts(table, state string) (map[uint16]bool, error) {
 	return ParseBoundPorts(b, state), nil
 }
 
-// ParseBoundPorts is BoundPorts on a table's text: each line after the
-// header is "sl local_address rem_address st ...", the local address
-// "ADDR:PORT" in hex.
+// ParseBoundPorts is BoundPorts on a table's text (see ParseBoundSockets).
 func ParseBoundPorts(b []byte, state string) map[uint16]bool {
 	out := map[uint16]bool{}
-	lines := bytes.Split(b, []byte("\n"))
-	for _, line := range lines[min(1, len(lines)):] {
-		f := bytes.Fields(line)
-		if len(f) < 4 || string(f[3]) != state {
-			continue
-		}
-		_, port, ok := bytes.Cut(f[1], []byte(":"))
-		if !ok {
-			continue
-		}
-		if n, err := strconv.ParseUint(string(port), 16, 16); err == nil {
-			out[uint16(n)] = true
-		}
+	for _, s := range ParseBoundSockets(b, state) {
+		out[s.Port] = true
 	}
 	return out
 }
