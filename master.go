@@ -634,21 +634,25 @@ func (m *master) spawn(slot int) {
 	// worker died serving, fresh ones otherwise. A spare gets its slot's
 	// with the assign.
 	var socks *sockSet
+	failed := func(err error) {
+		m.log.Error("spawn worker", "slot", slot, "err", err)
+		if socks != nil && socks != m.held[slot] {
+			socks.close()
+		}
+		m.failures[slot]++
+		m.respawnLater(slot)
+	}
 	if slot != spareSlot {
 		if socks = m.held[slot]; socks == nil {
 			var err error
 			if socks, err = openSockets(m.cfg, m.rules.rt, m.steer); err != nil {
-				m.log.Error("spawn worker", "slot", slot, "err", err)
-				m.failures[slot]++
-				m.respawnLater(slot)
+				failed(err)
 				return
 			}
 		}
 		arrays, err := m.workerArrays()
 		if err != nil {
-			m.log.Error("spawn worker", "slot", slot, "err", err)
-			m.failures[slot]++
-			m.respawnLater(slot)
+			failed(err)
 			return
 		}
 		cmd.ExtraFiles = append(socks.all(), arrays...)
@@ -668,12 +672,7 @@ func (m *master) spawn(slot int) {
 		cmd.SysProcAttr.Credential = m.worker.credential()
 	}
 	if err := m.spawner.start(cmd); err != nil {
-		m.log.Error("spawn worker", "slot", slot, "err", err)
-		if socks != m.held[slot] {
-			socks.close()
-		}
-		m.failures[slot]++
-		m.respawnLater(slot)
+		failed(err)
 		return
 	}
 	p := newProc(&childProcess{cmd}, slot, m.gen, m.target.build)
@@ -963,6 +962,9 @@ func (m *master) giveSpare(slot int) bool {
 	m.spares = slices.Delete(m.spares, i, i+1)
 	if q := m.pending[slot]; q != nil {
 		m.pending[slot] = nil // its exit then respawns nothing
+		if q.socks == socks {
+			q.socks = nil // the slot's held sockets: the spare's now
+		}
 		m.kill(q)
 	}
 	sp.socks, sp.ports = socks, maps.Clone(socks.ports)

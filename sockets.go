@@ -374,9 +374,21 @@ func (m *master) releaseSockets(p *proc) {
 	case p.state.serving() && p.slot >= 0 && p.slot < len(m.slots) && m.slots[p.slot] == p:
 		m.held[p.slot] = s
 		m.log.Info("the slot keeps its sockets for its next worker", append(p.logAttrs(), "ports", portsString(s.ports, m.rules.rt.ports))...)
+	case m.sharedSockets(s, p):
+		// Another worker took them over (a spare given the slot).
 	default:
 		m.unroute(s)
 	}
+}
+
+// sharedSockets reports whether a worker other than p holds s.
+func (m *master) sharedSockets(s *sockSet, p *proc) bool {
+	for _, q := range m.procs {
+		if q != p && q.socks == s {
+			return true
+		}
+	}
+	return false
 }
 
 // unroute closes sockets the master no longer gives anyone: now, or after
