@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/ipcluster/ipcluster"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -157,4 +159,74 @@ func TestBPFNoRouteBeforeInstall(t *testing.T) {
 	}
 	c.waitReady()
 	checkSticky(t, lab.Client, lab.ClientAddrs4, lab.ServerAddr4, []uint16{8080}, 4, 32, 1)
+}
+
+// The bpf backend's drift check: a slot emptied behind the master's back
+// (here by root, through the array's id) is noticed within the check's
+// period, reported as EventRulesFailed wrapping ErrRulesLost, and written
+// again.
+func TestBPFDriftRewritten(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 4})
+	events := filepath.Join(t.TempDir(), "events.jsonl")
+	// A name of its own: its array's, among any other cluster's.
+	c := startClusterSpec(t, lab, specConfig{Name: "drift", Workers: 4, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, Backend: ipcluster.BackendBPF},
+		func(s *spec) { s.EventsLog = events })
+	st := c.waitReady()
+	array := clusterArray(t, "ipc_drift")
+	defer array.Close()
+	if err := array.Delete(uint32(0)); err != nil {
+		t.Fatalf("empty slot 0 of the array: %v", err)
+	}
+	dst := netip.AddrPortFrom(lab.ServerAddr4, 8080)
+	if _, err := ask(lab.Client, lab.ClientAddrs4[0], dst); err == nil {
+		t.Fatal("slot 0 answered with its slot emptied")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		rep, err := ask(lab.Client, lab.ClientAddrs4[0], dst)
+		if err == nil && rep.PID == activePID(st, 0) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slot 0 not written again within 10s: %+v %v\n%s", rep, err, c.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !hasEvent(t, events, "EventRulesFailed") || !strings.Contains(c.log(), "the kernel lost the cluster's rules") {
+		t.Errorf("the drift was not reported:\n%s", c.log())
+	}
+	c.checkKernelRules(t)
+}
+
+// clusterArray opens the one REUSEPORT_SOCKARRAY of that name, by its id:
+// root's way in.
+func clusterArray(t *testing.T, name string) *ebpf.Map {
+	t.Helper()
+	var found *ebpf.Map
+	for id := ebpf.MapID(0); ; {
+		next, err := ebpf.MapGetNextID(id)
+		if err != nil {
+			break
+		}
+		id = next
+		m, err := ebpf.NewMapFromID(id)
+		if err != nil {
+			continue
+		}
+		info, err := m.Info()
+		if err == nil && info.Name == name && m.Type() == ebpf.ReusePortSockArray {
+			if found != nil {
+				found.Close()
+				m.Close()
+				t.Fatalf("two arrays named %s", name)
+			}
+			found = m
+			continue
+		}
+		m.Close()
+	}
+	if found == nil {
+		t.Fatalf("no array named %s", name)
+	}
+	return found
 }
