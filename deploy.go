@@ -215,9 +215,7 @@ func (m *master) handOver(pr *peer, build string) {
 	}
 	if m.steer != nil {
 		if arrays, aerr := m.steer.arrayFiles(); aerr == nil && len(fds)+len(arrays) <= proto.MaxFDs {
-			for _, f := range arrays {
-				fds = append(fds, rawFD(f))
-			}
+			fds = append(fds, rawFDs(arrays)...)
 			ho.Arrays = len(arrays)
 		}
 	}

@@ -970,9 +970,7 @@ func (m *master) giveSpare(slot int) bool {
 	sp.socks, sp.ports = socks, maps.Clone(socks.ports)
 	fds := socks.fds()
 	if arrays, err := m.workerArrays(); err == nil {
-		for _, f := range arrays {
-			fds = append(fds, rawFD(f))
-		}
+		fds = append(fds, rawFDs(arrays)...)
 	}
 	sp.peer.sendFDs(proto.TypeAssign, &proto.Assign{Slot: slot, Ports: protoPorts(socks.ports, m.rules.rt.ports)}, fds)
 	if m.cfg.WorkerReady {

@@ -34,14 +34,13 @@ var (
 
 // ruleBackend is the seam between the rule sync (rules.go) and the kernel:
 // it places each slot's listeners, so that a new connection from a client
-// of the slot reaches them, and keeps them placed. Two implement it today,
-// both by DNAT to the worker's own port: nftWriter (nftables.go, nf_tables
-// over netlink, the default where the kernel has it) and ruleWriter
-// (iptables.go, iptables-restore). A backend that steers to sockets the
-// master owns (an SO_REUSEPORT group and a BPF program that picks the
-// slot's socket) places the same listeners another way, and fits behind
-// the same methods: see slotTarget. fakeBackend (rules_fake_test.go) is
-// the in-memory one the rule sync's unit tests use.
+// of the slot reaches them, and keeps them placed. Three implement it: two
+// by DNAT to the worker's own port, nftWriter (nftables.go, nf_tables over
+// netlink) and ruleWriter (iptables.go, iptables-restore), and bpfWriter
+// (bpf.go), which points an SO_REUSEPORT group's BPF program at the
+// slot's socket, found from the slot target (see slotTarget).
+// fakeBackend (rules_fake_test.go) is the in-memory one the rule sync's
+// unit tests use.
 //
 // A backend is used only from the master's loop goroutine, through its
 // ruleSync, and shares the ruleSync's routing read-only.
@@ -126,13 +125,11 @@ func shiftedAddr(f *family, v uint64, shift uint) netip.Addr {
 // the listener of the worker that serves the slot. A nil map means the
 // slot has no ready worker and gets no route.
 //
-// The DNAT backends name a listener by the port the worker bound it to,
-// all a nat rule can steer to, so a listener is a port number here. This
-// is the seam for a backend that steers to sockets instead (the master
-// owning the listening sockets, an SO_REUSEPORT BPF program selecting the
-// slot's): it needs the socket, not its port, and this type is where that
-// grows (a listener value with the socket beside its port), while the
-// rule sync and the master keep passing slot targets as they do now.
+// A listener is named by the port it is bound to: all a nat rule can
+// steer to. The bpf backend, which needs the socket itself, takes the
+// port of the worker's own second socket as the name and finds the
+// master's sockets by it (bpfWriter.resolve, master.findSockets), so the
+// rule sync and the master pass slot targets alike for every backend.
 type slotTarget map[Port]uint16
 
 // agreeingRoutes keeps the slots whose route covers every public port and

@@ -18,8 +18,9 @@ package ipcluster
 // failure counts, what the written rules route each slot to (routed), and
 // the conntrack entries that write left stale (conntrack.go).
 //
-// The backends are nftables.go and iptables.go; the backend-neutral model
-// they share is rulemodel.go. newRuleBackend below picks one.
+// The backends are nftables.go, iptables.go and bpf.go; the
+// backend-neutral model they share is rulemodel.go. newRuleBackend below
+// picks one.
 
 import (
 	"context"

@@ -249,10 +249,13 @@ func checkSocket(fd int, p Port, port uint16) error {
 // which puts the descriptor in blocking mode: a mode the socket's file
 // description shares with every worker's copy, whose Accept could then
 // no longer be interrupted by Close.
-func (s *sockSet) fds() []int {
-	out := make([]int, 0, len(s.files)+len(s.direct))
-	for _, f := range s.all() {
-		out = append(out, rawFD(f))
+func (s *sockSet) fds() []int { return rawFDs(s.all()) }
+
+// rawFDs is rawFD of each file.
+func rawFDs(files []*os.File) []int {
+	out := make([]int, len(files))
+	for i, f := range files {
+		out[i] = rawFD(f)
 	}
 	return out
 }

@@ -1088,14 +1088,8 @@ func (l *listener) Close() error {
 		err = l.Listener.Close()
 		if l.direct != nil {
 			l.direct.Close()
-			for {
-				select {
-				case c := <-l.fromDirect:
-					c.Close()
-					continue
-				default:
-				}
-				break
+			for len(l.fromDirect) > 0 { // accepted, never handed out
+				(<-l.fromDirect).Close()
 			}
 		}
 	})
