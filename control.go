@@ -328,6 +328,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		}
 		p = newProc(pp, h.Slot, h.Generation, h.Build)
 		p.ports = ports
+		p.ops = m.adoptOperatorSocket(h.OperatorSocket)
 		if n := len(m.rules.rt.ports); m.steer != nil && len(fds) == 3*n {
 			// The bpf backend's arrays, which the worker kept.
 			files := make([]*os.File, n)

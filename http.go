@@ -88,7 +88,7 @@ type observer struct {
 	spawns, crashes, unresponsive, rulesLost prometheus.Counter
 	exits, retirements, retireHolds          *prometheus.CounterVec
 	deploys, ruleWrites, dismissals          *prometheus.CounterVec
-	memoryPressure                           *prometheus.CounterVec
+	memoryPressure, workerScrapeErrors       *prometheus.CounterVec
 	backend                                  *prometheus.GaugeVec
 	ruleWriteSeconds, readySeconds           prometheus.Histogram
 	retireSeconds                            prometheus.Histogram
@@ -136,6 +136,10 @@ func (o *observer) serve(m *master) (shutdown func()) {
 	mux.HandleFunc("GET /status.json", func(w http.ResponseWriter, r *http.Request) { statusJSON(m, w, r) })
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) { statusPage(m, w, r) })
 	mux.Handle("GET /{$}", http.RedirectHandler("status", http.StatusFound))
+	// The workers' operator endpoints (ops_http.go).
+	mux.HandleFunc("GET /workers/{$}", func(w http.ResponseWriter, r *http.Request) { workersIndex(m, w, r) })
+	mux.HandleFunc("/workers/{slot}/{path...}", func(w http.ResponseWriter, r *http.Request) { proxyWorker(m, w, r, false) })
+	mux.HandleFunc("/workers/pid/{pid}/{path...}", func(w http.ResponseWriter, r *http.Request) { proxyWorker(m, w, r, true) })
 	o.srv = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 5 * time.Second,
@@ -227,19 +231,35 @@ func statusJSON(m *master, w http.ResponseWriter, r *http.Request) {
 }
 
 // metrics serves the registry's metrics together with those of a snapshot
-// taken for this scrape: gauges are read at scrape time, so a worker's
-// series disappear with the worker instead of lingering in a GaugeVec.
+// taken for this scrape (gauges are read at scrape time, so a worker's
+// series disappear with the worker instead of lingering in a GaugeVec),
+// and every active worker's own /metrics, fetched now (ops_http.go).
 func (o *observer) metrics(m *master, w http.ResponseWriter, r *http.Request) {
 	st := snapshotOr503(m, w, r, "no metrics")
 	if st == nil {
 		return
 	}
+	// First: a worker that fails counts in this scrape's errors.
+	workers := o.workerMetrics(r.Context(), st)
 	snap := prometheus.NewRegistry()
 	if err := snap.Register(statusCollector{st}); err != nil {
 		http.Error(w, "register status metrics: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
-	promhttp.HandlerFor(prometheus.Gatherers{o.reg, snap}, promhttp.HandlerOpts{
+	snap.MustRegister(appStatCollector{st})
+	own, err := prometheus.Gatherers{o.reg, snap}.Gather()
+	if err != nil {
+		http.Error(w, "gather the master's metrics: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	// The workers' families merge with the master's of the same name;
+	// what still clashes (a family name that is a histogram's suffix of
+	// another, say) is left out and logged, never the whole scrape.
+	all, err := prometheus.Gatherers{staticGatherer(own), staticGatherer(fitToMaster(own, workers))}.Gather()
+	if err != nil {
+		o.log.Debug("workers' metrics left out of the scrape", "err", err)
+	}
+	promhttp.HandlerFor(staticGatherer(all), promhttp.HandlerOpts{
 		ErrorLog:      slog.NewLogLogger(o.log.Handler(), slog.LevelWarn),
 		ErrorHandling: promhttp.HTTPErrorOnError,
 	}).ServeHTTP(w, r)

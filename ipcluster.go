@@ -25,6 +25,7 @@ const (
 	EnvBuild      = "IPCLUSTER_BUILD"      // the code version it was spawned as (Worker.Version)
 	EnvWorkers    = "IPCLUSTER_WORKERS"    // the cluster's slot count when it was spawned (a resize changes it)
 	EnvSockets    = "IPCLUSTER_SOCKETS"    // the listening sockets it inherits, from descriptor 3 on: "8080/tcp,5353/udp"
+	EnvOperator   = "IPCLUSTER_OPS"        // its operator socket: "<descriptor>:<path>" (Worker.SetOperatorHandler)
 )
 
 // envSlotSpare is EnvSlot's value for a spare (Config.Spares).

@@ -28,6 +28,7 @@ func (w *Worker) RequestRetire(reason string)             {}
 func (w *Worker) Ready()                                  {}
 func (w *Worker) SetStats(fn func() any)                  {}
 func (w *Worker) ServeHTTP(*http.Server, ...uint16) error { return ErrNotSupported }
+func (w *Worker) SetOperatorHandler(http.Handler)         {}
 
 func deployReporter() func(error) { return func(error) {} }
 

@@ -226,6 +226,9 @@ func helperMain(raw string) int {
 		// once the test creates ReportDir/ready-<pid>; readyecho: echo,
 		// ready at once.
 		"gated": gatedWorker,
+		// ops: echo, with an operator handler serving a registry of its
+		// own (see opsWorker).
+		"ops": opsWorker,
 		"readyecho": func(w *ipcluster.Worker) error {
 			w.Ready()
 			return echoWorker(w)

@@ -130,6 +130,7 @@ type proc struct {
 	peer           *peer     // nil until its hello
 	ports          slotTarget
 	socks          *sockSet // the master's copy of its sockets (sockets.go); nil once retired, and for a spare until assigned
+	ops            string   // its operator socket's path (ops.go); "" if it has none
 	mem            procMem  // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
@@ -226,6 +227,7 @@ type master struct {
 	worker    *workerCred // Config.WorkerUser; nil: workers run as the master's user
 	spawner   *spawner    // starts every worker, from a thread without capabilities
 	gen       int
+	opsSeq    int // the last operator socket's number (ops.go)
 	started   time.Time
 
 	events chan event
@@ -404,7 +406,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
-		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers, EnvSockets:
+		case EnvWorker, EnvSlot, EnvGeneration, EnvSocket, EnvBuild, EnvWorkers, EnvSockets, EnvOperator:
 		case envNotifySocket, envWatchdogUSec, envWatchdogPID: // the master's alone (systemd.go)
 		default:
 			m.env = append(m.env, kv)
@@ -536,6 +538,7 @@ func (m *master) run(ctx context.Context) error {
 		m.rules.cleanConntrack()
 		if m.phase == phaseStopping && len(m.procs) == 0 {
 			m.removeRules()
+			m.removeOpsDir()
 			m.closeRunDir()
 			m.log.Info("master stopped")
 			return m.stopErr
@@ -658,6 +661,16 @@ func (m *master) spawn(slot int) {
 		cmd.ExtraFiles = append(socks.all(), arrays...)
 		cmd.Env = append(cmd.Env, EnvSockets+"="+socks.env(m.rules.rt, len(arrays) > 0))
 	}
+	// Its operator socket comes last, its descriptor named in the
+	// environment; the master's copy is closed once the worker has it.
+	opsFile, opsPath, err := m.openOperatorSocket()
+	if err != nil {
+		m.log.Warn("worker spawned without an operator socket: its /debug/pprof and operator handler are out of reach", "slot", slot, "err", err)
+	} else {
+		defer opsFile.Close()
+		cmd.Env = append(cmd.Env, EnvOperator+"="+strconv.Itoa(3+len(cmd.ExtraFiles))+":"+opsPath)
+		cmd.ExtraFiles = append(cmd.ExtraFiles, opsFile)
+	}
 	// Real files, never pipes: a worker outlives the master, and a pipe
 	// whose reader died would block or kill it (SIGPIPE) on its next log.
 	cmd.Stdout = m.cfg.WorkerStdout
@@ -672,10 +685,14 @@ func (m *master) spawn(slot int) {
 		cmd.SysProcAttr.Credential = m.worker.credential()
 	}
 	if err := m.spawner.start(cmd); err != nil {
+		if opsPath != "" {
+			os.Remove(opsPath)
+		}
 		failed(err)
 		return
 	}
 	p := newProc(&childProcess{cmd}, slot, m.gen, m.target.build)
+	p.ops = opsPath
 	if socks != nil {
 		socks.unblock()
 		p.socks, p.ports = socks, maps.Clone(socks.ports)
@@ -726,6 +743,7 @@ func (m *master) onExit(p *proc, status string) {
 	if p.peer != nil {
 		p.peer.close()
 	}
+	m.removeOperatorSocket(p)
 	lvl := slog.LevelInfo
 	if p.state.serving() || p.state == stateStarting {
 		lvl = slog.LevelWarn
@@ -1294,7 +1312,7 @@ func (m *master) status() *proto.Status {
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
-			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes}
+			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes, OperatorSocket: p.ops}
 		ws.StartTime = float64(p.started.UnixNano()) / 1e9
 		for _, pub := range m.rules.rt.ports {
 			if w, ok := p.ports[pub]; ok {

@@ -70,6 +70,9 @@ func newObserver(log *slog.Logger) *observer {
 		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
 	o.memoryPressure = counterVec("ipcluster_memory_pressure_total",
 		"MemoryBudget watermarks crossed, by watermark.", "watermark", "low", "high")
+	o.workerScrapeErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ipcluster_worker_scrape_errors_total",
+		Help: "Fetches of an active worker's own /metrics, for a scrape of the master's, that failed or timed out, by slot."}, []string{"slot"})
+	o.reg.MustRegister(o.workerScrapeErrors)
 	o.ruleWriteSeconds = histogram("ipcluster_rule_write_duration_seconds", "Time to write the cluster's rules to the kernel.",
 		prometheus.ExponentialBuckets(0.0005, 2, 14)) // 0.5ms .. 4s
 	o.readySeconds = histogram("ipcluster_worker_ready_duration_seconds",

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -70,6 +71,11 @@ type Worker struct {
 	rt        runtimeStats
 	appStats  atomic.Pointer[func() any]
 	appWarned bool
+
+	// Operator endpoints (worker_ops.go): the application's handler,
+	// from any goroutine; the socket's path, set before the hello.
+	opsHandler atomic.Pointer[http.Handler]
+	opsPath    string
 
 	mu   sync.Mutex // guards conn
 	conn net.Conn
@@ -218,6 +224,7 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	defer w.cancel()
 	go w.probe.run(w.ctx)
+	defer w.serveOperator()()
 
 	// Whatever way Run returns, the UDP sockets close with it: they are
 	// not closed by retirement alone.
@@ -888,6 +895,8 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		Generation: w.gen,
 		Retired:    w.isRetired(),
 		Build:      w.build,
+
+		OperatorSocket: w.opsPath,
 	}
 	for _, p := range w.cfg.Ports {
 		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}

@@ -34,6 +34,14 @@ commands:
   resize <workers>    change the number of slots (a power of two); waits
   kill-retired        kill every retired worker (as SIGUSR1 to the master)
   stop                stop the cluster gracefully (as SIGTERM); waits
+  pprof <slot|pid:N> [profile] [-o file] [-seconds N]
+                      write a worker's profile to a file: heap (the default),
+                      goroutine, allocs, block, mutex, threadcreate, profile
+                      (CPU, -seconds, default 30) or trace; a number is a
+                      slot (its active worker), pid:N any worker. Default
+                      file: <cluster>-slot<s>-pid<p>-<profile>.pb.gz
+  metrics <slot|pid:N>
+                      print a worker's own /metrics (its operator handler)
 
 exit status:
   0  done
@@ -110,6 +118,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = c.killRetired()
 	case "stop":
 		err = c.stop()
+	case "pprof":
+		err = c.pprof(rest)
+	case "metrics":
+		err = c.metrics(rest)
 	default:
 		fmt.Fprintf(stderr, "ipclusterctl: unknown command %q\n", cmd)
 		fs.Usage()

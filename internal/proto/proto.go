@@ -119,6 +119,11 @@ type Hello struct {
 	// executable's Go build ID): a new master keeps adopted workers of its
 	// own build and rolls the others.
 	Build string `json:"build,omitempty"`
+	// OperatorSocket is the worker's private operator socket (a Unix
+	// socket its master made, under RunDir/<Name>/ops), where it serves
+	// /debug/pprof/ and the application's Worker.SetOperatorHandler; a
+	// new master reaches an adopted worker there. Empty if it has none.
+	OperatorSocket string `json:"operator_socket,omitempty"`
 }
 
 // Takeover asks the running master to hand the cluster over to the sender.
@@ -320,6 +325,10 @@ type WorkerStatus struct {
 	Unresponsive bool   `json:"unresponsive,omitempty"`
 	Build        string `json:"build,omitempty"`
 	Stats        *Stats `json:"stats,omitempty"`
+	// OperatorSocket is the worker's operator socket (see
+	// Hello.OperatorSocket), for the master's /workers/ endpoints and
+	// ipclusterctl pprof and metrics; empty if it has none.
+	OperatorSocket string `json:"operator_socket,omitempty"`
 }
 
 // Msg is one decoded frame: Type and the body for that type (a pointer to
