@@ -153,6 +153,26 @@ func TestOperatorEndpoints(t *testing.T) {
 		t.Errorf("go_goroutines of a worker in the master's /metrics: the helper's registry has none")
 	}
 
+	// ipclusterctl reaches the same sockets without HTTPAddr.
+	dir := t.TempDir()
+	prof := filepath.Join(dir, "heap.pb.gz")
+	if code, out := c.ctl(t, "pprof", "0", "heap", "-o", prof); code != 0 || !strings.Contains(out, "wrote the heap profile of worker pid "+itoa(activePID(st, 0))) {
+		t.Errorf("ipclusterctl pprof 0 heap: exit %d", code)
+	}
+	if b, err := os.ReadFile(prof); err != nil || !bytes.HasPrefix(b, []byte("\x1f\x8b")) {
+		t.Errorf("the heap profile written: %d bytes, %v; want gzip", len(b), err)
+	}
+	t.Chdir(dir)
+	if code, _ := c.ctl(t, "pprof", "pid:"+itoa(spare), "goroutine"); code != 0 {
+		t.Errorf("ipclusterctl pprof pid:%d goroutine: exit %d", spare, code)
+	}
+	if _, err := os.Stat("t-spare-pid" + itoa(spare) + "-goroutine.pb.gz"); err != nil {
+		t.Errorf("the default file of a spare's goroutine profile: %v", err)
+	}
+	if code, out := c.ctl(t, "metrics", "1"); code != 0 || !strings.Contains(out, "helper_ops_slot_total 2") {
+		t.Errorf("ipclusterctl metrics 1: exit %d", code)
+	}
+
 	// A new master (a takeover, same build) adopts the workers and
 	// reaches them by the paths in their hellos.
 	c2 := startClusterSpec(t, lab, c.spec.Config, func(s *spec) { *s = c.spec })
@@ -260,5 +280,28 @@ func TestOperatorStoppedWorker(t *testing.T) {
 	}
 	if a.err != nil || a.code != http.StatusGatewayTimeout || !strings.Contains(a.body, "worker pid "+strconv.Itoa(stopped)) {
 		t.Errorf("request to the stopped worker: %d %q %v, want 504 naming it", a.code, a.body, a.err)
+	}
+}
+
+// Workers spawned as Config.WorkerUser serve their operator endpoints on
+// the socket the master made (0600, the master's): they got the
+// descriptor, and never need the path.
+func TestOperatorWorkerUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the master spawns workers as nobody")
+	}
+	lab := netlab.NewT(t, netlab.Options{})
+	addr := netip.AddrPortFrom(lab.ServerAddr4, httpPort)
+	c := startScenario(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4,
+		RunDir: openTempDir(t, 0o755), WorkerUser: "nobody", HTTPAddr: addr.String()}, "ops")
+	st := c.waitReady()
+	for slot := range 2 {
+		if code, body := mustGet(t, lab, addr, "/workers/"+itoa(slot)+"/debug/pprof/goroutine?debug=1"); code != 200 || !strings.Contains(body, "goroutine profile:") {
+			t.Errorf("slot %d's goroutine profile: %d %.200s", slot, code, body)
+		}
+	}
+	s := scrape(t, lab, addr)
+	if s[`helper_ops_slot_total{pid="`+itoa(activePID(st, 1))+`",slot="1"}`] != 2 {
+		t.Errorf("master's /metrics lacks slot 1's metrics")
 	}
 }
