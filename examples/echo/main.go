@@ -87,6 +87,7 @@ func run(cfg ipcluster.Config, port uint, addr string) error {
 // retired (its slot moved to another worker) or told to finish. It must
 // return then, so the worker can exit once its connections are done.
 func serve(w *ipcluster.Worker, port uint16) error {
+	serveOperator(w) // operator.go: this worker's /metrics
 	ln := w.Listener(port)
 	stop := context.AfterFunc(w.Context(), func() { ln.Close() })
 	defer stop()
@@ -107,6 +108,7 @@ func serve(w *ipcluster.Worker, port uint16) error {
 // A retired worker keeps its connections; one told to finish closes them.
 func handle(w *ipcluster.Worker, c net.Conn) {
 	defer c.Close()
+	connectionsTotal.Inc() // operator.go
 	stop := context.AfterFunc(w.Context(), func() { c.Close() })
 	defer stop()
 	line := fmt.Sprintf("slot=%d pid=%d generation=%d client=%s\n",
