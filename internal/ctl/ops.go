@@ -157,7 +157,7 @@ func (c *cli) pprof(args []string) error {
 	path := "/debug/pprof/" + name
 	if timed {
 		path += "?seconds=" + strconv.Itoa(seconds)
-		fmt.Fprintf(c.out, "pprof: recording %s of worker pid %d for %ds\n", name, w.PID, seconds)
+		fmt.Fprintf(c.out, "pprof: recording worker pid %d for %ds (%s)\n", w.PID, seconds, name)
 	}
 	if out == "" {
 		slot := "spare"
@@ -187,12 +187,19 @@ func (c *cli) pprof(args []string) error {
 		os.Remove(out)
 		return fmt.Errorf("pprof: read the %s profile of worker pid %d: %w", name, w.PID, err)
 	}
-	how := "go tool pprof " + out
-	if name == "trace" {
-		how = "go tool trace " + out
+	how, what := "go tool pprof "+out, "the "+name+" profile"
+	switch name {
+	case "profile":
+		what = "a CPU profile"
+	case "trace":
+		how, what = "go tool trace "+out, "an execution trace"
 	}
-	fmt.Fprintf(c.out, "pprof: wrote the %s profile of worker pid %d (slot %d, %s) to %s (%d bytes); read it with: %s\n",
-		name, w.PID, w.Slot, w.State, out, n, how)
+	where := w.State
+	if w.Slot >= 0 {
+		where = "slot " + strconv.Itoa(w.Slot) + ", " + w.State
+	}
+	fmt.Fprintf(c.out, "pprof: wrote %s of worker pid %d (%s) to %s (%d bytes); read it with: %s\n",
+		what, w.PID, where, out, n, how)
 	return nil
 }
 
