@@ -128,9 +128,10 @@ func (s *Store) WriteStart(name string, prof []byte) (path string, err error) {
 // end only.
 //
 // Then it rotates: while the profiles in the directory total more than the
-// cap, it deletes the oldest complete set (a set with an end, oldest by the
-// modification time of its start, or of its end if it has no start), never
-// the set of name. Starts without an end are kept (their workers still
+// cap, it deletes the oldest complete set (a set with an end, or what is
+// left of one without a start; oldest by the modification time of its
+// start, or of its end if it has no start), never the set of name. Starts
+// without an end are kept (their workers still
 // run) but count against the cap, so a directory of nothing but starts may
 // stay over it until their ends are written. A file whose name the Store
 // would not have written is neither counted nor deleted.
@@ -245,15 +246,19 @@ type set struct {
 	hasStart   bool
 	hasEnd     bool
 	start, end int64 // modification times (UnixNano) of the start and end
+	oldest     int64 // of its oldest file
 }
 
 // age is the time a set is ordered by: its start, or its end if the start
-// is gone.
+// is gone, or its oldest file if both are.
 func (st *set) age() int64 {
-	if st.hasStart {
+	switch {
+	case st.hasStart:
 		return st.start
+	case st.hasEnd:
+		return st.end
 	}
-	return st.end
+	return st.oldest
 }
 
 // rotate deletes the oldest complete sets, never keep's, while the profiles
@@ -288,6 +293,9 @@ func (s *Store) rotate(keep string) error {
 		st.files = append(st.files, filepath.Join(s.dir, e.Name()))
 		st.size += fi.Size()
 		total += fi.Size()
+		if mt := fi.ModTime().UnixNano(); len(st.files) == 1 || mt < st.oldest {
+			st.oldest = mt
+		}
 		switch kind {
 		case startSuffix:
 			st.hasStart, st.start = true, fi.ModTime().UnixNano()
@@ -301,7 +309,7 @@ func (s *Store) rotate(keep string) error {
 
 	var done []*set
 	for _, st := range sets {
-		if st.hasEnd && st.name != keep {
+		if (st.hasEnd || !st.hasStart) && st.name != keep {
 			done = append(done, st)
 		}
 	}
@@ -312,16 +320,17 @@ func (s *Store) rotate(keep string) error {
 		if total <= s.maxBytes {
 			break
 		}
-		// The start goes last, so a set interrupted half deleted keeps its
-		// place in the order.
+		// The end goes last: a set whose deletion was cut short still has
+		// its end, so it still looks finished rather than like a start
+		// whose worker is running.
 		slices.SortStableFunc(st.files, func(a, b string) int {
-			isStart := func(f string) int {
-				if strings.HasSuffix(f, startSuffix) {
+			isEnd := func(f string) int {
+				if strings.HasSuffix(f, endSuffix) {
 					return 1
 				}
 				return 0
 			}
-			return isStart(a) - isStart(b)
+			return isEnd(a) - isEnd(b)
 		})
 		for _, f := range st.files {
 			if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {

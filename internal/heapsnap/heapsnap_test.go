@@ -663,3 +663,50 @@ func TestConcurrent(t *testing.T) {
 		t.Errorf("dir holds %d bytes, over the cap of %d", got, 3*set)
 	}
 }
+
+// What is left of a set without its start (an end for a worker killed
+// before its warm-up ended, or a diff alone) is complete: rotation deletes
+// it, ordered by its end's time, or its own.
+func TestRotateWithoutStart(t *testing.T) {
+	end := synth(t, map[string]int64{"main.a": 300})
+	dir := t.TempDir()
+	size := int64(len(end))
+	s, err := heapsnap.Open(dir, 2*size+size/2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	for _, c := range []struct {
+		name string
+		age  time.Duration
+	}{{"b-old", 3 * time.Hour}, {"a-new", 2 * time.Hour}} {
+		ep, _, err := s.WriteEnd(c.name, end)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(ep, now.Add(-c.age), now.Add(-c.age)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := s.WriteEnd("latest", end); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := listDir(t, dir), []string{"a-new-end.pb.gz", "latest-end.pb.gz"}; !slices.Equal(got, want) {
+		t.Errorf("dir holds %v, want %v (b-old's end is the oldest)", got, want)
+	}
+
+	// A diff left alone goes too.
+	stray := filepath.Join(dir, "stray-diff.pb.gz")
+	if err := os.WriteFile(stray, end, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(stray, now.Add(-4*time.Hour), now.Add(-4*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.WriteEnd("later", end); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := listDir(t, dir), []string{"later-end.pb.gz", "latest-end.pb.gz"}; !slices.Equal(got, want) {
+		t.Errorf("dir holds %v, want %v (the stray diff, the oldest, then a-new)", got, want)
+	}
+}
