@@ -131,10 +131,10 @@ func (s *Store) WriteStart(name string, prof []byte) (path string, err error) {
 // cap, it deletes the oldest complete set (a set with an end, or what is
 // left of one without a start; oldest by the modification time of its
 // start, or of its end if it has no start), never the set of name. Starts
-// without an end are kept (their workers still
-// run) but count against the cap, so a directory of nothing but starts may
-// stay over it until their ends are written. A file whose name the Store
-// would not have written is neither counted nor deleted.
+// without an end are kept (their workers still run) but count against the
+// cap, so a directory of nothing but starts may stay over it until their
+// ends are written. A file whose name the Store would not have written is
+// neither counted nor deleted.
 //
 // A non-empty path returned with an error names a file that was written:
 // a failed diff or rotation leaves the end in place.
