@@ -58,7 +58,7 @@ func Open(dir string, maxBytes int64) (*Store, error) {
 		return nil, errors.New("open the heap snapshot directory: no directory given: name one the master can write to")
 	}
 	if maxBytes <= 0 {
-		return nil, fmt.Errorf("open the heap snapshot directory %s: size cap %d bytes: give a positive cap (a set of three profiles of a small server is about 100 KiB)", dir, maxBytes)
+		return nil, fmt.Errorf("open the heap snapshot directory %s: size cap %d bytes: give a positive cap (a set of three heap profiles of a small program is a few tens of KiB)", dir, maxBytes)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("open the heap snapshot directory %s: %w: create it, or choose a directory the master can write to", dir, err)

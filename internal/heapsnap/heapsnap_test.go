@@ -198,6 +198,7 @@ func TestStoreLeakPprof(t *testing.T) {
 	if got, _ := os.ReadFile(sp); !bytes.Equal(got, start) {
 		t.Errorf("%s differs from the profile given", sp)
 	}
+	t.Logf("sizes: start %d, end %d, diff %d bytes", fileSize(t, sp), fileSize(t, ep), fileSize(t, dp))
 	if names := listDir(t, dir); len(names) != 3 {
 		t.Errorf("dir holds %v, want the three files and nothing else (no temporary files)", names)
 	}
@@ -224,6 +225,7 @@ func TestStoreLeakPprof(t *testing.T) {
 		t.Errorf("first row of pprof -top of the diff is %q, want leakyCache\n%s", row, diffOut)
 	}
 	baseOut := pprofTop("-diff_base", filepath.Base(sp), filepath.Base(ep))
+	t.Logf("go tool pprof -top -sample_index=inuse_space -diff_base %s %s:\n%s", filepath.Base(sp), filepath.Base(ep), firstLines(baseOut, 12))
 	if a, b := fromShowing(diffOut), fromShowing(baseOut); a != b {
 		t.Errorf("pprof -top of the diff differs from pprof -top -diff_base start end:\n%s\n---\n%s", a, b)
 	}
