@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"strconv"
@@ -52,6 +53,10 @@ const (
 
 	// Deploys (see deploy.go and the README's Deploys section).
 	DefaultCanaryPeriod = 5 * time.Second
+
+	// Heap snapshots (Config.HeapProfileDir; heap.go).
+	DefaultHeapProfileWarmup   = time.Minute
+	DefaultHeapProfileMaxBytes = 256 << 20
 )
 
 // Backend selects how the master routes clients to their slot's worker:
@@ -409,6 +414,29 @@ type Config struct {
 	// DeployPace is the least time between two slots' new workers being
 	// started, after the canary. Default 0: all at once.
 	DeployPace time.Duration
+
+	// HeapProfileDir, if set, turns heap snapshots on: the master takes a
+	// heap profile of each worker (/debug/pprof/heap?gc=1 on its
+	// operator socket) once it has served its slot for
+	// HeapProfileWarmup (the start), and another once it has retired and
+	// drained, or just before it is ended for the memory budget or its
+	// drain deadline (the end), and writes both with their difference to
+	// this directory (created 0700): <Name>-slot<s>-pid<p>-gen<g>-start,
+	// -end and -diff.pb.gz, for go tool pprof (-diff_base works on the
+	// pair too). A worker retired for memory (MemoryLimit) always leaves
+	// a pair: its start is taken at the retirement if its warm-up had not
+	// passed. EventHeapSnapshot and the status name the files. A drained
+	// worker waits (at most 30s) for its end to be taken before it exits.
+	// Default "": off.
+	HeapProfileDir string
+
+	// HeapProfileWarmup is how long a worker serves before its start
+	// snapshot. Default 1m.
+	HeapProfileWarmup time.Duration
+
+	// HeapProfileMaxBytes caps the files in HeapProfileDir: the oldest
+	// complete pairs are deleted first. Default 256 MiB.
+	HeapProfileMaxBytes int64
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -463,6 +491,10 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.HealthCheckInterval, DefaultHealthCheckInterval)
 	setDefault(&c.HealthCheckFailures, DefaultHealthCheckFailures)
 	setDefault(&c.CanaryPeriod, DefaultCanaryPeriod)
+	if c.HeapProfileDir != "" {
+		setDefault(&c.HeapProfileWarmup, DefaultHeapProfileWarmup)
+		setDefault(&c.HeapProfileMaxBytes, DefaultHeapProfileMaxBytes)
+	}
 	// MemoryBudget's default depends on the machine: the master sets it
 	// (see defaultMemoryBudget), so validation stays free of the system.
 	if c.WorkerStdout == nil {
@@ -540,6 +572,20 @@ func (c *Config) validate() error {
 	}
 	if c.ConnectTimeout < 0 || c.HeartbeatInterval < 0 || c.StopTimeout < 0 {
 		bad("ConnectTimeout/HeartbeatInterval/StopTimeout", "negative duration", "use a positive duration or zero for the default")
+	}
+	switch {
+	case c.HeapProfileWarmup < 0:
+		bad("HeapProfileWarmup", fmt.Sprintf("%s is negative", c.HeapProfileWarmup),
+			"use a positive duration (how long a worker serves before its first heap snapshot), or zero for the default of 1m")
+	case c.HeapProfileMaxBytes < 0:
+		bad("HeapProfileMaxBytes", fmt.Sprintf("%d is negative", c.HeapProfileMaxBytes),
+			"use a positive size in bytes for the heap snapshot directory, or zero for the default of 256 MiB")
+	case c.HeapProfileDir == "" && (c.HeapProfileWarmup != 0 || c.HeapProfileMaxBytes != 0):
+		bad("HeapProfileWarmup/HeapProfileMaxBytes", "set without HeapProfileDir",
+			"set HeapProfileDir too (heap snapshots are off without it), or leave them zero")
+	case c.HeapProfileDir != "" && !filepath.IsAbs(c.HeapProfileDir):
+		bad("HeapProfileDir", fmt.Sprintf("%q is not an absolute path", c.HeapProfileDir),
+			"use an absolute path: a deploy's new master may start in another directory")
 	}
 	if c.StableAfter < 0 {
 		bad("StableAfter", fmt.Sprintf("%s is negative", c.StableAfter),

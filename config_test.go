@@ -57,6 +57,10 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"StableAfter", func(c *Config) { c.StableAfter = -time.Second }},
 		{"ReadyTimeout", func(c *Config) { c.ReadyTimeout = time.Minute }},
 		{"ReadyTimeout", func(c *Config) { c.WorkerReady, c.ReadyTimeout = true, -time.Second }},
+		{"HeapProfileWarmup", func(c *Config) { c.HeapProfileDir, c.HeapProfileWarmup = "/var/tmp/heaps", -time.Second }},
+		{"HeapProfileMaxBytes", func(c *Config) { c.HeapProfileDir, c.HeapProfileMaxBytes = "/var/tmp/heaps", -1 }},
+		{"HeapProfileWarmup/HeapProfileMaxBytes", func(c *Config) { c.HeapProfileWarmup = time.Minute }},
+		{"HeapProfileDir", func(c *Config) { c.HeapProfileDir = "heaps" }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -142,6 +146,13 @@ func TestDefaults(t *testing.T) {
 	}
 	if err := c.validate(); err != nil {
 		t.Error(err)
+	}
+	if c.HeapProfileDir != "" || c.HeapProfileWarmup != 0 || c.HeapProfileMaxBytes != 0 {
+		t.Errorf("heap snapshots on by default: %q %s %d", c.HeapProfileDir, c.HeapProfileWarmup, c.HeapProfileMaxBytes)
+	}
+	if h := (Config{Name: "x", Ports: []Port{{Public: 1}}, HeapProfileDir: "/var/tmp/heaps"}).withDefaults(); h.HeapProfileWarmup != DefaultHeapProfileWarmup ||
+		h.HeapProfileMaxBytes != DefaultHeapProfileMaxBytes || h.validate() != nil {
+		t.Errorf("HeapProfileDir set: warm-up %s, cap %d, want %s and %d", h.HeapProfileWarmup, h.HeapProfileMaxBytes, DefaultHeapProfileWarmup, DefaultHeapProfileMaxBytes)
 	}
 	// Negative values turn the policies off and are valid.
 	off := Config{Name: "x", Ports: []Port{{Public: 1}}, MemoryLimit: -1, LagLimit: -1, PingTimeout: -1,

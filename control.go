@@ -329,6 +329,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		p = newProc(pp, h.Slot, h.Generation, h.Build)
 		p.ports = ports
 		p.ops = m.adoptOperatorSocket(h.OperatorSocket)
+		m.adoptHeapStart(p)
 		if n := len(m.rules.rt.ports); m.steer != nil && len(fds) == 3*n {
 			// The bpf backend's arrays, which the worker kept.
 			files := make([]*os.File, n)
@@ -404,6 +405,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		Version:         proto.Version,
 		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
 		Retired:         p.state == stateRetired && !p.retirePending,
+		HeapSnapshots:   m.heaps != nil,
 	})
 }
 
@@ -476,6 +478,8 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			m.countStart(p, p.slot)
 		}
 		m.retire(p, CauseRequested, "requested: "+r.Reason)
+	case proto.TypeDrained:
+		m.onDrained(p)
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()

@@ -49,6 +49,19 @@ type EventRetired struct {
 	Lag      time.Duration
 }
 
+// EventHeapSnapshot: a worker's heap snapshots were written
+// (Config.HeapProfileDir): Start after its warm-up ("" if it had none),
+// End once it had retired and drained or just before the master ended it,
+// and Diff, their difference (End minus Start: go tool pprof -top Diff
+// lists what grew). Sent after EventRetired, once the end is written; Err
+// says what failed, if anything did.
+type EventHeapSnapshot struct {
+	PID, Slot, Generation int
+	Cause                 RetireCause // the worker's retirement
+	Start, End, Diff      string
+	Err                   error
+}
+
 // RetireCause says why a worker was retired.
 type RetireCause string
 
@@ -214,6 +227,9 @@ func (EventMemoryPressure) eventName() string {
 func (EventDismissed) eventName() string { return "dismissed" }
 func (EventDeploy) eventName() string    { return "deploy" }
 func (EventResized) eventName() string   { return "resized" }
+func (EventHeapSnapshot) eventName() string {
+	return "heap-snapshot"
+}
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

@@ -229,6 +229,10 @@ func helperMain(raw string) int {
 		// ops: echo, with an operator handler serving a registry of its
 		// own (see opsWorker).
 		"ops": opsWorker,
+		// heapleakonce: the first worker of a slot with a marker in
+		// OnceDir keeps Go heap in leakHeapForSnapshots until retired
+		// (heap_test.go); all serve as echo.
+		"heapleakonce": heapLeakOnceWorker,
 		"readyecho": func(w *ipcluster.Worker) error {
 			w.Ready()
 			return echoWorker(w)

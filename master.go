@@ -76,6 +76,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/heapsnap"
 	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -129,9 +130,10 @@ type proc struct {
 	process        process   // spawned or adopted (process.go); pid is its pid
 	peer           *peer     // nil until its hello
 	ports          slotTarget
-	socks          *sockSet // the master's copy of its sockets (sockets.go); nil once retired, and for a spare until assigned
-	ops            string   // its operator socket's path (ops.go); "" if it has none
-	mem            procMem  // as of the last monitor sample
+	socks          *sockSet  // the master's copy of its sockets (sockets.go); nil once retired, and for a spare until assigned
+	ops            string    // its operator socket's path (ops.go); "" if it has none
+	heap           heapState // its heap snapshots (heap.go)
+	mem            procMem   // as of the last monitor sample
 	// beat is the last heartbeat while connected; after a disconnect,
 	// the last one received.
 	beat  beatReport
@@ -272,6 +274,11 @@ type master struct {
 
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
+	// Heap snapshots (heap.go): the store, nil without
+	// Config.HeapProfileDir; the latest pairs written, for the status.
+	heaps     *heapsnap.Store
+	heapSnaps []proto.HeapSnapshot
+
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
 	steer   *bpfWriter    // the bpf backend inside rules, or nil (bpf.go)
 
@@ -361,6 +368,10 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	if cfg.MemoryBudget == 0 {
 		cfg.MemoryBudget = defaultMemoryBudget()
 	}
+	heaps, err := openHeapStore(cfg)
+	if err != nil {
+		return nil, err
+	}
 	build := selfBuild(cfg)
 	if n := resizedWorkers(cfg); n > 0 && n != cfg.Workers {
 		cfg.Logger.Info("the cluster was resized while running; keeping its size", "cluster", cfg.Name, "workers", n, "config", cfg.Workers)
@@ -387,7 +398,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		return nil, err
 	}
 	m := newState(cfg, build)
-	m.spawner, m.backend = sp, backend
+	m.spawner, m.backend, m.heaps = sp, backend, heaps
 	m.exe, m.args, m.worker = exe, os.Args[1:], wc
 	// The emitter is made by run, and the observer below: the rule sync
 	// reaches them when it writes, not now.
@@ -494,6 +505,7 @@ func (m *master) run(ctx context.Context) error {
 		case <-monitor.C:
 			m.sample()
 			m.noteSettled(time.Now())
+			m.takeHeapStarts(time.Now())
 		case <-healthC:
 			m.startHealthChecks()
 		case <-ctxDone:
@@ -605,6 +617,8 @@ func (m *master) handle(ev event) {
 		m.endAdoption()
 	case evSnapshot:
 		ev.reply <- m.status()
+	case evHeap:
+		m.onHeap(ev)
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -744,6 +758,7 @@ func (m *master) onExit(p *proc, status string) {
 		p.peer.close()
 	}
 	m.removeOperatorSocket(p)
+	m.heapExited(p)
 	lvl := slog.LevelInfo
 	if p.state.serving() || p.state == stateStarting {
 		lvl = slog.LevelWarn
@@ -1034,6 +1049,9 @@ func (m *master) retire(p *proc, cause RetireCause, reason string) {
 	}
 	p.state = stateReplacing
 	p.retireCause, p.retireReason, p.retireAt = cause, reason, time.Now()
+	if cause == CauseMemory {
+		m.heapStart(p) // a memory retirement leaves a pair, warm or not
+	}
 	m.replace(p.slot)
 }
 
@@ -1297,6 +1315,8 @@ func (m *master) status() *proto.Status {
 		DeployPhase: string(m.deployPhase),
 		Successor:   m.successorPID(),
 		Stopping:    m.phase == phaseStopping,
+
+		HeapSnapshots: slices.Clone(m.heapSnaps),
 	}
 	st.Backend, st.BackendReason = string(m.backend.name), m.backend.reason
 	for i, p := range m.slots {
@@ -1312,7 +1332,7 @@ func (m *master) status() *proto.Status {
 	appBudget := proto.MaxFrame / 4
 	for _, p := range m.procs {
 		ws := proto.WorkerStatus{PID: p.pid, Slot: p.slot, Generation: p.gen, State: p.state.String(), Unresponsive: p.unresponsive, Build: p.build,
-			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes, OperatorSocket: p.ops}
+			UptimeSec: now.Sub(p.started).Seconds(), RSSBytes: p.mem.RSSBytes, PSSBytes: p.mem.PSSBytes, OperatorSocket: p.ops, HeapStart: p.heap.start}
 		ws.StartTime = float64(p.started.UnixNano()) / 1e9
 		for _, pub := range m.rules.rt.ports {
 			if w, ok := p.ports[pub]; ok {

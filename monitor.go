@@ -276,6 +276,10 @@ func (m *master) dismiss(p *proc, reason string, kill bool) {
 	if p.killed || !kill && !p.dismissedAt.IsZero() {
 		return
 	}
+	// A retired worker's last heap snapshot first (heap.go, bounded).
+	if p.state == stateRetired && m.heapBefore(p, func() { m.dismiss(p, reason, kill) }) {
+		return
+	}
 	if kill {
 		p.killed = true
 		m.kill(p)

@@ -57,6 +57,9 @@ func TestBadConfigLeavesNothing(t *testing.T) {
 		{name: "prefix", want: "Config.IPv6SlotPrefix", edit: func(c *specConfig) { c.IPv6SlotPrefix = 200 }},
 		{name: "backend", want: "Config.Backend", edit: func(c *specConfig) { c.Backend = "ipfw" }},
 		{name: "http addr", want: "Config.HTTPAddr", edit: func(c *specConfig) { c.HTTPAddr = "localhost:9100" }},
+		{name: "heap dir", want: "Config.HeapProfileDir: open the heap snapshot directory", edit: func(c *specConfig) {
+			c.HeapProfileDir = os.Args[0] // a file
+		}},
 		{name: "no binaries", want: "iptables-restore not found", edit: func(c *specConfig) { c.Backend = "iptables" }, prepare: func(cmd *exec.Cmd) {
 			cmd.Env = append(cmd.Env, "PATH="+t.TempDir())
 		}},

@@ -562,6 +562,14 @@ type workerLoop struct {
 	lostAt       time.Time        // when the master went away, while it is away
 	lonely       <-chan time.Time // fires if no master comes back for noMasterWarnAfter
 
+	// heapHold (Welcome.HeapSnapshots): once retired and drained, say
+	// drained and wait for the master's die, which it sends after its
+	// last heap snapshot, at most heapHoldTimeout (holdOver then).
+	heapHold    bool
+	drainedSent bool
+	holdDone    <-chan time.Time
+	holdOver    bool
+
 	dying          bool
 	dieDeadline    <-chan time.Time
 	dieAfterRetire <-chan time.Time // a signalled worker waits this long for its replacement
@@ -590,6 +598,7 @@ func (w *Worker) hello(work func(*Worker) error, sigs chan os.Signal) (*workerLo
 		workDone:  make(chan error, 1),
 		worked:    true,
 		connected: true,
+		heapHold:  welcome.HeapSnapshots,
 	}
 	// With WorkerReady the application reports ready (appReady); a spare
 	// is ready at once, as it runs no application code until given a
@@ -623,7 +632,7 @@ func (l *workerLoop) run(ctx context.Context) error {
 	l.ctxDone = ctx.Done()
 	for {
 		l.closeIdlePackets()
-		if l.drained() {
+		if l.drained() && !l.holdForMaster() {
 			w.log.Info("worker exiting: drained")
 			return nil
 		}
@@ -657,9 +666,29 @@ func (l *workerLoop) run(ctx context.Context) error {
 		case <-l.dieDeadline:
 			w.log.Warn("worker exiting with connections still open", "connections", w.conns.Load(), "timeout", l.cfg.StopTimeout)
 			return nil
+		case <-l.holdDone:
+			l.holdDone, l.holdOver = nil, true
+			w.log.Warn("drained, and no word from the master; exiting", "waited", heapHoldTimeout)
 		case <-l.drainCheck.C:
 		}
 	}
+}
+
+// holdForMaster reports whether a drained worker waits for its master's
+// die instead of exiting: a retired worker of a master that takes heap
+// snapshots (heap.go) tells it it has drained, once, and waits, at most
+// heapHoldTimeout, while the master can still reach it.
+func (l *workerLoop) holdForMaster() bool {
+	if !l.heapHold || l.dying || l.holdOver || !l.connected || !l.w.isRetired() {
+		return false
+	}
+	if !l.drainedSent {
+		l.drainedSent = true
+		l.holdDone = time.After(heapHoldTimeout)
+		l.w.sendMsg(proto.TypeDrained, nil)
+		l.w.log.Info("worker drained; waiting for the master's last heap snapshot")
+	}
+	return true
 }
 
 // startWork calls the work function on its own goroutine.
@@ -825,6 +854,8 @@ func (l *workerLoop) onReconnect() {
 	}
 	w.setConn(conn)
 	l.connected = true
+	l.heapHold = welcome.HeapSnapshots
+	l.drainedSent = false // a new master: tell it
 	l.beat.Reset(heartbeatEvery(welcome))
 	go w.read(r, conn, l.msgs, l.lost)
 	w.log.Info("reconnected to master", "after", time.Since(l.lostAt).Round(time.Millisecond))

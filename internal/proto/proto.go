@@ -57,6 +57,7 @@ const (
 	TypeStop        = "stop"          // client → master: stop gracefully (as SIGTERM)
 	TypeStatus      = "status"        // client → master: request; master → client: the answer
 	TypeError       = "error"         // master → client: a request failed
+	TypeDrained     = "drained"       // worker → master: retired and drained; waits for die (Welcome.HeapSnapshots)
 )
 
 // Where a cluster's control socket is: DefaultRunDir/<Name>/SocketName
@@ -196,6 +197,12 @@ type Welcome struct {
 	// Retired tells a worker it was adopted as retired: it must not take new
 	// connections and should exit once drained.
 	Retired bool `json:"retired,omitempty"`
+	// HeapSnapshots: the master takes heap snapshots (Config.HeapProfileDir).
+	// A retired worker that has drained then sends drained and waits, for
+	// a bounded time, for the master's die: the master takes its last heap
+	// profile first. Added within version 3: a master of an earlier
+	// release never sets it.
+	HeapSnapshots bool `json:"heap_snapshots,omitempty"`
 }
 
 // Assign gives a spare its slot. Its descriptors (SCM_RIGHTS) are the
@@ -294,6 +301,23 @@ type Status struct {
 	// a master of an earlier release.
 	Backend       string `json:"backend,omitempty"`
 	BackendReason string `json:"backend_reason,omitempty"`
+	// HeapSnapshots are the latest heap snapshot pairs written
+	// (Config.HeapProfileDir), oldest first, at most 16.
+	HeapSnapshots []HeapSnapshot `json:"heap_snapshots,omitempty"`
+}
+
+// HeapSnapshot names the files of one worker's heap snapshots: the start
+// (after its warm-up), the end (retired and drained, or about to be ended)
+// and their difference; Error says what failed, if anything did.
+type HeapSnapshot struct {
+	PID        int    `json:"pid"`
+	Slot       int    `json:"slot"`
+	Generation int    `json:"generation"`
+	Cause      string `json:"cause,omitempty"` // the retirement's
+	Start      string `json:"start,omitempty"`
+	End        string `json:"end,omitempty"`
+	Diff       string `json:"diff,omitempty"`
+	Error      string `json:"error,omitempty"`
 }
 
 // SlotStatus is one slot.
@@ -329,6 +353,9 @@ type WorkerStatus struct {
 	// Hello.OperatorSocket), for the master's /workers/ endpoints and
 	// ipclusterctl pprof and metrics; empty if it has none.
 	OperatorSocket string `json:"operator_socket,omitempty"`
+	// HeapStart is the worker's start heap snapshot, once taken
+	// (Config.HeapProfileDir).
+	HeapStart string `json:"heap_start,omitempty"`
 }
 
 // Msg is one decoded frame: Type and the body for that type (a pointer to
@@ -377,7 +404,7 @@ func newBody(typ string) (any, error) {
 		return new(RetireOne), nil
 	case TypeKillRetired:
 		return new(Count), nil
-	case TypeStop:
+	case TypeStop, TypeDrained:
 		return nil, nil
 	case TypeStatus:
 		return new(Status), nil
