@@ -507,6 +507,19 @@ func writeStatus(w io.Writer, st *proto.Status, now time.Time) {
 			fmtDuration(time.Duration(wk.UptimeSec*float64(time.Second))), fmtBytes(wk.RSSBytes), lag, conns, reqs)
 	}
 	tw.Flush()
+	if len(st.HeapSnapshots) > 0 {
+		fmt.Fprintln(w, "\nheap snapshots (latest last; go tool pprof -top <diff>):")
+		for _, h := range st.HeapSnapshots {
+			what := h.Diff
+			switch {
+			case h.Error != "":
+				what = "failed: " + h.Error
+			case what == "":
+				what = h.End + " (no start)"
+			}
+			fmt.Fprintf(w, "  pid %d slot %d (%s): %s\n", h.PID, h.Slot, dash(h.Cause), what)
+		}
+	}
 	fams := make([]string, 0, len(st.Rules))
 	for f := range st.Rules {
 		fams = append(fams, f)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -85,6 +86,22 @@ func TestPprofAndMetrics(t *testing.T) {
 	} {
 		if code, out := f.run(tc.args...); code != tc.code || !strings.Contains(out, tc.say) {
 			t.Errorf("%s: exit %d, want %d saying %q:\n%s", strings.Join(tc.args, " "), code, tc.code, tc.say, out)
+		}
+	}
+}
+
+// status lists the heap snapshot pairs the master names, a failed one
+// with its error.
+func TestStatusHeapSnapshots(t *testing.T) {
+	st := &proto.Status{Cluster: "t", Slots: []proto.SlotStatus{{Slot: 0, Active: 10}}, HeapSnapshots: []proto.HeapSnapshot{
+		{PID: 9, Slot: 0, Cause: "memory", Start: "/h/s", End: "/h/e", Diff: "/h/t-slot0-pid9-gen1-diff.pb.gz"},
+		{PID: 8, Slot: 1, Cause: "replaced", Error: "fetch the heap profile of worker pid 8: timeout"}}}
+	var b bytes.Buffer
+	writeStatus(&b, st, time.Now())
+	for _, want := range []string{"heap snapshots", "pid 9 slot 0 (memory): /h/t-slot0-pid9-gen1-diff.pb.gz",
+		"pid 8 slot 1 (replaced): failed: fetch the heap profile of worker pid 8: timeout"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("status without %q:\n%s", want, b.String())
 		}
 	}
 }
