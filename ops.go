@@ -27,6 +27,10 @@ import (
 	"strings"
 )
 
+// maxUnixPath is the longest path a Unix socket can be bound to
+// (sun_path, less its terminating NUL).
+const maxUnixPath = 107
+
 // opsDir is the directory of the workers' operator sockets.
 func (m *master) opsDir() string { return filepath.Join(m.dir, "ops") }
 
@@ -42,6 +46,9 @@ func (m *master) openOperatorSocket() (*os.File, string, error) {
 	}
 	m.opsSeq++
 	path := filepath.Join(dir, "g"+strconv.Itoa(m.gen)+"-"+strconv.Itoa(m.opsSeq)+".sock")
+	if len(path) > maxUnixPath {
+		return nil, "", fmt.Errorf("operator socket path %s is %d bytes, more than the %d a Unix socket's may have: use a shorter Config.RunDir", path, len(path), maxUnixPath)
+	}
 	_ = os.Remove(path) // a stale one of an earlier master of this generation (a failed start)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
