@@ -286,11 +286,12 @@ func TestChaos(t *testing.T) {
 	ents, _ := os.ReadDir(d.c.spec.Config.RunDir + "/t")
 	for _, e := range ents {
 		switch e.Name() {
-		case "control.sock", "lock", "generation", "routes":
+		case "control.sock", "lock", "generation", "routes", "ops":
 		default:
 			t.Errorf("stray file %s in the run directory", e.Name())
 		}
 	}
+	checkOpsSockets(t, d.c.spec.Config.RunDir+"/t/ops", st)
 	// After a stop, nothing at all.
 	_ = syscall.Kill(st.MasterPID, syscall.SIGTERM)
 	waitGone(t, []int{st.MasterPID}, 30*time.Second)

@@ -605,6 +605,7 @@ func (m *master) handle(ev event) {
 		m.rules.retry()
 	case evInstallDeadline:
 		m.rules.installDeadline()
+		m.sweepOps() // every earlier master's worker that lives has said hello by now
 	case evPSS:
 		m.onPSS(ev)
 	case evHealth:

@@ -305,3 +305,66 @@ func TestOperatorWorkerUser(t *testing.T) {
 		t.Errorf("master's /metrics lacks slot 1's metrics")
 	}
 }
+
+// checkOpsSockets fails for a file in the ops directory that is not the
+// operator socket of a worker in st: one left by a worker that exited.
+func checkOpsSockets(t testing.TB, dir string, st *proto.Status) {
+	t.Helper()
+	known := map[string]bool{}
+	for _, w := range st.Workers {
+		known[w.OperatorSocket] = true
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if !known[filepath.Join(dir, e.Name())] {
+			t.Errorf("stray file %s in the operator socket directory %s", e.Name(), dir)
+		}
+	}
+}
+
+// A worker that dies while no master runs (after a kill -9 of the master)
+// leaves its operator socket; the next master removes it once the
+// surviving workers have said hello, and keeps theirs.
+func TestOperatorSocketsSweptAfterMasterCrash(t *testing.T) {
+	lab := netlab.NewT(t, netlab.Options{Clients: 1})
+	c := startScenario(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4}, "ops")
+	st := c.waitReady()
+	var dead string
+	for _, w := range st.Workers {
+		if w.PID == activePID(st, 1) {
+			dead = w.OperatorSocket
+		}
+	}
+	if err := c.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-c.done
+	if err := syscall.Kill(activePID(st, 1), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, []int{activePID(st, 1)}, 10*time.Second)
+	if _, err := os.Stat(dead); err != nil {
+		t.Fatalf("the dead worker's socket is already gone, with no master: %v", err)
+	}
+	c2 := startClusterSpec(t, lab, c.spec.Config, func(s *spec) { *s = c.spec })
+	st2 := c2.waitStatus("slot 0's worker adopted, slot 1 served", func(st2 *proto.Status) bool {
+		return st2.Ready && activePID(st2, 0) == activePID(st, 0)
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for _, err := os.Stat(dead); err == nil && time.Now().Before(deadline); _, err = os.Stat(dead) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := os.Stat(dead); !os.IsNotExist(err) {
+		t.Errorf("the socket of a worker that died with no master, %s: %v; want it removed", dead, err)
+	}
+	st2, _ = c2.status()
+	checkOpsSockets(t, opsDir(c), st2)
+	if len(st2.Workers) < 2 {
+		t.Errorf("workers after the restart: %+v", st2.Workers)
+	}
+	for _, w := range st2.Workers {
+		if _, err := os.Stat(w.OperatorSocket); err != nil {
+			t.Errorf("worker %d's operator socket: %v", w.PID, err)
+		}
+	}
+}

@@ -106,3 +106,25 @@ func (m *master) removeOpsDir() {
 	}
 	os.Remove(dir) // only if empty
 }
+
+// sweepOps removes the sockets of workers this master does not know, once
+// the workers of an earlier master have had ConnectTimeout to say hello:
+// those of workers that exited while no master ran (after a kill -9 of
+// the master), which nobody else would remove.
+func (m *master) sweepOps() {
+	known := map[string]bool{}
+	for _, p := range m.procs {
+		if p.ops != "" {
+			known[p.ops] = true
+		}
+	}
+	dir := m.opsDir()
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		path := filepath.Join(dir, e.Name())
+		if strings.HasSuffix(e.Name(), ".sock") && !known[path] {
+			m.log.Debug("removing the operator socket of a worker gone while no master ran", "path", path)
+			os.Remove(path)
+		}
+	}
+}

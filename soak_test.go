@@ -280,10 +280,11 @@ func TestSoakLeaks(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, e := range entries {
-		if !slices.Contains([]string{"control.sock", "lock", "generation", "workers", "routes"}, e.Name()) {
+		if !slices.Contains([]string{"control.sock", "lock", "generation", "workers", "routes", "ops"}, e.Name()) {
 			t.Errorf("run directory holds %s", e.Name())
 		}
 	}
+	checkOpsSockets(t, filepath.Join(dir, "ops"), st)
 
 	// A graceful stop leaves nothing at all.
 	if err := c.stop(); err != nil {
