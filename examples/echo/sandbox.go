@@ -197,6 +197,7 @@ func printCommands(lab *netlab.Lab, dst netip.AddrPort, masterPID int, runDir st
 	}
 	fmt.Fprintf(tw, "  kill -USR1 %d\t# the master: kill retired workers\n", masterPID)
 	fmt.Fprintf(tw, "  go run ./cmd/ipclusterctl -rundir %s status\t# slots, workers and rules (also: retire 1, resize 8, restart, deploy)\n", runDir)
+	fmt.Fprintf(tw, "  go run ./cmd/ipclusterctl -rundir %s pprof 1 heap\t# slot 1's heap profile, to a file (also: metrics 1, pprof pid:<pid> goroutine)\n", runDir)
 	_ = tw.Flush()
 	fmt.Printf("\nPress Ctrl-C to stop the cluster and remove the namespaces.\n")
 }
