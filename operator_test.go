@@ -106,6 +106,7 @@ func TestOperatorEndpoints(t *testing.T) {
 		say  string
 	}{
 		{"/workers/0/debug/pprof/", 200, "goroutine"},
+		{"/workers/0/debug/pprof", 200, "goroutine"}, // the worker's redirect, kept under /workers/0/
 		{"/workers/1/debug/pprof/heap?debug=1", 200, "heap profile:"},
 		{"/workers/1/debug/pprof/goroutine?debug=2", 200, "goroutine "},
 		{"/workers/0/debug/pprof/cmdline", 200, "-test.run"},

@@ -180,6 +180,14 @@ func proxyWorker(m *master, w http.ResponseWriter, r *http.Request, byPID bool) 
 			pr.Out.URL.Scheme, pr.Out.URL.Host, pr.Out.Host = "http", "worker", "worker"
 			pr.Out.URL.Path, pr.Out.URL.RawPath = path, ""
 		},
+		// A worker's redirect (to /debug/pprof/, say) stays under its
+		// prefix here.
+		ModifyResponse: func(resp *http.Response) error {
+			if loc := resp.Header.Get("Location"); strings.HasPrefix(loc, "/") && !strings.HasPrefix(loc, "//") {
+				resp.Header.Set("Location", strings.TrimSuffix(r.URL.Path, path)+loc)
+			}
+			return nil
+		},
 		Transport: operatorTransport(ws.OperatorSocket, headerTimeout),
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			code := http.StatusBadGateway
@@ -189,7 +197,6 @@ func proxyWorker(m *master, w http.ResponseWriter, r *http.Request, byPID bool) 
 			}
 			http.Error(w, fmt.Sprintf("%d: %s at %s did not answer %s: %v", code, who, ws.OperatorSocket, path, err), code)
 		},
-		ErrorLog: nil,
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
 }
