@@ -348,7 +348,7 @@ func TestOperatorSocketsSweptAfterMasterCrash(t *testing.T) {
 		t.Fatalf("the dead worker's socket is already gone, with no master: %v", err)
 	}
 	c2 := startClusterSpec(t, lab, c.spec.Config, func(s *spec) { *s = c.spec })
-	st2 := c2.waitStatus("slot 0's worker adopted, slot 1 served", func(st2 *proto.Status) bool {
+	c2.waitStatus("slot 0's worker adopted, slot 1 served", func(st2 *proto.Status) bool {
 		return st2.Ready && activePID(st2, 0) == activePID(st, 0)
 	})
 	deadline := time.Now().Add(15 * time.Second)
@@ -358,7 +358,10 @@ func TestOperatorSocketsSweptAfterMasterCrash(t *testing.T) {
 	if _, err := os.Stat(dead); !os.IsNotExist(err) {
 		t.Errorf("the socket of a worker that died with no master, %s: %v; want it removed", dead, err)
 	}
-	st2, _ = c2.status()
+	st2, err := c2.status()
+	if err != nil {
+		t.Fatal(err)
+	}
 	checkOpsSockets(t, opsDir(c), st2)
 	if len(st2.Workers) < 2 {
 		t.Errorf("workers after the restart: %+v", st2.Workers)
