@@ -257,6 +257,11 @@ func TestHTTPEndpoints(t *testing.T) {
 			t.Errorf("%s{%s} = %g, want %s", want.name, strings.Join(want.labels, ","), v, want.what)
 		}
 	}
+	// Its workers serve no /metrics of their own (no operator handler):
+	// not a failed fetch.
+	if v, ok := sum(s, "ipcluster_worker_scrape_errors_total"); ok && v > 0 {
+		t.Errorf("ipcluster_worker_scrape_errors_total %v for workers without an operator handler, want none", v)
+	}
 	checkWorkerLabels(t, s)
 	if n, limit := s["ipcluster_nf_conntrack_entries"], s["ipcluster_nf_conntrack_entries_limit"]; n > limit {
 		t.Errorf("conntrack entries %g above the limit %g", n, limit)

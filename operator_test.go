@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -147,6 +148,15 @@ func TestOperatorEndpoints(t *testing.T) {
 			t.Errorf("a string of SetStats exported as a gauge")
 		}
 	}
+	// A figure, not a check: a scrape with the workers' metrics.
+	var took []time.Duration
+	for range 20 {
+		t0 := time.Now()
+		mustGet(t, lab, addr, "/metrics")
+		took = append(took, time.Since(t0))
+	}
+	slices.Sort(took)
+	t.Logf("GET /metrics with 2 workers' metrics: median %s, max %s", took[len(took)/2], took[len(took)-1])
 	if _, ok := s["go_goroutines"]; !ok {
 		t.Errorf("the master's own go_goroutines is gone from its /metrics")
 	}

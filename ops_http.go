@@ -217,7 +217,11 @@ func fetchWorkerMetrics(ctx context.Context, sock string) ([]*dto.MetricFamily, 
 		return nil, err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return nil, nil // no operator handler, or no /metrics in it: nothing to add, and no error
+	default:
 		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
 	}
 	dec := expfmt.NewDecoder(io.LimitReader(resp.Body, maxWorkerMetrics), expfmt.ResponseFormat(resp.Header))
@@ -239,7 +243,8 @@ func fetchWorkerMetrics(ctx context.Context, sock string) ([]*dto.MetricFamily, 
 // application label of either name is kept as exported_slot or
 // exported_pid, as Prometheus does with honor_labels false). A worker
 // that fails or times out adds nothing and counts in
-// ipcluster_worker_scrape_errors_total.
+// ipcluster_worker_scrape_errors_total; one that serves no /metrics (404)
+// adds nothing either.
 func (o *observer) workerMetrics(ctx context.Context, st *ipcproto.Status) []*dto.MetricFamily {
 	type result struct {
 		slot, pid int
