@@ -215,6 +215,23 @@ type Config struct {
 	// direct connections. The iptables backend never refuses them.
 	AllowDirect bool
 
+	// Dev runs the cluster in development mode, for a laptop: Run calls
+	// the work function in this process, once, as slot 0 (whatever
+	// Workers says), on sockets bound to Addr and Ports themselves. There
+	// is no master, no rule, no RunDir, and no privilege is needed (a
+	// port below 1024 still needs what the OS asks for it), on any OS Go
+	// supports, Linux included. The Worker handle works as in a worker
+	// process, but no master watches it: stickiness (there is one
+	// worker), deploys, health retirements and rules are off, and Run
+	// logs so once. Run still validates the Config; fields that mean
+	// nothing without a master (WorkerUser, Backend, Spares, the health
+	// policies...) are ignored with a log line, so the same main runs in
+	// both modes. The environment variable IPCLUSTER_DEV=1 (EnvDev) turns
+	// development mode on whatever Dev says; IPCLUSTER_DEV=0, or unset,
+	// leaves it to Dev: the variable can turn the mode on, never off.
+	// Default false.
+	Dev bool
+
 	// RunDir holds one directory per cluster with its control socket and
 	// lock. Default /run/ipcluster.
 	RunDir string
