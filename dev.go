@@ -20,7 +20,6 @@ package ipcluster
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -120,25 +119,35 @@ func devListen(cfg *Config) (*devSockets, error) {
 	return s, nil
 }
 
+// Why a bind failed, as far as devListenError tells them apart
+// (bindCause: dev_errno.go).
+const (
+	bindOther = iota
+	bindDenied
+	bindInUse
+	bindNotAvailable
+)
+
 // devListenError says why public port p could not be bound at addr, and
 // what to do about it.
 func devListenError(p Port, addr string, err error) error {
 	n := strconv.Itoa(int(p.Public))
 	var fix string
+	cause := bindCause(err)
 	switch {
-	case errors.Is(err, os.ErrPermission) && p.Public < 1024:
+	case cause == bindDenied && p.Public < 1024:
 		fix = "ports below 1024 need privilege: use a port of 1024 or more while developing (8080 for 80, 8443 for 443), " +
 			"or on Linux grant the binary CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service+ep <binary>) " +
 			"or lower net.ipv4.ip_unprivileged_port_start to " + n
-	case errors.Is(err, os.ErrPermission):
+	case cause == bindDenied:
 		fix = "the system refuses this port to this user: use another one"
-	case errors.Is(err, syscall.EADDRINUSE):
+	case cause == bindInUse:
 		find := "ss -lntup 'sport = :" + n + "'"
 		if runtime.GOOS != "linux" {
 			find = "lsof -nP -i :" + n
 		}
 		fix = "another process listens there (find it with `" + find + "`): stop it, or use another port"
-	case errors.Is(err, syscall.EADDRNOTAVAIL):
+	case cause == bindNotAvailable:
 		fix = "Config.Addr is not an address of this machine: use one it has (127.0.0.1 on a laptop), or leave Addr unset for every address"
 	default:
 		fix = "check Config.Addr and Config.Ports"
