@@ -225,7 +225,8 @@ type Config struct {
 	// blocks until ctx is done or SIGINT or SIGTERM; then the worker is
 	// told to finish (Retired closed, listeners closed, Context
 	// cancelled) and Run returns once the work function has returned and
-	// its connections are closed, or after StopTimeout.
+	// its connections are closed, or after StopTimeout (or at a second
+	// signal).
 	//
 	// The Worker handle works as in a worker process: Slot is 0,
 	// Generation 0, Version is Config.Version or "dev"; Ready does
