@@ -220,6 +220,43 @@ type Config struct {
 	// direct connections. The iptables backend never refuses them.
 	AllowDirect bool
 
+	// Dev runs the cluster in development mode, for a laptop: Run calls
+	// the work function in this process, once, on sockets bound to Addr
+	// (every address if unset) and Ports themselves, TCP and UDP. There
+	// is no master, no rule, no RunDir, and no privilege is needed (a
+	// port below 1024 still needs what the OS asks for it: the error says
+	// so), on any OS Go supports, Linux included. Run logs once, at Warn,
+	// that stickiness, deploys, health retirements and rules are off, and
+	// blocks until ctx is done or SIGINT or SIGTERM; then the worker is
+	// told to finish (Retired closed, listeners closed, Context
+	// cancelled) and Run returns once the work function has returned and
+	// its connections are closed, or after StopTimeout (or at a second
+	// signal).
+	//
+	// The Worker handle works as in a worker process: Slot is 0,
+	// Generation 0, Version is Config.Version or "dev"; Ready does
+	// nothing; SetStats is kept but no master reads it; RequestRetire is
+	// logged and ignored (a retirement's point is a fresh process, which
+	// an in-process restart would not give: restart the program). One
+	// work function runs whatever Workers says (logged), on the public
+	// ports: every client reaches it, as every client of a slot reaches
+	// one worker in production, and the ports are the ones the program
+	// is known by. A work function that returns ends Run, with its error.
+	//
+	// Run still validates the whole Config (a bad one is still an
+	// error), but checks nothing that needs root; the fields that mean
+	// nothing without a master (WorkerUser, Backend, RunDir, Spares,
+	// HTTPAddr, the health policies...) are ignored with one log line
+	// naming them, so the same main runs in both modes.
+	//
+	// The environment variable IPCLUSTER_DEV=1 (EnvDev; "true" too) turns
+	// development mode on whatever Dev says; IPCLUSTER_DEV=0 ("false"),
+	// empty or unset leaves it to Dev: the variable turns the mode on,
+	// never off. Any other value is an error. A process a master started
+	// (a worker, a deploy's new master) refuses development mode.
+	// Default false.
+	Dev bool
+
 	// RunDir holds one directory per cluster with its control socket and
 	// lock. Default /run/ipcluster.
 	RunDir string

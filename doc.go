@@ -101,7 +101,16 @@
 // Config.WorkerUser a root master also spawns them as that user, and the
 // control socket admits that user as a worker only.
 //
+// # Development mode
+//
+// With Config.Dev, or IPCLUSTER_DEV=1 in the environment, Run calls the
+// work function in its own process, as slot 0, on sockets bound to the
+// public ports themselves: no master, no rules, no root, on any OS, so a
+// developer runs the same main on a laptop. Stickiness, deploys, health
+// retirements and rules are off (see Config.Dev).
+//
 // # Platforms
 //
-// Linux only. Elsewhere the package builds and Run returns ErrNotSupported.
+// The cluster runs on Linux only. Elsewhere the package builds, Run
+// returns ErrNotSupported, and development mode runs.
 package ipcluster

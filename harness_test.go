@@ -117,10 +117,12 @@ func (c *cluster) start(prepare func(*exec.Cmd)) {
 	}
 	c.cmd = exec.Command(exe, "-test.run=^$")
 	// A test run under systemd must not have every test's master notify
-	// the service running it: only Env may give a master NOTIFY_SOCKET.
+	// the service running it, nor one run from a developer's shell with
+	// IPCLUSTER_DEV=1 exported turn every master into development mode:
+	// only Env may give a master these.
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		name, _, _ := strings.Cut(kv, "=")
-		return name == "NOTIFY_SOCKET" || name == "WATCHDOG_USEC" || name == "WATCHDOG_PID"
+		return name == "NOTIFY_SOCKET" || name == "WATCHDOG_USEC" || name == "WATCHDOG_PID" || name == ipcluster.EnvDev
 	})
 	c.cmd.Env = append(append(env, c.spec.Env...), envSpec+"="+string(raw))
 	// A file, not a pipe: workers outlive the master and keep it open.

@@ -15,9 +15,11 @@ import (
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
-// Environment variables that mark a process as a worker. The master sets
-// them when it spawns a worker; nobody else should.
+// Environment variables. All but EnvDev mark a process as a worker: the
+// master sets them when it spawns a worker, and nobody else should. EnvDev
+// is the developer's (see Config.Dev).
 const (
+	EnvDev        = "IPCLUSTER_DEV"        // "1" (or "true"): development mode, whatever Config.Dev says; "0" (or "false", or unset): Config.Dev decides
 	EnvWorker     = "IPCLUSTER_WORKER"     // the cluster name
 	EnvSlot       = "IPCLUSTER_SLOT"       // the worker's slot, or "spare"
 	EnvGeneration = "IPCLUSTER_GENERATION" // the master generation that spawned it
@@ -37,7 +39,8 @@ const envSlotSpare = "spare"
 // write the kernel refused) wrap the underlying error and say what was
 // being done.
 var (
-	// ErrNotSupported: the platform is not Linux.
+	// ErrNotSupported: the platform is not Linux (and Config.Dev is off:
+	// development mode runs anywhere).
 	ErrNotSupported = errors.New("ipcluster: only supported on Linux")
 	// ErrInvalidConfig: a Config field is out of range; see ConfigError.
 	ErrInvalidConfig = errors.New("ipcluster: invalid config")
@@ -176,6 +179,13 @@ func IsWorker() bool { return os.Getenv(EnvWorker) != "" }
 // port's reuseport group), reports to the master and calls work, then
 // returns once the worker is done: told to die, or retired with its
 // connections drained.
+//
+// In development mode (Config.Dev, or IPCLUSTER_DEV=1 in the environment)
+// Run instead calls work in this process, as slot 0, on sockets bound to
+// the public ports themselves, with no master, rules or privilege, on any
+// OS; it blocks until ctx is done or SIGINT or SIGTERM, then stops as a
+// worker told to finish does, and returns work's error if work returned
+// one before that.
 func Run(ctx context.Context, cfg Config, work func(*Worker) error) (err error) {
 	if !IsWorker() {
 		// A master started for a deploy tells the one that started it
@@ -186,9 +196,17 @@ func Run(ctx context.Context, cfg Config, work func(*Worker) error) (err error) 
 	if work == nil {
 		return &ConfigError{Field: "work (Run's argument)", Problem: "nil", Fix: "pass the function workers run"}
 	}
+	dev, why, err := devMode(&cfg)
+	if err != nil {
+		return err
+	}
+	set := cfg // before defaults: the fields the caller set
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return err
+	}
+	if dev {
+		return runDev(ctx, &cfg, &set, why, work)
 	}
 	if IsWorker() {
 		return runWorker(ctx, &cfg, work)

@@ -1,3 +1,5 @@
+//go:build linux
+
 package ipcluster
 
 // The rule writer. The cluster owns one nat chain per address family, named

@@ -1,5 +1,3 @@
-//go:build linux
-
 package ipcluster
 
 // The HTTP idiom in one call. A plain http.Serve on a worker's listener

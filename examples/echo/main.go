@@ -15,7 +15,11 @@
 //	sudo go run ./examples/echo -port 7000
 //
 // or try it in a throwaway network namespace with -sandbox (sandbox.go,
-// which you can leave out when you copy this file).
+// which you can leave out when you copy this file), or without root, on
+// any OS, in development mode (one worker in this process, listening on
+// the public port itself, no rules):
+//
+//	go run ./examples/echo -dev    # or IPCLUSTER_DEV=1 go run ./examples/echo
 package main
 
 import (
@@ -42,6 +46,7 @@ func main() {
 	flag.StringVar(&cfg.RunDir, "rundir", "", "directory for the control socket and lock (default "+ipcluster.DefaultRunDir+")")
 	backend := flag.String("backend", "", `rule backend: "bpf", "nftables" or "iptables" (default: bpf where the master may load BPF programs, else nftables where the kernel has it)`)
 	flag.IntVar(&cfg.Spares, "spares", 0, "standby workers kept ready to take over a slot")
+	flag.BoolVar(&cfg.Dev, "dev", false, "development mode: one worker in this process on the public port, no rules, no root (IPCLUSTER_DEV=1 too)")
 	flag.StringVar(&cfg.HTTPAddr, "http", "", `address for /metrics, /healthz, /readyz and /status, e.g. "127.0.0.1:9100" (default none)`)
 	logLevel := flag.String("log-level", "info", `least level logged: "debug", "info", "warn" or "error"`)
 	flag.Parse()

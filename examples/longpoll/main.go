@@ -22,7 +22,11 @@
 //	sudo go run ./examples/longpoll -port 8080
 //
 // or try it in a throwaway network namespace with -sandbox (sandbox.go,
-// which you can leave out when you copy this example).
+// which you can leave out when you copy this example), or without root,
+// on any OS, in development mode (one worker in this process on the
+// public port, no rules):
+//
+//	go run ./examples/longpoll -dev    # or IPCLUSTER_DEV=1 go run ./examples/longpoll
 package main
 
 import (
@@ -37,6 +41,10 @@ import (
 
 	"github.com/ipcluster/ipcluster"
 )
+
+// dev is -dev: development mode (Config.Dev). IPCLUSTER_DEV=1 does the
+// same without the flag.
+var dev = flag.Bool("dev", false, "development mode: one worker in this process on the public port, no rules, no root (IPCLUSTER_DEV=1 too)")
 
 func main() {
 	name := flag.String("name", "longpoll", "cluster name")
@@ -77,6 +85,7 @@ func run(name string, workers, spares int, port uint, addr, runDir string, backe
 		Backend: backend,
 		Logger:  logger,
 	}
+	cfg.Dev = *dev
 	if addr != "" {
 		a, err := netip.ParseAddr(addr)
 		if err != nil {

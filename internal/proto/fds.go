@@ -1,3 +1,5 @@
+//go:build unix
+
 package proto
 
 // Descriptors over the control socket. Listening sockets travel as
