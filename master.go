@@ -346,7 +346,8 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 	bpf := cfg.Backend == BackendBPF || cfg.Backend == BackendAuto && bpfCheck() == nil
 	if !st.HasCap(procfs.CapNetAdmin) && !bpf {
 		return nil, fmt.Errorf("%w: the master needs CAP_NET_ADMIN to write nat rules (or CAP_BPF, for the bpf backend); run it as root, or grant it with "+
-			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit", ErrNoPrivilege)
+			"setcap cap_net_admin+ep <binary> or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit; "+
+			"to develop without root, run it in development mode (%s=1 or Config.Dev: one worker, no rules)", ErrNoPrivilege, EnvDev)
 	}
 	var wc *workerCred
 	if cfg.WorkerUser != "" {

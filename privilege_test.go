@@ -572,7 +572,8 @@ func TestPrivilegeRootBinaryNotExecutable(t *testing.T) {
 
 // The bpf backend needs CAP_BPF and nothing else: a non-root master that
 // holds only that capability serves; one without it is refused at start
-// with ErrNoPrivilege, naming CAP_BPF and the fix.
+// with ErrNoPrivilege, naming CAP_BPF and the fix; with the auto backend
+// the error also names development mode, a developer's way without root.
 func TestPrivilegeBPFNeedsOnlyCapBPF(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the test starts the master as another user")
@@ -580,17 +581,24 @@ func TestPrivilegeBPFNeedsOnlyCapBPF(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 4})
 	_, exe := testBinaryCopy(t)
 	for _, tc := range []struct {
-		name string
-		caps []uintptr
-	}{{"cap_bpf", []uintptr{unix.CAP_BPF}}, {"none", nil}} {
+		name    string
+		caps    []uintptr
+		backend ipcluster.Backend
+	}{{"cap_bpf", []uintptr{unix.CAP_BPF}, "bpf"}, {"none", nil, "bpf"}, {"auto-none", nil, ""}} {
 		t.Run(tc.name, func(t *testing.T) {
 			runDir := openTempDir(t, 0o755)
 			if err := os.Chown(runDir, masterUID, masterUID); err != nil {
 				t.Fatal(err)
 			}
 			sys := &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: masterUID, Gid: masterUID}, AmbientCaps: tc.caps}
-			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, RunDir: runDir, Backend: "bpf"},
+			c := startClusterSpec(t, lab, specConfig{Workers: 2, Ports: tcpPorts(8080), Addr: lab.ServerAddr4, RunDir: runDir, Backend: tc.backend},
 				func(s *spec) { s.Exe, s.SysProcAttr = exe, sys })
+			if tc.caps == nil && tc.backend == "" {
+				// A developer's first try, unprivileged: the error names
+				// development mode beside the capabilities.
+				masterFailsAtStart(t, c, lab, ipcluster.ErrNoPrivilege.Error(), "CAP_NET_ADMIN", ipcluster.EnvDev+"=1")
+				return
+			}
 			if tc.caps == nil {
 				masterFailsAtStart(t, c, lab, ipcluster.ErrNoPrivilege.Error(), "lacks CAP_BPF", "AmbientCapabilities=CAP_BPF")
 				return
