@@ -396,6 +396,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 	}
 	p.peer = pr
 	p.ports = ports
+	p.handoffOK = h.Handoff
 	pr.role = proto.RoleWorker
 	pr.proc = p
 	m.peers[pr] = true
@@ -403,6 +404,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		Version:         proto.Version,
 		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
 		Retired:         p.state == stateRetired && !p.retirePending,
+		Handoff:         true,
+		Workers:         len(m.slots),
 	})
 }
 
@@ -475,6 +478,10 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			m.countStart(p, p.slot)
 		}
 		m.retire(p, CauseRequested, "requested: "+r.Reason)
+	case proto.TypeHandoff:
+		m.onHandoffAsk(p)
+	case proto.TypeHandoffDone:
+		m.onHandoffDone(p, msg.Body.(*proto.HandoffDone))
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()

@@ -4,9 +4,12 @@ package ipcluster
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 )
 
 // Worker is the handle a worker process's function receives. On platforms
@@ -28,6 +31,9 @@ func (w *Worker) RequestRetire(reason string)             {}
 func (w *Worker) Ready()                                  {}
 func (w *Worker) SetStats(fn func() any)                  {}
 func (w *Worker) ServeHTTP(*http.Server, ...uint16) error { return ErrNotSupported }
+func (w *Worker) OnHandoff(fn func(w io.Writer) error)    {}
+func (w *Worker) Handoff() io.Reader                      { return strings.NewReader("") }
+func (w *Worker) Owns(addr netip.Addr) bool               { return false }
 
 func deployReporter() func(error) { return func(error) {} }
 

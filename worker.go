@@ -71,6 +71,8 @@ type Worker struct {
 	appStats  atomic.Pointer[func() any]
 	appWarned bool
 
+	handoff handoffState // OnHandoff, Handoff and Owns (handoff.go)
+
 	mu   sync.Mutex // guards conn
 	conn net.Conn
 }
@@ -186,12 +188,7 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	if name != cfg.Name {
 		return 0, 0, "", bad("%s=%q but Config.Name is %q", EnvWorker, name, cfg.Name)
 	}
-	// The master's slot count, which a resize may have changed from
-	// Config.Workers.
-	workers := cfg.Workers
-	if n, err := strconv.Atoi(os.Getenv(EnvWorkers)); err == nil && n > 0 && n <= MaxWorkers {
-		workers = n
-	}
+	workers := envWorkers(cfg)
 	if os.Getenv(EnvSlot) == envSlotSpare {
 		slot = spareSlot
 	} else if slot, err = strconv.Atoi(os.Getenv(EnvSlot)); err != nil || slot < 0 || slot >= workers {
@@ -206,6 +203,15 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 		return 0, 0, "", bad("%s is not set", EnvSocket)
 	}
 	return slot, gen, socket, nil
+}
+
+// envWorkers is the master's slot count when it spawned this worker,
+// which a resize may have changed from Config.Workers.
+func envWorkers(cfg *Config) int {
+	if n, err := strconv.Atoi(os.Getenv(EnvWorkers)); err == nil && n > 0 && n <= MaxWorkers {
+		return n
+	}
+	return cfg.Workers
 }
 
 // runWorker is the worker half of Run: it listens, says hello, and runs
@@ -262,6 +268,7 @@ func newWorker(cfg *Config) (*Worker, error) {
 		retireAsked: make(chan string, 1),
 		appReady:    make(chan struct{}),
 	}
+	w.handoff.workers.Store(int64(envWorkers(cfg)))
 	w.setLogger()
 	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
 	// so the kernel named this process "exe": take the program's name
@@ -735,8 +742,10 @@ func (l *workerLoop) onRetireAsked(reason string) {
 // onMasterMsg handles a message from the master.
 func (l *workerLoop) onMasterMsg(m proto.Msg) {
 	w := l.w
-	if m.Type != proto.TypeAssign {
-		proto.CloseFDs(m.FDs) // only an assign carries any
+	switch m.Type {
+	case proto.TypeAssign, proto.TypeHandoff, proto.TypeHandoffSend:
+	default:
+		proto.CloseFDs(m.FDs) // only these carry any
 	}
 	switch m.Type {
 	case proto.TypeRetire:
@@ -750,6 +759,10 @@ func (l *workerLoop) onMasterMsg(m proto.Msg) {
 		l.onAssign(m.Body.(*proto.Assign), m.FDs)
 	case proto.TypeInfo:
 		w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
+	case proto.TypeHandoff:
+		w.onHandoffAnswer(m)
+	case proto.TypeHandoffSend:
+		w.onHandoffSend(m.Body.(*proto.Handoff), m.FDs)
 	}
 }
 
@@ -888,6 +901,7 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		Generation: w.gen,
 		Retired:    w.isRetired(),
 		Build:      w.build,
+		Handoff:    true,
 	}
 	for _, p := range w.cfg.Ports {
 		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}
@@ -921,6 +935,10 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		if b.Version != proto.Version {
 			conn.Close()
 			return nil, nil, nil, fmt.Errorf("master at %s speaks protocol version %d, this worker speaks version %d", w.socket, b.Version, proto.Version)
+		}
+		w.handoff.master.Store(b.Handoff)
+		if b.Workers > 0 {
+			w.handoff.workers.Store(int64(b.Workers))
 		}
 		return conn, r, b, nil
 	case *proto.Refuse:
