@@ -281,7 +281,7 @@ func (w *Worker) handOver(h *proto.Handoff, fd int) {
 	bw := bufio.NewWriterSize(hw, handoffChunk)
 	var cbErr error
 	if fn := w.handoff.fn.Load(); fn != nil {
-		cbErr = callHandoff(*fn, bw)
+		cbErr = w.callHandoff(*fn, bw)
 		if cbErr == nil {
 			cbErr = bw.Flush()
 		}
@@ -297,10 +297,11 @@ func (w *Worker) handOver(h *proto.Handoff, fd int) {
 
 // callHandoff calls the application's callback, turning a panic into an
 // error: this worker still serves its connections, and must not die of it.
-func callHandoff(fn func(io.Writer) error, wr io.Writer) (err error) {
+func (w *Worker) callHandoff(fn func(io.Writer) error, wr io.Writer) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			err = fmt.Errorf("OnHandoff panicked: %v\n%s", v, debug.Stack())
+			err = fmt.Errorf("OnHandoff panicked: %v", v)
+			w.log.Error("OnHandoff panicked; the new worker gets an error instead of the state", "panic", v, "stack", string(debug.Stack()))
 		}
 	}()
 	return fn(wr)
