@@ -9,6 +9,7 @@ package ipcluster_test
 // payload whose every byte the receiver checks.
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -290,5 +291,44 @@ func TestHandoffResizeSplit(t *testing.T) {
 		if activePID(st, slot) != activePID(st0, slot) {
 			t.Errorf("slot %d's worker changed from %d to %d", slot, activePID(st0, slot), activePID(st, slot))
 		}
+	}
+}
+
+// With a spare, an operator's retirement of slot 0 gives the slot to the
+// spare, which takes the retired worker's state once assigned.
+func TestHandoffToSpare(t *testing.T) {
+	d, reports := startHandoffLab(t, 2, "handoff", func(s *spec) { s.Config.Spares = 1 })
+	st0 := d.waitStatus("a spare ready", func(st *proto.Status) bool {
+		for _, w := range st.Workers {
+			if w.State == "spare" {
+				return st.Ready
+			}
+		}
+		return false
+	})
+	spare := 0
+	for _, w := range st0.Workers {
+		if w.State == "spare" {
+			spare = w.PID
+		}
+	}
+	old := activePID(st0, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, d.c.socket, d.c.spec.Config.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := cl.Do(ctx, proto.TypeRetireOne, &proto.RetireOne{Slot: 0}); err != nil {
+		t.Fatal(err)
+	}
+	d.waitStatus("slot 0 on the spare", func(st *proto.Status) bool { return activePID(st, 0) == spare })
+	r := waitHandoffReport(t, reports, spare)
+	if r.From != old || r.FromSlot != 0 || r.Slot != 0 || !r.Valid || r.Err != "" {
+		t.Errorf("spare %d given slot 0 took %+v, want the state of %d", spare, r, old)
+	}
+	if ev := handoffEvent(t, d.events, spare); ev.From != old || ev.Err != "" {
+		t.Errorf("%+v, want the handoff from %d", ev, old)
 	}
 }
