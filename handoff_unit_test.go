@@ -26,7 +26,10 @@ func handoffPair(t *testing.T, fn func(io.Writer) error, writeMax, readMax int64
 	if err != nil {
 		t.Fatal(err)
 	}
-	old := &Worker{cfg: &Config{HandoffTimeout: timeout, HandoffMaxBytes: writeMax}, log: slog.New(slog.DiscardHandler)}
+	// The writer's own deadline comes well after the reader's, which the
+	// test is about: in a cluster the reader's clock starts first, at
+	// its request.
+	old := &Worker{cfg: &Config{HandoffTimeout: timeout + 10*time.Second, HandoffMaxBytes: writeMax}, log: slog.New(slog.DiscardHandler)}
 	old.OnHandoff(fn)
 	// Not waited for: a callback that blocks never returns (its worker
 	// goes on without it).
