@@ -64,6 +64,7 @@ type handoffState struct {
 	fn      atomic.Pointer[func(io.Writer) error]
 	master  atomic.Bool  // the master answers handoff requests (Welcome.Handoff)
 	workers atomic.Int64 // the slot count Owns uses: at spawn, then the master's word
+	sending atomic.Int32 // handOvers in flight: a retired worker does not exit before they end
 
 	mu   sync.Mutex
 	wait chan proto.Msg // Handoff waits for the master's answer here; nil otherwise
@@ -258,7 +259,11 @@ func (w *Worker) onHandoffSend(h *proto.Handoff, fds []int) {
 		w.log.Warn("handoff request without its socket; ignored", "to", h.To, "descriptors", len(fds))
 		return
 	}
-	go w.handOver(h, fds[0])
+	w.handoff.sending.Add(1)
+	go func() {
+		defer w.handoff.sending.Add(-1)
+		w.handOver(h, fds[0])
+	}()
 }
 
 // handOver writes this worker's state to fd for worker h.To.
@@ -281,9 +286,22 @@ func (w *Worker) handOver(h *proto.Handoff, fd int) {
 	bw := bufio.NewWriterSize(hw, handoffChunk)
 	var cbErr error
 	if fn := w.handoff.fn.Load(); fn != nil {
-		cbErr = w.callHandoff(*fn, bw)
-		if cbErr == nil {
-			cbErr = bw.Flush()
+		done := make(chan error, 1)
+		go func() {
+			err := w.callHandoff(*fn, bw)
+			if err == nil {
+				err = bw.Flush()
+			}
+			done <- err
+		}()
+		select {
+		case cbErr = <-done:
+		case <-time.After(timeout):
+			// The socket is closed now (closer): the callback goes on
+			// alone, its writes failing, and this worker may exit.
+			w.log.Warn("state handoff to the slot's new worker: OnHandoff still busy after Config.HandoffTimeout; the new worker goes without",
+				"to", h.To, "slot", h.Slot, "timeout", timeout)
+			return
 		}
 	}
 	err = hw.end(cbErr)

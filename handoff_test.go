@@ -53,9 +53,10 @@ func handoffState(pid, slot, n int) []byte {
 	return b
 }
 
-// handoffWorker is the "handoff", "handoffblock" and "handoffbig"
-// scenarios: take the state, report it, offer its own (blocking forever
-// in handoffblock, too large in handoffbig), call Ready, serve as echo.
+// handoffWorker is the "handoff", "handoffblock", "handoffbig" and
+// "handoffslow" scenarios: take the state, report it, offer its own
+// (blocking forever in handoffblock, too large in handoffbig, after a
+// second in handoffslow), call Ready, serve as echo.
 func handoffWorker(mode string) func(*ipcluster.Worker) error {
 	return func(w *ipcluster.Worker) error {
 		rep := handoffReport{PID: os.Getpid(), Slot: w.Slot(), FromSlot: -1}
@@ -90,6 +91,10 @@ func handoffWorker(mode string) func(*ipcluster.Worker) error {
 			case "big":
 				_, err := out.Write(handoffState(os.Getpid(), w.Slot(), handoffBigPayload))
 				return err
+			case "slow":
+				// Long after a retired worker with nothing open would
+				// have exited (some 300ms).
+				time.Sleep(time.Second)
 			}
 			_, err := out.Write(handoffState(os.Getpid(), w.Slot(), handoffPayload))
 			return err
@@ -313,16 +318,7 @@ func TestHandoffToSpare(t *testing.T) {
 		}
 	}
 	old := activePID(st0, 0)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	cl, err := proto.Dial(ctx, d.c.socket, d.c.spec.Config.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	if _, err := cl.Do(ctx, proto.TypeRetireOne, &proto.RetireOne{Slot: 0}); err != nil {
-		t.Fatal(err)
-	}
+	retireSlot(t, d, 0)
 	d.waitStatus("slot 0 on the spare", func(st *proto.Status) bool { return activePID(st, 0) == spare })
 	r := waitHandoffReport(t, reports, spare)
 	if r.From != old || r.FromSlot != 0 || r.Slot != 0 || !r.Valid || r.Err != "" {
@@ -331,4 +327,42 @@ func TestHandoffToSpare(t *testing.T) {
 	if ev := handoffEvent(t, d.events, spare); ev.From != old || ev.Err != "" {
 		t.Errorf("%+v, want the handoff from %d", ev, old)
 	}
+}
+
+// retireSlot has the master retire slot's active worker, as ipclusterctl
+// retire does.
+func retireSlot(t *testing.T, d *deployLab, slot int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, d.c.socket, d.c.spec.Config.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := cl.Do(ctx, proto.TypeRetireOne, &proto.RetireOne{Slot: slot}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Without WorkerReady the slot moves as soon as the new worker listens,
+// and the old one, retired with nothing open, would exit at once: it
+// waits for the handoff it is writing (handoffslow: a second late), and
+// the new worker gets the whole state.
+func TestHandoffWithoutWorkerReady(t *testing.T) {
+	d, reports := startHandoffLab(t, 2, "handoffslow", func(s *spec) {
+		s.Config.WorkerReady, s.Config.ReadyTimeout = false, 0
+	})
+	for _, h := range d.held {
+		h.Close() // nothing open: the old worker can exit as soon as it is retired
+	}
+	st0, _ := d.c.status()
+	old := activePID(st0, 0)
+	retireSlot(t, d, 0)
+	st := d.waitStatus("slot 0 moved", func(st *proto.Status) bool { return activePID(st, 0) != 0 && activePID(st, 0) != old })
+	nw := activePID(st, 0)
+	if r := waitHandoffReport(t, reports, nw); r.From != old || !r.Valid || r.Err != "" {
+		t.Errorf("new worker %d of slot 0 took %+v, want the whole state of %d", nw, r, old)
+	}
+	waitGone(t, []int{old}, 10*time.Second) // and then it exits
 }

@@ -680,10 +680,14 @@ func (l *workerLoop) closeIdlePackets() {
 
 // drained reports whether the worker may exit: the application is done,
 // the listeners closed (a retired worker's close once their accept queues
-// are empty), every connection closed and the UDP sockets too.
+// are empty), every connection closed and the UDP sockets too, and no
+// state handoff is being written.
 func (l *workerLoop) drained() bool {
 	w := l.w
-	return l.worked && w.conns.Load() == 0 && (l.dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed()
+	// A handoff in flight (bounded by HandoffTimeout) ends first: without
+	// WorkerReady the slot may have moved before the new worker asked.
+	return l.worked && w.conns.Load() == 0 && (l.dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed() &&
+		w.handoff.sending.Load() == 0
 }
 
 // startDrainCheck starts polling the drain condition once the worker is
