@@ -425,7 +425,8 @@ type handoffRecord struct {
 func (m *master) onHandoffAsk(q *proc) {
 	src, why := m.handoffSource(q)
 	if src == nil {
-		m.log.Info("no state handoff for the new worker", append(q.logAttrs(), "reason", why)...)
+		// Every first start asks: the worker logs its own answer.
+		m.log.Debug("no state handoff for the new worker", append(q.logAttrs(), "reason", why)...)
 		q.peer.send(proto.TypeHandoff, &proto.Handoff{Slot: q.slot, Workers: len(m.slots), Reason: why})
 		return
 	}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -132,5 +133,22 @@ func TestWorkerOwns(t *testing.T) {
 	w.handoff.workers.Store(2) // after a shrink, slot 2 is no one's
 	if w.Owns(netip.MustParseAddr("198.18.2.9")) {
 		t.Error("slot 2 of 2 owns an address")
+	}
+}
+
+// Each EventHandoff counts in ipcluster_handoffs_total, by outcome.
+func TestHandoffMetric(t *testing.T) {
+	o := newObserver(slog.New(slog.DiscardHandler))
+	o.event(EventHandoff{Slot: 1, From: 10, To: 11, Bytes: 5})
+	o.event(EventHandoff{Slot: 1, From: 11, To: 12, Err: "timeout"})
+	o.event(EventHandoff{Slot: 0, From: 13, To: 14, Bytes: 7})
+	for outcome, want := range map[string]float64{"ok": 2, "failed": 1} {
+		var m dto.Metric
+		if err := o.handoffs.WithLabelValues(outcome).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.GetCounter().GetValue(); got != want {
+			t.Errorf("ipcluster_handoffs_total{outcome=%q} = %v, want %v", outcome, got, want)
+		}
 	}
 }
