@@ -107,8 +107,9 @@ func (w *Worker) OnHandoff(fn func(w io.Writer) error) {
 // that says which Config field to raise, and is reported to the master
 // (EventHandoff) as the successes are. With Config.WorkerReady, call it
 // before Ready: the slot moves to this worker only then, so its clients
-// find their state. Without it, the slot may already have moved: clients
-// arriving meanwhile find none.
+// find their state. Without it, call it first thing in the work function:
+// the slot may already have moved, and clients arriving meanwhile find
+// none.
 func (w *Worker) Handoff() io.Reader {
 	w.handoff.once.Do(func() { w.handoff.r = w.takeHandoff() })
 	return w.handoff.r
@@ -129,8 +130,11 @@ func (w *Worker) takeHandoff() io.Reader {
 	start := time.Now()
 	timeout := w.cfg.HandoffTimeout
 	deadline := start.Add(timeout)
-	if w.slot == spareSlot || !w.handoff.master.Load() {
-		w.log.Info("no state to take: the master does not hand state over", "master_handoff", w.handoff.master.Load())
+	switch {
+	case w.slot == spareSlot:
+		return bytes.NewReader(nil) // serves no slot (the work function is never called so)
+	case !w.handoff.master.Load():
+		w.log.Info("no state to take: the master runs a release without state handoff")
 		return bytes.NewReader(nil)
 	}
 	ch := make(chan proto.Msg, 1)
@@ -168,7 +172,7 @@ func (w *Worker) takeHandoff() io.Reader {
 	elapsed := time.Since(start)
 	done := &proto.HandoffDone{Bytes: int64(len(state)), ElapsedSec: elapsed.Seconds()}
 	if err != nil {
-		done.Err = err.Error()
+		done.Bytes, done.Err = 0, err.Error() // none taken; the error says how far it got
 		w.log.Warn("state handoff failed", "from", a.From, "bytes", len(state), "elapsed", elapsed, "err", err)
 	} else {
 		w.log.Info("state taken from the slot's previous worker", "from", a.From, "bytes", len(state), "elapsed", elapsed)
