@@ -117,9 +117,12 @@ func (w *Worker) Handoff() io.Reader {
 
 // Owns reports whether a client address is routed to this worker's slot
 // under the cluster's slot count as this worker last heard it (at spawn,
-// in each welcome and with its handoff) and Config.IPv4SlotPrefix and
-// IPv6SlotPrefix: the same arithmetic as the routes. The new worker of a
-// slot a resize split keeps with it the clients that are now its own.
+// in each welcome, and in the answer to its Handoff) and
+// Config.IPv4SlotPrefix and IPv6SlotPrefix: the same arithmetic as the
+// routes. The new worker of a slot a resize split keeps with it the
+// clients that are now its own. A worker already running when a resize
+// happens keeps the count it had until it reconnects (a deploy): use Owns
+// to sort the state a handoff brings, not to turn clients away.
 func (w *Worker) Owns(addr netip.Addr) bool {
 	spec := steer.Spec{Workers: int(w.handoff.workers.Load()), V4Prefix: w.cfg.IPv4SlotPrefix, V6Prefix: w.cfg.IPv6SlotPrefix}
 	return w.slot >= 0 && spec.Slot(addr) == w.slot
