@@ -422,10 +422,7 @@ func (r *errReader) Read([]byte) (int, error) { return 0, r.err }
 
 // handoffRecord is a handoff the master set up for a new worker, until it
 // reports the outcome.
-type handoffRecord struct {
-	from, fromSlot int
-	at             time.Time
-}
+type handoffRecord struct{ from, fromSlot int }
 
 // onHandoffAsk answers a new worker's request for its slot's state: a
 // socket pair, one end to it and one to the source, or none.
@@ -445,7 +442,8 @@ func (m *master) onHandoffAsk(q *proc) {
 		return
 	}
 	defer proto.CloseFDs(fds[:]) // the workers get duplicates
-	q.handoff = &handoffRecord{from: src.pid, fromSlot: src.slot, at: time.Now()}
+	q.handoff = &handoffRecord{from: src.pid, fromSlot: src.slot}
+	q.predecessor = nil // asked once: let it go
 	m.log.Info("handing a slot's state over", append(q.logAttrs(), "from", src.pid, "from_slot", src.slot, "from_state", src.state.String())...)
 	src.peer.sendFDs(proto.TypeHandoffSend, &proto.Handoff{Slot: q.slot, To: q.pid, Workers: len(m.slots)}, fds[:1])
 	q.peer.sendFDs(proto.TypeHandoff, &proto.Handoff{Slot: q.slot, From: src.pid, Workers: len(m.slots)}, fds[1:])
@@ -465,8 +463,8 @@ func (m *master) handoffSource(q *proc) (*proc, string) {
 	}
 	var src *proc
 	switch s := m.slots[q.slot]; {
-	case q.predecessor != 0:
-		src = m.procs[q.predecessor]
+	case q.predecessor != nil:
+		src = q.predecessor
 	case s != nil && s != q:
 		src = s
 	case q.splitFrom >= 0 && q.splitFrom < len(m.slots):

@@ -155,11 +155,12 @@ type proc struct {
 	verified     bool      // passed its readiness check (deploys with a HealthCheck)
 
 	// State handoff (handoff.go): whether its hello said it knows
-	// handoff-send; the worker it replaced in its slot (0: none, or a
-	// crash's), and the slot a resize split its slot from (-1: none);
-	// the handoff set up for it.
+	// handoff-send; the worker it replaced in its slot (nil: none, or a
+	// crash's; never a chain: activate clears the old one's own), and
+	// the slot a resize split its slot from (-1: none); the handoff set
+	// up for it.
 	handoffOK   bool
-	predecessor int
+	predecessor *proc
 	splitFrom   int
 	handoff     *handoffRecord
 }
@@ -933,9 +934,9 @@ func (m *master) activate(p *proc, slot int) {
 		// until the deploy commits (retired) or rolls back (active again).
 		old.state = stateStandby
 		m.dep.standby[slot] = old
-		p.predecessor = old.pid
+		p.predecessor, old.predecessor = old, nil
 	default:
-		p.predecessor = old.pid
+		p.predecessor, old.predecessor = old, nil
 		old.state = stateRetired
 		if old.retireCause == "" {
 			old.retireCause, old.retireReason, old.retireAt = CauseReplaced, "replaced", time.Now()
