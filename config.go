@@ -419,7 +419,8 @@ type Config struct {
 	// being called, with the state or an error, and the old worker's
 	// writer fails once it has passed. With WorkerReady it must be below
 	// ReadyTimeout, as the application reads its state before it calls
-	// Ready. Default 5s (with WorkerReady, at most half of ReadyTimeout).
+	// Ready. Default 5s; with WorkerReady, at most half the time a new
+	// worker has to be ready (ReadyTimeout, or ConnectTimeout if longer).
 	HandoffTimeout time.Duration
 
 	// HandoffMaxBytes bounds the state one handoff carries: a write past
