@@ -57,6 +57,9 @@ const (
 	// Heap snapshots (Config.HeapProfileDir; heap.go).
 	DefaultHeapProfileWarmup   = time.Minute
 	DefaultHeapProfileMaxBytes = 256 << 20
+	// State handoff (handoff.go, and the README's State handoff section).
+	DefaultHandoffTimeout  = 5 * time.Second
+	DefaultHandoffMaxBytes = 64 << 20
 )
 
 // Backend selects how the master routes clients to their slot's worker:
@@ -474,6 +477,19 @@ type Config struct {
 	// HeapProfileMaxBytes caps the files in HeapProfileDir: the oldest
 	// complete pairs are deleted first. Default 256 MiB.
 	HeapProfileMaxBytes int64
+	// HandoffTimeout bounds a state handoff (Worker.OnHandoff,
+	// Worker.Handoff): the new worker's Handoff returns within it of
+	// being called, with the state or an error, and the old worker's
+	// writer fails once it has passed. With WorkerReady it must be below
+	// ReadyTimeout, as the application reads its state before it calls
+	// Ready. Default 5s; with WorkerReady, at most half the time a new
+	// worker has to be ready (ReadyTimeout, or ConnectTimeout if longer).
+	HandoffTimeout time.Duration
+
+	// HandoffMaxBytes bounds the state one handoff carries: a write past
+	// it fails in the old worker, a read past it in the new one. Default
+	// 64 MiB.
+	HandoffMaxBytes int64
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -532,6 +548,13 @@ func (c Config) withDefaults() Config {
 		setDefault(&c.HeapProfileWarmup, DefaultHeapProfileWarmup)
 		setDefault(&c.HeapProfileMaxBytes, DefaultHeapProfileMaxBytes)
 	}
+	if c.HandoffTimeout == 0 {
+		c.HandoffTimeout = DefaultHandoffTimeout
+		if c.WorkerReady {
+			c.HandoffTimeout = min(DefaultHandoffTimeout, c.startTimeout()/2)
+		}
+	}
+	setDefault(&c.HandoffMaxBytes, DefaultHandoffMaxBytes)
 	// MemoryBudget's default depends on the machine: the master sets it
 	// (see defaultMemoryBudget), so validation stays free of the system.
 	if c.WorkerStdout == nil {
@@ -667,6 +690,16 @@ func (c *Config) validate() error {
 	}
 	if len(c.Version) > 128 || strings.ContainsAny(c.Version, "\x00\n") {
 		bad("Version", fmt.Sprintf("%.20q... is over 128 bytes or holds a newline or NUL", c.Version), "use a short version string such as a release tag or commit hash")
+	}
+	switch {
+	case c.HandoffTimeout < 0:
+		bad("HandoffTimeout", fmt.Sprintf("%s is negative", c.HandoffTimeout), "use a positive duration, or zero for the default of 5s")
+	case c.WorkerReady && c.HandoffTimeout >= c.startTimeout():
+		bad("HandoffTimeout", fmt.Sprintf("%s is not below ReadyTimeout (%s): a worker reading its state before Ready would be killed first", c.HandoffTimeout, c.startTimeout()),
+			"lower HandoffTimeout, or raise ReadyTimeout")
+	}
+	if c.HandoffMaxBytes < 0 {
+		bad("HandoffMaxBytes", fmt.Sprintf("%d is negative", c.HandoffMaxBytes), "use a positive size in bytes, or zero for the default of 64 MiB")
 	}
 	if c.HealthCheckFailures < 1 {
 		bad("HealthCheckFailures", fmt.Sprintf("%d is below 1", c.HealthCheckFailures), "use 1 or more consecutive failures, or zero for the default of 3")

@@ -61,6 +61,9 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"HeapProfileMaxBytes", func(c *Config) { c.HeapProfileDir, c.HeapProfileMaxBytes = "/var/tmp/heaps", -1 }},
 		{"HeapProfileWarmup/HeapProfileMaxBytes", func(c *Config) { c.HeapProfileWarmup = time.Minute }},
 		{"HeapProfileDir", func(c *Config) { c.HeapProfileDir = "heaps" }},
+		{"HandoffTimeout", func(c *Config) { c.HandoffTimeout = -time.Second }},
+		{"HandoffTimeout", func(c *Config) { c.WorkerReady, c.ReadyTimeout, c.HandoffTimeout = true, 4*time.Second, 4*time.Second }},
+		{"HandoffMaxBytes", func(c *Config) { c.HandoffMaxBytes = -1 }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -143,6 +146,14 @@ func TestDefaults(t *testing.T) {
 	}
 	if r := (Config{Name: "x", Ports: []Port{{Public: 1}}, WorkerReady: true}).withDefaults(); r.ReadyTimeout != DefaultReadyTimeout || r.validate() != nil {
 		t.Errorf("WorkerReady: ReadyTimeout %s, want %s", r.ReadyTimeout, DefaultReadyTimeout)
+	}
+	if c.HandoffTimeout != DefaultHandoffTimeout || c.HandoffMaxBytes != DefaultHandoffMaxBytes {
+		t.Errorf("HandoffTimeout %s, HandoffMaxBytes %d: want the defaults", c.HandoffTimeout, c.HandoffMaxBytes)
+	}
+	// With WorkerReady the default handoff fits in half the ready timeout,
+	// so a worker reading its state before Ready is never killed for it.
+	if r := (Config{Name: "x", Ports: []Port{{Public: 1}}, WorkerReady: true, ReadyTimeout: 4 * time.Second, ConnectTimeout: time.Second}).withDefaults(); r.HandoffTimeout != 2*time.Second || r.validate() != nil {
+		t.Errorf("WorkerReady, ReadyTimeout 4s: HandoffTimeout %s (%v), want 2s", r.HandoffTimeout, r.validate())
 	}
 	if err := c.validate(); err != nil {
 		t.Error(err)

@@ -398,6 +398,7 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 	}
 	p.peer = pr
 	p.ports = ports
+	p.handoffOK = h.Handoff
 	pr.role = proto.RoleWorker
 	pr.proc = p
 	m.peers[pr] = true
@@ -406,6 +407,8 @@ func (m *master) onHello(pr *peer, h *proto.Hello, fds []int) {
 		HeartbeatMillis: int(m.cfg.HeartbeatInterval / time.Millisecond),
 		Retired:         p.state == stateRetired && !p.retirePending,
 		HeapSnapshots:   m.heaps != nil,
+		Handoff:         true,
+		Workers:         len(m.slots),
 	})
 }
 
@@ -480,6 +483,10 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 		m.retire(p, CauseRequested, "requested: "+r.Reason)
 	case proto.TypeDrained:
 		m.onDrained(p)
+	case proto.TypeHandoff:
+		m.onHandoffAsk(p)
+	case proto.TypeHandoffDone:
+		m.onHandoffDone(p, msg.Body.(*proto.HandoffDone))
 	default:
 		m.log.Warn("unexpected message from worker; closing its connection", append(p.logAttrs(), "type", msg.Type)...)
 		pr.close()

@@ -28,6 +28,7 @@ func newDevWorker(cfg *Config, s *devSockets) *Worker {
 	// Ready at once: with Config.WorkerReady the listeners would wait
 	// for the application's Ready, and no master waits for it here.
 	w.Ready()
+	w.handoff.workers.Store(1) // Owns: the one worker serves every client
 	w.ctx, w.cancel = context.WithCancel(context.Background())
 	for p, l := range s.tcp {
 		w.listeners[p] = w.newListener(l)

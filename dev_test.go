@@ -220,6 +220,15 @@ func TestDevWorker(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("work not called within 30s")
 	}
+	// No worker came before this one, and it serves every client.
+	if b, err := io.ReadAll(w.Handoff()); len(b) != 0 || err != nil {
+		t.Errorf("Handoff in development mode: %q, %v; want an empty state", b, err)
+	}
+	for _, a := range []string{"198.18.0.1", "198.18.0.2", "2001:db8::3"} {
+		if !w.Owns(netip.MustParseAddr(a)) {
+			t.Errorf("Owns(%s) false in development mode: the one worker serves every client", a)
+		}
+	}
 
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	c, err := net.Dial("tcp", addr)

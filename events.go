@@ -114,6 +114,22 @@ type EventResized struct {
 	Err      error
 }
 
+// EventHandoff: a slot's new worker (To) took the state its slot's
+// previous worker (From) wrote with Worker.OnHandoff, or failed to: Err
+// says why (it names the Config field to raise for a timeout or a state
+// too large), empty on success. Bytes and Elapsed, from the new worker's
+// Handoff call to the end of the state, are as the new worker reports
+// them. Slot is the new worker's; for a slot a resize split, From served
+// the slot it split from. A new worker with no previous worker to take
+// state from (a first start, a crash) sends none.
+type EventHandoff struct {
+	Slot     int
+	From, To int // pids
+	Bytes    int64
+	Elapsed  time.Duration
+	Err      string
+}
+
 // EventUnresponsive: no heartbeat has arrived from a worker for
 // Config.PingTimeout. An active worker is then retired; any other is
 // killed when silent for twice PingTimeout.
@@ -230,6 +246,7 @@ func (EventResized) eventName() string   { return "resized" }
 func (EventHeapSnapshot) eventName() string {
 	return "heap-snapshot"
 }
+func (EventHandoff) eventName() string { return "handoff" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

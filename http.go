@@ -89,6 +89,7 @@ type observer struct {
 	exits, retirements, retireHolds          *prometheus.CounterVec
 	deploys, ruleWrites, dismissals          *prometheus.CounterVec
 	memoryPressure, workerScrapeErrors       *prometheus.CounterVec
+	handoffs                                 *prometheus.CounterVec
 	backend                                  *prometheus.GaugeVec
 	ruleWriteSeconds, readySeconds           prometheus.Histogram
 	retireSeconds                            prometheus.Histogram

@@ -67,6 +67,10 @@ var (
 	ErrPortInUse = errors.New("ipcluster: public port already routed by another cluster")
 	// ErrAlreadyRunning: another master holds the cluster's lock.
 	ErrAlreadyRunning = errors.New("ipcluster: another master owns this cluster")
+	// ErrHandoff: a state handoff failed (Worker.Handoff's reader returns
+	// it, wrapped): a timeout or a state too large, naming the Config
+	// field to raise, or the previous worker's error.
+	ErrHandoff = errors.New("ipcluster: state handoff failed")
 	// ErrNotStartedByMaster: the process carries the worker environment but
 	// no master accepts it.
 	ErrNotStartedByMaster = errors.New("ipcluster: worker not started by a master")

@@ -10,11 +10,14 @@ package ipcluster
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 )
@@ -120,6 +123,18 @@ func (w *Worker) SetStats(fn func() any) {
 	}
 	w.appStats.Store(&fn)
 }
+
+// OnHandoff does nothing in development mode: no new worker ever takes
+// this one's slot.
+func (w *Worker) OnHandoff(fn func(w io.Writer) error) {}
+
+// Handoff returns an empty reader in development mode: no worker came
+// before this one.
+func (w *Worker) Handoff() io.Reader { return strings.NewReader("") }
+
+// Owns reports true in development mode: the one worker serves every
+// client.
+func (w *Worker) Owns(addr netip.Addr) bool { return true }
 
 // listener counts the connections it hands out, as worker.go's does.
 type listener struct {

@@ -237,6 +237,14 @@ func helperMain(raw string) int {
 			w.Ready()
 			return echoWorker(w)
 		},
+		// handoff (with WorkerReady): take the slot's state, report it,
+		// offer its own, call Ready, echo; handoffblock: its OnHandoff
+		// never returns; handoffbig: it writes 3 MiB; handoffslow: it
+		// writes after a second (handoff_test.go).
+		"handoff":      handoffWorker(""),
+		"handoffblock": handoffWorker("block"),
+		"handoffbig":   handoffWorker("big"),
+		"handoffslow":  handoffWorker("slow"),
 	}
 	if ipcluster.IsWorker() && s.FailFile != "" {
 		if _, err := os.Stat(s.FailFile); err == nil {

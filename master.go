@@ -156,6 +156,16 @@ type proc struct {
 	checking     bool      // a HealthCheck call is in flight
 	healthFails  int       // consecutive HealthCheck failures
 	verified     bool      // passed its readiness check (deploys with a HealthCheck)
+
+	// State handoff (handoff.go): whether its hello said it knows
+	// handoff-send; the worker it replaced in its slot (nil: none, or a
+	// crash's; never a chain: activate clears the old one's own), and
+	// the slot a resize split its slot from (-1: none); the handoff set
+	// up for it.
+	handoffOK   bool
+	predecessor *proc
+	splitFrom   int
+	handoff     *handoffRecord
 }
 
 func (p *proc) logAttrs() []any {
@@ -718,6 +728,9 @@ func (m *master) spawn(slot int) {
 	if slot != spareSlot {
 		m.pending[slot] = p
 	}
+	if r := m.resizing; r != nil && slot >= r.from {
+		p.splitFrom = slot % r.from // its clients are that slot's until the growth switches
+	}
 	p.timer = time.AfterFunc(m.readyTimeout(p), func() { m.send(evConnectTimeout{p}) })
 	m.watch(p)
 	m.log.Debug("worker spawned", p.logAttrs()...)
@@ -956,7 +969,9 @@ func (m *master) activate(p *proc, slot int) {
 		// until the deploy commits (retired) or rolls back (active again).
 		old.state = stateStandby
 		m.dep.standby[slot] = old
+		p.predecessor, old.predecessor = old, nil
 	default:
+		p.predecessor, old.predecessor = old, nil
 		old.state = stateRetired
 		if old.retireCause == "" {
 			old.retireCause, old.retireReason, old.retireAt = CauseReplaced, "replaced", time.Now()

@@ -68,6 +68,8 @@ func newObserver(log *slog.Logger) *observer {
 	o.ruleWrites = counterVec("ipcluster_rule_writes_total", "Rule writes, by result (ok or error).", "result", "ok", "error")
 	o.dismissals = counterVec("ipcluster_dismissals_total",
 		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
+	o.handoffs = counterVec("ipcluster_handoffs_total",
+		"State handoffs from a slot's old worker to its new one, by outcome (ok, or failed: a timeout, a state too large, the old worker's error).", "outcome", "ok", "failed")
 	o.memoryPressure = counterVec("ipcluster_memory_pressure_total",
 		"MemoryBudget watermarks crossed, by watermark.", "watermark", "low", "high")
 	o.workerScrapeErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ipcluster_worker_scrape_errors_total",
@@ -167,6 +169,12 @@ func (o *observer) event(ev Event) {
 		o.dismissals.WithLabelValues(action).Inc()
 	case EventMemoryPressure:
 		o.memoryPressure.WithLabelValues(ev.Watermark).Inc()
+	case EventHandoff:
+		outcome := "ok"
+		if ev.Err != "" {
+			outcome = "failed"
+		}
+		o.handoffs.WithLabelValues(outcome).Inc()
 	}
 }
 

@@ -58,7 +58,7 @@ type process interface {
 
 // newProc is a worker in state starting, with its process.
 func newProc(pr process, slot, gen int, build string) *proc {
-	p := &proc{process: pr, pid: pr.pid(), slot: slot, gen: gen, build: build, state: stateStarting, spawned: time.Now()}
+	p := &proc{process: pr, pid: pr.pid(), slot: slot, gen: gen, build: build, state: stateStarting, spawned: time.Now(), splitFrom: -1}
 	p.started = p.spawned
 	return p
 }

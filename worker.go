@@ -76,6 +76,7 @@ type Worker struct {
 	// from any goroutine; the socket's path, set before the hello.
 	opsHandler atomic.Pointer[http.Handler]
 	opsPath    string
+	handoff    handoffState // OnHandoff, Handoff and Owns (handoff.go)
 
 	mu   sync.Mutex // guards conn
 	conn net.Conn
@@ -192,12 +193,7 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 	if name != cfg.Name {
 		return 0, 0, "", bad("%s=%q but Config.Name is %q", EnvWorker, name, cfg.Name)
 	}
-	// The master's slot count, which a resize may have changed from
-	// Config.Workers.
-	workers := cfg.Workers
-	if n, err := strconv.Atoi(os.Getenv(EnvWorkers)); err == nil && n > 0 && n <= MaxWorkers {
-		workers = n
-	}
+	workers := envWorkers(cfg)
 	if os.Getenv(EnvSlot) == envSlotSpare {
 		slot = spareSlot
 	} else if slot, err = strconv.Atoi(os.Getenv(EnvSlot)); err != nil || slot < 0 || slot >= workers {
@@ -212,6 +208,15 @@ func workerEnv(cfg *Config) (slot, gen int, socket string, err error) {
 		return 0, 0, "", bad("%s is not set", EnvSocket)
 	}
 	return slot, gen, socket, nil
+}
+
+// envWorkers is the master's slot count when it spawned this worker,
+// which a resize may have changed from Config.Workers.
+func envWorkers(cfg *Config) int {
+	if n, err := strconv.Atoi(os.Getenv(EnvWorkers)); err == nil && n > 0 && n <= MaxWorkers {
+		return n
+	}
+	return cfg.Workers
 }
 
 // runWorker is the worker half of Run: it listens, says hello, and runs
@@ -269,6 +274,7 @@ func newWorker(cfg *Config) (*Worker, error) {
 		retireAsked: make(chan string, 1),
 		appReady:    make(chan struct{}),
 	}
+	w.handoff.workers.Store(int64(envWorkers(cfg)))
 	w.setLogger()
 	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
 	// so the kernel named this process "exe": take the program's name
@@ -709,10 +715,14 @@ func (l *workerLoop) closeIdlePackets() {
 
 // drained reports whether the worker may exit: the application is done,
 // the listeners closed (a retired worker's close once their accept queues
-// are empty), every connection closed and the UDP sockets too.
+// are empty), every connection closed and the UDP sockets too, and no
+// state handoff is being written.
 func (l *workerLoop) drained() bool {
 	w := l.w
-	return l.worked && w.conns.Load() == 0 && (l.dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed()
+	// A handoff in flight (bounded by HandoffTimeout) ends first: without
+	// WorkerReady the slot may have moved before the new worker asked.
+	return l.worked && w.conns.Load() == 0 && (l.dying || w.isRetired()) && w.listenersClosed.Load() && w.packetsClosed() &&
+		w.handoff.sending.Load() == 0
 }
 
 // startDrainCheck starts polling the drain condition once the worker is
@@ -771,8 +781,10 @@ func (l *workerLoop) onRetireAsked(reason string) {
 // onMasterMsg handles a message from the master.
 func (l *workerLoop) onMasterMsg(m proto.Msg) {
 	w := l.w
-	if m.Type != proto.TypeAssign {
-		proto.CloseFDs(m.FDs) // only an assign carries any
+	switch m.Type {
+	case proto.TypeAssign, proto.TypeHandoff, proto.TypeHandoffSend:
+	default:
+		proto.CloseFDs(m.FDs) // only these carry any
 	}
 	switch m.Type {
 	case proto.TypeRetire:
@@ -786,6 +798,10 @@ func (l *workerLoop) onMasterMsg(m proto.Msg) {
 		l.onAssign(m.Body.(*proto.Assign), m.FDs)
 	case proto.TypeInfo:
 		w.sendMsg(proto.TypeInfo, &proto.Heartbeat{Stats: w.stats()})
+	case proto.TypeHandoff:
+		w.onHandoffAnswer(m)
+	case proto.TypeHandoffSend:
+		w.onHandoffSend(m.Body.(*proto.Handoff), m.FDs)
 	}
 }
 
@@ -928,6 +944,7 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		Build:      w.build,
 
 		OperatorSocket: w.opsPath,
+		Handoff:        true,
 	}
 	for _, p := range w.cfg.Ports {
 		pp := proto.Port{Public: p.Public, Proto: p.Proto.String()}
@@ -961,6 +978,10 @@ func (w *Worker) dial() (net.Conn, *proto.Reader, *proto.Welcome, error) {
 		if b.Version != proto.Version {
 			conn.Close()
 			return nil, nil, nil, fmt.Errorf("master at %s speaks protocol version %d, this worker speaks version %d", w.socket, b.Version, proto.Version)
+		}
+		w.handoff.master.Store(b.Handoff)
+		if b.Workers > 0 {
+			w.handoff.workers.Store(int64(b.Workers))
 		}
 		return conn, r, b, nil
 	case *proto.Refuse:

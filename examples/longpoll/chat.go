@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"regexp"
 	"slices"
@@ -70,7 +71,8 @@ type session struct {
 	cursor   uint64   // the last seq delivered to this client
 	rejoined bool     // recreated from the chat cookie: its worker changed
 	lastSeen time.Time
-	open     int // long-polls and streams in progress: never expired then
+	addr     netip.Addr // the client's address at its last request: whose slot it is in (handoff.go)
+	open     int        // long-polls and streams in progress: never expired then
 }
 
 // hub is a worker's chat state, behind one mutex: short critical sections,
@@ -119,18 +121,18 @@ func (h *hub) normalize(cursor uint64) (c uint64, reset bool) {
 // it but the client's chat cookie names a nick, recreates it: the client's
 // slot moved to this worker (a deploy, a crash, a retirement) and the
 // session stayed behind in the old one's memory. Nil if neither.
-func (h *hub) session(id string, saved url.Values) *session {
+func (h *hub) session(id string, saved url.Values, addr netip.Addr) *session {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if s := h.sessions[id]; s != nil {
-		s.lastSeen = h.now()
+		s.lastSeen, s.addr = h.now(), addr
 		return s
 	}
 	nick := saved.Get("nick")
 	if !sidRE.MatchString(id) || !nickRE.MatchString(nick) {
 		return nil
 	}
-	s := &session{id: id, nick: nick, rejoined: true, lastSeen: h.now()}
+	s := &session{id: id, nick: nick, rejoined: true, lastSeen: h.now(), addr: addr}
 	for _, r := range saved["room"] {
 		if roomRE.MatchString(r) && !slices.Contains(s.rooms, r) {
 			s.rooms = append(s.rooms, r)
@@ -145,7 +147,7 @@ func (h *hub) session(id string, saved url.Values) *session {
 
 // join creates the session (s nil) or adds a room to it, and renames it
 // if nick is not empty.
-func (h *hub) join(s *session, id, nick, room string) (*session, error) {
+func (h *hub) join(s *session, id, nick, room string, addr netip.Addr) (*session, error) {
 	if nick != "" && !nickRE.MatchString(nick) {
 		return nil, fmt.Errorf("nick %q: use 1 to 24 letters, digits, '_', '.' or '-'", nick)
 	}
@@ -168,7 +170,7 @@ func (h *hub) join(s *session, id, nick, room string) (*session, error) {
 		s.rooms = append(s.rooms, room)
 		slices.Sort(s.rooms)
 	}
-	s.lastSeen = h.now()
+	s.lastSeen, s.addr = h.now(), addr
 	h.broadcast() // a waiting poll may now have backlog in the new room
 	return s, nil
 }
@@ -365,7 +367,17 @@ func (s *server) current(r *http.Request) *session {
 	if cc, err := r.Cookie(chatCookie); err == nil {
 		saved, _ = url.ParseQuery(cc.Value)
 	}
-	return s.hub.session(c.Value, saved)
+	return s.hub.session(c.Value, saved, clientAddr(r))
+}
+
+// clientAddr is the request's client address, unmapped; invalid if the
+// server did not set RemoteAddr (a test's handler called directly).
+func clientAddr(r *http.Request) netip.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
 }
 
 // setCookies writes the session id and the chat cookie. The chat cookie
@@ -398,7 +410,7 @@ func (s *server) join(w http.ResponseWriter, r *http.Request) {
 	if room == "" {
 		room = defaultRoom
 	}
-	sess, err := s.hub.join(sess, id, r.FormValue("nick"), room)
+	sess, err := s.hub.join(sess, id, r.FormValue("nick"), room, clientAddr(r))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return

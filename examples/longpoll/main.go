@@ -84,6 +84,10 @@ func run(name string, workers, spares int, port uint, addr, runDir string, backe
 		RunDir:  runDir,
 		Backend: backend,
 		Logger:  logger,
+		// The worker takes its slot's sessions from the previous worker
+		// before it calls Ready (handoff.go): only then does the slot
+		// move to it.
+		WorkerReady: true,
 	}
 	cfg.Dev = *dev
 	if addr != "" {
@@ -111,6 +115,11 @@ func run(name string, workers, spares int, port uint, addr, runDir string, backe
 func serve(w *ipcluster.Worker, port uint16, grace time.Duration) error {
 	log := w.Logger()
 	chat := newServer(workerInfo{Slot: w.Slot(), PID: os.Getpid(), Generation: w.Generation(), Version: w.Version()}, log, grace)
+	// Sessions survive a deploy: take the previous worker's, offer ours
+	// to the next, then take the slot (handoff.go).
+	takeHandoff(w, chat.hub, log)
+	w.OnHandoff(chat.hub.writeState)
+	w.Ready()
 	// Reported in every heartbeat: the master's status and EventStats
 	// (App) show sessions, open streams and polls, and messages.
 	w.SetStats(func() any { return chat.stats() })

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -433,8 +434,8 @@ func TestIndex(t *testing.T) {
 func TestExpire(t *testing.T) {
 	now := time.Unix(1_700_000_000, 0)
 	h := newHub(func() time.Time { return now })
-	idle, _ := h.join(nil, strings.Repeat("01", 16), "idle", "lobby")
-	busy, _ := h.join(nil, strings.Repeat("02", 16), "busy", "lobby")
+	idle, _ := h.join(nil, strings.Repeat("01", 16), "idle", "lobby", netip.Addr{})
+	busy, _ := h.join(nil, strings.Repeat("02", 16), "busy", "lobby", netip.Addr{})
 	h.opened(busy, 1)
 	now = now.Add(sessionTTL + time.Second)
 	if n := h.expire(sessionTTL); n != 1 {

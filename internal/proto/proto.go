@@ -58,6 +58,12 @@ const (
 	TypeStatus      = "status"        // client → master: request; master → client: the answer
 	TypeError       = "error"         // master → client: a request failed
 	TypeDrained     = "drained"       // worker → master: retired and drained; waits for die (Welcome.HeapSnapshots)
+
+	// State handoff between a slot's old and new worker, sent only to a
+	// peer that said it knows them (Hello.Handoff, Welcome.Handoff).
+	TypeHandoff     = "handoff"      // worker → master: my slot's state, please; master → worker: the answer, with a socket if any
+	TypeHandoffSend = "handoff-send" // master → worker: write your state to this socket (the descriptor)
+	TypeHandoffDone = "handoff-done" // worker → master: how the handoff went
 )
 
 // Where a cluster's control socket is: DefaultRunDir/<Name>/SocketName
@@ -125,6 +131,9 @@ type Hello struct {
 	// /debug/pprof/ and the application's Worker.SetOperatorHandler; a
 	// new master reaches an adopted worker there. Empty if it has none.
 	OperatorSocket string `json:"operator_socket,omitempty"`
+	// Handoff: the worker knows handoff-send (a release with state
+	// handoff); a master sends it to no other.
+	Handoff bool `json:"handoff,omitempty"`
 }
 
 // Takeover asks the running master to hand the cluster over to the sender.
@@ -203,6 +212,33 @@ type Welcome struct {
 	// profile first. Added within version 3: a master of an earlier
 	// release never sets it.
 	HeapSnapshots bool `json:"heap_snapshots,omitempty"`
+	// Handoff: the master answers handoff requests; a worker asks no
+	// other. Workers is its slot count (for Worker.Owns); 0 from a master
+	// of an earlier release.
+	Handoff bool `json:"handoff,omitempty"`
+	Workers int  `json:"workers,omitempty"`
+}
+
+// Handoff is the body of handoff and handoff-send. A worker's request has
+// none. The master's answer names From, the worker whose state comes
+// with it (the descriptor: one end of a socket pair), or From 0 and no
+// descriptor, with Reason saying why there is none; its handoff-send to
+// that worker names To, the receiver, with the other end.
+type Handoff struct {
+	Slot    int    `json:"slot"`               // the receiver's slot
+	From    int    `json:"from_pid,omitempty"` // the worker handing over
+	To      int    `json:"to_pid,omitempty"`   // the worker receiving
+	Workers int    `json:"workers,omitempty"`  // the master's slot count
+	Reason  string `json:"reason,omitempty"`   // why there is no state to take
+}
+
+// HandoffDone is the receiver's report once its handoff has ended: the
+// bytes of state it took, the time from its request to the end, and the
+// error if it failed.
+type HandoffDone struct {
+	Bytes      int64   `json:"bytes"`
+	ElapsedSec float64 `json:"elapsed_s"`
+	Err        string  `json:"err,omitempty"`
 }
 
 // Assign gives a spare its slot. Its descriptors (SCM_RIGHTS) are the
@@ -408,6 +444,10 @@ func newBody(typ string) (any, error) {
 		return nil, nil
 	case TypeStatus:
 		return new(Status), nil
+	case TypeHandoff, TypeHandoffSend:
+		return new(Handoff), nil
+	case TypeHandoffDone:
+		return new(HandoffDone), nil
 	}
 	return nil, fmt.Errorf("%w %q", ErrUnknownType, typ)
 }
