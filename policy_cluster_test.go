@@ -420,14 +420,19 @@ func TestMemoryWatermarks(t *testing.T) {
 		waitRetired(t, events, pid, ipcluster.CauseRequested, 5*time.Second)
 		return pid, held
 	}
-	r1, _ := retire(1, 40)
-	r2, held2 := retire(2, 40)
-	r3, _ := retire(1, 60) // kill order: r3, r1, r2
+	// Ballasts small beside the watermarks' gap (150 MiB): the low
+	// watermark's step below passes low by r3 and half of r1 while both
+	// still run, and must stay clear of the high one (with 40 and 60 MiB
+	// it came within 12 MiB of it, and RSS noise crossed it).
+	r1, _ := retire(1, 20)
+	r2, held2 := retire(2, 20)
+	r3, _ := retire(1, 45) // kill order: r3, r1, r2
 	live, err := c.dial(src1, dst)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer live.Close()
+	lp := live.first.PID // no ballast yet: the base a worker's RSS starts from
 
 	// rss waits for a sample that has every worker's ballast, then
 	// returns the total and each worker's RSS.
@@ -445,9 +450,20 @@ func TestMemoryWatermarks(t *testing.T) {
 		})
 		return total, by
 	}
-	used, by := rss(func(by map[int]uint64) bool { return by[r3] > by[r1]+15<<20 && by[r1] > 40<<20 && by[r2] > 40<<20 })
+	used, by := rss(func(by map[int]uint64) bool {
+		// Slot 0's newest worker too must have grown to a worker's
+		// base: sampled as it starts, it would leave tens of MiB out
+		// of used, and the step below would overshoot into the high
+		// watermark.
+		for _, v := range by {
+			if v < by[lp]*3/4 {
+				return false
+			}
+		}
+		return by[r3] > by[r1]+15<<20 && by[r1] > by[lp]+15<<20 && by[r2] > by[lp]+15<<20
+	})
 	low, high := uint64(budget*ipcluster.DefaultMemoryLowWatermark), uint64(budget*ipcluster.DefaultMemoryHighWatermark)
-	t.Logf("used %d MiB: r1 %d, r2 %d, r3 %d MiB", used>>20, by[r1]>>20, by[r2]>>20, by[r3]>>20)
+	t.Logf("used %d MiB: r1 %d, r2 %d, r3 %d, active %d MiB", used>>20, by[r1]>>20, by[r2]>>20, by[r3]>>20, by[lp]>>20)
 
 	// Grow the active worker of slot 1 so that the total passes the low
 	// watermark by r3 and half of r1: r3 and r1 must be asked, not r2.
