@@ -13,17 +13,7 @@ import (
 // mode's sockets, as slot 0 of generation 0, with no master: nothing
 // reads its stats or its retirement requests but runDev.
 func newDevWorker(cfg *Config, s *devSockets) *Worker {
-	w := &Worker{
-		cluster:     cfg.Name,
-		build:       devVersion(cfg),
-		cfg:         cfg,
-		started:     time.Now(),
-		listeners:   map[uint16]*listener{},
-		packets:     map[uint16]*packetConn{},
-		retired:     make(chan struct{}),
-		retireAsked: make(chan string, 1),
-		appReady:    make(chan struct{}),
-	}
+	w := newHandle(cfg, 0, 0, devVersion(cfg), "")
 	w.log = cfg.Logger.With("cluster", cfg.Name, "slot", 0, "pid", os.Getpid(), "dev", true)
 	// Ready at once: with Config.WorkerReady the listeners would wait
 	// for the application's Ready, and no master waits for it here.

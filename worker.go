@@ -254,17 +254,14 @@ func runWorker(ctx context.Context, cfg *Config, work func(*Worker) error) error
 	return l.run(ctx)
 }
 
-// newWorker builds the worker from the variables its master set.
-func newWorker(cfg *Config) (*Worker, error) {
-	slot, gen, socket, err := workerEnv(cfg)
-	if err != nil {
-		return nil, err
-	}
-	w := &Worker{
+// newHandle is a Worker with its identity set and nothing open: a worker
+// process's (newWorker), or development mode's (socket "", no master).
+func newHandle(cfg *Config, slot, gen int, build, socket string) *Worker {
+	return &Worker{
 		cluster:     cfg.Name,
 		slot:        slot,
 		gen:         gen,
-		build:       os.Getenv(EnvBuild),
+		build:       build,
 		socket:      socket,
 		cfg:         cfg,
 		started:     time.Now(),
@@ -274,6 +271,15 @@ func newWorker(cfg *Config) (*Worker, error) {
 		retireAsked: make(chan string, 1),
 		appReady:    make(chan struct{}),
 	}
+}
+
+// newWorker builds the worker from the variables its master set.
+func newWorker(cfg *Config) (*Worker, error) {
+	slot, gen, socket, err := workerEnv(cfg)
+	if err != nil {
+		return nil, err
+	}
+	w := newHandle(cfg, slot, gen, os.Getenv(EnvBuild), socket)
 	w.handoff.workers.Store(int64(envWorkers(cfg)))
 	w.setLogger()
 	// The master execs workers through /proc/self/exe (or /proc/self/fd/N),
