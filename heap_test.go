@@ -127,6 +127,19 @@ func TestHeapSnapshotsFindLeak(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Logf("top of the diff by inuse_space: %+v", top)
+			if keep := os.Getenv("IPCLUSTER_TEST_KEEP_HEAPS"); keep != "" {
+				// For reading with go tool pprof after the test: the
+				// lab's directories go with it.
+				for _, f := range []string{ev.Start, ev.End, ev.Diff} {
+					b, err := os.ReadFile(f)
+					if err == nil {
+						err = os.WriteFile(filepath.Join(keep, tc.name+"-"+filepath.Base(f)), b, 0o644)
+					}
+					if err != nil {
+						t.Errorf("keeping %s in IPCLUSTER_TEST_KEEP_HEAPS: %v", f, err)
+					}
+				}
+			}
 			if tc.warmup < time.Second && (len(top) == 0 || !strings.HasSuffix(top[0].Func, ".leakHeapForSnapshots") || top[0].Flat < 8<<20) {
 				t.Errorf("the diff's top entry is %+v, want leakHeapForSnapshots, grown by at least 8 MiB", top)
 			}
