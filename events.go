@@ -252,11 +252,14 @@ func (EventHandoff) eventName() string { return "handoff" }
 // queueing without bound so the master's loop never waits for the host
 // program.
 type emitter struct {
-	fn    func(Event)
-	mu    sync.Mutex
-	queue []Event
-	wake  chan struct{}
-	done  chan struct{}
+	fn func(Event)
+	// record, if set, sees every event first, on the sender's goroutine
+	// (the loop's): the status page's history.
+	record func(Event)
+	mu     sync.Mutex
+	queue  []Event
+	wake   chan struct{}
+	done   chan struct{}
 }
 
 func newEmitter(fn func(Event)) *emitter {
@@ -270,6 +273,9 @@ func newEmitter(fn func(Event)) *emitter {
 }
 
 func (e *emitter) send(ev Event) {
+	if e.record != nil {
+		e.record(ev)
+	}
 	if e.fn == nil {
 		return
 	}

@@ -288,6 +288,8 @@ type master struct {
 	// Config.HeapProfileDir; the latest pairs written, for the status.
 	heaps     *heapsnap.Store
 	heapSnaps []proto.HeapSnapshot
+	// hist is the status page's history (history.go).
+	hist *history
 
 	backend backendChoice // the rule backend rules is, and why (nftables.go)
 	steer   *bpfWriter    // the bpf backend inside rules, or nil (bpf.go)
@@ -330,6 +332,7 @@ func newState(cfg *Config, build string) *master {
 		slots:    make([]*proc, cfg.Workers),
 		pending:  make([]*proc, cfg.Workers),
 		failures: map[int]int{},
+		hist:     newHistory(),
 		procs:    map[int]*proc{},
 		peers:    map[*peer]bool{},
 		held:     map[int]*sockSet{},
@@ -424,7 +427,12 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 		m.rules.written = w.record
 		m.rules.conntrack = noConntrack // no NAT: conntrack pins nothing
 	}
-	m.rules.observe = func(d time.Duration, err error) { m.obs.ruleWrite(d, err) }
+	m.rules.observe = func(d time.Duration, err error) {
+		m.obs.ruleWrite(d, err)
+		if err == nil {
+			m.hist.noteRules(time.Now())
+		}
+	}
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
@@ -458,6 +466,7 @@ func newMaster(ctx context.Context, cfg *Config) (*master, error) {
 func (m *master) run(ctx context.Context) error {
 	defer m.spawner.close()
 	m.emit = newEmitter(m.obs.observe(m.cfg.OnEvent))
+	m.emit.record = func(ev Event) { m.hist.note(time.Now(), ev) }
 	defer m.emit.close()
 	m.sd = newNotifier(m.log)
 	defer m.sd.close()
@@ -515,6 +524,7 @@ func (m *master) run(ctx context.Context) error {
 			}
 		case <-monitor.C:
 			m.sample()
+			m.sampleHistory(time.Now())
 			m.noteSettled(time.Now())
 			m.takeHeapStarts(time.Now())
 		case <-healthC:
@@ -628,7 +638,9 @@ func (m *master) handle(ev event) {
 	case evAdoptDeadline:
 		m.endAdoption()
 	case evSnapshot:
-		ev.reply <- m.status()
+		st := m.status()
+		st.History = m.hist.view(m.cfg.MonitorInterval)
+		ev.reply <- st
 	case evHeap:
 		m.onHeap(ev)
 	case evStopTimeout:

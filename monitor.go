@@ -499,3 +499,14 @@ func defaultMemoryBudget() int64 {
 	}
 	return int64(min(limit/2, math.MaxInt64))
 }
+
+// sampleHistory adds a sample of every worker's connections to the status
+// page's history (history.go).
+func (m *master) sampleHistory(now time.Time) {
+	ws := make([]histWorker, 0, len(m.procs))
+	for _, p := range m.procs {
+		b := p.lastBeat()
+		ws = append(ws, histWorker{pid: p.pid, slot: p.slot, conns: b.stats.Connections, accepted: b.stats.Accepted, ok: !b.at.IsZero()})
+	}
+	m.hist.sample(now, len(m.slots), ws)
+}

@@ -340,6 +340,39 @@ type Status struct {
 	// HeapSnapshots are the latest heap snapshot pairs written
 	// (Config.HeapProfileDir), oldest first, at most 16.
 	HeapSnapshots []HeapSnapshot `json:"heap_snapshots,omitempty"`
+	// History is the master's recent samples and events, for the status
+	// page. Only the HTTP snapshot (/status.json) carries it: a control
+	// client's status omits it, which keeps that reply within MaxFrame.
+	History *History `json:"history,omitempty"`
+}
+
+// History is what the master kept of the last minutes: one sample per
+// MonitorInterval (IntervalSec), at most 300, and at most 200 events,
+// both oldest first.
+type History struct {
+	IntervalSec float64         `json:"interval_s"`
+	Samples     []HistorySample `json:"samples"`
+	Events      []HistoryEvent  `json:"events"`
+}
+
+// HistorySample is one sample: per slot (indexed by slot), the open
+// connections and the new connections per second since the previous
+// sample, summed over the workers serving (or draining) the slot.
+type HistorySample struct {
+	At        float64   `json:"at"` // seconds since the Unix epoch
+	Conns     []int64   `json:"conns"`
+	NewPerSec []float64 `json:"new_per_s"`
+}
+
+// HistoryEvent is one event: Kind is "crash" (an active or starting worker
+// exited), "exit", "retire", "deploy", "resize", "unresponsive", "rules"
+// (rewritten) or "rules-failed"; Slot is -1 when the event has none.
+type HistoryEvent struct {
+	At   float64 `json:"at"`
+	Kind string  `json:"kind"`
+	Slot int     `json:"slot"`
+	PID  int     `json:"pid,omitempty"`
+	Text string  `json:"text"`
 }
 
 // HeapSnapshot names the files of one worker's heap snapshots: the start
