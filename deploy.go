@@ -202,7 +202,7 @@ func (m *master) handOver(pr *peer, build string) {
 		return
 	}
 	defer lnFile.Close()
-	ho := &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen}
+	ho := &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen, History: m.hist.handover(m.cfg.MonitorInterval, proto.MaxFrame/2)}
 	fds := []int{rawFD(lnFile), rawFD(m.lock)}
 	for _, slot := range slices.Sorted(maps.Keys(m.held)) {
 		s := m.held[slot]
@@ -301,6 +301,7 @@ func (m *master) takeOver(held error) error {
 			return fail(fmt.Errorf("handover came with %d descriptors, want %d", len(fds), want))
 		}
 		m.takeHeld(b.Held, fds[2:2+held])
+		m.hist.adopt(b.History)
 		arrays := make([]*os.File, b.Arrays)
 		for i, fd := range fds[2+held:] {
 			arrays[i] = os.NewFile(uintptr(fd), "reuseport-sockarray")

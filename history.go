@@ -15,6 +15,7 @@ package ipcluster
 // last accepted count.
 
 import (
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -154,6 +155,36 @@ func (h *history) view(interval time.Duration) *proto.History {
 	v.Samples = append(append(v.Samples, h.samples[h.next:]...), h.samples[:h.next]...)
 	v.Events = append(append(v.Events, h.events[h.enext:]...), h.events[:h.enext]...)
 	return v
+}
+
+// handover is view trimmed for a Handover: its oldest samples left out
+// until the JSON fits budget bytes (the events are bounded in text, so
+// they always fit).
+func (h *history) handover(interval time.Duration, budget int) *proto.History {
+	v := h.view(interval)
+	for len(v.Samples) > 0 {
+		b, err := json.Marshal(v)
+		if err == nil && len(b) <= budget {
+			return v
+		}
+		v.Samples = v.Samples[(len(v.Samples)+1)/2:]
+	}
+	return v
+}
+
+// adopt starts the history with the one a previous master handed over
+// (nil from a master of an earlier release). The workers' counters start
+// afresh: the first sample after it has no rate.
+func (h *history) adopt(v *proto.History) {
+	if v == nil {
+		return
+	}
+	h.samples = append(h.samples[:0], v.Samples[max(0, len(v.Samples)-histSamples):]...)
+	h.next = 0
+	h.events, h.enext = h.events[:0], 0
+	for _, e := range v.Events[max(0, len(v.Events)-histEvents):] {
+		h.add(e)
+	}
 }
 
 func unixSec(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }

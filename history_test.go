@@ -1,6 +1,7 @@
 package ipcluster
 
 import (
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -69,5 +70,36 @@ func TestHistoryRing(t *testing.T) {
 	}
 	if e := v.Events[histEvents-1]; e.Kind != "rules" {
 		t.Errorf("newest event = %+v, want the rule write", e)
+	}
+}
+
+// TestHistoryHandover: a master hands its history to the next one within
+// the frame budget, so the page after a deploy still shows what came
+// before it.
+func TestHistoryHandover(t *testing.T) {
+	h := newHistory()
+	t0 := time.Unix(1_700_000_000, 0)
+	for i := range histSamples {
+		ws := make([]histWorker, 0, 256)
+		for s := range 256 {
+			ws = append(ws, histWorker{pid: 100 + s, slot: s, conns: 123456, accepted: uint64(i * 1000), ok: true})
+		}
+		h.sample(t0.Add(time.Duration(i)*time.Second), 256, ws)
+	}
+	h.note(t0, EventWorkerExited{PID: 7, Slot: 3, State: "active", Status: "signal: killed"})
+	const budget = 64 << 10
+	v := h.handover(time.Second, budget)
+	b, err := json.Marshal(v)
+	if err != nil || len(b) > budget {
+		t.Fatalf("handover history is %d bytes (%v), want at most %d", len(b), err, budget)
+	}
+	if len(v.Samples) == 0 || v.Samples[len(v.Samples)-1].At != float64(t0.Unix()+histSamples-1) {
+		t.Fatalf("handover kept %d samples, want the newest ones", len(v.Samples))
+	}
+	n := newHistory()
+	n.adopt(v)
+	got := n.view(time.Second)
+	if len(got.Samples) != len(v.Samples) || len(got.Events) != 1 || got.Events[0].Kind != "crash" {
+		t.Fatalf("adopted %d samples and events %+v, want %d and the crash", len(got.Samples), got.Events, len(v.Samples))
 	}
 }

@@ -180,6 +180,11 @@ type Handover struct {
 	// backend's socket arrays, one per public port, which hold the
 	// groups' sockets (a socket can be in one array only).
 	Arrays int `json:"arrays,omitempty"`
+	// History is the master's status page history (see Status.History),
+	// its oldest samples left out to keep the frame within MaxFrame/2, so
+	// that the page of the new master still shows what came before the
+	// deploy. Omitted by a master of an earlier release.
+	History *History `json:"history,omitempty"`
 }
 
 // HeldSockets are one slot's held sockets, one per entry of Ports.
