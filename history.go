@@ -9,9 +9,10 @@ package ipcluster
 // emitter.send and the rule sync's observe callback, both on the loop, and
 // view copies it into the snapshot the HTTP handlers get (evSnapshot). Both
 // rings are fixed in size, so the memory is bounded whatever the uptime:
-// histSamples samples of 16 bytes per slot (at most 300 × 256 × 16 B =
-// 1.2 MiB at MaxWorkers, 19 KiB at 4 slots) and histEvents events of at
-// most histTextMax bytes of text each (about 70 KiB), plus each worker's
+// histSamples samples of 16 bytes per slot and 56 of their own (at most
+// 300 × (256 × 16 + 56) B = 1.2 MiB at MaxWorkers, 35 KiB at 4 slots), and
+// histEvents events of at most histTextMax bytes of text and 64 of their
+// own (60 KiB), plus each live worker's
 // last accepted count.
 
 import (

@@ -291,6 +291,7 @@ type statusView struct {
 	Workers   []workerView
 	Rules     []rulesView
 	TotalConn int64
+	Charts    *chartsView // statuschart.go
 }
 
 type slotView struct {
@@ -312,7 +313,7 @@ type workerView struct {
 type rulesView struct{ Family, Text string }
 
 func newStatusView(st *proto.Status) *statusView {
-	v := &statusView{St: st, State: "starting"}
+	v := &statusView{St: st, State: "starting", Charts: newChartsView(st)}
 	switch {
 	case st.Stopping:
 		v.State = "stopping"
