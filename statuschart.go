@@ -164,7 +164,7 @@ func newChartsView(st *proto.Status) *chartsView {
 	}
 	topConns := float64(max(v.MaxConns, 1))
 	topRate := niceCeil(maxRate)
-	v.MaxRate = strconv.FormatFloat(topRate, 'g', 3, 64)
+	v.MaxRate = strconv.FormatFloat(topRate, 'f', -1, 64)
 	if v.Samples > 0 {
 		// The stacked area: slot i's band lies on the sum of slots 0..i-1.
 		below := make([]float64, v.Samples)
