@@ -12,6 +12,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"image"
 	"image/png"
 	"io"
 	"maps"
@@ -636,32 +637,38 @@ func TestStatusPageChromium(t *testing.T) {
 		t.Errorf("the page's refresh failed (#error: %q):\n%s", m, dom)
 	}
 
-	shot := filepath.Join(t.TempDir(), "status.png")
-	runChromium(t, lab.Server, bin, url, "--virtual-time-budget=3000", "--window-size=1200,800", "--screenshot="+shot)
-	f, err := os.Open(shot)
-	if err != nil {
-		t.Fatalf("no screenshot: %v", err)
-	}
-	defer f.Close()
-	img, err := png.Decode(f)
-	if err != nil {
-		t.Fatalf("screenshot is not a PNG: %v", err)
-	}
-	b := img.Bounds()
-	colors := map[[4]uint32]bool{}
-	for y := b.Min.Y; y < b.Max.Y; y += 2 {
-		for x := b.Min.X; x < b.Max.X; x += 2 {
-			r, g, bl, a := img.At(x, y).RGBA()
-			colors[[4]uint32{r, g, bl, a}] = true
-		}
-	}
+	shot, b, colors := screenshot(t, lab.Server, bin, url, 1200, 800)
 	t.Logf("screenshot %s: %dx%d, %d colours", shot, b.Dx(), b.Dy(), len(colors))
 	if b.Dx() != 1200 || b.Dy() != 800 || len(colors) < 8 {
 		t.Errorf("screenshot is %dx%d with %d colours: not the page", b.Dx(), b.Dy(), len(colors))
 	}
+}
+
+// screenshot has headless Chromium in ns take a w×h screenshot of url
+// once its script ran, and returns the file, its bounds and its colours
+// (8 bits a channel). IPCLUSTER_KEEP_SCREENSHOT=<path> keeps a copy.
+func screenshot(t *testing.T, ns *netlab.NS, bin, url string, w, h int) (string, image.Rectangle, map[[3]uint32]bool) {
+	t.Helper()
+	shot := filepath.Join(t.TempDir(), "status.png")
+	runChromium(t, ns, bin, url, "--virtual-time-budget=3000", fmt.Sprintf("--window-size=%d,%d", w, h), "--screenshot="+shot)
+	data, err := os.ReadFile(shot)
+	if err != nil {
+		t.Fatalf("no screenshot: %v", err)
+	}
 	if dst := os.Getenv("IPCLUSTER_KEEP_SCREENSHOT"); dst != "" {
-		if data, err := os.ReadFile(shot); err == nil {
-			_ = os.WriteFile(dst, data, 0o644)
+		_ = os.WriteFile(dst, data, 0o644)
+	}
+	img, err := png.Decode(bytes.NewReader(data))
+	if err != nil {
+		t.Fatalf("screenshot is not a PNG: %v", err)
+	}
+	b := img.Bounds()
+	colors := map[[3]uint32]bool{}
+	for y := b.Min.Y; y < b.Max.Y; y++ {
+		for x := b.Min.X; x < b.Max.X; x++ {
+			r, g, bl, _ := img.At(x, y).RGBA()
+			colors[[3]uint32{r >> 8, g >> 8, bl >> 8}] = true
 		}
 	}
+	return shot, b, colors
 }

@@ -4,10 +4,8 @@ package ipcluster_test
 
 import (
 	"encoding/json"
-	"image/png"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -168,25 +166,7 @@ func TestStatusPageHistoryChromium(t *testing.T) {
 	}
 	t.Logf("event timeline: %d rows; marks %v", len(rows), marks)
 
-	shot := filepath.Join(t.TempDir(), "status.png")
-	runChromium(t, d.lab.Server, bin, url, "--virtual-time-budget=3000", "--window-size=1200,1400", "--screenshot="+shot)
-	f, err := os.Open(shot)
-	if err != nil {
-		t.Fatalf("no screenshot: %v", err)
-	}
-	defer f.Close()
-	img, err := png.Decode(f)
-	if err != nil {
-		t.Fatalf("screenshot is not a PNG: %v", err)
-	}
-	b := img.Bounds()
-	colors := map[[3]uint32]bool{}
-	for y := b.Min.Y; y < b.Max.Y; y++ {
-		for x := b.Min.X; x < b.Max.X; x++ {
-			r, g, bl, _ := img.At(x, y).RGBA()
-			colors[[3]uint32{r >> 8, g >> 8, bl >> 8}] = true
-		}
-	}
+	shot, b, colors := screenshot(t, d.lab.Server, bin, url, 1200, 1400)
 	// The slots' colours (statuschart.go's slotColors) as drawn in the
 	// legend and the share bars.
 	var missing []string
@@ -199,10 +179,5 @@ func TestStatusPageHistoryChromium(t *testing.T) {
 	t.Logf("screenshot %s: %dx%d, %d colours", shot, b.Dx(), b.Dy(), len(colors))
 	if len(colors) < 64 || len(missing) > 0 {
 		t.Errorf("screenshot has %d colours, slots' colours %v missing: not the charts", len(colors), missing)
-	}
-	if dst := os.Getenv("IPCLUSTER_KEEP_SCREENSHOT"); dst != "" {
-		if data, err := os.ReadFile(shot); err == nil {
-			_ = os.WriteFile(dst, data, 0o644)
-		}
 	}
 }
