@@ -37,9 +37,11 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipcluster/ipcluster"
@@ -57,6 +59,9 @@ type options struct {
 }
 
 func main() {
+	if dir := os.Getenv(envSidecar); dir != "" { // sidecar.go: this process is the cluster's NATS
+		os.Exit(runSidecar(dir))
+	}
 	name := flag.String("name", "chat", "cluster name")
 	workers := flag.Int("workers", 4, "worker processes: a power of two from 1 to 256")
 	port := flag.Uint("port", 8443, "public port (HTTPS with -cert and -key, else HTTP)")
@@ -124,22 +129,31 @@ func run(name string, workers, spares int, port uint, addr, runDir string, backe
 			}
 		}
 		if opts.natsURL == "" {
-			dir, err := os.MkdirTemp("", "chat-nats-")
-			if err != nil {
-				return fmt.Errorf("make the embedded NATS server's directory: %w", err)
-			}
-			defer os.RemoveAll(dir)
-			ns, url, err := startNATS(dir)
+			// sidecar.go: the cluster's NATS, in a process that outlives
+			// this master (a deploy replaces it), found again by the
+			// next one.
+			pubsub, err := ensureSidecar(pubsubDir(runDir, name), logger)
 			if err != nil {
 				return err
 			}
-			defer ns.Shutdown()
 			// The workers, this binary re-executed by the master,
 			// inherit it.
-			if err := os.Setenv(envNATS, url); err != nil {
+			if err := os.Setenv(envNATS, pubsub.URL); err != nil {
 				return fmt.Errorf("set %s: %w", envNATS, err)
 			}
-			logger.Info("pub/sub: embedded NATS server with JetStream", "url", url)
+			var handedOver atomic.Bool
+			cfg.OnEvent = func(e ipcluster.Event) {
+				if d, ok := e.(ipcluster.EventDeploy); ok && d.Outcome == ipcluster.DeployHandedOver {
+					handedOver.Store(true)
+				}
+			}
+			defer func() {
+				// The cluster stopped (no master took it over, none
+				// answers on its control socket): so does its pub/sub.
+				if !handedOver.Load() && !controlAnswers(runDir, name) {
+					stopSidecar(pubsub, logger)
+				}
+			}()
 		}
 	}
 	// The master blocks here until SIGINT or SIGTERM; each worker process
@@ -222,6 +236,20 @@ func serve(w *ipcluster.Worker, opts options) error {
 	}
 	log.Info("worker done", "seq", h.stats().Seq)
 	return nil
+}
+
+// controlAnswers reports whether a master answers on the cluster's
+// control socket.
+func controlAnswers(runDir, name string) bool {
+	if runDir == "" {
+		runDir = ipcluster.DefaultRunDir
+	}
+	c, err := net.DialTimeout("unix", ipcluster.ControlSocket(runDir, name), time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
 }
 
 // jitter returns a random duration in [0, d].

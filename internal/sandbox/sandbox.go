@@ -26,12 +26,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
 )
 
 const (
@@ -58,12 +60,19 @@ func init() {
 	}
 }
 
-// Cluster is an example's master running in a lab.
+// Cluster is an example's master running in a lab. A deploy (SIGHUP, or
+// ipclusterctl deploy) replaces the master: the one Start started exits
+// once it has handed the cluster over, and the Cluster follows the new one
+// (Master), found on the control socket. Done is closed when a master
+// exits and none took over.
 type Cluster struct {
 	Lab    *netlab.Lab
 	RunDir string // the master's -rundir: control socket and lock
-	PID    int    // the master's
+	PID    int    // the first master's
 	Done   <-chan struct{}
+
+	master atomic.Int64 // the current master's pid
+	socket string       // the control socket, to find a successor on
 
 	cmd       *exec.Cmd
 	done      chan struct{}
@@ -118,11 +127,69 @@ func Start(clients int) (c *Cluster, err error) {
 		return c, fmt.Errorf("start the master in namespace %s: %w", c.Lab.Server.Name, err)
 	}
 	c.cmd, c.PID = cmd, cmd.Process.Pid
-	go func() {
-		c.err = cmd.Wait()
-		close(c.done)
-	}()
+	c.master.Store(int64(c.PID))
+	c.socket = proto.SocketPath(c.RunDir, clusterName())
+	go c.follow()
 	return c, nil
+}
+
+// clusterName is the example's -name.
+func clusterName() string {
+	if f := flag.Lookup("name"); f != nil {
+		return f.Value.String()
+	}
+	return ""
+}
+
+// Master is the pid of the cluster's current master.
+func (c *Cluster) Master() int { return int(c.master.Load()) }
+
+// follow waits for the master to exit, then for the one that took the
+// cluster over (a deploy), and so on, until a master exits with no
+// successor: then it closes done.
+func (c *Cluster) follow() {
+	err := c.cmd.Wait()
+	for {
+		pid := c.successor(int(c.master.Load()))
+		if pid == 0 {
+			c.err = err
+			close(c.done)
+			return
+		}
+		c.master.Store(int64(pid))
+		fmt.Printf("(the cluster has a new master, pid %d: a deploy)\n", pid)
+		// Not our child (its parent was the old master): poll.
+		for syscall.Kill(pid, 0) == nil {
+			time.Sleep(200 * time.Millisecond)
+		}
+		err = fmt.Errorf("master pid %d exited", pid)
+	}
+}
+
+// successor returns the pid of the master that answers on the control
+// socket, if not old, or 0 once none does.
+func (c *Cluster) successor(old int) int {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		cl, err := proto.Dial(ctx, c.socket, clusterName())
+		if err != nil {
+			cancel()
+			if _, serr := os.Stat(c.socket); serr != nil {
+				return 0 // removed: the cluster stopped
+			}
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		st, err := cl.Status(ctx)
+		cl.Close()
+		cancel()
+		if err == nil && st.MasterPID != old && st.MasterPID > 0 {
+			return st.MasterPID
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return 0
 }
 
 // Run is an example's -sandbox mode: it starts the cluster in a lab (see
@@ -212,16 +279,17 @@ func (c *Cluster) stopMaster() {
 	again := make(chan os.Signal, 1)
 	signal.Notify(again, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(again)
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	pid := c.Master()
+	_ = syscall.Kill(pid, syscall.SIGTERM)
 	select {
 	case <-c.done:
 	case <-time.After(StopTimeout):
-		slog.Warn("master did not stop in time; killing it", "pid", c.PID, "timeout", StopTimeout)
-		_ = c.cmd.Process.Kill()
+		slog.Warn("master did not stop in time; killing it", "pid", pid, "timeout", StopTimeout)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 		<-c.done
 	case <-again:
-		slog.Warn("second signal: killing the master", "pid", c.PID)
-		_ = c.cmd.Process.Kill()
+		slog.Warn("second signal: killing the master", "pid", pid)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 		<-c.done
 	}
 }
