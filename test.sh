@@ -12,7 +12,8 @@
 #   ca-certificates go's module downloads, over HTTPS
 #   iproute2        ip, which the test lab's own test runs (ip netns add/del)
 #   iptables        the iptables rule backend, which its tests run
-#   chromium        the headless browser of the status page's test
+#   chromium        the headless browser of the status page's tests and of
+#                   internal/browser (pages driven across a deploy)
 #
 # and, with IPCLUSTER_BENCH_TOOLS=1 (as CI sets), haproxy too, which the
 # data-path benchmark (go run ./bench/datapath) compares with. Then it runs
@@ -71,7 +72,7 @@ check() { # fills packages and reasons with what is missing
 		iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore
 	if ! have chromium && ! have chromium-browser && ! have google-chrome; then
 		packages+=(chromium)
-		reasons+=("chromium: the headless browser of the status page's test")
+		reasons+=("chromium: the headless browser of the status page's tests and of internal/browser")
 	fi
 	if [[ ${IPCLUSTER_BENCH_TOOLS:-} == 1 ]]; then
 		want haproxy "the data-path benchmark's HAProxy comparison" haproxy
