@@ -1,0 +1,165 @@
+//go:build linux
+
+// Package examplelab runs an example's cluster in a netlab lab for the
+// examples' tests: it builds the example's binary, starts it as the master
+// in the lab's server namespace, follows the masters a deploy replaces it
+// with, and stops whatever is left when the test ends.
+package examplelab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ipcluster/ipcluster/internal/netlab"
+	"github.com/ipcluster/ipcluster/internal/proto"
+)
+
+// Build builds the example in the current directory (a test's package
+// directory) to path. ldflags, if set, make it another build: another Go
+// build ID, so a deploy rolls every slot to it.
+func Build(t testing.TB, path, ldflags string) {
+	t.Helper()
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skipf("no go tool on PATH to build the example: %v", err)
+	}
+	cmd := exec.Command(gobin, "build", "-o", path, "-ldflags", ldflags, ".")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+}
+
+// Cluster is an example's cluster in a lab.
+type Cluster struct {
+	Exe     string // the binary a deploy starts: Redeploy rebuilds it
+	Name    string
+	Socket  string // the control socket
+	LogFile string // the masters' and workers' output
+
+	t      testing.TB
+	first  *exec.Cmd
+	pids   map[int]bool // every master seen, for the cleanup
+	status *proto.Status
+}
+
+// Start builds the example in dir and runs it in lab.Server as the master
+// of cluster name, with args and -name, -rundir; output goes to a file the
+// test logs if it fails. The cleanup stops the current master (SIGTERM),
+// waits for the control socket to go, and kills what is left in the lab.
+func Start(t testing.TB, lab *netlab.Lab, dir, name string, args ...string) *Cluster {
+	t.Helper()
+	exe := filepath.Join(dir, name)
+	Build(t, exe, "")
+	runDir := filepath.Join(dir, "run")
+	c := &Cluster{Exe: exe, Name: name, Socket: proto.SocketPath(runDir, name), LogFile: filepath.Join(dir, "cluster.log"), t: t, pids: map[int]bool{}}
+	logf, err := os.Create(c.LogFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(exe, append([]string{"-name", name, "-rundir", runDir}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf // a file: workers outlive a master
+	if err := lab.Server.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	go cmd.Wait()
+	c.first = cmd
+	c.pids[cmd.Process.Pid] = true
+	t.Cleanup(func() {
+		if st, err := c.Status(); err == nil {
+			c.pids[st.MasterPID] = true
+		}
+		for pid := range c.pids {
+			syscall.Kill(pid, syscall.SIGTERM)
+		}
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if _, err := os.Stat(c.Socket); err != nil {
+				break
+			}
+		}
+		lab.KillProcesses()
+		if t.Failed() {
+			b, _ := os.ReadFile(c.LogFile)
+			t.Logf("cluster log:\n%s", b)
+		}
+	})
+	return c
+}
+
+// Status asks the current master for the cluster's status.
+func (c *Cluster) Status() (*proto.Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, c.Socket, c.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	st, err := cl.Status(ctx)
+	if err == nil {
+		c.pids[st.MasterPID] = true
+	}
+	return st, err
+}
+
+// Wait polls the status until ok says yes, for at most a minute, and
+// returns it; it fails the test naming what after that.
+func (c *Cluster) Wait(what string, ok func(*proto.Status) bool) *proto.Status {
+	c.t.Helper()
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, err := c.Status(); err == nil && ok(st) {
+			return st
+		}
+	}
+	c.t.Fatalf("timed out waiting for %s", what)
+	return nil
+}
+
+// Deploy builds another build over the binary and sends SIGHUP to the
+// current master: a deploy. It returns the master's status from before.
+func (c *Cluster) Deploy(ldflags string) *proto.Status {
+	c.t.Helper()
+	st, err := c.Status()
+	if err != nil {
+		c.t.Fatalf("status before the deploy: %v", err)
+	}
+	Build(c.t, c.Exe+".new", ldflags)
+	if err := os.Rename(c.Exe+".new", c.Exe); err != nil {
+		c.t.Fatal(err)
+	}
+	if err := syscall.Kill(st.MasterPID, syscall.SIGHUP); err != nil {
+		c.t.Fatalf("SIGHUP the master (pid %d): %v", st.MasterPID, err)
+	}
+	return st
+}
+
+// Retire asks the master to retire slot's active worker, as ipclusterctl
+// retire does, and returns its pid.
+func (c *Cluster) Retire(slot int) int {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, c.Socket, c.Name)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer cl.Close()
+	m, err := cl.Do(ctx, proto.TypeRetireOne, &proto.RetireOne{Slot: slot})
+	if err != nil {
+		c.t.Fatalf("retire slot %d: %v", slot, err)
+	}
+	got, ok := m.Body.(*proto.RetireOne)
+	if !ok {
+		c.t.Fatalf("retire slot %d: answer %T", slot, m.Body)
+	}
+	return got.PID
+}
+
+// String names the cluster for messages.
+func (c *Cluster) String() string { return fmt.Sprintf("cluster %s (%s)", c.Name, c.Socket) }
