@@ -212,6 +212,9 @@ func start(t testing.TB, lab *netlab.Lab, bin string, opts Options) (*Browser, e
 		if err := b.Close(); err != nil {
 			t.Errorf("browser from %v: %v", b.Src, err)
 		}
+		if t.Failed() {
+			t.Logf("browser from %v: the driver's output (Chromium's included) ends with:\n%s", b.Src, b.stderr)
+		}
 	})
 
 	// Not t.TempDir: its parents are 0700, out of the browser's uid's reach.

@@ -159,7 +159,8 @@ func TestBrowserSourceAddress(t *testing.T) {
 	}
 }
 
-// A bad option fails before anything is started or touched.
+// A bad option fails before anything is started or touched; a Chromium
+// that does not start fails Start.
 func TestBrowserBadOptions(t *testing.T) {
 	lab := netlab.NewT(t, netlab.Options{Clients: 2})
 	for _, o := range []Options{
@@ -170,5 +171,10 @@ func TestBrowserBadOptions(t *testing.T) {
 		if _, err := start(t, lab, "/nonexistent/chromium", o); err == nil || !strings.Contains(err.Error(), "Options.") {
 			t.Errorf("start(%+v): %v, want an error naming the option", o, err)
 		}
+	}
+	// A browser that cannot start is an error naming it, from the driver.
+	_, err := start(t, lab, "/nonexistent/chromium", Options{Src: lab.ClientAddrs4[1]})
+	if err == nil || !strings.Contains(err.Error(), "/nonexistent/chromium") {
+		t.Errorf("start with no Chromium: %v, want an error naming it", err)
 	}
 }
