@@ -125,6 +125,7 @@ func TestBrowserChatAcrossDeploy(t *testing.T) {
 		"-cert", certFile, "-key", keyFile, "-reconnect-spread", "1s")
 	st0 := cl.Wait("the cluster ready", func(st *proto.Status) bool { return st.Ready })
 	url := "https://" + lab.ServerAddr4.String() + ":8443/"
+	cl.BuildNext("-X main.deployTestBuild=2")
 
 	// 198.18.1.1 and 198.18.1.2: slots 1 and 0 of 2.
 	pages := []*page{{nick: "ann", slot: 1}, {nick: "bob", slot: 0}}
@@ -161,8 +162,7 @@ func TestBrowserChatAcrossDeploy(t *testing.T) {
 	}
 
 	// A deploy, typing all along: every slot moves to the new build.
-	deployAt := time.Now()
-	cl.Deploy("-X main.deployTestBuild=2")
+	_, deployAt := cl.Deploy()
 	var st *proto.Status
 	for rounds := 0; ; rounds++ {
 		typeRound()

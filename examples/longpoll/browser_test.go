@@ -10,16 +10,15 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ipcluster/ipcluster/internal/browser"
+	"github.com/ipcluster/ipcluster/internal/examplelab"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
@@ -86,59 +85,13 @@ const (
 func TestBrowserAcrossDeploy(t *testing.T) {
 	browser.Chromium(t)
 	lab := netlab.NewT(t, netlab.Options{Clients: 8})
-	dir := t.TempDir()
-	exe := filepath.Join(dir, "longpoll")
-	buildExample(t, exe, "")
-	// The next build now, not during the deploy, which the test wants
-	// short: a second -X is another build ID.
-	buildExample(t, exe+".new", "-X main.deployTestBuild=browser")
-
-	runDir := filepath.Join(dir, "run")
-	socket := proto.SocketPath(runDir, "lp")
-	logf, err := os.Create(filepath.Join(dir, "cluster.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
 	// -sse-grace 4s: a retired worker's streams close 2s to 4s after its
 	// retirement, so the pages move within the test's time.
-	master := exec.Command(exe, "-name", "lp", "-workers", "2", "-port", "8080", "-addr", lab.ServerAddr4.String(),
-		"-rundir", runDir, "-sse-grace", "4s")
-	master.Stdout, master.Stderr = logf, logf // a file: workers outlive a master
-	if err := lab.Server.Start(master); err != nil {
-		t.Fatal(err)
-	}
-	go master.Wait()
-	masters := []int{master.Process.Pid}
-	t.Cleanup(func() {
-		if st, err := clusterStatus(socket); err == nil {
-			masters = append(masters, st.MasterPID)
-		}
-		for _, pid := range masters {
-			syscall.Kill(pid, syscall.SIGTERM)
-		}
-		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if _, err := os.Stat(socket); err != nil {
-				break
-			}
-		}
-		lab.KillProcesses()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("cluster log:\n%s", b)
-		}
-	})
-	waitCluster := func(what string, ok func(*proto.Status) bool) *proto.Status {
-		t.Helper()
-		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if st, err := clusterStatus(socket); err == nil && ok(st) {
-				return st
-			}
-		}
-		t.Fatalf("timed out waiting for %s", what)
-		return nil
-	}
-	st0 := waitCluster("the cluster ready", func(st *proto.Status) bool { return st.Ready })
+	cl := examplelab.Start(t, lab, t.TempDir(), "lp", "-workers", "2", "-port", "8080", "-addr", lab.ServerAddr4.String(), "-sse-grace", "4s")
+	// The next build now, not during the deploy, which the test wants
+	// short.
+	cl.BuildNext("-X main.deployTestBuild=browser")
+	st0 := cl.Wait("the cluster ready", func(st *proto.Status) bool { return st.Ready })
 	base := "http://" + netip.AddrPortFrom(lab.ServerAddr4, 8080).String()
 
 	// Slots are the addresses' low bit (2 workers): .2 and .4 share one,
@@ -270,14 +223,8 @@ func TestBrowserAcrossDeploy(t *testing.T) {
 	defer stopTalking()
 
 	time.Sleep(time.Second) // some messages to the old workers first
-	if err := os.Rename(exe+".new", exe); err != nil {
-		t.Fatal(err)
-	}
-	deployed := time.Now()
-	if err := master.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	st := waitCluster("the deploy committed, every slot on the new build", func(st *proto.Status) bool {
+	_, deployed := cl.Deploy()
+	st := cl.Wait("the deploy committed, every slot on the new build", func(st *proto.Status) bool {
 		if st.MasterPID == st0.MasterPID || !st.Ready || st.DeployPhase != proto.PhaseCommitted || st.Build == st0.Build {
 			return false
 		}
@@ -292,7 +239,6 @@ func TestBrowserAcrossDeploy(t *testing.T) {
 		}
 		return true
 	})
-	masters = append(masters, st.MasterPID)
 	took := time.Since(deployed)
 	active := map[int]int{} // slot -> its new worker
 	for _, s := range st.Slots {

@@ -7,50 +7,21 @@ package main
 // rebuilt and deployed (SIGHUP) under load.
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/examplelab"
 	"github.com/ipcluster/ipcluster/internal/netlab"
 	"github.com/ipcluster/ipcluster/internal/proto"
 )
-
-// buildExample builds this example to path; ldflags, if set, make it
-// another build (another Go build ID: a deploy rolls every slot to it).
-func buildExample(t *testing.T, path, ldflags string) {
-	t.Helper()
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		t.Skipf("no go tool on PATH to build the example: %v", err)
-	}
-	cmd := exec.Command(gobin, "build", "-o", path, "-ldflags", ldflags, ".")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-}
-
-// clusterStatus asks the master on socket for its status.
-func clusterStatus(socket string) (*proto.Status, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	cl, err := proto.Dial(ctx, socket, "lp")
-	if err != nil {
-		return nil, err
-	}
-	defer cl.Close()
-	return cl.Status(ctx)
-}
 
 // Every session made before a deploy is found afterwards, on the new
 // workers, with its nickname and cursor, not re-joined from its cookie:
@@ -59,53 +30,9 @@ func clusterStatus(socket string) (*proto.Status, error) {
 func TestSessionsSurviveDeploy(t *testing.T) {
 	const sessions, loaders = 24, 8
 	lab := netlab.NewT(t, netlab.Options{Clients: sessions + loaders})
-	dir := t.TempDir()
-	exe := filepath.Join(dir, "longpoll")
-	buildExample(t, exe, "")
-	runDir := filepath.Join(dir, "run")
-	socket := proto.SocketPath(runDir, "lp")
-	logf, err := os.Create(filepath.Join(dir, "cluster.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	master := exec.Command(exe, "-name", "lp", "-workers", "2", "-port", "8080", "-addr", lab.ServerAddr4.String(), "-rundir", runDir)
-	master.Stdout, master.Stderr = logf, logf // a file: workers outlive a master
-	if err := lab.Server.Start(master); err != nil {
-		t.Fatal(err)
-	}
-	go master.Wait()
-	var masters []int // every master of the cluster, for the cleanup
-	masters = append(masters, master.Process.Pid)
-	t.Cleanup(func() {
-		if st, err := clusterStatus(socket); err == nil {
-			masters = append(masters, st.MasterPID)
-		}
-		for _, pid := range masters {
-			syscall.Kill(pid, syscall.SIGTERM)
-		}
-		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if _, err := os.Stat(socket); err != nil {
-				break
-			}
-		}
-		lab.KillProcesses()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("cluster log:\n%s", b)
-		}
-	})
-	waitCluster := func(what string, ok func(*proto.Status) bool) *proto.Status {
-		t.Helper()
-		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if st, err := clusterStatus(socket); err == nil && ok(st) {
-				return st
-			}
-		}
-		t.Fatalf("timed out waiting for %s", what)
-		return nil
-	}
-	st0 := waitCluster("the cluster ready", func(st *proto.Status) bool { return st.Ready })
+	cl := examplelab.Start(t, lab, t.TempDir(), "lp", "-workers", "2", "-port", "8080", "-addr", lab.ServerAddr4.String())
+	cl.BuildNext("-X main.deployTestBuild=2")
+	st0 := cl.Wait("the cluster ready", func(st *proto.Status) bool { return st.Ready })
 	base := "http://" + netip.AddrPortFrom(lab.ServerAddr4, 8080).String()
 
 	// The sessions: each joins, talks, and polls once, so that its cursor
@@ -183,18 +110,11 @@ func TestSessionsSurviveDeploy(t *testing.T) {
 		wg.Wait()
 	}()
 
-	// A new build over the binary, then SIGHUP: the deploy.
-	buildExample(t, exe+".new", "-X main.deployTestBuild=2")
-	if err := os.Rename(exe+".new", exe); err != nil {
-		t.Fatal(err)
-	}
-	if err := master.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	st := waitCluster("the deploy committed", func(st *proto.Status) bool {
+	// The new build over the binary, then SIGHUP: the deploy.
+	cl.Deploy()
+	st := cl.Wait("the deploy committed", func(st *proto.Status) bool {
 		return st.MasterPID != st0.MasterPID && st.Ready && st.DeployPhase == proto.PhaseCommitted
 	})
-	masters = append(masters, st.MasterPID)
 	if st.Build == st0.Build {
 		t.Fatalf("the deploy kept build %s: nothing rolled", st.Build)
 	}
@@ -219,7 +139,7 @@ func TestSessionsSurviveDeploy(t *testing.T) {
 	if failures.Load() != 0 || requests.Load() == 0 {
 		t.Errorf("load during the deploy: %d of %d requests failed: %v", failures.Load(), requests.Load(), firstErr)
 	}
-	if b, err := os.ReadFile(logf.Name()); err == nil {
+	if b, err := os.ReadFile(cl.LogFile); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
 			if strings.Contains(line, "msg=\"state handed over\"") || strings.Contains(line, "msg=\"sessions taken") {
 				t.Log(line)

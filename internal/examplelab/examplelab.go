@@ -8,7 +8,6 @@ package examplelab
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,10 +41,8 @@ type Cluster struct {
 	Socket  string // the control socket
 	LogFile string // the masters' and workers' output
 
-	t      testing.TB
-	first  *exec.Cmd
-	pids   map[int]bool // every master seen, for the cleanup
-	status *proto.Status
+	t    testing.TB
+	pids map[int]bool // every master seen, for the cleanup
 }
 
 // Start builds the example in dir and runs it in lab.Server as the master
@@ -69,7 +66,6 @@ func Start(t testing.TB, lab *netlab.Lab, dir, name string, args ...string) *Clu
 		t.Fatal(err)
 	}
 	go cmd.Wait()
-	c.first = cmd
 	c.pids[cmd.Process.Pid] = true
 	t.Cleanup(func() {
 		if st, err := c.Status(); err == nil {
@@ -121,22 +117,30 @@ func (c *Cluster) Wait(what string, ok func(*proto.Status) bool) *proto.Status {
 	return nil
 }
 
-// Deploy builds another build over the binary and sends SIGHUP to the
-// current master: a deploy. It returns the master's status from before.
-func (c *Cluster) Deploy(ldflags string) *proto.Status {
+// BuildNext builds the next build (ldflags make it another: a second -X
+// is another Go build ID) beside the binary, for Deploy: built ahead, so
+// the deploy itself is not held up by the compiler.
+func (c *Cluster) BuildNext(ldflags string) {
+	c.t.Helper()
+	Build(c.t, c.Exe+".next", ldflags)
+}
+
+// Deploy moves the build BuildNext made over the binary and sends SIGHUP
+// to the current master: a deploy. It returns the status from before and
+// when the signal went.
+func (c *Cluster) Deploy() (*proto.Status, time.Time) {
 	c.t.Helper()
 	st, err := c.Status()
 	if err != nil {
 		c.t.Fatalf("status before the deploy: %v", err)
 	}
-	Build(c.t, c.Exe+".new", ldflags)
-	if err := os.Rename(c.Exe+".new", c.Exe); err != nil {
-		c.t.Fatal(err)
+	if err := os.Rename(c.Exe+".next", c.Exe); err != nil {
+		c.t.Fatalf("move the next build into place (call BuildNext first): %v", err)
 	}
 	if err := syscall.Kill(st.MasterPID, syscall.SIGHUP); err != nil {
 		c.t.Fatalf("SIGHUP the master (pid %d): %v", st.MasterPID, err)
 	}
-	return st
+	return st, time.Now()
 }
 
 // Retire asks the master to retire slot's active worker, as ipclusterctl
@@ -160,6 +164,3 @@ func (c *Cluster) Retire(slot int) int {
 	}
 	return got.PID
 }
-
-// String names the cluster for messages.
-func (c *Cluster) String() string { return fmt.Sprintf("cluster %s (%s)", c.Name, c.Socket) }
