@@ -35,12 +35,15 @@ import (
 )
 
 const (
-	pollWait    = 25 * time.Second // a long-poll answers empty after this
-	tickEvery   = 10 * time.Second // an SSE stream's keep-alive comment
-	logSize     = 1000             // messages a worker keeps, all rooms
-	sessionTTL  = 30 * time.Minute // an idle session (no request, no stream) is dropped
-	maxText     = 2000             // bytes of a message
-	defaultRoom = "lobby"
+	pollWait = 25 * time.Second // a long-poll answers empty after this
+	// pollRetireSpread: a retired worker answers each open poll at a
+	// random moment within this (see server.drain).
+	pollRetireSpread = time.Second
+	tickEvery        = 10 * time.Second // an SSE stream's keep-alive comment
+	logSize          = 1000             // messages a worker keeps, all rooms
+	sessionTTL       = 30 * time.Minute // an idle session (no request, no stream) is dropped
+	maxText          = 2000             // bytes of a message
+	defaultRoom      = "lobby"
 
 	sidCookie  = "sid"  // the session id: the key into this worker's memory
 	chatCookie = "chat" // nick and rooms, to re-join on another worker
@@ -296,8 +299,10 @@ func newServer(info workerInfo, log *slog.Logger, sseGrace time.Duration) *serve
 }
 
 // drain is called once the worker is retired: its slot points at a new
-// worker, so this one gets no new connections. Open long-polls go on: they
-// answer within pollWait anyway. SSE streams have no end of their own, and
+// worker, so this one gets no new connections. Open long-polls answer at a
+// random moment within pollRetireSpread (with what they have, often
+// nothing), so their clients' next polls reach the new worker in a second
+// rather than up to pollWait later, and not all in one instant. SSE streams have no end of their own, and
 // there are two bad ways to end them. Kept until the worker is told to
 // finish (DrainTimeout, 10 minutes by default), they would show a room no
 // new client joins any more, and hold the old worker's memory all along.
@@ -463,6 +468,8 @@ func (s *server) poll(w http.ResponseWriter, r *http.Request) {
 	timeout := time.NewTimer(s.pollWait)
 	defer timeout.Stop()
 	reply := pollReply{Worker: s.info, Messages: []message{}}
+	retired := s.retired
+	var leave <-chan time.Time
 wait:
 	for {
 		msgs, next, reset, wake := s.hub.pending(sess, cursor)
@@ -472,11 +479,16 @@ wait:
 			break
 		}
 		cursor = next
-		// Retirement does not end a poll: it answers within pollWait,
-		// and the client's next poll reaches the new worker.
 		select {
 		case <-wake:
 		case <-timeout.C:
+			break wait
+		case <-retired:
+			// The client's next poll reaches the new worker: answer
+			// soon, each poll at its own moment.
+			retired = nil
+			leave = time.After(mrand.N(pollRetireSpread + 1))
+		case <-leave:
 			break wait
 		case <-s.stopping:
 			break wait

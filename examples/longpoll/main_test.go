@@ -251,23 +251,35 @@ func TestLongPoll(t *testing.T) {
 		t.Fatal("poll not woken by a message")
 	}
 
-	// Retirement does not end a poll; stop does.
-	s.drain()
+	// Stop ends a poll at once.
+	s.pollWait = time.Minute
 	go func() { got <- poll(t, ann, ts.URL+"/poll") }()
 	waitFor(t, func() bool { return s.polls.Load() == 1 })
-	select {
-	case <-got:
-		t.Fatal("poll ended by retirement")
-	case <-time.After(100 * time.Millisecond):
-	}
 	s.stop()
 	select {
 	case p := <-got:
 		if len(p.Messages) != 0 {
 			t.Errorf("poll ended by stop = %+v, want empty", p)
 		}
-	case <-time.After(2 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("poll not ended by stop")
+	}
+
+	// Retirement ends a poll within pollRetireSpread, not pollWait: the
+	// client's next poll reaches the new worker.
+	s, ts = newTestServer(t, 101)
+	s.pollWait = time.Minute
+	join(t, ann, ts.URL, "ann", "lobby")
+	go func() { got <- poll(t, ann, ts.URL+"/poll") }()
+	waitFor(t, func() bool { return s.polls.Load() == 1 })
+	s.drain()
+	select {
+	case p := <-got:
+		if len(p.Messages) != 0 {
+			t.Errorf("poll ended by retirement = %+v, want empty", p)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("poll not ended by retirement")
 	}
 }
 
