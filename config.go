@@ -494,6 +494,22 @@ type Config struct {
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
 
+// Validate reports what Run would refuse in c, its fields and the
+// IPCLUSTER_DEV variable, without touching anything: a *ConfigError
+// (wrapping ErrInvalidConfig) that names the field and the fix. An
+// application that starts something of its own before Run (a sidecar
+// process, a listener, a cache to warm) calls it first, so that bad input
+// stops everything before anything starts. Run also checks the machine
+// when it starts (privileges, the rule backend, the ports), still before
+// it touches a rule or a process; those Validate cannot know.
+func (c Config) Validate() error {
+	if _, _, err := devMode(&c); err != nil {
+		return err
+	}
+	c = c.withDefaults()
+	return c.validate()
+}
+
 // withDefaults returns a copy of c with zero fields set to their defaults.
 func (c Config) withDefaults() Config {
 	if c.Workers == 0 {

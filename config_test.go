@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -67,8 +68,7 @@ func TestValidateNamesTheField(t *testing.T) {
 	} {
 		c := ok
 		tc.edit(&c)
-		c = c.withDefaults()
-		err := c.validate()
+		err := c.Validate() // what Run checks first
 		var ce *ConfigError
 		if !errors.As(err, &ce) || !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("%s: got %v, want a *ConfigError", tc.field, err)
@@ -81,10 +81,15 @@ func TestValidateNamesTheField(t *testing.T) {
 			t.Errorf("%s: error %q gives no fix", tc.field, err)
 		}
 	}
-	c := ok.withDefaults()
-	if err := c.validate(); err != nil {
+	if err := ok.Validate(); err != nil {
 		t.Errorf("valid config rejected: %v", err)
 	}
+	t.Setenv(EnvDev, "maybe")
+	if err := ok.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), EnvDev) {
+		t.Errorf("%s=maybe: Validate says %v, want the error Run gives", EnvDev, err)
+	}
+	os.Unsetenv(EnvDev)
+	c := ok.withDefaults()
 	// One number, both protocols: two ports.
 	c.Ports = []Port{{Public: 443}, {Public: 443, Proto: UDP}}
 	if err := c.validate(); err != nil {

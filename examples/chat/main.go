@@ -121,8 +121,12 @@ func run(name string, workers, spares int, port uint, addr, runDir string, backe
 		cfg.Addr = a
 	}
 	if !ipcluster.IsWorker() {
-		// The master: check the certificate now, not in every worker,
-		// and run the pub/sub unless -nats names one.
+		// The master: check the configuration and the certificate
+		// before starting anything, then run the pub/sub unless -nats
+		// names one.
+		if err := cfg.Validate(); err != nil {
+			return err
+		}
 		if opts.certFile != "" {
 			if _, err := loadPair(opts.certFile, opts.keyFile); err != nil {
 				return err

@@ -184,9 +184,14 @@ func runSidecar(dir string) int {
 	}
 }
 
-// removeOwnState removes the state file if it is still this process's.
+// removeOwnState removes the state file if it is still this process's,
+// and then the directory, if nothing else is in it: a stopped cluster
+// leaves nothing behind.
 func removeOwnState(dir string) {
 	if st, err := readSidecar(dir); err == nil && st.PID == os.Getpid() {
 		_ = os.Remove(filepath.Join(dir, "state.json"))
+		_ = os.RemoveAll(filepath.Join(dir, "jetstream"))
+		_ = os.Remove(filepath.Join(dir, "lock"))
+		_ = os.Remove(dir)
 	}
 }
