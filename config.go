@@ -490,6 +490,12 @@ type Config struct {
 	// it fails in the old worker, a read past it in the new one. Default
 	// 64 MiB.
 	HandoffMaxBytes int64
+
+	// BGP, if it has Peers, makes the master announce the service
+	// addresses to routers while the cluster is ready, and withdraw them
+	// before it stops or when drained (see BGPConfig, and "Beyond one
+	// host" in the README). Default: off.
+	BGP BGPConfig
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -579,6 +585,7 @@ func (c Config) withDefaults() Config {
 	if c.WorkerStderr == nil {
 		c.WorkerStderr = os.Stderr
 	}
+	c.BGP = c.BGP.withDefaults(c.Addr)
 	return c
 }
 
@@ -738,6 +745,7 @@ func (c *Config) validate() error {
 	if c.RunDir != "" && c.RunDir[0] != '/' {
 		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")
 	}
+	c.BGP.validate(bad)
 	return errors.Join(errs...)
 }
 

@@ -11,6 +11,13 @@ import (
 )
 
 // Every bad field is named in its error, and validation touches nothing.
+// withBGP gives c a valid BGP configuration, for a test to break.
+func withBGP(c *Config) {
+	c.Addr = netip.MustParseAddr("198.19.100.1")
+	c.BGP = BGPConfig{ASN: 65001, RouterID: netip.MustParseAddr("198.18.16.2"),
+		Peers: []BGPPeer{{Addr: netip.MustParseAddr("198.18.16.1"), ASN: 65000}}}
+}
+
 func TestValidateNamesTheField(t *testing.T) {
 	ok := Config{Name: "chat", Workers: 4, Ports: []Port{{Public: 8080}}}
 	for _, tc := range []struct {
@@ -65,6 +72,15 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"HandoffTimeout", func(c *Config) { c.HandoffTimeout = -time.Second }},
 		{"HandoffTimeout", func(c *Config) { c.WorkerReady, c.ReadyTimeout, c.HandoffTimeout = true, 4*time.Second, 4*time.Second }},
 		{"HandoffMaxBytes", func(c *Config) { c.HandoffMaxBytes = -1 }},
+		{"BGP.Peers", func(c *Config) { c.BGP.ASN = 65001 }},
+		{"BGP.ASN", func(c *Config) { withBGP(c); c.BGP.ASN = 0 }},
+		{"BGP.RouterID", func(c *Config) { withBGP(c); c.BGP.RouterID = netip.MustParseAddr("fd00::1") }},
+		{"BGP.Addrs", func(c *Config) { withBGP(c); c.Addr = netip.Addr{} }},
+		{"BGP.Addrs[0]", func(c *Config) { withBGP(c); c.BGP.Addrs = []netip.Addr{netip.MustParseAddr("224.0.0.1")} }},
+		{"BGP.Peers[1].Addr", func(c *Config) { withBGP(c); c.BGP.Peers = append(c.BGP.Peers, c.BGP.Peers[0]) }},
+		{"BGP.Peers[0].ASN", func(c *Config) { withBGP(c); c.BGP.Peers[0].ASN = 0 }},
+		{"BGP.HoldTime", func(c *Config) { withBGP(c); c.BGP.HoldTime = time.Second }},
+		{"BGP.RestartTime", func(c *Config) { withBGP(c); c.BGP.RestartTime = 2 * time.Hour }},
 	} {
 		c := ok
 		tc.edit(&c)
@@ -83,6 +99,14 @@ func TestValidateNamesTheField(t *testing.T) {
 	}
 	if err := ok.Validate(); err != nil {
 		t.Errorf("valid config rejected: %v", err)
+	}
+	withB := ok
+	withBGP(&withB)
+	if err := withB.Validate(); err != nil {
+		t.Errorf("valid BGP config rejected: %v", err)
+	}
+	if d := withB.withDefaults().BGP; len(d.Addrs) != 1 || d.Addrs[0] != withB.Addr || d.Peers[0].Port != 179 || d.HoldTime != 9*time.Second {
+		t.Errorf("BGP defaults: %+v", d)
 	}
 	t.Setenv(EnvDev, "maybe")
 	if err := ok.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), EnvDev) {

@@ -452,6 +452,10 @@ func (m *master) onMsg(pr *peer, msg proto.Msg) {
 			}
 			m.retire(p, CauseRequested, "operator request over the control socket")
 			pr.send(proto.TypeRetireOne, &proto.RetireOne{Slot: p.slot, PID: p.pid})
+		case proto.TypeDrain:
+			req := msg.Body.(*proto.Drain)
+			m.drain(req.On)
+			pr.send(proto.TypeDrain, req)
 		case proto.TypeKillRetired:
 			pr.send(proto.TypeKillRetired, &proto.Count{N: m.killRetired()})
 		case proto.TypeStop:

@@ -202,7 +202,7 @@ func (m *master) handOver(pr *peer, build string) {
 		return
 	}
 	defer lnFile.Close()
-	ho := &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen, History: m.hist.handover(m.cfg.MonitorInterval, proto.MaxFrame/2)}
+	ho := &proto.Handover{MasterPID: os.Getpid(), Generation: m.gen, History: m.hist.handover(m.cfg.MonitorInterval, proto.MaxFrame/2), Drained: m.drained}
 	fds := []int{rawFD(lnFile), rawFD(m.lock)}
 	for _, slot := range slices.Sorted(maps.Keys(m.held)) {
 		s := m.held[slot]
@@ -256,6 +256,9 @@ func (m *master) letGo() {
 	if m.target.exe != nil {
 		m.target.exe.Close()
 	}
+	if m.bgp != nil {
+		m.bgp.abandon() // the routers keep the routes for the new master
+	}
 }
 
 // ---- takeover: the new master's side ----
@@ -302,6 +305,7 @@ func (m *master) takeOver(held error) error {
 		}
 		m.takeHeld(b.Held, fds[2:2+held])
 		m.hist.adopt(b.History)
+		m.drained = b.Drained
 		arrays := make([]*os.File, b.Arrays)
 		for i, fd := range fds[2+held:] {
 			arrays[i] = os.NewFile(uintptr(fd), "reuseport-sockarray")

@@ -186,6 +186,7 @@ func (evRetryRules) isEvent()       {}
 func (evHealth) isEvent()           {}
 func (evInstallDeadline) isEvent()  {}
 func (evStopTimeout) isEvent()      {}
+func (evWithdrawn) isEvent()        {}
 func (evPSS) isEvent()              {}
 func (evSuccessorExit) isEvent()    {}
 func (evSuccessorTimeout) isEvent() {}
@@ -220,6 +221,7 @@ type (
 	}
 	evInstallDeadline struct{} // ConnectTimeout after start: install with the slots that are ready
 	evStopTimeout     struct{}
+	evWithdrawn       struct{} // BGPConfig.WithdrawDelay after a stop withdrew: go on stopping
 )
 
 type master struct {
@@ -283,6 +285,14 @@ type master struct {
 	resized     *resizeState // a resize whose new routes are still to be written: announced then
 
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
+
+	// The front tier (bgp.go): the BGP speaker, nil without Config.BGP;
+	// drained, an operator's drain (ipclusterctl drain), which makes the
+	// master not ready; stopPending, why a graceful stop waits out
+	// BGPConfig.WithdrawDelay after withdrawing ("" if none does).
+	bgp         *speaker
+	drained     bool
+	stopPending string
 
 	// Heap snapshots (heap.go): the store, nil without
 	// Config.HeapProfileDir; the latest pairs written, for the status.
@@ -470,6 +480,16 @@ func (m *master) run(ctx context.Context) error {
 	defer m.emit.close()
 	m.sd = newNotifier(m.log)
 	defer m.sd.close()
+	if m.cfg.BGP.Enabled() {
+		// A master that took over from a running one opens its sessions
+		// as a graceful restart: the routers held the old one's routes.
+		sp, err := startSpeaker(m.cfg.BGP, m.tookOver, m.log)
+		if err != nil {
+			return err
+		}
+		m.bgp = sp
+		defer sp.stop() // on every way out; a no-op after stop or abandon
+	}
 	defer m.obs.serve(m)() // shut down after close(m.done): waiting handlers give up at once
 	defer close(m.done)
 	m.log.Info("master starting", "pid", os.Getpid(), "workers", m.cfg.Workers,
@@ -569,7 +589,11 @@ func (m *master) run(ctx context.Context) error {
 		m.progressResize()
 		m.syncRules(ctx)
 		m.rules.cleanConntrack()
+		m.syncBGP()
 		if m.phase == phaseStopping && len(m.procs) == 0 {
+			if m.bgp != nil {
+				m.bgp.stop()
+			}
 			m.removeRules()
 			m.removeOpsDir()
 			m.closeRunDir()
@@ -643,6 +667,10 @@ func (m *master) handle(ev event) {
 		ev.reply <- st
 	case evHeap:
 		m.onHeap(ev)
+	case evWithdrawn:
+		if m.stopPending != "" {
+			m.stopNow(m.stopPending)
+		}
 	case evStopTimeout:
 		if len(m.procs) > 0 {
 			m.log.Warn("stop timeout: killing remaining workers", "remaining", len(m.procs), "timeout", m.cfg.StopTimeout)
@@ -1210,8 +1238,10 @@ func (m *master) workerPorts() []slotTarget {
 // systemd's STATUS line all show it.
 func (m *master) notReady() string {
 	switch {
-	case m.phase == phaseStopping:
+	case m.phase == phaseStopping || m.stopPending != "":
 		return "the master is stopping"
+	case m.drained:
+		return "drained by an operator (ipclusterctl undrain returns it)"
 	case !m.rules.installed:
 		return "the rules are not installed yet (waiting for the first worker of every slot)"
 	}
@@ -1241,6 +1271,28 @@ func (m *master) stop(why string) {
 	if m.phase == phaseStopping || m.phase == phaseHandedOver {
 		return // stopping already, or no longer this master's cluster to stop
 	}
+	if m.bgp != nil && m.bgp.on && m.stopPending == "" {
+		// The routers first: once they send no new client here, the
+		// local routes may go (evWithdrawn). A second stop goes on at
+		// once.
+		m.stopPending = why
+		if err := m.bgp.announce(false, "stopping: "+why); err != nil {
+			m.log.Warn("BGP: withdraw before stopping", "err", err)
+		}
+		m.log.Info("master stopping: routes withdrawn from the routers; the workers stop taking clients after the withdraw delay",
+			"reason", why, "withdraw_delay", m.cfg.BGP.WithdrawDelay)
+		time.AfterFunc(m.cfg.BGP.WithdrawDelay, func() { m.send(evWithdrawn{}) })
+		return
+	}
+	m.stopNow(why)
+}
+
+// stopNow is the graceful stop itself (see stop).
+func (m *master) stopNow(why string) {
+	if m.phase == phaseStopping || m.phase == phaseHandedOver {
+		return
+	}
+	m.stopPending = ""
 	m.phase = phaseStopping
 	m.log.Info("master stopping", "reason", why, "workers", len(m.procs))
 	m.notifyStopping(why)
@@ -1346,6 +1398,8 @@ func (m *master) status() *proto.Status {
 		Stopping:    m.phase == phaseStopping,
 
 		HeapSnapshots: slices.Clone(m.heapSnaps),
+		Drained:       m.drained,
+		BGP:           m.bgpStatus(),
 	}
 	st.Backend, st.BackendReason = string(m.backend.name), m.backend.reason
 	for i, p := range m.slots {

@@ -12,6 +12,9 @@
 #   ca-certificates go's module downloads, over HTTPS
 #   iproute2        ip, which the test lab's own test runs (ip netns add/del)
 #   iptables        the iptables rule backend, which its tests run
+#   frr             bgpd and zebra, the router of the multi-host BGP test,
+#                   started in its lab namespace only (no service is
+#                   started on install)
 #   chromium        the headless browser of the status page's tests and of
 #                   internal/browser (pages driven across a deploy)
 #
@@ -74,6 +77,10 @@ check() { # fills packages and reasons with what is missing
 		packages+=(chromium)
 		reasons+=("chromium: the headless browser of the status page's tests and of internal/browser")
 	fi
+	if [[ ! -x /usr/lib/frr/bgpd ]] || ! have vtysh; then
+		packages+=(frr)
+		reasons+=("frr: bgpd and zebra, the router of the multi-host BGP test (run in its namespace only)")
+	fi
 	if [[ ${IPCLUSTER_BENCH_TOOLS:-} == 1 ]]; then
 		want haproxy "the data-path benchmark's HAProxy comparison" haproxy
 	fi
@@ -94,7 +101,17 @@ if ((${#packages[@]})); then
 	echo "test.sh: installing what the tests need and this machine lacks:"
 	printf '  %s\n' "${reasons[@]}"
 	apt-get update
+	# No package's service may start on this machine (FRR's would run a
+	# router daemon in its own network namespace): the tests start what
+	# they need, in their namespaces.
+	norc=""
+	if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+		chmod 755 /usr/sbin/policy-rc.d
+		norc=1
+	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+	[[ -z $norc ]] || rm -f /usr/sbin/policy-rc.d
 	hash -r
 	check
 	((${#packages[@]} == 0)) || die "still missing after apt-get install: ${reasons[*]}"

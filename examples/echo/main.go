@@ -49,7 +49,12 @@ func main() {
 	flag.BoolVar(&cfg.Dev, "dev", false, "development mode: one worker in this process on the public port, no rules, no root (IPCLUSTER_DEV=1 too)")
 	flag.StringVar(&cfg.HTTPAddr, "http", "", `address for /metrics, /healthz, /readyz and /status, e.g. "127.0.0.1:9100" (default none)`)
 	logLevel := flag.String("log-level", "info", `least level logged: "debug", "info", "warn" or "error"`)
+	setBGP := bgpFlags() // bgp.go
 	flag.Parse()
+	if err := setBGP(&cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "echo:", err)
+		os.Exit(2)
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {

@@ -33,6 +33,11 @@ commands:
                       is a slot, any other a pid); waits for its slot to move
   resize <workers>    change the number of slots (a power of two); waits
   kill-retired        kill every retired worker (as SIGUSR1 to the master)
+  drain               take this host out of the front tier: not ready (/readyz
+                      503), BGP announcements withdrawn; held connections
+                      stay. Waits until the routes are withdrawn
+  undrain             return it: ready and announced again once every slot
+                      is served; waits
   stop                stop the cluster gracefully (as SIGTERM); waits
   pprof <slot|pid:N> [profile] [-o file] [-seconds N]
                       write a worker's profile to a file: heap (the default),
@@ -114,6 +119,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = c.retire(rest)
 	case "resize":
 		err = c.resize(rest)
+	case "drain", "undrain":
+		err = c.drain(cmd == "drain")
 	case "kill-retired":
 		err = c.killRetired()
 	case "stop":
@@ -404,6 +411,26 @@ func (c *cli) retire(args []string) error {
 	})
 }
 
+// drain drains (on) or undrains the host and waits for its announcements
+// to follow, when it has a BGP speaker.
+func (c *cli) drain(on bool) error {
+	if _, err := c.request(proto.TypeDrain, &proto.Drain{On: on}); err != nil {
+		return err
+	}
+	what := map[bool]string{true: "drained", false: "undrained"}[on]
+	fmt.Fprintf(c.out, "%s: %s\n", what, map[bool]string{true: "not ready; held connections stay", false: "ready again once every slot is served"}[on])
+	return c.wait("the announcements to follow", func(st *proto.Status) (bool, error) {
+		if st.BGP == nil {
+			return true, nil
+		}
+		if st.BGP.Announced == !on {
+			fmt.Fprintf(c.out, "%s: BGP announcements of %s %s\n", what, strings.Join(st.BGP.Addrs, ", "), map[bool]string{true: "withdrawn", false: "announced"}[on])
+			return true, nil
+		}
+		return false, nil
+	})
+}
+
 func (c *cli) resize(args []string) error {
 	if len(args) != 1 {
 		return usageError{"resize: want the new number of workers"}
@@ -471,6 +498,19 @@ func writeStatus(w io.Writer, st *proto.Status, now time.Time) {
 	}
 	if st.Backend != "" {
 		fmt.Fprintf(w, "backend: %s (%s)\n", st.Backend, st.BackendReason)
+	}
+	if st.Drained {
+		fmt.Fprintln(w, "drained: out of the front tier until ipclusterctl undrain")
+	}
+	if b := st.BGP; b != nil {
+		state := "withdrawn"
+		if b.Announced {
+			state = "announced"
+		}
+		fmt.Fprintf(w, "bgp: %s %s since %s\n", strings.Join(b.Addrs, ", "), state, time.Unix(0, int64(b.Since*1e9)).Format(time.TimeOnly))
+		for _, p := range b.Peers {
+			fmt.Fprintf(w, "  peer %s (AS %d): %s\n", p.Addr, p.ASN, p.State)
+		}
 	}
 	fmt.Fprintln(w)
 	workers := slices.Clone(st.Workers)

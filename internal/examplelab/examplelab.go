@@ -36,37 +36,37 @@ func Build(t testing.TB, path, ldflags string) {
 
 // Cluster is an example's cluster in a lab.
 type Cluster struct {
-	Exe     string // the binary a deploy starts: Redeploy rebuilds it
+	Exe     string // the binary masters start from: Deploy replaces it
 	Name    string
 	Socket  string // the control socket
 	LogFile string // the masters' and workers' output
 
 	t    testing.TB
+	ns   *netlab.NS
+	args []string     // the master's command line
 	pids map[int]bool // every master seen, for the cleanup
 }
 
 // Start builds the example in dir and runs it in lab.Server as the master
-// of cluster name, with args and -name, -rundir; output goes to a file the
-// test logs if it fails. The cleanup stops the current master (SIGTERM),
-// waits for the control socket to go, and kills what is left in the lab.
+// of cluster name (see StartIn).
 func Start(t testing.TB, lab *netlab.Lab, dir, name string, args ...string) *Cluster {
 	t.Helper()
 	exe := filepath.Join(dir, name)
 	Build(t, exe, "")
+	return StartIn(t, lab.Server, exe, dir, name, args...)
+}
+
+// StartIn runs exe (a built example, which Deploy may replace) in ns as the
+// master of cluster name, with args and -name, and -rundir under dir;
+// output goes to a file in dir the test logs if it fails. The cleanup
+// stops the current master (SIGTERM), waits for the control socket to
+// go, and kills what is left in ns.
+func StartIn(t testing.TB, ns *netlab.NS, exe, dir, name string, args ...string) *Cluster {
+	t.Helper()
 	runDir := filepath.Join(dir, "run")
-	c := &Cluster{Exe: exe, Name: name, Socket: proto.SocketPath(runDir, name), LogFile: filepath.Join(dir, "cluster.log"), t: t, pids: map[int]bool{}}
-	logf, err := os.Create(c.LogFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(exe, append([]string{"-name", name, "-rundir", runDir}, args...)...)
-	cmd.Stdout, cmd.Stderr = logf, logf // a file: workers outlive a master
-	if err := lab.Server.Start(cmd); err != nil {
-		t.Fatal(err)
-	}
-	go cmd.Wait()
-	c.pids[cmd.Process.Pid] = true
+	c := &Cluster{Exe: exe, Name: name, Socket: proto.SocketPath(runDir, name), LogFile: filepath.Join(dir, "cluster.log"), t: t,
+		ns: ns, args: append([]string{"-name", name, "-rundir", runDir}, args...), pids: map[int]bool{}}
+	c.StartMaster()
 	t.Cleanup(func() {
 		if st, err := c.Status(); err == nil {
 			c.pids[st.MasterPID] = true
@@ -79,13 +79,33 @@ func Start(t testing.TB, lab *netlab.Lab, dir, name string, args ...string) *Clu
 				break
 			}
 		}
-		lab.KillProcesses()
+		ns.KillProcesses()
 		if t.Failed() {
 			b, _ := os.ReadFile(c.LogFile)
-			t.Logf("cluster log:\n%s", b)
+			t.Logf("%s: cluster log:\n%s", dir, b)
 		}
 	})
 	return c
+}
+
+// StartMaster starts another master of the cluster, as after a crash of
+// the last one (it adopts the workers), or beside a running one (it takes
+// the cluster over); it returns its pid.
+func (c *Cluster) StartMaster() int {
+	c.t.Helper()
+	logf, err := os.OpenFile(c.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(c.Exe, c.args...)
+	cmd.Stdout, cmd.Stderr = logf, logf // a file: workers outlive a master
+	if err := c.ns.Start(cmd); err != nil {
+		c.t.Fatal(err)
+	}
+	go cmd.Wait()
+	c.pids[cmd.Process.Pid] = true
+	return cmd.Process.Pid
 }
 
 // Status asks the current master for the cluster's status.
@@ -141,6 +161,19 @@ func (c *Cluster) Deploy() (*proto.Status, time.Time) {
 		c.t.Fatalf("SIGHUP the master (pid %d): %v", st.MasterPID, err)
 	}
 	return st, time.Now()
+}
+
+// Request sends one control request and returns the answer's body.
+func (c *Cluster) Request(typ string, body any) (any, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cl, err := proto.Dial(ctx, c.Socket, c.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	m, err := cl.Do(ctx, typ, body)
+	return m.Body, err
 }
 
 // Retire asks the master to retire slot's active worker, as ipclusterctl

@@ -441,22 +441,12 @@ func (l *Lab) Close() error {
 // unnoticed).
 func NewT(t testing.TB, opts Options) *Lab {
 	t.Helper()
-	unprivileged := func(why string) {
-		t.Helper()
-		msg := "netlab: network namespace tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): " + why
-		if os.Getenv(requireEnv) == "1" {
-			t.Fatal(msg + " (and " + requireEnv + "=1 is set)")
-		}
-		t.Skip(msg + "; run as root (e.g. sudo go test), or set " + requireEnv + "=1 to fail instead of skip")
-	}
-	if why := missingPrivileges(); why != "" {
-		unprivileged(why)
-	}
+	requirePrivileges(t)
 	l, err := New(opts)
 	if errors.Is(err, unix.EPERM) {
 		// Capabilities present but still refused, e.g. by a seccomp
 		// profile or a security module.
-		unprivileged(err.Error())
+		unprivileged(t, err.Error())
 	}
 	if err != nil {
 		t.Fatal(err)
@@ -474,14 +464,39 @@ func NewT(t testing.TB, opts Options) *Lab {
 	return l
 }
 
+// requirePrivileges skips the test, or fails it with
+// IPCLUSTER_REQUIRE_NETNS=1, if this process cannot build namespaces.
+func requirePrivileges(t testing.TB) {
+	t.Helper()
+	if why := missingPrivileges(); why != "" {
+		unprivileged(t, why)
+	}
+}
+
+func unprivileged(t testing.TB, why string) {
+	t.Helper()
+	msg := "netlab: network namespace tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN): " + why
+	if os.Getenv(requireEnv) == "1" {
+		t.Fatal(msg + " (and " + requireEnv + "=1 is set)")
+	}
+	t.Skip(msg + "; run as root (e.g. sudo go test), or set " + requireEnv + "=1 to fail instead of skip")
+}
+
 // KillProcesses SIGKILLs every process whose network namespace is one of
 // the lab's, waits up to 5s for them to go, and returns how many it killed.
 // Workers outlive a master that was killed or failed half-way; left
 // running, they would keep the lab's namespaces, and its addresses, alive
 // for good.
-func (l *Lab) KillProcesses() int {
+func (l *Lab) KillProcesses() int { return killIn(l.Server, l.Client) }
+
+// KillProcesses SIGKILLs every process in ns, as Lab.KillProcesses does.
+func (ns *NS) KillProcesses() int { return killIn(ns) }
+
+// killIn SIGKILLs every process in the namespaces (but this one), waits up
+// to 5s for them to go, and returns how many it killed.
+func killIn(nss ...*NS) int {
 	var killed []int
-	for _, ns := range []*NS{l.Server, l.Client} {
+	for _, ns := range nss {
 		if ns == nil {
 			continue
 		}
@@ -803,16 +818,7 @@ func (l *Lab) wire() error {
 
 	// Up first: taking a link down flushes its neighbour entries,
 	// permanent ones included.
-	up := func(h *netlink.Handle, ns *NS, name string) (netlink.Link, error) {
-		link, err := h.LinkByName(name)
-		if err != nil {
-			return nil, fmt.Errorf("netlab: find %s in %s: %w", name, ns.Name, err)
-		}
-		if err := h.LinkSetUp(link); err != nil {
-			return nil, fmt.Errorf("netlab: bring up %s in %s: %w", name, ns.Name, err)
-		}
-		return link, nil
-	}
+	up := linkUp
 	srvLo, err := up(srv, l.Server, "lo")
 	if err != nil {
 		return err
@@ -829,24 +835,7 @@ func (l *Lab) wire() error {
 		return err
 	}
 
-	add := func(h *netlink.Handle, link netlink.Link, addrs []netip.Addr, bits4, bits6 int) error {
-		for _, a := range addrs {
-			bits := bits4
-			if a.Is6() {
-				bits = bits6
-			}
-			// NODAD: an IPv6 address is usable at once, instead of after
-			// duplicate address detection, so nobody has to sleep.
-			addr := &netlink.Addr{
-				IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())},
-				Flags: unix.IFA_F_NODAD,
-			}
-			if err := h.AddrAdd(link, addr); err != nil {
-				return fmt.Errorf("netlab: add %s/%d to %s: %w", a, bits, link.Attrs().Name, err)
-			}
-		}
-		return nil
-	}
+	add := addAddrs
 	if err := add(srv, srvLink, []netip.Addr{l.ServerAddr4, l.ServerAddr6}, 15, 32); err != nil {
 		return err
 	}
@@ -886,6 +875,39 @@ func (l *Lab) wire() error {
 		return err
 	}
 	return neigh(cli, cliLink, []netip.Addr{l.ServerAddr4, l.ServerAddr6}, srvLink.Attrs().HardwareAddr)
+}
+
+// linkUp finds the link name in ns (h is ns's handle) and brings it up.
+func linkUp(h *netlink.Handle, ns *NS, name string) (netlink.Link, error) {
+	link, err := h.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("netlab: find %s in %s: %w", name, ns.Name, err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("netlab: bring up %s in %s: %w", name, ns.Name, err)
+	}
+	return link, nil
+}
+
+// addAddrs puts addrs on link, IPv4 ones with prefix length bits4 and IPv6
+// ones with bits6.
+func addAddrs(h *netlink.Handle, link netlink.Link, addrs []netip.Addr, bits4, bits6 int) error {
+	for _, a := range addrs {
+		bits := bits4
+		if a.Is6() {
+			bits = bits6
+		}
+		// NODAD: an IPv6 address is usable at once, instead of after
+		// duplicate address detection, so nobody has to sleep.
+		addr := &netlink.Addr{
+			IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())},
+			Flags: unix.IFA_F_NODAD,
+		}
+		if err := h.AddrAdd(link, addr); err != nil {
+			return fmt.Errorf("netlab: add %s/%d to %s: %w", a, bits, link.Attrs().Name, err)
+		}
+	}
+	return nil
 }
 
 // netlink returns a rtnetlink handle whose socket lives in ns.

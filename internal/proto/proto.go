@@ -58,6 +58,7 @@ const (
 	TypeStatus      = "status"        // client → master: request; master → client: the answer
 	TypeError       = "error"         // master → client: a request failed
 	TypeDrained     = "drained"       // worker → master: retired and drained; waits for die (Welcome.HeapSnapshots)
+	TypeDrain       = "drain"         // client → master: withdraw from (or, On false, return to) the front tier; the answer
 
 	// State handoff between a slot's old and new worker, sent only to a
 	// peer that said it knows them (Hello.Handoff, Welcome.Handoff).
@@ -185,6 +186,8 @@ type Handover struct {
 	// that the page of the new master still shows what came before the
 	// deploy. Omitted by a master of an earlier release.
 	History *History `json:"history,omitempty"`
+	// Drained passes an operator's drain to the new master.
+	Drained bool `json:"drained,omitempty"`
 }
 
 // HeldSockets are one slot's held sockets, one per entry of Ports.
@@ -349,6 +352,33 @@ type Status struct {
 	// page. Only the HTTP snapshot (/status.json) carries it: a control
 	// client's status omits it, which keeps that reply within MaxFrame.
 	History *History `json:"history,omitempty"`
+	// Drained: an operator drained the host (ipclusterctl drain): it is
+	// not ready, and its BGP announcements are withdrawn, until undrained.
+	Drained bool `json:"drained,omitempty"`
+	// BGP is the master's BGP speaker (Config.BGP), nil without one.
+	BGP *BGPStatus `json:"bgp,omitempty"`
+}
+
+// BGPStatus is the master's BGP speaker: whether it announces the
+// service addresses, since when, and its sessions.
+type BGPStatus struct {
+	Announced bool      `json:"announced"`
+	Since     float64   `json:"since"` // when Announced last changed, seconds since the Unix epoch
+	Addrs     []string  `json:"addrs"`
+	Peers     []BGPPeer `json:"peers"`
+}
+
+// BGPPeer is one BGP session.
+type BGPPeer struct {
+	Addr  string  `json:"addr"`
+	ASN   uint32  `json:"asn"`
+	State string  `json:"state"`           // established, connecting, opening, idle
+	Since float64 `json:"since,omitempty"` // established since, seconds since the Unix epoch
+}
+
+// Drain is a drain request (On) or an undrain (not On), and its answer.
+type Drain struct {
+	On bool `json:"on"`
 }
 
 // History is what the master kept of the last minutes: one sample per
@@ -476,6 +506,8 @@ func newBody(typ string) (any, error) {
 		return new(Deploy), nil
 	case TypeRetireOne:
 		return new(RetireOne), nil
+	case TypeDrain:
+		return new(Drain), nil
 	case TypeKillRetired:
 		return new(Count), nil
 	case TypeStop, TypeDrained:
