@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -106,23 +108,7 @@ func startFabric(t *testing.T, resilient bool, extra ...string) *fabricRun {
 		t.Cleanup(func() { close(stop); <-done })
 		go func() {
 			defer close(done)
-			var last []netip.Addr
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
-				gws, err := r.frr.BestPaths(f.ServiceAddr4.String() + "/32")
-				if err != nil || slices.Equal(gws, last) {
-					continue
-				}
-				if err := f.SetResilient(gws, 128, time.Minute); err != nil {
-					t.Errorf("program the resilient group: %v", err)
-					return
-				}
-				last = gws
-			}
+			r.program(t, stop)
 		}()
 	}
 	dir := t.TempDir()
@@ -145,6 +131,65 @@ func startFabric(t *testing.T, resilient bool, extra ...string) *fabricRun {
 		}
 	}
 	return r
+}
+
+// The resilient group's settings, as a router doing resilient hashing
+// would have them: 128 buckets; a bucket is idle after idleTimer without
+// a packet (held connections here ping more often, as realtime clients
+// send heartbeats); a host that withdrew is drained, with the least
+// weight, for drainDeadline: its active buckets (its held connections)
+// stay, its idle ones go to the others; then it leaves the group.
+const (
+	buckets       = 128
+	idleTimer     = 2 * time.Second
+	drainDeadline = 8 * time.Second
+)
+
+// program keeps the router's resilient group to the hosts bgpd would
+// use, within 20ms of each change, draining a host that withdrew for
+// drainDeadline before it leaves, until stop is closed.
+func (r *fabricRun) program(t *testing.T, stop <-chan struct{}) {
+	draining := map[netip.Addr]time.Time{} // a withdrawn host → when it leaves the group
+	routed := map[netip.Addr]bool{}        // the hosts bgpd used last time
+	var prev string
+	for {
+		select {
+		case <-stop:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		gws, err := r.frr.BestPaths(r.f.ServiceAddr4.String() + "/32")
+		if err != nil {
+			continue
+		}
+		var members []netlab.Member
+		now := time.Now()
+		for _, h := range r.f.Hosts {
+			switch until, ok := draining[h.Addr4]; {
+			case slices.Contains(gws, h.Addr4):
+				delete(draining, h.Addr4)
+				members = append(members, netlab.Member{Gw: h.Addr4, Weight: 100})
+			case ok && now.Before(until):
+				members = append(members, netlab.Member{Gw: h.Addr4, Weight: 1})
+			case !ok && routed[h.Addr4]:
+				draining[h.Addr4] = now.Add(drainDeadline)
+				members = append(members, netlab.Member{Gw: h.Addr4, Weight: 1})
+			}
+		}
+		routed = map[netip.Addr]bool{}
+		for _, gw := range gws {
+			routed[gw] = true
+		}
+		key := fmt.Sprint(members)
+		if key == prev {
+			continue
+		}
+		if err := r.f.SetResilient(members, buckets, idleTimer, drainDeadline); err != nil {
+			t.Errorf("program the resilient group: %v", err)
+			return
+		}
+		prev = key
+	}
 }
 
 func TestFabricBGP(t *testing.T) {
@@ -352,64 +397,135 @@ func alive(c net.Conn) bool {
 	return err == nil && n > 0
 }
 
+// heldConn is a connection held open and pinged every 300ms, as a
+// realtime client's heartbeat: broken once a ping goes unanswered.
+type heldConn struct {
+	host   int
+	broken atomic.Bool
+}
+
+// holdFrom opens a connection from each of srcs and pings each until the
+// test ends.
+func (r *fabricRun) holdFrom(t *testing.T, srcs []netip.Addr) []*heldConn {
+	t.Helper()
+	var out []*heldConn
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(stop); wg.Wait() })
+	for _, src := range srcs {
+		c, rep, err := dialEcho(r.f, src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := &heldConn{host: r.hostOf[rep.pid]}
+		out = append(out, h)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(300 * time.Millisecond):
+				}
+				if !h.broken.Load() && !alive(c) {
+					h.broken.Store(true)
+				}
+			}
+		}()
+	}
+	return out
+}
+
+// brokenOn counts the held connections on hosts other than skip that
+// broke, of how many.
+func brokenOn(held []*heldConn, skip int) (n, of int) {
+	for _, h := range held {
+		if h.host == skip {
+			continue
+		}
+		of++
+		if h.broken.Load() {
+			n++
+		}
+	}
+	return n, of
+}
+
+// reaching counts the new connections from srcs that reach host.
+func (r *fabricRun) reaching(t *testing.T, srcs []netip.Addr, host int) int {
+	t.Helper()
+	n := 0
+	for _, src := range srcs {
+		c, rep, err := dialEcho(r.f, src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		if r.hostOf[rep.pid] == host {
+			n++
+		}
+	}
+	return n
+}
+
 // Collateral damage: when a host leaves (drained) or joins (undrained),
 // how many connections held on the other hosts break, with the routes FRR
 // installs (hash-threshold ECMP, which remaps part of every host's
 // clients) and with a resilient nexthop group (which moves only the
-// buckets of the host that left or the idle ones a joining host takes).
+// buckets of the host that left, or, for one that joins, idle ones). In
+// resilient mode the drained host also keeps its held connections, and
+// gets fewer new clients, until the drain deadline.
 func TestFabricCollateral(t *testing.T) {
 	var results []string
 	for _, mode := range []string{"hash-threshold", "resilient"} {
 		t.Run(mode, func(t *testing.T) {
 			r := startFabric(t, mode == "resilient")
 			f := r.f
-			type conn struct {
-				c    net.Conn
-				host int
-			}
-			hold := func() []conn {
-				var held []conn
-				for _, src := range f.ClientAddrs4 {
-					c, rep, err := dialEcho(f, src)
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(func() { c.Close() })
-					held = append(held, conn{c, r.hostOf[rep.pid]})
-				}
-				return held
-			}
-			// broken counts the connections of held on hosts other than
-			// skip that no longer answer.
-			broken := func(held []conn, skip int) (n, of int) {
-				for _, h := range held {
-					if h.host == skip {
-						continue
-					}
-					of++
-					if !alive(h.c) {
-						n++
-					}
-				}
-				return n, of
-			}
-			// Leave: host 0 withdraws; a connection from every client is
-			// held, over the three hosts.
-			before := hold()
+			held, probes := f.ClientAddrs4[:64], f.ClientAddrs4[64:]
+			reachedBefore := r.reaching(t, probes, 0)
+			before := r.holdFrom(t, held)
+			time.Sleep(idleTimer + time.Second) // every bucket but the held connections' idle
+			drainedAt := time.Now()
 			if _, err := r.hosts[0].Request(proto.TypeDrain, &proto.Drain{On: true}); err != nil {
 				t.Fatal(err)
 			}
-			waitRoute(t, f, "host 0 withdrawn", func(gws []netip.Addr) bool { return len(gws) == 2 })
-			leave, leaveOf := broken(before, 0)
-			// Join: host 0 comes back; a connection from every client is
-			// held, over the two others.
-			during := hold()
+			note := ""
+			if mode == "resilient" {
+				time.Sleep(time.Second) // the idle buckets moved
+				reachedDuring := r.reaching(t, probes, 0)
+				lost, of := 0, 0
+				for _, h := range before {
+					if h.host == 0 {
+						of++
+						if h.broken.Load() {
+							lost++
+						}
+					}
+				}
+				note = fmt.Sprintf("; while draining, %d of %d connections held on it broke and %d of %d new clients reached it (%d before the drain)",
+					lost, of, reachedDuring, len(probes), reachedBefore)
+				if lost != 0 {
+					t.Errorf("draining host: %d of its %d held connections broke before the deadline", lost, of)
+				}
+				if reachedDuring >= reachedBefore {
+					t.Errorf("draining host got %d of %d new clients, no fewer than before the drain (%d)", reachedDuring, len(probes), reachedBefore)
+				}
+			}
+			waitRoute(t, f, "host 0 out of the route", func(gws []netip.Addr) bool { return len(gws) == 2 })
+			gone := time.Since(drainedAt)
+			time.Sleep(time.Second) // pings find what broke
+			leave, leaveOf := brokenOn(before, 0)
+			during := r.holdFrom(t, f.ClientAddrs4)
 			if _, err := r.hosts[0].Request(proto.TypeDrain, &proto.Drain{On: false}); err != nil {
 				t.Fatal(err)
 			}
 			waitRoute(t, f, "host 0 back", func(gws []netip.Addr) bool { return len(gws) == 3 })
-			join, joinOf := broken(during, 0)
-			t.Logf("%s: a host leaving broke %d of %d connections held on the others; joining, %d of %d", mode, leave, leaveOf, join, joinOf)
+			time.Sleep(time.Second)
+			join, joinOf := brokenOn(during, 0)
+			t.Logf("%s: drain → host out of the route %s; a host leaving broke %d of %d connections held on the others; joining, %d of %d%s",
+				mode, gone.Round(time.Millisecond), leave, leaveOf, join, joinOf, note)
 			results = append(results, fmt.Sprintf("%s: leave %d/%d, join %d/%d", mode, leave, leaveOf, join, joinOf))
 			if mode == "resilient" && (leave != 0 || join != 0) {
 				t.Errorf("resilient nexthop group: %d and %d held connections broke on the other hosts, want 0", leave, join)

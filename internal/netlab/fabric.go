@@ -353,12 +353,20 @@ func (f *Fabric) HostOf(gw netip.Addr) *FabricHost {
 // host i's nexthop is i+1).
 const resilientGroup = 100
 
+// Member is one host of a resilient nexthop group, with its weight (1 to
+// 255): its share of the buckets.
+type Member struct {
+	Gw     netip.Addr
+	Weight int
+}
+
 // SetResilient points the router's route to the service address at a
-// resilient nexthop group (Linux 5.13+) of the hosts gws, creating or
-// changing it: a change moves only the buckets of the hosts that left or
-// (once idle for idleTimer) those a joining host takes. No gateway
-// removes the route.
-func (f *Fabric) SetResilient(gws []netip.Addr, buckets int, idleTimer time.Duration) error {
+// resilient nexthop group (Linux 5.13+) of members, creating or changing
+// it. A change moves only the buckets it must: those of a host that
+// left, and, for a change of weights or a host that joins, buckets idle
+// for idleTimer, or any once the group has been unbalanced for
+// unbalancedTimer (0: never forced). No member removes the route.
+func (f *Fabric) SetResilient(members []Member, buckets int, idleTimer, unbalancedTimer time.Duration) error {
 	ip := func(args ...string) error {
 		out, err := exec.Command("ip", append([]string{"-n", f.Router.Name}, args...)...).CombinedOutput()
 		if err != nil {
@@ -367,14 +375,14 @@ func (f *Fabric) SetResilient(gws []netip.Addr, buckets int, idleTimer time.Dura
 		return nil
 	}
 	var ids []string
-	for _, gw := range gws {
+	for _, m := range members {
 		for i, h := range f.Hosts {
-			if h.Addr4 == gw {
+			if h.Addr4 == m.Gw {
 				id := strconv.Itoa(i + 1)
-				if err := ip("nexthop", "replace", "id", id, "via", gw.String(), "dev", h.Link); err != nil {
+				if err := ip("nexthop", "replace", "id", id, "via", m.Gw.String(), "dev", h.Link); err != nil {
 					return err
 				}
-				ids = append(ids, id)
+				ids = append(ids, id+","+strconv.Itoa(m.Weight))
 			}
 		}
 	}
@@ -385,7 +393,8 @@ func (f *Fabric) SetResilient(gws []netip.Addr, buckets int, idleTimer time.Dura
 		return nil
 	}
 	if err := ip("nexthop", "replace", "id", strconv.Itoa(resilientGroup), "group", strings.Join(ids, "/"), "type", "resilient",
-		"buckets", strconv.Itoa(buckets), "idle_timer", strconv.Itoa(int(idleTimer/time.Second))); err != nil {
+		"buckets", strconv.Itoa(buckets), "idle_timer", strconv.Itoa(int(idleTimer/time.Second)),
+		"unbalanced_timer", strconv.Itoa(int(unbalancedTimer/time.Second))); err != nil {
 		return err
 	}
 	return ip("route", "replace", dst, "nhid", strconv.Itoa(resilientGroup))
