@@ -38,6 +38,17 @@ func TestCtl(t *testing.T) {
 		t.Fatalf("status --json: %d %v", code, err)
 	}
 
+	// A drain: not ready, and the deploy below keeps it; undrain after.
+	if code, out, _ = d.ctl("drain"); code != 0 || !strings.Contains(out, "drained") {
+		t.Errorf("drain: %d", code)
+	}
+	if s, _ := d.c.status(); s.Ready || !s.Drained || !strings.Contains(s.NotReady, "drained") {
+		t.Errorf("after drain: ready %v, drained %v, %q", s.Ready, s.Drained, s.NotReady)
+	}
+	if _, out, _ = d.ctl("status"); !strings.Contains(out, "drained: out of the front tier") {
+		t.Errorf("status does not say drained:\n%s", out)
+	}
+
 	if code, out, _ = d.ctl("retire", "1"); code != 0 || !strings.Contains(out, "now served by") {
 		t.Errorf("retire 1: %d", code)
 	}
@@ -61,6 +72,15 @@ func TestCtl(t *testing.T) {
 	}
 	s, _ := d.c.status()
 	stopMasterByPID(t, s.MasterPID)
+	if s, _ := d.c.status(); !s.Drained || s.Ready {
+		t.Errorf("the deploy's new master dropped the drain: ready %v, drained %v", s.Ready, s.Drained)
+	}
+	if code, _, _ = d.ctl("undrain"); code != 0 {
+		t.Errorf("undrain: %d", code)
+	}
+	if s, _ := d.c.status(); !s.Ready || s.Drained {
+		t.Errorf("after undrain: ready %v (%s), drained %v", s.Ready, s.NotReady, s.Drained)
+	}
 
 	d.setVersion("v3") // its workers exit at start
 	code, _, errOut := d.ctl("deploy")

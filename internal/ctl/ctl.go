@@ -347,13 +347,23 @@ func (c *cli) deploy() error {
 		case proto.PhaseRolledBack:
 			return true, fmt.Errorf("deploy %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		case "":
-			if st.Ready {
+			if st.Ready || st.Drained && served(st) {
 				fmt.Fprintln(c.out, "deploy: every worker already runs this build; nothing to roll")
 				return true, nil
 			}
 		}
 		return false, nil
 	})
+}
+
+// served reports whether every slot has an active worker.
+func served(st *proto.Status) bool {
+	for _, s := range st.Slots {
+		if s.Active == 0 {
+			return false
+		}
+	}
+	return len(st.Slots) > 0
 }
 
 func (c *cli) restart() error {
