@@ -213,6 +213,7 @@ func TestHTTPEndpoints(t *testing.T) {
 	}{
 		{"ipcluster_ready", nil, eq(1), "1"},
 		{"ipcluster_stopping", nil, eq(0), "0"},
+		{"ipcluster_drained", nil, eq(0), "0"},
 		{"ipcluster_slots", nil, eq(2), "2"},
 		{"ipcluster_workers", []string{`state="active"`}, eq(2), "2"},
 		{"ipcluster_workers", nil, eq(2), "2 in all"},

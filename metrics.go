@@ -185,6 +185,9 @@ var (
 
 	descReady      = prometheus.NewDesc("ipcluster_ready", "1 when the cluster is ready, as /readyz says: every slot has an active worker, the rules are installed, and the master is not stopping.", nil, nil)
 	descStopping   = prometheus.NewDesc("ipcluster_stopping", "1 while the master stops gracefully.", nil, nil)
+	descDrained    = prometheus.NewDesc("ipcluster_drained", "1 while an operator has drained the host (ipclusterctl drain).", nil, nil)
+	descAnnounced  = prometheus.NewDesc("ipcluster_bgp_announced", "1 while the master announces the service addresses over BGP (Config.BGP).", nil, nil)
+	descBGPPeer    = prometheus.NewDesc("ipcluster_bgp_session_established", "1 for each BGP peer whose session is established, 0 for the others.", []string{"peer"}, nil)
 	descSlots      = prometheus.NewDesc("ipcluster_slots", "Number of slots (Workers, or the size after a resize).", nil, nil)
 	descWorkers    = prometheus.NewDesc("ipcluster_workers", "Worker processes, by state.", []string{"state"}, nil)
 	descGeneration = prometheus.NewDesc("ipcluster_master_generation", "This master's generation.", nil, nil)
@@ -246,7 +249,7 @@ func slotLabel(slot int) string {
 type statusCollector struct{ st *proto.Status }
 
 func (c statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descReady, descStopping, descSlots, descWorkers, descGeneration, descBuild, descDeploying,
+	for _, d := range []*prometheus.Desc{descReady, descStopping, descDrained, descAnnounced, descBGPPeer, descSlots, descWorkers, descGeneration, descBuild, descDeploying,
 		descSlotUp, descSlotGeneration, descSlotRSS, descSlotLag, descSlotConnections,
 		descWorkerInfo, descWorkerStart, descWorkerRSS, descWorkerPSS, descWorkerHeartbeatAge,
 		descWorkerLag, descWorkerSchedP99, descWorkerConnections, descWorkerAccepted, descWorkerHeap, descWorkerGoroutines} {
@@ -261,6 +264,13 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descReady, boolValue(st.Ready))
 	gauge(descStopping, boolValue(st.Stopping))
+	gauge(descDrained, boolValue(st.Drained))
+	if b := st.BGP; b != nil {
+		gauge(descAnnounced, boolValue(b.Announced))
+		for _, p := range b.Peers {
+			gauge(descBGPPeer, boolValue(p.State == "established"), p.Addr)
+		}
+	}
 	gauge(descSlots, float64(len(st.Slots)))
 	gauge(descGeneration, float64(st.Generation))
 	gauge(descBuild, 1, st.Build)
