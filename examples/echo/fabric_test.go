@@ -9,7 +9,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/netip"
@@ -386,15 +388,19 @@ func dialEchoHost(f *netlab.Fabric, hostOf map[int]int, h int) (net.Conn, echoRe
 }
 
 // alive reports whether a held echo connection still answers.
-func alive(c net.Conn) bool {
+func alive(c net.Conn) bool { return ping(c) == nil }
+
+// ping sends a line on a held echo connection and reads the answer: an
+// error says how it ended (io.EOF: the worker closed it).
+func ping(c net.Conn) error {
 	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 	defer c.SetDeadline(time.Time{})
 	if _, err := c.Write([]byte("ping\n")); err != nil {
-		return false
+		return err
 	}
 	buf := make([]byte, 64)
-	n, err := c.Read(buf)
-	return err == nil && n > 0
+	_, err := c.Read(buf)
+	return err
 }
 
 // heldConn is a connection held open and pinged every 300ms, as a
@@ -402,6 +408,7 @@ func alive(c net.Conn) bool {
 type heldConn struct {
 	host   int
 	broken atomic.Bool
+	closed atomic.Bool // it ended by its worker's close (EOF), not by a reset or silence
 }
 
 // holdFrom opens a connection from each of srcs and pings each until the
@@ -429,7 +436,11 @@ func (r *fabricRun) holdFrom(t *testing.T, srcs []netip.Addr) []*heldConn {
 					return
 				case <-time.After(300 * time.Millisecond):
 				}
-				if !h.broken.Load() && !alive(c) {
+				if h.broken.Load() {
+					continue
+				}
+				if err := ping(c); err != nil {
+					h.closed.Store(errors.Is(err, io.EOF))
 					h.broken.Store(true)
 				}
 			}
@@ -529,6 +540,42 @@ func TestFabricCollateral(t *testing.T) {
 			results = append(results, fmt.Sprintf("%s: leave %d/%d, join %d/%d", mode, leave, leaveOf, join, joinOf))
 			if mode == "resilient" && (leave != 0 || join != 0) {
 				t.Errorf("resilient nexthop group: %d and %d held connections broke on the other hosts, want 0", leave, join)
+			}
+			if mode != "resilient" {
+				return
+			}
+			// A graceful stop of host 2: the router drains it, so its held
+			// connections go on until its workers close them.
+			last := r.holdFrom(t, f.ClientAddrs4)
+			st, err := r.hosts[2].Status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := syscall.Kill(st.MasterPID, syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(time.Minute); netlab.Running(st.MasterPID); time.Sleep(50 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("host 2's master did not stop within a minute")
+				}
+			}
+			time.Sleep(time.Second) // pings find the ends
+			closed, reset, on := 0, 0, 0
+			for _, h := range last {
+				if h.host != 2 {
+					continue
+				}
+				on++
+				switch {
+				case h.closed.Load():
+					closed++
+				case h.broken.Load():
+					reset++
+				}
+			}
+			t.Logf("graceful stop of host 2: of the %d connections held on it, %d were closed by its workers, %d broke before", on, closed, reset)
+			if reset != 0 || closed != on {
+				t.Errorf("graceful stop: %d of %d held connections broke before the host's workers closed them (%d closed)", reset, on, closed)
 			}
 		})
 	}
