@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+
+	"github.com/ipcluster/ipcluster/internal/bgpreg"
 )
 
 // BGPConfig makes the master a BGP speaker that announces the service
@@ -92,6 +94,9 @@ func (b *BGPConfig) validate(bad func(field, problem, fix string)) {
 			bad("BGP.Peers", "empty while other BGP fields are set", "add the routers to announce to, or leave Config.BGP zero to turn BGP off")
 		}
 		return
+	}
+	if bgpreg.Start == nil {
+		bad("BGP", "set, but this program has no BGP speaker", `import _ "github.com/ipcluster/ipcluster/bgp" in main (it links GoBGP, which programs without BGP leave out; Unix only)`)
 	}
 	if b.ASN == 0 {
 		bad("BGP.ASN", "0", "set this host's AS number (a private one is from 64512 to 65534, or 4200000000 to 4294967294)")

@@ -3,6 +3,7 @@ package ipcluster
 import (
 	"encoding/json"
 	"errors"
+	_ "github.com/ipcluster/ipcluster/bgp" // Config.BGP's speaker, for the BGP cases
 	"net/netip"
 	"os"
 	"strings"

@@ -257,7 +257,7 @@ func (m *master) letGo() {
 		m.target.exe.Close()
 	}
 	if m.bgp != nil {
-		m.bgp.abandon() // the routers keep the routes for the new master
+		m.bgp.Abandon() // the routers keep the routes for the new master
 	}
 }
 

@@ -76,6 +76,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ipcluster/ipcluster/internal/bgpreg"
 	"github.com/ipcluster/ipcluster/internal/heapsnap"
 	"github.com/ipcluster/ipcluster/internal/procfs"
 	"github.com/ipcluster/ipcluster/internal/proto"
@@ -290,7 +291,9 @@ type master struct {
 	// drained, an operator's drain (ipclusterctl drain), which makes the
 	// master not ready; stopPending, why a graceful stop waits out
 	// BGPConfig.WithdrawDelay after withdrawing ("" if none does).
-	bgp         *speaker
+	bgp         bgpreg.Speaker
+	bgpOn       bool      // the service addresses are announced
+	bgpSince    time.Time // when bgpOn last changed
 	drained     bool
 	stopPending string
 
@@ -480,15 +483,11 @@ func (m *master) run(ctx context.Context) error {
 	defer m.emit.close()
 	m.sd = newNotifier(m.log)
 	defer m.sd.close()
-	if m.cfg.BGP.Enabled() {
-		// A master that took over from a running one opens its sessions
-		// as a graceful restart: the routers held the old one's routes.
-		sp, err := startSpeaker(m.cfg.BGP, m.tookOver, m.log)
-		if err != nil {
-			return err
-		}
-		m.bgp = sp
-		defer sp.stop() // on every way out; a no-op after stop or abandon
+	if err := m.startBGP(); err != nil {
+		return err
+	}
+	if m.bgp != nil {
+		defer m.bgp.Stop() // on every way out; a no-op after Stop or Abandon
 	}
 	defer m.obs.serve(m)() // shut down after close(m.done): waiting handlers give up at once
 	defer close(m.done)
@@ -592,7 +591,7 @@ func (m *master) run(ctx context.Context) error {
 		m.syncBGP()
 		if m.phase == phaseStopping && len(m.procs) == 0 {
 			if m.bgp != nil {
-				m.bgp.stop()
+				m.bgp.Stop()
 			}
 			m.removeRules()
 			m.removeOpsDir()
@@ -1271,14 +1270,12 @@ func (m *master) stop(why string) {
 	if m.phase == phaseStopping || m.phase == phaseHandedOver {
 		return // stopping already, or no longer this master's cluster to stop
 	}
-	if m.bgp != nil && m.bgp.on && m.stopPending == "" {
+	if m.bgp != nil && m.bgpOn && m.stopPending == "" {
 		// The routers first: once they send no new client here, the
 		// local routes may go (evWithdrawn). A second stop goes on at
 		// once.
 		m.stopPending = why
-		if err := m.bgp.announce(false, "stopping: "+why); err != nil {
-			m.log.Warn("BGP: withdraw before stopping", "err", err)
-		}
+		m.announce(false, "stopping: "+why)
 		m.log.Info("master stopping: routes withdrawn from the routers; the workers stop taking clients after the withdraw delay",
 			"reason", why, "withdraw_delay", m.cfg.BGP.WithdrawDelay)
 		time.AfterFunc(m.cfg.BGP.WithdrawDelay, func() { m.send(evWithdrawn{}) })

@@ -12,6 +12,9 @@ import (
 	"strings"
 
 	"github.com/ipcluster/ipcluster"
+	// The BGP speaker, for -bgp-peer: a program that announces over BGP
+	// imports it (it links GoBGP, which others leave out).
+	_ "github.com/ipcluster/ipcluster/bgp"
 )
 
 // peersFlag is -bgp-peer, repeatable: addr,asn[,port].
