@@ -1239,8 +1239,6 @@ func (m *master) notReady() string {
 	switch {
 	case m.phase == phaseStopping || m.stopPending != "":
 		return "the master is stopping"
-	case m.drained:
-		return "drained by an operator (ipclusterctl undrain returns it)"
 	case !m.rules.installed:
 		return "the rules are not installed yet (waiting for the first worker of every slot)"
 	}
@@ -1250,6 +1248,10 @@ func (m *master) notReady() string {
 		if p == nil {
 			return "slot " + strconv.Itoa(slot) + " has no active worker"
 		}
+	}
+	if m.drained {
+		// Last: a drained cluster that says why is otherwise ready.
+		return proto.NotReadyDrained
 	}
 	return ""
 }

@@ -347,7 +347,7 @@ func (c *cli) deploy() error {
 		case proto.PhaseRolledBack:
 			return true, fmt.Errorf("deploy %w%s", errRolledBack, strings.TrimPrefix(st.Deploy, "rolled back"))
 		case "":
-			if st.Ready || st.Drained && served(st) {
+			if serving(st) {
 				fmt.Fprintln(c.out, "deploy: every worker already runs this build; nothing to roll")
 				return true, nil
 			}
@@ -356,14 +356,10 @@ func (c *cli) deploy() error {
 	})
 }
 
-// served reports whether every slot has an active worker.
-func served(st *proto.Status) bool {
-	for _, s := range st.Slots {
-		if s.Active == 0 {
-			return false
-		}
-	}
-	return len(st.Slots) > 0
+// serving reports whether the cluster is ready, or would be but for a
+// drain (the master names a drain last among its reasons).
+func serving(st *proto.Status) bool {
+	return st.Ready || st.NotReady == proto.NotReadyDrained
 }
 
 func (c *cli) restart() error {
@@ -454,7 +450,7 @@ func (c *cli) resize(args []string) error {
 	}
 	fmt.Fprintf(c.out, "resize: to %d workers\n", n)
 	return c.wait("the resize", func(st *proto.Status) (bool, error) {
-		if len(st.Slots) != n || !st.Ready {
+		if len(st.Slots) != n || !serving(st) {
 			return false, nil
 		}
 		for _, s := range st.Slots {

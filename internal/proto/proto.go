@@ -376,6 +376,10 @@ type BGPPeer struct {
 	Since float64 `json:"since,omitempty"` // established since, seconds since the Unix epoch
 }
 
+// NotReadyDrained is Status.NotReady for a drained cluster: the master
+// names a drain only when nothing else keeps it from being ready.
+const NotReadyDrained = "drained by an operator (ipclusterctl undrain returns it)"
+
 // Drain is a drain request (On) or an undrain (not On), and its answer.
 type Drain struct {
 	On bool `json:"on"`
