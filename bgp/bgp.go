@@ -292,4 +292,3 @@ func (l bgpLogger) Info(msg string, f bgplog.Fields)  { l.log.Debug("gobgp: "+ms
 func (l bgpLogger) Debug(msg string, f bgplog.Fields) { l.log.Debug("gobgp: "+msg, l.attrs(f)...) }
 func (l bgpLogger) SetLevel(bgplog.LogLevel)          {}
 func (l bgpLogger) GetLevel() bgplog.LogLevel         { return bgplog.InfoLevel }
-
