@@ -393,7 +393,9 @@ func alive(c net.Conn) bool { return ping(c) == nil }
 // ping sends a line on a held echo connection and reads the answer: an
 // error says how it ended (io.EOF: the worker closed it).
 func ping(c net.Conn) error {
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	// Generous: a test beside the others on a busy machine must not take
+	// a slow answer for a broken connection.
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	defer c.SetDeadline(time.Time{})
 	if _, err := c.Write([]byte("ping\n")); err != nil {
 		return err
