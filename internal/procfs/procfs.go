@@ -178,6 +178,50 @@ func (s *Sampler) RSS(pid int) (uint64, error) {
 	return v, nil
 }
 
+// UserHZ is the unit of /proc's CPU times: the kernel reports them in
+// USER_HZ, 100 a second on every architecture Linux runs Go on.
+const UserHZ = 100
+
+// CPUTime reads how much CPU pid has used, user and system, in seconds,
+// from /proc/<pid>/stat. A process that is gone is an error wrapping
+// fs.ErrNotExist.
+func (s *Sampler) CPUTime(pid int) (float64, error) {
+	path := "/proc/" + strconv.Itoa(pid) + "/stat"
+	b, err := s.read(path)
+	if err != nil {
+		return 0, err
+	}
+	ticks, err := ParseStatCPU(b)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return float64(ticks) / UserHZ, nil
+}
+
+// ParseStatCPU returns utime + stime, in ticks, of a /proc/<pid>/stat
+// line. The command name (field 2) is in parentheses and may hold spaces
+// and parentheses itself, so the fields are counted from its last ')'.
+func ParseStatCPU(b []byte) (uint64, error) {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("no ')' after the command name")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// After the name: state (field 3), ppid (4), ..., utime (14), stime (15).
+	if len(f) < 13 {
+		return 0, fmt.Errorf("%d fields after the command name, want at least 13", len(f))
+	}
+	var total uint64
+	for _, v := range f[11:13] {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("CPU time %q: %w", v, err)
+		}
+		total += n
+	}
+	return total, nil
+}
+
 // read reads a whole /proc file into s.buf. /proc files report size 0, so
 // the buffer grows until a read returns nothing more. Plain system calls,
 // not os.File: the master reads a few files per worker every second, and

@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/netip"
 	"os"
+	"time"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -224,5 +225,27 @@ func TestParseBoundSockets(t *testing.T) {
 	want := []Bound{{netip.MustParseAddr("198.18.0.1"), 8080}, {netip.MustParseAddr("::1"), 40960}, {netip.MustParseAddr("fd00::1"), 8080}}
 	if !slices.Equal(got, want) {
 		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
+func TestParseStatCPU(t *testing.T) {
+	// A command name with spaces and a ')' in it; utime 1234, stime 56.
+	line := []byte("4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 1 0 12345 1000 10 18446744073709551615\n")
+	if n, err := ParseStatCPU(line); err != nil || n != 1290 {
+		t.Fatalf("ParseStatCPU = %d, %v; want 1290", n, err)
+	}
+	if _, err := ParseStatCPU([]byte("4242 (x) S 1 2")); err == nil {
+		t.Error("a short line parsed")
+	}
+	var s Sampler
+	before, err := s.CPUTime(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(200 * time.Millisecond); time.Now().Before(deadline); {
+	}
+	after, err := s.CPUTime(os.Getpid())
+	if err != nil || after <= before {
+		t.Errorf("CPU time %g then %g after a busy loop (%v)", before, after, err)
 	}
 }
