@@ -6,11 +6,11 @@ import (
 	"math"
 	"net/netip"
 	"os"
-	"time"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseStatus(t *testing.T) {
