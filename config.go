@@ -496,6 +496,12 @@ type Config struct {
 	// before it stops or when drained (see BGPConfig, and "Beyond one
 	// host" in the README). Default: off.
 	BGP BGPConfig
+
+	// Autoscale, if its MaxWorkers is set, has the master size the
+	// cluster by its load: open connections and CPU per active worker
+	// (see AutoscaleConfig). Default: off; the cluster keeps Workers
+	// until an operator resizes it.
+	Autoscale AutoscaleConfig
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
@@ -586,6 +592,7 @@ func (c Config) withDefaults() Config {
 		c.WorkerStderr = os.Stderr
 	}
 	c.BGP = c.BGP.withDefaults(c.Addr)
+	c.Autoscale = c.Autoscale.withDefaults()
 	return c
 }
 
@@ -746,6 +753,11 @@ func (c *Config) validate() error {
 		bad("RunDir", fmt.Sprintf("%q is not an absolute path", c.RunDir), "use an absolute path such as /run/ipcluster")
 	}
 	c.BGP.validate(bad)
+	c.Autoscale.validate(bad)
+	if c.Autoscale.Enabled() && (c.Workers < c.Autoscale.MinWorkers || c.Workers > c.Autoscale.MaxWorkers) {
+		bad("Workers", fmt.Sprintf("%d is outside Autoscale's %d to %d", c.Workers, c.Autoscale.MinWorkers, c.Autoscale.MaxWorkers),
+			"start the cluster at a size the policy allows")
+	}
 	return errors.Join(errs...)
 }
 

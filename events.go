@@ -130,6 +130,22 @@ type EventHandoff struct {
 	Err      string
 }
 
+// EventAutoscale: the autoscale policy (Config.Autoscale) resized the
+// cluster from From to To workers (Action "grow" or "shrink"), or would
+// have and must not (Refused says why: a limit, a deploy or resize under
+// way, the cooldown, the memory budget). Conns and CPU are the load that
+// drove it: open connections and cores per active worker, at the latest
+// sample; Reason says it with the target and the period. A refusal is
+// reported once, and again only when its reason changes.
+type EventAutoscale struct {
+	Action   string
+	From, To int
+	Reason   string
+	Refused  string
+	Conns    float64
+	CPU      float64
+}
+
 // EventUnresponsive: no heartbeat has arrived from a worker for
 // Config.PingTimeout. An active worker is then retired; any other is
 // killed when silent for twice PingTimeout.
@@ -246,7 +262,8 @@ func (EventResized) eventName() string   { return "resized" }
 func (EventHeapSnapshot) eventName() string {
 	return "heap-snapshot"
 }
-func (EventHandoff) eventName() string { return "handoff" }
+func (EventHandoff) eventName() string   { return "handoff" }
+func (EventAutoscale) eventName() string { return "autoscale" }
 
 // emitter delivers events to Config.OnEvent in order from its own goroutine,
 // queueing without bound so the master's loop never waits for the host

@@ -90,6 +90,7 @@ type observer struct {
 	deploys, ruleWrites, dismissals          *prometheus.CounterVec
 	memoryPressure, workerScrapeErrors       *prometheus.CounterVec
 	handoffs                                 *prometheus.CounterVec
+	autoscales                               *prometheus.CounterVec // by outcome: grow, shrink, refused
 	backend                                  *prometheus.GaugeVec
 	ruleWriteSeconds, readySeconds           prometheus.Histogram
 	retireSeconds                            prometheus.Histogram

@@ -287,6 +287,8 @@ type master struct {
 
 	obs *observer // HTTP endpoints and metrics (http.go, metrics.go); nil without Config.HTTPAddr
 
+	scale *scaler // the autoscale policy (scale.go); nil without Config.Autoscale
+
 	// The front tier (bgp.go): the BGP speaker, nil without Config.BGP;
 	// drained, an operator's drain (ipclusterctl drain), which makes the
 	// master not ready; stopPending, why a graceful stop waits out
@@ -543,6 +545,7 @@ func (m *master) run(ctx context.Context) error {
 			}
 		case <-monitor.C:
 			m.sample()
+			m.sampleLoad(time.Now())
 			m.sampleHistory(time.Now())
 			m.noteSettled(time.Now())
 			m.takeHeapStarts(time.Now())
@@ -1399,6 +1402,7 @@ func (m *master) status() *proto.Status {
 		HeapSnapshots: slices.Clone(m.heapSnaps),
 		Drained:       m.drained,
 		BGP:           m.bgpStatus(),
+		Autoscale:     m.autoscaleStatus(),
 	}
 	st.Backend, st.BackendReason = string(m.backend.name), m.backend.reason
 	for i, p := range m.slots {

@@ -70,6 +70,9 @@ func newObserver(log *slog.Logger) *observer {
 		"Workers not serving a slot that the master ended, by action (asked to finish, or killed).", "action", "asked", "killed")
 	o.handoffs = counterVec("ipcluster_handoffs_total",
 		"State handoffs from a slot's old worker to its new one, by outcome (ok, or failed: a timeout, a state too large, the old worker's error).", "outcome", "ok", "failed")
+	o.autoscales = counterVec("ipcluster_autoscale_decisions_total",
+		"The autoscale policy's decisions (Config.Autoscale), by outcome: grow or shrink carried out, or refused (a limit, a deploy, the cooldown, the memory budget; counted once per reason).",
+		"outcome", scaleGrow, scaleShrink, "refused")
 	o.memoryPressure = counterVec("ipcluster_memory_pressure_total",
 		"MemoryBudget watermarks crossed, by watermark.", "watermark", "low", "high")
 	o.workerScrapeErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ipcluster_worker_scrape_errors_total",
@@ -169,6 +172,12 @@ func (o *observer) event(ev Event) {
 		o.dismissals.WithLabelValues(action).Inc()
 	case EventMemoryPressure:
 		o.memoryPressure.WithLabelValues(ev.Watermark).Inc()
+	case EventAutoscale:
+		outcome := ev.Action
+		if ev.Refused != "" {
+			outcome = "refused"
+		}
+		o.autoscales.WithLabelValues(outcome).Inc()
 	case EventHandoff:
 		outcome := "ok"
 		if ev.Err != "" {

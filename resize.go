@@ -78,6 +78,7 @@ func (m *master) startResize(n int) error {
 		return err
 	}
 	m.log.Info("resize started", "from", cur, "to", n)
+	m.noteResize(time.Now())
 	if n < cur {
 		m.shrink(n)
 		return nil

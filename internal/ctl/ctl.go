@@ -508,6 +508,23 @@ func writeStatus(w io.Writer, st *proto.Status, now time.Time) {
 	if st.Drained {
 		fmt.Fprintln(w, "drained: out of the front tier until ipclusterctl undrain")
 	}
+	if a := st.Autoscale; a != nil {
+		var targets []string
+		if a.ConnsPerWorker > 0 {
+			targets = append(targets, fmt.Sprintf("%d connections", a.ConnsPerWorker))
+		}
+		if a.CPUPerWorker > 0 {
+			targets = append(targets, fmt.Sprintf("%.2f cores", a.CPUPerWorker))
+		}
+		fmt.Fprintf(w, "autoscale: %d to %d workers, targets %s per worker", a.MinWorkers, a.MaxWorkers, strings.Join(targets, " and "))
+		switch {
+		case a.Action != "" && a.Refused != "":
+			fmt.Fprintf(w, "; would %s %d → %d at %s, refused: %s", a.Action, a.From, a.To, time.Unix(0, int64(a.At*1e9)).Format(time.TimeOnly), a.Refused)
+		case a.Action != "":
+			fmt.Fprintf(w, "; %s %d → %d at %s: %s", a.Action, a.From, a.To, time.Unix(0, int64(a.At*1e9)).Format(time.TimeOnly), a.Reason)
+		}
+		fmt.Fprintln(w)
+	}
 	if b := st.BGP; b != nil {
 		state := "withdrawn"
 		if b.Announced {

@@ -357,6 +357,28 @@ type Status struct {
 	Drained bool `json:"drained,omitempty"`
 	// BGP is the master's BGP speaker (Config.BGP), nil without one.
 	BGP *BGPStatus `json:"bgp,omitempty"`
+	// Autoscale is the autoscale policy (Config.Autoscale), nil without
+	// one.
+	Autoscale *AutoscaleStatus `json:"autoscale,omitempty"`
+}
+
+// AutoscaleStatus is the policy and what it last did: its bounds and
+// targets; its latest decision or refusal (Action "grow" or "shrink",
+// Refused set if it did not act), when, and why; and when the cluster
+// was last resized, by the policy or an operator (the cooldown runs from
+// there).
+type AutoscaleStatus struct {
+	MinWorkers     int     `json:"min_workers"`
+	MaxWorkers     int     `json:"max_workers"`
+	ConnsPerWorker int     `json:"conns_per_worker,omitempty"`
+	CPUPerWorker   float64 `json:"cpu_per_worker,omitempty"`
+	Action         string  `json:"action,omitempty"`
+	From           int     `json:"from,omitempty"`
+	To             int     `json:"to,omitempty"`
+	Reason         string  `json:"reason,omitempty"`
+	Refused        string  `json:"refused,omitempty"`
+	At             float64 `json:"at,omitempty"`
+	LastResize     float64 `json:"last_resize,omitempty"`
 }
 
 // BGPStatus is the master's BGP speaker: whether it announces the
