@@ -189,6 +189,8 @@ func helperMain(raw string) int {
 		"ballast": ballastWorker,
 		// busy: echo, on one P kept busy by spinning goroutines.
 		"busy": busyWorker,
+		// cpu20: echo, burning a fifth of a core (20ms of every 100ms).
+		"cpu20": cpu20Worker,
 		// leakonce: the first worker of a slot with a marker in OnceDir
 		// grows by 2 MiB every 50ms until retired (at most 512 MiB); all
 		// serve as echo.
@@ -523,6 +525,20 @@ func ballastWorker(w *ipcluster.Worker) error {
 
 // busyWorker runs on one P with four goroutines spinning on it, as a
 // worker with a CPU-bound bug would, and serves as echo.
+func cpu20Worker(w *ipcluster.Worker) error {
+	go func() {
+		n := 0
+		for w.Context().Err() == nil {
+			for end := time.Now().Add(20 * time.Millisecond); time.Now().Before(end); {
+				n++
+			}
+			time.Sleep(80 * time.Millisecond)
+		}
+		_ = n
+	}()
+	return echoWorker(w)
+}
+
 func busyWorker(w *ipcluster.Worker) error {
 	runtime.GOMAXPROCS(1)
 	spin(w.Context().Done())
