@@ -1,3 +1,5 @@
+//go:build !ipcluster_nobgp
+
 package main
 
 // BGP flags: with -bgp-peer, the master announces -addr to the routers
