@@ -20,6 +20,11 @@
 // the public port itself, no rules):
 //
 //	go run ./examples/echo -dev    # or IPCLUSTER_DEV=1 go run ./examples/echo
+//
+// Behind routers, one cluster per host, it announces its address over BGP
+// while it serves (bgp.go; the README's "Beyond one host"):
+//
+//	sudo go run ./examples/echo -addr 198.19.100.1 -bgp-peer 198.18.16.1,65000 -bgp-asn 65001 -bgp-router-id 198.18.16.2
 package main
 
 import (
