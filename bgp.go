@@ -3,9 +3,9 @@
 package ipcluster
 
 // BGP announcements (Config.BGP): the master is a BGP speaker (package
-// bgp, GoBGP embedded: the program stays one binary) that announces the service
-// addresses to its peers while the cluster is ready, so that the routers
-// in front send clients to this host only while it serves them.
+// bgp, GoBGP embedded: the program stays one binary) that announces the
+// service addresses to its peers while the cluster is ready, so that the
+// routers in front send clients to this host only while it serves them.
 //
 //	ready (every slot served), not drained, not stopping → announced
 //	otherwise                                            → withdrawn
@@ -22,7 +22,7 @@ package ipcluster
 //   - A handover (a deploy, a takeover) must not withdraw: the host goes
 //     on serving. Every session is negotiated with graceful restart (RFC
 //     4724); the old master cuts its sessions' sockets without a word
-//     (speaker.abandon), which routers take for a restart: they keep the
+//     (Speaker.Abandon), which routers take for a restart: they keep the
 //     routes, marked stale, for BGPConfig.RestartTime. The new master
 //     opens its sessions with the restart flag set and announces as soon
 //     as it is ready; the routers then drop the stale marks. The routes
@@ -46,7 +46,8 @@ func (m *master) syncBGP() {
 	if m.bgp == nil || m.phase == phaseHandedOver {
 		return
 	}
-	m.announce(m.notReady() == "", cmp.Or(m.notReady(), "ready"))
+	why := m.notReady()
+	m.announce(why == "", cmp.Or(why, "ready"))
 }
 
 // announce has the speaker announce (on) or withdraw the service
