@@ -163,31 +163,6 @@ func (f *Fabric) Close() error {
 	return f.closeErr
 }
 
-// veth makes a veth pair with one end (name) in a and the other (peer) in
-// b, both up, and returns their links (a's in a, b's in b).
-func veth(a, b *NS, ha, hb *netlink.Handle, name, peer string) (netlink.Link, netlink.Link, error) {
-	attrs := netlink.NewLinkAttrs()
-	attrs.Name = name
-	v := netlink.NewVeth(attrs)
-	v.PeerName = peer
-	b.mu.RLock()
-	v.PeerNamespace = netlink.NsFd(b.h)
-	err := ha.LinkAdd(v)
-	b.mu.RUnlock()
-	if err != nil {
-		return nil, nil, fmt.Errorf("netlab: create veth %s/%s: %w", name, peer, err)
-	}
-	la, err := linkUp(ha, a, name)
-	if err != nil {
-		return nil, nil, err
-	}
-	lb, err := linkUp(hb, b, peer)
-	if err != nil {
-		return nil, nil, err
-	}
-	return la, lb, nil
-}
-
 func prefix(a netip.Addr, bits int) *net.IPNet {
 	p := netip.PrefixFrom(a, bits).Masked()
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(bits, a.BitLen())}

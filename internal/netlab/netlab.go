@@ -800,55 +800,33 @@ func (l *Lab) wire() error {
 	}
 	defer cli.Close()
 
-	// Created by the server namespace's socket, so in the server namespace;
-	// the peer is created directly in the client namespace. Neither end
-	// ever exists in the host namespace. NewVeth and NewLinkAttrs leave the
-	// queue lengths at the kernel's defaults instead of zero.
-	attrs := netlink.NewLinkAttrs()
-	attrs.Name = ServerLink
-	veth := netlink.NewVeth(attrs)
-	veth.PeerName = ClientLink
-	l.Client.mu.RLock()
-	veth.PeerNamespace = netlink.NsFd(l.Client.h) // read by the kernel during LinkAdd
-	err = srv.LinkAdd(veth)
-	l.Client.mu.RUnlock()
-	if err != nil {
-		return fmt.Errorf("netlab: create veth %s/%s: %w", ServerLink, ClientLink, err)
-	}
-
-	// Up first: taking a link down flushes its neighbour entries,
-	// permanent ones included.
-	up := linkUp
-	srvLo, err := up(srv, l.Server, "lo")
+	// Up first, lo and the veth pair: taking a link down flushes its
+	// neighbour entries, permanent ones included.
+	srvLo, err := linkUp(srv, l.Server, "lo")
 	if err != nil {
 		return err
 	}
-	if _, err := up(cli, l.Client, "lo"); err != nil {
+	if _, err := linkUp(cli, l.Client, "lo"); err != nil {
 		return err
 	}
-	srvLink, err := up(srv, l.Server, ServerLink)
-	if err != nil {
-		return err
-	}
-	cliLink, err := up(cli, l.Client, ClientLink)
+	srvLink, cliLink, err := veth(l.Server, l.Client, srv, cli, ServerLink, ClientLink)
 	if err != nil {
 		return err
 	}
 
-	add := addAddrs
-	if err := add(srv, srvLink, []netip.Addr{l.ServerAddr4, l.ServerAddr6}, 15, 32); err != nil {
+	if err := addAddrs(srv, srvLink, []netip.Addr{l.ServerAddr4, l.ServerAddr6}, 15, 32); err != nil {
 		return err
 	}
-	if err := add(cli, cliLink, l.ClientAddrs4, 15, 32); err != nil {
+	if err := addAddrs(cli, cliLink, l.ClientAddrs4, 15, 32); err != nil {
 		return err
 	}
-	if err := add(cli, cliLink, l.ClientAddrs6, 15, 32); err != nil {
+	if err := addAddrs(cli, cliLink, l.ClientAddrs6, 15, 32); err != nil {
 		return err
 	}
-	if err := add(srv, srvLo, l.LocalAddrs4, 32, 128); err != nil {
+	if err := addAddrs(srv, srvLo, l.LocalAddrs4, 32, 128); err != nil {
 		return err
 	}
-	if err := add(srv, srvLo, l.LocalAddrs6, 32, 128); err != nil {
+	if err := addAddrs(srv, srvLo, l.LocalAddrs6, 32, 128); err != nil {
 		return err
 	}
 
@@ -887,6 +865,34 @@ func linkUp(h *netlink.Handle, ns *NS, name string) (netlink.Link, error) {
 		return nil, fmt.Errorf("netlab: bring up %s in %s: %w", name, ns.Name, err)
 	}
 	return link, nil
+}
+
+// veth makes a veth pair with one end (name) in a and the other (peer) in
+// b, both up, and returns their links (a's in a, b's in b). The pair is
+// created by a's socket, so in a, with the peer created directly in b:
+// neither end ever exists in the host namespace. NewVeth and NewLinkAttrs
+// leave the queue lengths at the kernel's defaults instead of zero.
+func veth(a, b *NS, ha, hb *netlink.Handle, name, peer string) (netlink.Link, netlink.Link, error) {
+	attrs := netlink.NewLinkAttrs()
+	attrs.Name = name
+	v := netlink.NewVeth(attrs)
+	v.PeerName = peer
+	b.mu.RLock()
+	v.PeerNamespace = netlink.NsFd(b.h) // read by the kernel during LinkAdd
+	err := ha.LinkAdd(v)
+	b.mu.RUnlock()
+	if err != nil {
+		return nil, nil, fmt.Errorf("netlab: create veth %s/%s: %w", name, peer, err)
+	}
+	la, err := linkUp(ha, a, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	lb, err := linkUp(hb, b, peer)
+	if err != nil {
+		return nil, nil, err
+	}
+	return la, lb, nil
 }
 
 // addAddrs puts addrs on link, IPv4 ones with prefix length bits4 and IPv6
