@@ -50,8 +50,7 @@ type speaker struct {
 	cfg         bgpreg.Config
 	log         *slog.Logger
 	srv         *server.BgpServer
-	on          bool               // the service routes are announced
-	paths       []*api.Path        // what announce(true) added
+	paths       []*api.Path        // what Announce(true) added: announced while not empty
 	cancelWatch context.CancelFunc // ends the session watch
 	closed      bool               // stop or abandon ran
 }
@@ -167,7 +166,7 @@ func path(a netip.Addr) (*api.Path, error) {
 
 // Announce announces (on) or withdraws every service address.
 func (s *speaker) Announce(on bool) error {
-	if on == s.on {
+	if on == (len(s.paths) > 0) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), bgpCallTimeout)
@@ -193,7 +192,6 @@ func (s *speaker) Announce(on bool) error {
 		}
 		s.paths = nil
 	}
-	s.on = on
 	return errors.Join(errs...)
 }
 

@@ -286,7 +286,9 @@ func TestSessionFromClientAfterCrash(t *testing.T) {
 // many messages it missed; the backlog is in order and of its rooms.
 func TestHubSince(t *testing.T) {
 	h := newHub()
-	for i := 1; i <= ringSize+10; i++ {
+	// Past the slack: the ring trimmed once, to seqs ringSlack+1..n.
+	n := ringSize + ringSlack + 10
+	for i := 1; i <= n; i++ {
 		room := "lobby"
 		if i%2 == 0 {
 			room = "ops"
@@ -294,17 +296,20 @@ func TestHubSince(t *testing.T) {
 		h.feed(message{Seq: uint64(i), Room: room})
 	}
 	h.feed(message{Seq: 5, Room: "lobby"}) // a redelivery: dropped
-	got, missed := h.sinceLocked(3, []string{"lobby"})
-	// Gone from the ring: 4..10; beyond the backlog's bound: 4000 of the
-	// 5000 lobby messages the ring has.
-	if missed != 7+4000 {
-		t.Errorf("missed %d, want 4007", missed)
+	if len(h.ring) != ringSize+10 || h.ring[0].Seq != ringSlack+1 {
+		t.Fatalf("ring of %d from seq %d, want %d from %d", len(h.ring), h.ring[0].Seq, ringSize+10, ringSlack+1)
 	}
-	if len(got) != maxBacklog || got[len(got)-1].Seq != ringSize+9 {
+	got, missed := h.sinceLocked(3, []string{"lobby"})
+	// Gone from the ring: 4..2500; beyond the backlog's bound: 4005 of
+	// the 5005 lobby messages the ring has.
+	if missed != 2497+4005 {
+		t.Errorf("missed %d, want 6502", missed)
+	}
+	if len(got) != maxBacklog || got[len(got)-1].Seq != uint64(n-1) {
 		t.Errorf("backlog of %d ending at %d", len(got), got[len(got)-1].Seq)
 	}
-	got, missed = h.sinceLocked(ringSize+6, []string{"ops"})
-	if missed != 0 || len(got) != 2 || got[0].Seq != ringSize+8 || got[1].Seq != ringSize+10 {
+	got, missed = h.sinceLocked(uint64(n-4), []string{"ops"})
+	if missed != 0 || len(got) != 2 || got[0].Seq != uint64(n-2) || got[1].Seq != uint64(n) {
 		t.Errorf("recent: %+v, missed %d", got, missed)
 	}
 }

@@ -25,7 +25,8 @@ import (
 )
 
 const (
-	ringSize   = 10000            // messages of the stream a worker keeps (the stream keeps as many)
+	ringSize   = 10000            // messages of the stream a worker keeps at least (the stream keeps as many)
+	ringSlack  = ringSize / 4     // and at most this many more, trimmed at once
 	sessionTTL = 10 * time.Minute // a session with no socket for this long is dropped
 	historyLen = 50               // messages of a room sent to a client that joins it
 	maxRooms   = 16               // rooms a session may be in
@@ -83,7 +84,7 @@ type closeReason struct {
 // hub is a worker's sessions and ring. Every field is under mu.
 type hub struct {
 	mu       sync.Mutex
-	ring     []message // the stream's tail in seq order; at most ringSize
+	ring     []message // the stream's tail in seq order: the last ringSize to ringSize+ringSlack
 	last     uint64    // the highest seq received (0: none)
 	sessions map[string]*session
 	sockets  int
@@ -106,9 +107,10 @@ func (h *hub) feed(m message) {
 		return // a redelivery
 	}
 	h.last = m.Seq
-	if len(h.ring) == ringSize {
-		copy(h.ring, h.ring[1:])
-		h.ring = h.ring[:ringSize-1]
+	if len(h.ring) == ringSize+ringSlack {
+		// Trim a slack's worth at once: a copy every ringSlack messages,
+		// not one of the whole ring per message.
+		h.ring = append(h.ring[:0], h.ring[ringSlack:]...)
 	}
 	h.ring = append(h.ring, m)
 	for _, s := range h.sessions {

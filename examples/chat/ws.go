@@ -204,6 +204,8 @@ func (s *server) write(ctx context.Context, c *websocket.Conn, sock *socket, sto
 	defer stop()
 	ping := time.NewTicker(pingEvery)
 	defer ping.Stop()
+	var why closeReason
+	var closeAt <-chan time.Time // set once the hub asks for the close
 	for {
 		select {
 		case <-ctx.Done():
@@ -219,26 +221,11 @@ func (s *server) write(ctx context.Context, c *websocket.Conn, sock *socket, sto
 			if err != nil {
 				return
 			}
-		case why := <-sock.kick:
-			if why.delay > 0 {
-				// Keep delivering until the moment comes.
-				t := time.NewTimer(why.delay)
-			wait:
-				for {
-					select {
-					case <-ctx.Done():
-						t.Stop()
-						return
-					case m := <-sock.out:
-						if writeJSON(ctx, c, frame{T: "msg", Msg: &m}) != nil {
-							t.Stop()
-							return
-						}
-					case <-t.C:
-						break wait
-					}
-				}
-			}
+		case why = <-sock.kick:
+			// Messages go on until the moment comes (a retirement's
+			// jitter), then the close.
+			closeAt = time.After(why.delay)
+		case <-closeAt:
 			reason := why.reason
 			if why.retryMS > 0 {
 				reason += "; retry_ms=" + strconv.Itoa(why.retryMS)

@@ -9,9 +9,7 @@ package main
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"net"
 	"net/netip"
@@ -342,29 +340,23 @@ func TestFabricBGP(t *testing.T) {
 		t.Fatal(err)
 	}
 	failures, attempts := 0, 0
-	for gone := false; !gone; {
-		for _, src := range f.ClientAddrs4[:32] {
+	try := func(srcs []netip.Addr) { // a connection from each, closed
+		for _, src := range srcs {
 			attempts++
-			c, _, err := dialEcho(f, src)
-			if err != nil {
+			if c, _, err := dialEcho(f, src); err != nil {
 				failures++
-				continue
+			} else {
+				c.Close()
 			}
-			c.Close()
 		}
+	}
+	for gone := false; !gone; {
+		try(f.ClientAddrs4[:32])
 		gws, _ := f.ServiceRoute()
 		gone = !slices.Contains(gws, f.Hosts[2].Addr4)
 	}
 	// Then its master stops as without BGP; the others serve on.
-	for _, src := range f.ClientAddrs4 {
-		attempts++
-		c, _, err := dialEcho(f, src)
-		if err != nil {
-			failures++
-			continue
-		}
-		c.Close()
-	}
+	try(f.ClientAddrs4)
 	t.Logf("graceful stop of host 2: %d of %d connection attempts failed", failures, attempts)
 	if failures > 0 {
 		t.Errorf("%d of %d connection attempts failed while host 2 stopped", failures, attempts)
@@ -408,9 +400,9 @@ func ping(c net.Conn) error {
 // heldConn is a connection held open and pinged every 300ms, as a
 // realtime client's heartbeat: broken once a ping goes unanswered.
 type heldConn struct {
-	host   int
-	broken atomic.Bool
-	closed atomic.Bool // it ended by its worker's close (EOF), not by a reset or silence
+	host    int
+	broken  atomic.Bool
+	brokeAt atomic.Int64 // when, in Unix nanoseconds
 }
 
 // holdFrom opens a connection from each of srcs and pings each until the
@@ -442,7 +434,7 @@ func (r *fabricRun) holdFrom(t *testing.T, srcs []netip.Addr) []*heldConn {
 					continue
 				}
 				if err := ping(c); err != nil {
-					h.closed.Store(errors.Is(err, io.EOF))
+					h.brokeAt.Store(time.Now().UnixNano())
 					h.broken.Store(true)
 				}
 			}
@@ -556,6 +548,10 @@ func TestFabricCollateral(t *testing.T) {
 			if err := syscall.Kill(st.MasterPID, syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
+			// The master tells its workers to finish WithdrawDelay (3s by
+			// default) after the signal; an end from then on is their
+			// close (a FIN, or a reset when a ping was in flight).
+			workersTold := time.Now().Add(3 * time.Second)
 			for deadline := time.Now().Add(time.Minute); netlab.Running(st.MasterPID); time.Sleep(50 * time.Millisecond) {
 				if time.Now().After(deadline) {
 					t.Fatal("host 2's master did not stop within a minute")
@@ -569,9 +565,10 @@ func TestFabricCollateral(t *testing.T) {
 				}
 				on++
 				switch {
-				case h.closed.Load():
+				case !h.broken.Load():
+				case h.brokeAt.Load() >= workersTold.UnixNano():
 					closed++
-				case h.broken.Load():
+				default:
 					reset++
 				}
 			}

@@ -108,16 +108,25 @@ func (c *Cluster) StartMaster() int {
 	return cmd.Process.Pid
 }
 
-// Status asks the current master for the cluster's status.
-func (c *Cluster) Status() (*proto.Status, error) {
+// control runs fn on a control connection to the current master, with
+// 5s for the whole exchange.
+func (c *Cluster) control(fn func(context.Context, *proto.Client) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	cl, err := proto.Dial(ctx, c.Socket, c.Name)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer cl.Close()
-	st, err := cl.Status(ctx)
+	return fn(ctx, cl)
+}
+
+// Status asks the current master for the cluster's status.
+func (c *Cluster) Status() (st *proto.Status, err error) {
+	err = c.control(func(ctx context.Context, cl *proto.Client) error {
+		st, err = cl.Status(ctx)
+		return err
+	})
 	if err == nil {
 		c.pids[st.MasterPID] = true
 	}
@@ -164,36 +173,26 @@ func (c *Cluster) Deploy() (*proto.Status, time.Time) {
 }
 
 // Request sends one control request and returns the answer's body.
-func (c *Cluster) Request(typ string, body any) (any, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	cl, err := proto.Dial(ctx, c.Socket, c.Name)
-	if err != nil {
-		return nil, err
-	}
-	defer cl.Close()
-	m, err := cl.Do(ctx, typ, body)
-	return m.Body, err
+func (c *Cluster) Request(typ string, body any) (answer any, err error) {
+	err = c.control(func(ctx context.Context, cl *proto.Client) error {
+		m, err := cl.Do(ctx, typ, body)
+		answer = m.Body
+		return err
+	})
+	return answer, err
 }
 
 // Retire asks the master to retire slot's active worker, as ipclusterctl
 // retire does, and returns its pid.
 func (c *Cluster) Retire(slot int) int {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	cl, err := proto.Dial(ctx, c.Socket, c.Name)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer cl.Close()
-	m, err := cl.Do(ctx, proto.TypeRetireOne, &proto.RetireOne{Slot: slot})
+	answer, err := c.Request(proto.TypeRetireOne, &proto.RetireOne{Slot: slot})
 	if err != nil {
 		c.t.Fatalf("retire slot %d: %v", slot, err)
 	}
-	got, ok := m.Body.(*proto.RetireOne)
+	got, ok := answer.(*proto.RetireOne)
 	if !ok {
-		c.t.Fatalf("retire slot %d: answer %T", slot, m.Body)
+		c.t.Fatalf("retire slot %d: answer %T", slot, answer)
 	}
 	return got.PID
 }
