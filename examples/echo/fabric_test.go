@@ -331,7 +331,10 @@ func TestFabricBGP(t *testing.T) {
 		withdrawnAfter.Round(time.Millisecond), time.Since(restarted).Round(time.Millisecond))
 
 	// A graceful stop of host 2: its route goes before its workers stop
-	// taking clients, so no new connection fails.
+	// taking clients, so no new connection fails for want of a worker.
+	// One attempt may fail at the route change itself: the attempts go
+	// one at a time, and hash-threshold ECMP moves the one in flight then
+	// (to host 2 or another) to a host that has no socket for it.
 	st2, err := hosts[2].Status()
 	if err != nil {
 		t.Fatal(err)
@@ -339,27 +342,29 @@ func TestFabricBGP(t *testing.T) {
 	if err := syscall.Kill(st2.MasterPID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	failures, attempts := 0, 0
-	try := func(srcs []netip.Addr) { // a connection from each, closed
+	attempts := 0
+	try := func(srcs []netip.Addr) (failed int) { // a connection from each, closed
 		for _, src := range srcs {
 			attempts++
 			if c, _, err := dialEcho(f, src); err != nil {
-				failures++
+				failed++
 			} else {
 				c.Close()
 			}
 		}
+		return failed
 	}
+	atChange := 0
 	for gone := false; !gone; {
-		try(f.ClientAddrs4[:32])
+		atChange += try(f.ClientAddrs4[:32])
 		gws, _ := f.ServiceRoute()
 		gone = !slices.Contains(gws, f.Hosts[2].Addr4)
 	}
 	// Then its master stops as without BGP; the others serve on.
-	try(f.ClientAddrs4)
-	t.Logf("graceful stop of host 2: %d of %d connection attempts failed", failures, attempts)
-	if failures > 0 {
-		t.Errorf("%d of %d connection attempts failed while host 2 stopped", failures, attempts)
+	after := try(f.ClientAddrs4)
+	t.Logf("graceful stop of host 2: %d of %d connection attempts failed (%d around the route change)", atChange+after, attempts, atChange)
+	if atChange > 1 || after > 0 {
+		t.Errorf("%d connection attempts failed around host 2's withdrawal (at most the one in flight may) and %d after it, of %d", atChange, after, attempts)
 	}
 }
 
